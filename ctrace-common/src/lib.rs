@@ -1,0 +1,151 @@
+//! Types shared by ctrace's eBPF programs and its user space.
+//!
+//! Everything here crosses the kernel/user boundary byte for byte, so every
+//! type is `#[repr(C)]` with its padding spelled out: no implicit holes whose
+//! contents the verifier would reject or user space would misread. With the
+//! `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// IP protocol numbers ctrace names. Others are carried through as numbers.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// The identity of a flow as seen in one network namespace: what conntrack
+/// would have called the original tuple, plus the namespace.
+///
+/// IPv4 addresses sit in the first four bytes of `src`/`dst`, the rest zero,
+/// so that one key type serves both families. Ports are in host byte order;
+/// for ICMP they carry type and code.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// Inode number of the network namespace (what `/proc/PID/ns/net` shows).
+    pub netns: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Per-flow aggregate kept in the kernel's LRU map: the hot path adds to it
+/// and never talks to user space after the first packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowStats {
+    pub packets: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// OR of the TCP flags of every dropped packet of this flow.
+    pub tcp_flags: u8,
+    /// `EVENT_F_*` bits of the first packet.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+
+/// What happened. Tiers that see more (issue 3: kprobe/fexit) add kinds; the
+/// tracepoint tier only ever reports `Drop`.
+pub mod kind {
+    /// A packet was freed with reason NETFILTER_DROP.
+    pub const DROP: u8 = 1;
+}
+
+/// Which hook produced an event.
+pub mod tier {
+    pub const TRACEPOINT: u8 = 1;
+}
+
+/// The skb carried a conntrack entry (`skb->_nfct != 0`) when it was dropped.
+pub const EVENT_F_HAS_CT: u8 = 1 << 0;
+
+/// One record in the ring buffer. Sent once per new flow, not per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Event {
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    pub kind: u8,
+    pub tier: u8,
+    pub tcp_flags: u8,
+    pub flags: u8,
+    /// The kernel's drop reason as numbered by the running kernel.
+    pub reason: u32,
+    pub _pad: [u8; 4],
+}
+
+/// Indices of the per-CPU counter array `COUNTERS`.
+pub mod counter {
+    /// Ring buffer reservations that failed: events user space never saw.
+    pub const LOST_EVENTS: u32 = 0;
+    /// kfree_skb calls with reason NETFILTER_DROP.
+    pub const NETFILTER_DROPS: u32 = 1;
+    /// Netfilter drops whose headers could not be read or were not IP.
+    pub const UNDECODED: u32 = 2;
+    /// Updates of the flow map that failed.
+    pub const FLOW_MAP_ERRORS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Where things are in the running kernel, read from BTF and tracefs by user
+/// space and handed to the programs as a read-only global. Nothing the kernel
+/// lays out differently between versions is compiled into the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelLayout {
+    /// `skb:kfree_skb` record: offset of `skbaddr` and `reason`.
+    pub tp_skbaddr: u32,
+    pub tp_reason: u32,
+    /// Value of SKB_DROP_REASON_NETFILTER_DROP on this kernel.
+    pub netfilter_drop: u32,
+    /// struct sk_buff
+    pub skb_nfct: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    /// struct net_device -> nd_net.net
+    pub dev_net: u32,
+    /// struct sock -> __sk_common.skc_net.net
+    pub sk_net: u32,
+    /// struct net -> ns.inum
+    pub net_inum: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), made only of integers, with explicit
+    // padding, so every byte pattern is a valid value.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    // The eBPF side and user space must agree on sizes; a change here is an
+    // ABI change and must be deliberate.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 4 + 1 + 1 + 2);
+        assert_eq!(size_of::<FlowStats>(), 8 * 3 + 8);
+        assert_eq!(size_of::<Event>(), 8 + size_of::<FlowKey>() + 4 + 4 + 4);
+        assert_eq!(size_of::<Event>() % 8, 0);
+        assert_eq!(size_of::<KernelLayout>(), 12 * 4);
+    }
+}

@@ -1,0 +1,236 @@
+//! ctrace's kernel programs.
+//!
+//! The tracepoint tier hooks `skb:kfree_skb`, keeps only packets freed with
+//! reason NETFILTER_DROP, and decodes the flow they belong to. Per-packet
+//! work ends in the kernel: a flow-keyed LRU map counts packets, and only the
+//! first packet of a flow is sent to user space through the ring buffer.
+//!
+//! No kernel layout is compiled in: every offset comes from `LAYOUT`, which
+//! user space fills from BTF and tracefs before loading.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, tracepoint},
+    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::debug;
+use ctrace_common::{
+    AF_INET, AF_INET6, EVENT_F_HAS_CT, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, KernelLayout, counter, kind, tier,
+};
+
+#[unsafe(no_mangle)]
+static LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
+    tp_skbaddr: 0,
+    tp_reason: 0,
+    netfilter_drop: 0,
+    skb_nfct: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_dev: 0,
+    skb_sk: 0,
+    dev_net: 0,
+    sk_net: 0,
+    net_inum: 0,
+    _pad: 0,
+});
+
+/// First packets of dropped flows. 256 KiB holds ~4000 events, enough for a
+/// burst of new flows between two user-space polls.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-flow packet counts. Per-CPU so that counting needs no atomics (the
+/// key is shared, each CPU owns its value; user space sums them), LRU so that
+/// a flood of distinct flows evicts old ones instead of failing inserts. User
+/// space keeps running totals, so an evicted flow's count is not lost.
+#[map]
+static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, a plain add is enough.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+unsafe fn read<T>(base: u64, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
+}
+
+#[tracepoint(category = "skb", name = "kfree_skb")]
+pub fn ctrace_kfree_skb(ctx: TracePointContext) -> u32 {
+    let layout = LAYOUT.load();
+    let Ok(reason) = (unsafe { ctx.read_at::<u32>(layout.tp_reason as usize) }) else {
+        return 0;
+    };
+    if reason != layout.netfilter_drop {
+        return 0;
+    }
+    bump(counter::NETFILTER_DROPS);
+    let Ok(skb) = (unsafe { ctx.read_at::<u64>(layout.tp_skbaddr as usize) }) else {
+        bump(counter::UNDECODED);
+        return 0;
+    };
+    match decode(&ctx, &layout, skb, reason) {
+        Ok(()) => {}
+        Err(()) => bump(counter::UNDECODED),
+    }
+    0
+}
+
+/// The packet's netns: from the device it arrived on or leaves by, else from
+/// its socket (locally generated packets at LOCAL_OUT have no dev yet).
+#[inline(always)]
+fn netns_of(layout: &KernelLayout, skb: u64) -> u32 {
+    let dev: u64 = unsafe { read(skb, layout.skb_dev) }.unwrap_or(0);
+    let net: u64 = if dev != 0 {
+        unsafe { read(dev, layout.dev_net) }.unwrap_or(0)
+    } else {
+        let sk: u64 = unsafe { read(skb, layout.skb_sk) }.unwrap_or(0);
+        if sk == 0 {
+            return 0;
+        }
+        unsafe { read(sk, layout.sk_net) }.unwrap_or(0)
+    };
+    if net == 0 {
+        return 0;
+    }
+    unsafe { read(net, layout.net_inum) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn decode(ctx: &TracePointContext, layout: &KernelLayout, skb: u64, reason: u32) -> Result<(), ()> {
+    let head: u64 = unsafe { read(skb, layout.skb_head) }.map_err(|_| ())?;
+    let nh: u16 = unsafe { read(skb, layout.skb_network_header) }.map_err(|_| ())?;
+    let nfct: u64 = unsafe { read(skb, layout.skb_nfct) }.unwrap_or(0);
+    let ip = head + nh as u64;
+
+    let mut key = FlowKey::default();
+    let first: u8 = unsafe { read(ip, 0) }.map_err(|_| ())?;
+    let l4 = match first >> 4 {
+        4 => {
+            let hdr: [u8; 20] = unsafe { read(ip, 0) }.map_err(|_| ())?;
+            key.family = AF_INET;
+            key.proto = hdr[9];
+            key.src[..4].copy_from_slice(&hdr[12..16]);
+            key.dst[..4].copy_from_slice(&hdr[16..20]);
+            // A non-first fragment has no L4 header to read.
+            let frag_off = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+            if frag_off != 0 {
+                0
+            } else {
+                ip + ((hdr[0] & 0x0f) as u64) * 4
+            }
+        }
+        6 => {
+            let hdr: [u8; 40] = unsafe { read(ip, 0) }.map_err(|_| ())?;
+            key.family = AF_INET6;
+            // Extension headers are left undecoded: the flow is still
+            // reported, by address and next-header number.
+            key.proto = hdr[6];
+            key.src.copy_from_slice(&hdr[8..24]);
+            key.dst.copy_from_slice(&hdr[24..40]);
+            ip + 40
+        }
+        _ => return Err(()),
+    };
+
+    let mut tcp_flags = 0u8;
+    if l4 != 0 {
+        match key.proto {
+            IPPROTO_TCP => {
+                let hdr: [u8; 14] = unsafe { read(l4, 0) }.map_err(|_| ())?;
+                key.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+                key.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+                tcp_flags = hdr[13];
+            }
+            IPPROTO_UDP | IPPROTO_SCTP | 136 /* UDP-Lite */ => {
+                let hdr: [u8; 4] = unsafe { read(l4, 0) }.map_err(|_| ())?;
+                key.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+                key.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                let hdr: [u8; 2] = unsafe { read(l4, 0) }.map_err(|_| ())?;
+                key.sport = hdr[0] as u16;
+                key.dport = hdr[1] as u16;
+            }
+            _ => {}
+        }
+    }
+    key.netns = netns_of(layout, skb);
+
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flags = if nfct != 0 { EVENT_F_HAS_CT } else { 0 };
+    let fresh = FlowStats {
+        packets: 1,
+        first_ns: now,
+        last_ns: now,
+        tcp_flags,
+        flags,
+        _pad: [0; 6],
+    };
+    // BPF_NOEXIST makes "first packet of this flow" a single atomic decision,
+    // so one event per flow even when CPUs race on the same flow.
+    if FLOWS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+        emit(ctx, &key, now, tcp_flags, flags, reason);
+        return Ok(());
+    }
+    match FLOWS.get_ptr_mut(&key) {
+        // This CPU's slot; the first packet seen on this CPU starts it.
+        Some(stats) => unsafe {
+            if (*stats).packets == 0 {
+                (*stats).first_ns = now;
+                (*stats).flags = flags;
+            }
+            (*stats).packets += 1;
+            (*stats).last_ns = now;
+            (*stats).tcp_flags |= tcp_flags;
+        },
+        // Evicted between the failed insert and the lookup: count it, the
+        // packet is still in NETFILTER_DROPS.
+        None => bump(counter::FLOW_MAP_ERRORS),
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn emit(ctx: &TracePointContext, key: &FlowKey, now: u64, tcp_flags: u8, flags: u8, reason: u32) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(Event {
+                ts_ns: now,
+                key: *key,
+                kind: kind::DROP,
+                tier: tier::TRACEPOINT,
+                tcp_flags,
+                flags,
+                reason,
+                _pad: [0; 4],
+            });
+            entry.submit(0);
+            debug!(ctx, "new dropped flow proto={} dport={}", key.proto, key.dport);
+        }
+        None => bump(counter::LOST_EVENTS),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,162 @@
+//! The command line.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{services::ServiceSpec, strategy::Choice};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ctrace",
+    version,
+    about = "Catch conntrack table-full drops live and say whose connections they were.",
+    long_about = "ctrace watches the kernel's connection-tracking (nf_conntrack) tables. When a table \
+fills, the kernel silently drops every packet that would start a new flow: SSH logins, etcd peers, \
+NVMe-over-TCP replicas. ctrace catches each dropped flow as it happens, says why it was dropped \
+(table_full, rule, invalid), names the service it belonged to, and shows how full every \
+namespace's table is and how fast it fills.\n\nWithout a subcommand, ctrace runs `watch`.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// More log output on stderr (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Trace dropped flows and table pressure live (the default).
+    Watch(WatchArgs),
+    /// One snapshot of every namespace's conntrack table, then exit.
+    Status(StatusArgs),
+    /// Report which hook strategies this kernel supports, and why not.
+    Probe(ProbeArgs),
+    /// Reproduce INC-0004 in throwaway namespaces and trace it.
+    Lab(LabArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    /// Stop after this long and print a final summary (e.g. 30, 30s, 5m).
+    /// Without it, run until Ctrl-C or SIGTERM, which also print the summary.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// How often to sample tables and refresh the view.
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// NDJSON on stdout (logs stay on stderr); schema in the README.
+    #[arg(long)]
+    pub json: bool,
+    /// Name a service: NAME=PROTO/PORT[-PORT][,...], PROTO tcp, udp, sctp
+    /// or tcp+udp. Repeatable; overrides built-in names on overlap.
+    #[arg(long = "service", value_name = "SPEC")]
+    pub services: Vec<ServiceSpec>,
+    /// A file of service specs, one per line (# comments). Default:
+    /// /etc/ctrace/services.conf when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub services_file: Option<PathBuf>,
+    /// Hook strategy: auto, fexit, kprobe, tracepoint or tc.
+    #[arg(long, default_value = "auto")]
+    pub strategy: Choice,
+    /// Only these network namespaces: inode number, /run/netns name or path.
+    /// Repeatable.
+    #[arg(long = "netns", value_name = "NETNS")]
+    pub netns: Vec<String>,
+    /// Forward the eBPF programs' own log (aya-log) to stderr.
+    #[arg(long)]
+    pub kernel_log: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+    /// Only these network namespaces (inode, name or path). Repeatable.
+    #[arg(long = "netns", value_name = "NETNS")]
+    pub netns: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProbeArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Lower the machine-wide nf_conntrack_max to N for the run (restored
+    /// on every exit path). By default the global limit is left alone and
+    /// the lab router's table is filled up to it.
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+    /// Failed connection attempts per service while the table is full.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=200))]
+    pub flows: u32,
+    /// Print the watch output as NDJSON instead of the live view.
+    #[arg(long)]
+    pub json: bool,
+    /// Hook strategy, as for watch.
+    #[arg(long, default_value = "auto")]
+    pub strategy: Choice,
+}
+
+/// Seconds as a bare number, or a humantime duration (`90s`, `5m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("`{s}` is not a duration: it must be positive")),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 30, 30s, 5m"))?,
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}`: the duration must be more than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("`{s}`: the interval must be at least 100ms"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("-3").unwrap_err().contains("positive"));
+        assert!(parse_duration("0").unwrap_err().contains("more than zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_interval("10ms").is_err());
+    }
+
+    #[test]
+    fn cli_parses_default_watch_and_subcommands() {
+        let c = Cli::try_parse_from(["ctrace", "--json", "--service", "x=tcp/1"]).unwrap();
+        assert!(c.command.is_none() && c.watch.json);
+        let c = Cli::try_parse_from(["ctrace", "watch", "--duration", "3"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Watch(_))));
+        let e = Cli::try_parse_from(["ctrace", "--service", "bad"]).unwrap_err();
+        assert!(e.to_string().contains("expected NAME=PROTO/PORT"), "{e}");
+        let e = Cli::try_parse_from(["ctrace", "--strategy", "xdp"]).unwrap_err();
+        assert!(e.to_string().contains("unknown strategy"), "{e}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Decoding: raw records from the kernel become typed flows and events.
+//! Everything after this module works with these types, never with the
+//! `#[repr(C)]` wire structs.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, SystemTime},
+};
+
+use ctrace_common as wire;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    Sctp,
+    Other(u8),
+}
+
+impl Proto {
+    pub fn from_number(n: u8) -> Self {
+        match n {
+            wire::IPPROTO_TCP => Proto::Tcp,
+            wire::IPPROTO_UDP => Proto::Udp,
+            wire::IPPROTO_ICMP => Proto::Icmp,
+            wire::IPPROTO_ICMPV6 => Proto::Icmpv6,
+            wire::IPPROTO_SCTP => Proto::Sctp,
+            n => Proto::Other(n),
+        }
+    }
+
+    /// The name used in output and in service specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+            Proto::Icmpv6 => "icmpv6",
+            Proto::Sctp => "sctp",
+            Proto::Other(_) => "other",
+        }
+    }
+
+    pub fn has_ports(self) -> bool {
+        matches!(self, Proto::Tcp | Proto::Udp | Proto::Sctp)
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One flow in one network namespace, as conntrack's original direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub netns: u64,
+    pub proto: Proto,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl Flow {
+    pub fn from_key(key: &wire::FlowKey) -> Option<Flow> {
+        let (src, dst) = match key.family {
+            wire::AF_INET => {
+                let a = |b: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+                (a(&key.src), a(&key.dst))
+            }
+            wire::AF_INET6 => (
+                IpAddr::V6(Ipv6Addr::from(key.src)),
+                IpAddr::V6(Ipv6Addr::from(key.dst)),
+            ),
+            _ => return None,
+        };
+        let proto = Proto::from_number(key.proto);
+        // Ports of portless protocols would only confuse: ICMP's type/code
+        // are carried in them by the kernel side, not shown as ports.
+        let (sport, dport) = if proto.has_ports() {
+            (key.sport, key.dport)
+        } else {
+            (0, 0)
+        };
+        Some(Flow {
+            netns: u64::from(key.netns),
+            proto,
+            src: SocketAddr::new(src, sport),
+            dst: SocketAddr::new(dst, dport),
+        })
+    }
+
+    pub fn family(&self) -> &'static str {
+        if self.src.is_ipv4() { "ipv4" } else { "ipv6" }
+    }
+}
+
+impl fmt::Display for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} -> {}", self.proto, self.src, self.dst)
+    }
+}
+
+/// Which kernel hook produced an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Tracepoint,
+}
+
+impl Tier {
+    fn from_wire(t: u8) -> Option<Tier> {
+        match t {
+            wire::tier::TRACEPOINT => Some(Tier::Tracepoint),
+            _ => None,
+        }
+    }
+}
+
+/// The first dropped packet of a flow.
+#[derive(Clone, Debug)]
+pub struct DropEvent {
+    pub time: SystemTime,
+    /// Kernel CLOCK_MONOTONIC, for ordering against table samples.
+    pub mono_ns: u64,
+    pub flow: Flow,
+    pub tcp_flags: u8,
+    /// The skb had a conntrack entry: something dropped a tracked packet.
+    pub has_ct: bool,
+    pub reason: u32,
+    pub tier: Tier,
+}
+
+/// Kernel timestamps are CLOCK_MONOTONIC; output wants wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    boot_wall: SystemTime,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let now = SystemTime::now();
+        Clock {
+            boot_wall: now - Duration::from_nanos(monotonic_ns()),
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        self.boot_wall + Duration::from_nanos(mono_ns)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The same clock as bpf_ktime_get_ns().
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Decodes one ring-buffer record. None for records this build does not
+/// understand (short, or from a newer kernel side), which the caller counts.
+pub fn decode(bytes: &[u8], clock: &Clock) -> Option<DropEvent> {
+    if bytes.len() < size_of::<wire::Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is Pod, read_unaligned copes with any
+    // alignment of the ring-buffer slot.
+    let raw: wire::Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if raw.kind != wire::kind::DROP {
+        return None;
+    }
+    Some(DropEvent {
+        time: clock.wall(raw.ts_ns),
+        mono_ns: raw.ts_ns,
+        flow: Flow::from_key(&raw.key)?,
+        tcp_flags: raw.tcp_flags,
+        has_ct: raw.flags & wire::EVENT_F_HAS_CT != 0,
+        reason: raw.reason,
+        tier: Tier::from_wire(raw.tier)?,
+    })
+}
+
+/// "SYN", "SYN|ACK", ... for display.
+pub fn tcp_flags_str(flags: u8) -> String {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    let set: Vec<&str> = (0..8)
+        .filter(|b| flags & (1 << b) != 0)
+        .map(|b| NAMES[b])
+        .collect();
+    set.join("|")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key4() -> wire::FlowKey {
+        let mut k = wire::FlowKey {
+            family: wire::AF_INET,
+            proto: wire::IPPROTO_TCP,
+            sport: 40000,
+            dport: 2380,
+            netns: 4026532000,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&[10, 10, 0, 3]);
+        k.dst[..4].copy_from_slice(&[10, 10, 1, 2]);
+        k
+    }
+
+    fn bytes_of(e: &wire::Event) -> Vec<u8> {
+        // SAFETY: Event is repr(C) plain data.
+        unsafe {
+            std::slice::from_raw_parts((e as *const wire::Event).cast::<u8>(), size_of::<wire::Event>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_tcp_syn() {
+        let raw = wire::Event {
+            ts_ns: 5_000_000_000,
+            key: key4(),
+            kind: wire::kind::DROP,
+            tier: wire::tier::TRACEPOINT,
+            tcp_flags: 0x02,
+            flags: 0,
+            reason: 12,
+            _pad: [0; 4],
+        };
+        let e = decode(&bytes_of(&raw), &Clock::new()).unwrap();
+        assert_eq!(e.flow.src.to_string(), "10.10.0.3:40000");
+        assert_eq!(e.flow.dst.to_string(), "10.10.1.2:2380");
+        assert_eq!(e.flow.proto, Proto::Tcp);
+        assert_eq!(e.flow.family(), "ipv4");
+        assert_eq!(e.flow.netns, 4026532000);
+        assert!(!e.has_ct);
+        assert_eq!(tcp_flags_str(e.tcp_flags), "SYN");
+    }
+
+    #[test]
+    fn decodes_ipv6_with_brackets_and_icmp_without_ports() {
+        let mut k = key4();
+        k.family = wire::AF_INET6;
+        k.src = "fd10::3".parse::<Ipv6Addr>().unwrap().octets();
+        k.dst = "fd10:1::2".parse::<Ipv6Addr>().unwrap().octets();
+        let f = Flow::from_key(&k).unwrap();
+        assert_eq!(f.src.to_string(), "[fd10::3]:40000");
+        assert_eq!(f.family(), "ipv6");
+        k.proto = wire::IPPROTO_ICMPV6;
+        let f = Flow::from_key(&k).unwrap();
+        assert_eq!(f.proto, Proto::Icmpv6);
+        assert_eq!(f.dst.port(), 0);
+        k.family = 99;
+        assert!(Flow::from_key(&k).is_none());
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let clock = Clock::new();
+        assert!(decode(&[0u8; 10], &clock).is_none());
+        let raw = wire::Event { kind: 200, key: key4(), tier: 1, ..Default::default() };
+        assert!(decode(&bytes_of(&raw), &clock).is_none());
+    }
+
+    #[test]
+    fn flags_render() {
+        assert_eq!(tcp_flags_str(0x12), "SYN|ACK");
+        assert_eq!(tcp_flags_str(0), "");
+    }
+}

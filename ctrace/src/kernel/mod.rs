@@ -1,0 +1,62 @@
+//! Facts about the running kernel, read from the kernel itself: BTF for
+//! struct layouts, tracefs for tracepoint records, capabilities for what we
+//! may do. Nothing here keys on a version number.
+pub mod btf;
+pub mod privileges;
+pub mod tracefs;
+
+use std::path::PathBuf;
+
+use btf::Btf;
+
+/// What the strategies need to decide whether and how they can run. Errors
+/// are kept as text: a missing fact disqualifies some tiers, not ctrace.
+pub struct KernelFacts {
+    pub btf: Result<Btf, String>,
+    pub tracefs: Result<PathBuf, String>,
+    pub release: String,
+}
+
+impl KernelFacts {
+    pub fn gather() -> Self {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        KernelFacts {
+            btf: Btf::vmlinux().map_err(|e| format!("{e:#}")),
+            tracefs: tracefs::mounted_root().ok_or_else(|| {
+                "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".to_string()
+            }),
+            release,
+        }
+    }
+}
+
+/// Gives this process a private mount namespace with tracefs mounted, when
+/// the host has not mounted it. The mount disappears with the process, so
+/// ctrace leaves no trace in the host's mount table. Must run before any
+/// thread is started: unshare(CLONE_NEWNS) refuses multithreaded callers.
+pub fn ensure_tracefs_privately() -> Result<(), String> {
+    if tracefs::mounted_root().is_some() {
+        return Ok(());
+    }
+    // SAFETY: plain syscalls with valid, NUL-terminated arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
+        }
+        // Slave: host mounts made later (ip netns add) still reach us, ours
+        // (tracefs) never reach the host.
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!("making mounts private: {}", std::io::Error::last_os_error()));
+        }
+    }
+    tracefs::ensure_mounted().map(|_| ()).map_err(|e| format!("{e:#}"))
+}

@@ -1,0 +1,251 @@
+use std::{
+    io::IsTerminal as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use ctrace::{
+    cli::{Cli, Command, LabArgs, ProbeArgs, StatusArgs, WatchArgs},
+    kernel::{self, KernelFacts, privileges},
+    services::{self, Catalog},
+    sink::{self, Sink, json::JsonSink, live::LiveSink, plain::PlainSink},
+    strategy,
+    table::{NetnsFilter, TableMonitor},
+    watch::{WatchConfig, Watcher},
+};
+use serde_json::json;
+
+/// Exit code for usage errors, as clap uses: bad input and missing
+/// privileges or kernel features the user has to fix before retrying.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .target(env_logger::Target::Stderr)
+        .init();
+
+    let command = cli.command.unwrap_or(Command::Watch(cli.watch));
+    let needs = match &command {
+        Command::Lab(_) => privileges::missing_for_lab(),
+        _ => privileges::missing_for_tracing(),
+    };
+    if let Some(why) = needs {
+        eprintln!("ctrace: {why}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if matches!(command, Command::Watch(_) | Command::Probe(_) | Command::Lab(_))
+        && let Err(e) = kernel::ensure_tracefs_privately()
+    {
+        log::warn!("tracefs unavailable: {e}");
+    }
+    raise_memlock_limit();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ctrace: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Watch(args) => watch(args).await,
+            Command::Status(args) => status(args).await,
+            Command::Probe(args) => probe(args),
+            Command::Lab(args) => lab(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ctrace: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn catalog(args: &WatchArgs) -> anyhow::Result<Catalog> {
+    let mut c = Catalog::with_defaults();
+    match &args.services_file {
+        Some(path) => c.add_file(path)?,
+        None => {
+            let default = std::path::Path::new(services::DEFAULT_FILE);
+            if default.exists() {
+                c.add_file(default)?;
+            }
+        }
+    }
+    for s in &args.services {
+        c.add(s.clone());
+    }
+    Ok(c)
+}
+
+/// Sinks for stdout: NDJSON if asked, the live view on a terminal, plain
+/// lines into a pipe.
+pub fn stdout_sinks(json: bool) -> Vec<Box<dyn Sink>> {
+    let out = std::io::stdout();
+    if json {
+        vec![Box::new(JsonSink::new(out))]
+    } else if out.is_terminal() {
+        vec![Box::new(LiveSink::new(out))]
+    } else {
+        vec![Box::new(PlainSink::new(out))]
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without handlers the default action (exit) still applies, and
+        // the kernel still detaches everything.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let catalog = catalog(&args)?;
+    let facts = KernelFacts::gather();
+    let cfg = WatchConfig {
+        strategy: args.strategy,
+        interval: args.interval,
+        catalog,
+        netns: NetnsFilter::new(args.netns.clone()),
+        kernel_log: args.kernel_log,
+    };
+    let mut watcher = match Watcher::start(cfg, &facts) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ctrace: {e:#}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    eprintln!("ctrace: tracing with strategy {} (Ctrl-C to stop)", watcher.strategy());
+    let mut sinks = stdout_sinks(args.json);
+    let stop = async {
+        match args.duration {
+            Some(d) => tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = shutdown_signal() => {}
+            },
+            None => shutdown_signal().await,
+        }
+    };
+    watcher.run(&mut sinks, stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut monitor = TableMonitor::new(NetnsFilter::new(args.netns));
+    monitor.discover();
+    // Two samples, so that rates mean something.
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    monitor.sample_all();
+    let snap = sink::Snapshot {
+        time: std::time::SystemTime::now(),
+        elapsed: started.elapsed(),
+        strategy: strategy::Strategy::Tracepoint,
+        counters: Default::default(),
+        tables: monitor.views(&[]),
+        groups: vec![],
+        top_flows: vec![],
+        is_final: true,
+    };
+    if args.json {
+        let mut v = sink::json::summary_json(&snap);
+        // No tracing happened: say so rather than print a strategy.
+        v["type"] = json!("status");
+        v["strategy"] = serde_json::Value::Null;
+        println!("{v}");
+    } else {
+        if snap.tables.is_empty() {
+            println!("no network namespace with active conntrack found");
+        }
+        for t in &snap.tables {
+            println!(
+                "netns {}: {}/{} entries ({:.1}%), inserts {:.1}/s, drops {:.1}/s, full in {}; drop={} early_drop={} insert_failed={} invalid={}",
+                sink::netns_label(t.inode, t.name.as_deref()),
+                t.entries,
+                t.max,
+                t.fill(),
+                t.insert_rate,
+                t.drop_rate,
+                sink::ttf_text(t.time_to_full),
+                t.stats.drop,
+                t.stats.early_drop,
+                t.stats.insert_failed,
+                t.stats.invalid
+            );
+        }
+        for (inode, why) in monitor.unreadable() {
+            log::info!("netns {inode}: table not readable: {why}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
+    let facts = KernelFacts::gather();
+    let verdicts = strategy::probe(&facts);
+    let auto = strategy::select(strategy::Choice::Auto, &verdicts).ok();
+    if args.json {
+        let tiers: Vec<_> = verdicts
+            .iter()
+            .map(|v| json!({"strategy": v.strategy.name(), "usable": v.usable, "reason": v.reason}))
+            .collect();
+        let v = json!({
+            "type": "probe",
+            "kernel": facts.release,
+            "btf": facts.btf.is_ok(),
+            "auto": auto.map(|s| s.name()),
+            "strategies": tiers,
+        });
+        println!("{v}");
+    } else {
+        println!("kernel {}", facts.release);
+        println!(
+            "BTF: {}",
+            match &facts.btf {
+                Ok(_) => "yes (/sys/kernel/btf/vmlinux)".to_string(),
+                Err(e) => format!("no: {e}"),
+            }
+        );
+        for v in &verdicts {
+            let mark = if v.usable { "yes" } else { "no " };
+            println!("  {:<11} {mark}  {}", v.strategy.name(), v.reason);
+        }
+        match auto {
+            Some(s) => println!("auto picks: {s}"),
+            None => println!("auto picks: nothing works on this kernel"),
+        }
+    }
+    Ok(if auto.is_some() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_USAGE) })
+}
+
+async fn lab(args: LabArgs) -> anyhow::Result<ExitCode> {
+    let sinks = stdout_sinks(args.json);
+    let report = ctrace::lab::run(&args, sinks).await.context("lab")?;
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

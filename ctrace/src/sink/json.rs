@@ -1,0 +1,114 @@
+//! NDJSON on stdout: one object per line, for scripts. The schema is part of
+//! the interface (README, "JSON output"); add keys, never rename them.
+use std::io::Write;
+
+use serde_json::{Map, Value, json};
+
+use super::{Sink, Snapshot, rfc3339};
+use crate::{
+    aggregate::DropRecord,
+    event::tcp_flags_str,
+    table::{TimeToFull, stat_fields},
+};
+
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+
+    fn line(&mut self, v: &Value) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+pub fn drop_json(rec: &DropRecord) -> Value {
+    json!({
+        "type": "drop",
+        "time": rfc3339(rec.time),
+        "netns": rec.flow.netns,
+        "cause": rec.cause.name(),
+        "evidence": rec.evidence,
+        "family": rec.flow.family(),
+        "proto": rec.flow.proto.name(),
+        "src": rec.flow.src.to_string(),
+        "dst": rec.flow.dst.to_string(),
+        "service": rec.service,
+        "tcp_flags": tcp_flags_str(rec.tcp_flags),
+        "strategy": rec.strategy.name(),
+    })
+}
+
+pub fn summary_json(s: &Snapshot<'_>) -> Value {
+    let netns: Vec<Value> = s
+        .tables
+        .iter()
+        .map(|t| {
+            let stats: Map<String, Value> =
+                stat_fields(&t.stats).iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            let rates: Map<String, Value> =
+                t.rates.iter().map(|(k, v)| (k.to_string(), json!(round2(*v)))).collect();
+            json!({
+                "inode": t.inode,
+                "name": t.name,
+                "count": t.entries,
+                "max": t.max,
+                "fill_pct": round2(t.fill()),
+                "insert_rate": round2(t.insert_rate),
+                "drop_rate": round2(t.drop_rate),
+                "time_to_full_s": match t.time_to_full {
+                    TimeToFull::Full => json!(0),
+                    TimeToFull::In(d) => json!(d.as_secs()),
+                    _ => Value::Null,
+                },
+                "stats": stats,
+                "rates": rates,
+            })
+        })
+        .collect();
+    let drops: Vec<Value> = s
+        .groups
+        .iter()
+        .map(|g| {
+            json!({
+                "netns": g.netns,
+                "service": g.service,
+                "cause": g.cause.name(),
+                "proto": g.proto.name(),
+                "flows": g.flows,
+                "packets": g.packets,
+            })
+        })
+        .collect();
+    json!({
+        "type": "summary",
+        "time": rfc3339(s.time),
+        "final": s.is_final,
+        "elapsed_s": s.elapsed.as_secs_f64(),
+        "strategy": s.strategy.name(),
+        "lost_events": s.counters.lost_events,
+        "netfilter_drops": s.counters.netfilter_drops,
+        "undecoded": s.counters.undecoded,
+        "netns": netns,
+        "drops": drops,
+    })
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
+        self.line(&drop_json(rec))
+    }
+
+    fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
+        self.line(&summary_json(snap))
+    }
+}

@@ -1,0 +1,158 @@
+//! The live view for a terminal: redrawn in place every interval. Plain ANSI
+//! (home, clear) rather than a TUI framework: the view is read-only, and on
+//! a router every dependency costs flash.
+use std::{collections::BTreeMap, io::Write};
+
+use super::{Sink, Snapshot, netns_label, rfc3339, ttf_text};
+use crate::{aggregate::DropRecord, cause::Cause, event::tcp_flags_str};
+
+const TOP: usize = 10;
+
+pub struct LiveSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> LiveSink<W> {
+    pub fn new(out: W) -> Self {
+        LiveSink { out }
+    }
+}
+
+/// The whole screen as text, so the lab and tests can print or inspect it.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut o = String::new();
+    let w = |o: &mut String, line: String| {
+        o.push_str(&line);
+        o.push('\n');
+    };
+    w(
+        &mut o,
+        format!(
+            "ctrace — conntrack pressure   {}   strategy: {}   up {}s{}",
+            rfc3339(s.time),
+            s.strategy,
+            s.elapsed.as_secs(),
+            if s.is_final { "   (final)" } else { "" }
+        ),
+    );
+    w(&mut o, String::new());
+    if s.tables.is_empty() {
+        w(&mut o, "no network namespace with active conntrack found".into());
+    }
+    // Drops per namespace and cause, for the headers.
+    let mut by_ns: BTreeMap<u64, BTreeMap<Cause, (u64, u64)>> = BTreeMap::new();
+    for g in &s.groups {
+        let e = by_ns.entry(g.netns).or_default().entry(g.cause).or_default();
+        e.0 += g.flows;
+        e.1 += g.packets;
+    }
+    for t in &s.tables {
+        let causes = by_ns
+            .get(&t.inode)
+            .map(|m| {
+                m.iter()
+                    .map(|(c, (f, p))| format!("{c}: {f} flows/{p} pkts"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_else(|| "none".into());
+        let bar = fill_bar(t.fill());
+        w(&mut o, format!("netns {}", netns_label(t.inode, t.name.as_deref())));
+        w(
+            &mut o,
+            format!(
+                "  table {bar} {}/{} ({:.1}%)   inserts {:.1}/s   drops {:.1}/s   full in: {}",
+                t.entries,
+                t.max,
+                t.fill(),
+                t.insert_rate,
+                t.drop_rate,
+                ttf_text(t.time_to_full)
+            ),
+        );
+        w(&mut o, format!("  dropped: {causes}"));
+        w(
+            &mut o,
+            format!(
+                "  stats: drop={} early_drop={} insert_failed={} invalid={} insert={} found={}",
+                t.stats.drop, t.stats.early_drop, t.stats.insert_failed, t.stats.invalid, t.stats.insert, t.stats.found
+            ),
+        );
+    }
+    w(&mut o, String::new());
+    w(&mut o, "TOP DROPPED SERVICES".into());
+    w(&mut o, format!("  {:<16} {:<11} {:<7} {:>8} {:>9}", "SERVICE", "CAUSE", "PROTO", "FLOWS", "PACKETS"));
+    for g in s.groups.iter().take(TOP) {
+        w(
+            &mut o,
+            format!(
+                "  {:<16} {:<11} {:<7} {:>8} {:>9}",
+                g.service.as_deref().unwrap_or("other"),
+                g.cause.name(),
+                g.proto.name(),
+                g.flows,
+                g.packets
+            ),
+        );
+    }
+    w(&mut o, String::new());
+    w(&mut o, "TOP DROPPED FLOWS".into());
+    w(
+        &mut o,
+        format!(
+            "  {:<14} {:<5} {:<28} {:<28} {:>5} {:<8} {:<12} {:<12}",
+            "SERVICE", "PROTO", "SRC", "DST", "PKTS", "FLAGS", "FIRST", "LAST"
+        ),
+    );
+    for f in &s.top_flows {
+        w(
+            &mut o,
+            format!(
+                "  {:<14} {:<5} {:<28} {:<28} {:>5} {:<8} {:<12} {:<12}",
+                f.first.service.as_deref().unwrap_or("other"),
+                f.first.flow.proto.name(),
+                f.first.flow.src.to_string(),
+                f.first.flow.dst.to_string(),
+                f.packets(),
+                tcp_flags_str(f.tcp_flags),
+                clock_time(f.first.time),
+                clock_time(f.last_seen),
+            ),
+        );
+    }
+    w(&mut o, String::new());
+    w(
+        &mut o,
+        format!(
+            "events lost: {}   netfilter drops seen: {}   undecoded: {}",
+            s.counters.lost_events, s.counters.netfilter_drops, s.counters.undecoded
+        ),
+    );
+    o
+}
+
+fn clock_time(t: std::time::SystemTime) -> String {
+    // HH:MM:SS.mmm of the RFC 3339 stamp: the date is in the header.
+    let s = rfc3339(t);
+    s.get(11..23).unwrap_or(&s).to_string()
+}
+
+fn fill_bar(pct: f64) -> String {
+    let n = ((pct / 5.0).round() as usize).min(20);
+    format!("[{}{}]", "#".repeat(n), ".".repeat(20 - n))
+}
+
+impl<W: Write> Sink for LiveSink<W> {
+    fn dropped_flow(&mut self, _rec: &DropRecord) -> std::io::Result<()> {
+        // Shown in the next redraw.
+        Ok(())
+    }
+
+    fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
+        // Home + clear, then the frame: one write so the terminal never
+        // shows half a frame.
+        let frame = format!("\x1b[H\x1b[2J{}", render(snap));
+        self.out.write_all(frame.as_bytes())?;
+        self.out.flush()
+    }
+}

@@ -1,0 +1,56 @@
+//! Output sinks. They only consume: every decision (cause, service, totals)
+//! is made upstream, so the live view, plain lines and NDJSON can never
+//! disagree. A Prometheus exporter or an incident recorder is one more
+//! implementation of [`Sink`].
+pub mod json;
+pub mod live;
+pub mod plain;
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    aggregate::{DropGroup, DropRecord, FlowEntry},
+    source::Counters,
+    strategy::Strategy,
+    table::{TableView, TimeToFull},
+};
+
+/// Everything a periodic or final report shows.
+pub struct Snapshot<'a> {
+    pub time: SystemTime,
+    pub elapsed: Duration,
+    pub strategy: Strategy,
+    pub counters: Counters,
+    pub tables: Vec<TableView>,
+    pub groups: Vec<DropGroup>,
+    pub top_flows: Vec<&'a FlowEntry>,
+    pub is_final: bool,
+}
+
+pub trait Sink {
+    /// A dropped flow, at first sighting.
+    fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()>;
+    /// Every interval, and once more at exit with `is_final`.
+    fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()>;
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn ttf_text(t: TimeToFull) -> String {
+    match t {
+        TimeToFull::Full => "FULL".into(),
+        TimeToFull::In(d) if d.as_secs() >= 86400 * 3 => "days".into(),
+        TimeToFull::In(d) => humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string(),
+        TimeToFull::NotGrowing => "not growing".into(),
+        TimeToFull::Unknown => "-".into(),
+    }
+}
+
+pub fn netns_label(inode: u64, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{inode} ({n})"),
+        None => inode.to_string(),
+    }
+}

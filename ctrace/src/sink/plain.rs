@@ -1,0 +1,82 @@
+//! Plain lines, for a pipe or a log file: one line per dropped flow, and a
+//! few lines per interval.
+use std::io::Write;
+
+use super::{Sink, Snapshot, netns_label, rfc3339, ttf_text};
+use crate::{aggregate::DropRecord, event::tcp_flags_str};
+
+pub struct PlainSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> PlainSink<W> {
+    pub fn new(out: W) -> Self {
+        PlainSink { out }
+    }
+}
+
+pub fn drop_line(rec: &DropRecord) -> String {
+    let flags = tcp_flags_str(rec.tcp_flags);
+    format!(
+        "{} DROP netns={} cause={} service={} {} {} -> {}{}",
+        rfc3339(rec.time),
+        rec.flow.netns,
+        rec.cause,
+        rec.service.as_deref().unwrap_or("other"),
+        rec.flow.proto,
+        rec.flow.src,
+        rec.flow.dst,
+        if flags.is_empty() { String::new() } else { format!(" [{flags}]") },
+    )
+}
+
+impl<W: Write> Sink for PlainSink<W> {
+    fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
+        writeln!(self.out, "{}", drop_line(rec))?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Snapshot<'_>) -> std::io::Result<()> {
+        let what = if s.is_final { "FINAL" } else { "TABLE" };
+        for t in &s.tables {
+            writeln!(
+                self.out,
+                "{} {what} netns={} count={}/{} ({:.1}%) inserts/s={:.1} drops/s={:.1} full_in={}",
+                rfc3339(s.time),
+                netns_label(t.inode, t.name.as_deref()),
+                t.entries,
+                t.max,
+                t.fill(),
+                t.insert_rate,
+                t.drop_rate,
+                ttf_text(t.time_to_full),
+            )?;
+        }
+        if s.is_final {
+            for g in &s.groups {
+                writeln!(
+                    self.out,
+                    "{} FINAL drops netns={} service={} cause={} proto={} flows={} packets={}",
+                    rfc3339(s.time),
+                    g.netns,
+                    g.service.as_deref().unwrap_or("other"),
+                    g.cause,
+                    g.proto,
+                    g.flows,
+                    g.packets
+                )?;
+            }
+        }
+        if s.counters.lost_events > 0 || s.is_final {
+            writeln!(
+                self.out,
+                "{} {what} strategy={} lost_events={} netfilter_drops={}",
+                rfc3339(s.time),
+                s.strategy,
+                s.counters.lost_events,
+                s.counters.netfilter_drops
+            )?;
+        }
+        self.out.flush()
+    }
+}

@@ -1,0 +1,167 @@
+//! The event source: a loaded program set and the maps it fills, whatever
+//! tier loaded it. Programs stay attached exactly as long as this value
+//! lives: nothing is pinned, so the kernel detaches them when ctrace exits,
+//! however it exits.
+use std::collections::HashMap;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use ctrace_common::{FlowKey, FlowStats, counter};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    event::{self, Clock, DropEvent, Flow},
+    strategy::Strategy,
+};
+
+/// The programs, built by ctrace/build.rs for the target architecture.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace-ebpf"));
+
+pub fn object() -> anyhow::Result<&'static [u8]> {
+    if OBJECT.is_empty() {
+        bail!("this ctrace was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`");
+    }
+    Ok(OBJECT)
+}
+
+/// Forwards the programs' aya-log records to the `log` crate.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+pub fn kernel_logger(ebpf: &mut Ebpf, enabled: bool) -> Option<KernelLogger> {
+    if !enabled {
+        return None;
+    }
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("kernel-side logging unavailable: {e}");
+            None
+        }
+    }
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub lost_events: u64,
+    pub netfilter_drops: u64,
+    pub undecoded: u64,
+    pub flow_map_errors: u64,
+}
+
+/// A flow's packet count as the kernel map holds it now.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowCount {
+    pub packets: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub tcp_flags: u8,
+    pub has_ct: bool,
+}
+
+pub struct EventSource {
+    strategy: Strategy,
+    ring: AsyncFd<RingBuf<MapData>>,
+    flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    counters: PerCpuArray<MapData, u64>,
+    clock: Clock,
+    undecodable: u64,
+    logger: Option<KernelLogger>,
+    // Keeps the programs loaded and attached; dropped last.
+    _ebpf: Ebpf,
+}
+
+impl EventSource {
+    pub fn new(
+        mut ebpf: Ebpf,
+        strategy: Strategy,
+        logger: Option<KernelLogger>,
+    ) -> anyhow::Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+        let flows = PerCpuHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
+        Ok(EventSource {
+            strategy,
+            // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd,
+            // so the fd stays open and the same for the AsyncFd's lifetime.
+            ring: unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?,
+            flows,
+            counters,
+            clock: Clock::new(),
+            undecodable: 0,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Waits until the ring buffer has something, or `readable` is polled
+    /// again by a select with a timer.
+    pub async fn readable(&mut self) -> anyhow::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Moves every pending event into `out`.
+    pub fn drain(&mut self, out: &mut Vec<DropEvent>) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            match event::decode(&item, &self.clock) {
+                Some(e) => out.push(e),
+                None => self.undecodable += 1,
+            }
+        }
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let sum = |i: u32| -> anyhow::Result<u64> {
+            Ok(self.counters.get(&i, 0).context("reading COUNTERS")?.iter().sum())
+        };
+        Ok(Counters {
+            lost_events: sum(counter::LOST_EVENTS)?,
+            netfilter_drops: sum(counter::NETFILTER_DROPS)?,
+            undecoded: sum(counter::UNDECODED)? + self.undecodable,
+            flow_map_errors: sum(counter::FLOW_MAP_ERRORS)?,
+        })
+    }
+
+    /// Current per-flow counts from the kernel's LRU map.
+    pub fn flow_counts(&self) -> HashMap<Flow, FlowCount> {
+        let mut out = HashMap::new();
+        for entry in self.flows.iter() {
+            // Entries can be evicted between key and value lookups; such a
+            // flow simply shows up at the next read, or is carried by the
+            // totals user space already holds.
+            let Ok((key, per_cpu)) = entry else { continue };
+            let Some(flow) = Flow::from_key(&key) else { continue };
+            let mut c = FlowCount { packets: 0, first_ns: u64::MAX, last_ns: 0, tcp_flags: 0, has_ct: false };
+            for s in per_cpu.iter().filter(|s| s.packets > 0) {
+                c.packets += s.packets;
+                c.first_ns = c.first_ns.min(s.first_ns);
+                c.last_ns = c.last_ns.max(s.last_ns);
+                c.tcp_flags |= s.tcp_flags;
+                c.has_ct |= s.flags & ctrace_common::EVENT_F_HAS_CT != 0;
+            }
+            if c.packets > 0 {
+                out.insert(flow, c);
+            }
+        }
+        out
+    }
+}

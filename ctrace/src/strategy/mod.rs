@@ -1,0 +1,191 @@
+//! Hook strategies: how ctrace gets its events out of the running kernel.
+//!
+//! Tiers, best first: fexit (exact, cheapest), kprobe (exact), tracepoint
+//! (after the fact, cause inferred), tc (no tracing hooks at all, for stock
+//! OpenWrt). Each tier is probed on the running kernel, never chosen by
+//! version number; `ctrace probe` prints every verdict with its reason.
+//!
+//! Every tier loads programs from the same object and fills the same maps,
+//! so everything downstream of [`EventSource`] is tier-agnostic.
+pub mod tracepoint;
+
+use std::{fmt, str::FromStr};
+
+use anyhow::{Context as _, bail};
+use aya::{programs::ProgramType, sys::is_program_supported};
+
+pub use crate::source::EventSource;
+use crate::kernel::KernelFacts;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Strategy {
+    Fexit,
+    Kprobe,
+    Tracepoint,
+    Tc,
+}
+
+impl Strategy {
+    /// In order of preference.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Fexit,
+        Strategy::Kprobe,
+        Strategy::Tracepoint,
+        Strategy::Tc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Fexit => "fexit",
+            Strategy::Kprobe => "kprobe",
+            Strategy::Tracepoint => "tracepoint",
+            Strategy::Tc => "tc",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `--strategy`: a tier, or `auto` for the best one that works here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Auto,
+    Only(Strategy),
+}
+
+impl FromStr for Choice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Choice::Auto);
+        }
+        Strategy::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .map(Choice::Only)
+            .ok_or_else(|| {
+                format!("unknown strategy `{s}`; choose auto, fexit, kprobe, tracepoint or tc")
+            })
+    }
+}
+
+/// Whether one tier can run here, and why (not).
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    pub strategy: Strategy,
+    pub usable: bool,
+    pub reason: String,
+}
+
+/// Probes every tier against the running kernel.
+pub fn probe(facts: &KernelFacts) -> Vec<Verdict> {
+    Strategy::ALL
+        .into_iter()
+        .map(|strategy| {
+            let (usable, reason) = match probe_one(strategy, facts) {
+                Ok(reason) => (true, reason),
+                Err(e) => (false, format!("{e:#}")),
+            };
+            Verdict { strategy, usable, reason }
+        })
+        .collect()
+}
+
+fn program_type_loads(t: ProgramType, what: &str) -> anyhow::Result<()> {
+    match is_program_supported(t) {
+        Ok(true) => Ok(()),
+        Ok(false) => bail!(
+            "the kernel refuses {what} programs (not built in, or forbidden, e.g. by lockdown)"
+        ),
+        Err(e) => Err(e).with_context(|| format!("probing {what} programs")),
+    }
+}
+
+fn probe_one(strategy: Strategy, facts: &KernelFacts) -> anyhow::Result<String> {
+    match strategy {
+        Strategy::Fexit => {
+            facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            program_type_loads(ProgramType::Tracing, "fentry/fexit (tracing)")?;
+            bail!("the kernel could run it, but this build has no fexit programs yet")
+        }
+        Strategy::Kprobe => {
+            if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+                bail!("no kprobe PMU in /sys/bus/event_source/devices (CONFIG_KPROBES off)");
+            }
+            program_type_loads(ProgramType::KProbe, "kprobe")?;
+            bail!("the kernel could run it, but this build has no kprobe programs yet")
+        }
+        Strategy::Tracepoint => tracepoint::probe(facts),
+        Strategy::Tc => {
+            program_type_loads(ProgramType::SchedClassifier, "tc (sched_cls)")?;
+            bail!("the kernel could run it, but this build has no tc programs yet")
+        }
+    }
+}
+
+/// Picks the tier to run: the requested one, or the best usable one.
+pub fn select(choice: Choice, verdicts: &[Verdict]) -> anyhow::Result<Strategy> {
+    match choice {
+        Choice::Only(s) => {
+            let v = verdicts
+                .iter()
+                .find(|v| v.strategy == s)
+                .expect("every strategy is probed");
+            if !v.usable {
+                bail!("strategy {s} cannot run on this kernel: {}", v.reason);
+            }
+            Ok(s)
+        }
+        Choice::Auto => verdicts
+            .iter()
+            .find(|v| v.usable)
+            .map(|v| v.strategy)
+            .ok_or_else(|| {
+                let why: Vec<String> = verdicts
+                    .iter()
+                    .map(|v| format!("{}: {}", v.strategy, v.reason))
+                    .collect();
+                anyhow::anyhow!("no hook strategy works on this kernel:\n  {}", why.join("\n  "))
+            }),
+    }
+}
+
+/// Loads and attaches the programs of `strategy`.
+pub fn start(strategy: Strategy, facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSource> {
+    match strategy {
+        Strategy::Tracepoint => tracepoint::start(facts, kernel_log),
+        other => bail!("strategy {other} is not implemented in this build"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(strategy: Strategy, usable: bool) -> Verdict {
+        Verdict { strategy, usable, reason: format!("{strategy} reason") }
+    }
+
+    #[test]
+    fn auto_takes_the_best_usable_tier() {
+        let vs = [v(Strategy::Fexit, false), v(Strategy::Kprobe, false), v(Strategy::Tracepoint, true), v(Strategy::Tc, true)];
+        assert_eq!(select(Choice::Auto, &vs).unwrap(), Strategy::Tracepoint);
+        let e = select(Choice::Only(Strategy::Kprobe), &vs).unwrap_err().to_string();
+        assert!(e.contains("kprobe reason"), "{e}");
+        let none = [v(Strategy::Fexit, false), v(Strategy::Kprobe, false), v(Strategy::Tracepoint, false), v(Strategy::Tc, false)];
+        let e = select(Choice::Auto, &none).unwrap_err().to_string();
+        assert!(e.contains("tracepoint: tracepoint reason"), "{e}");
+    }
+
+    #[test]
+    fn choice_parses() {
+        assert_eq!("auto".parse::<Choice>().unwrap(), Choice::Auto);
+        assert_eq!("tc".parse::<Choice>().unwrap(), Choice::Only(Strategy::Tc));
+        assert!("xdp".parse::<Choice>().unwrap_err().contains("unknown strategy `xdp`"));
+    }
+}

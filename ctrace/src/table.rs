@@ -1,0 +1,313 @@
+//! Table pressure: each network namespace's conntrack fill, statistics and
+//! their rates, sampled over ctnetlink from inside the namespace.
+//!
+//! The limit (`nf_conntrack_max`) is global but the count is per namespace,
+//! so "how full" is always asked per namespace. Namespaces are discovered,
+//! not listed: `/run/netns` and every task's `/proc/*/task/*/ns/net`.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
+
+use crate::{
+    cause::Evidence,
+    event::monotonic_ns,
+    netlink::ctnetlink::{CtSocket, CtStats},
+    netns::{self, NetNs},
+};
+
+/// Samples kept per namespace: enough for rates, time-to-full and for
+/// finding the sample that precedes any pending drop.
+const HISTORY: usize = 64;
+/// A drop's baseline sample must be older than the drop by this much: the
+/// kernel bumps the `drop` counter a moment before it frees the skb, and a
+/// sample taken inside that moment would already include the drop.
+const BASELINE_GUARD_NS: u64 = 2_000_000;
+/// Growth of the count over this window feeds the time-to-full estimate.
+const TREND_WINDOW_NS: u64 = 10_000_000_000;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub mono_ns: u64,
+    pub stats: CtStats,
+}
+
+/// The statistics as (name, value) pairs, in the order conntrack -S prints them.
+pub fn stat_fields(s: &CtStats) -> [(&'static str, u64); 10] {
+    [
+        ("found", s.found),
+        ("invalid", s.invalid),
+        ("insert", s.insert),
+        ("insert_failed", s.insert_failed),
+        ("drop", s.drop),
+        ("early_drop", s.early_drop),
+        ("error", s.error),
+        ("search_restart", s.search_restart),
+        ("clash_resolve", s.clash_resolve),
+        ("chaintoolong", s.chaintoolong),
+    ]
+}
+
+/// When the table will be full at the current growth, if it is growing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TimeToFull {
+    Full,
+    In(Duration),
+    NotGrowing,
+    Unknown,
+}
+
+/// One namespace's table, as shown to the user.
+#[derive(Clone, Debug)]
+pub struct TableView {
+    pub inode: u64,
+    pub name: Option<String>,
+    pub entries: u64,
+    pub max: u64,
+    pub stats: CtStats,
+    /// Per-second rates over the last sampling interval, same order as
+    /// [`stat_fields`].
+    pub rates: Vec<(&'static str, f64)>,
+    pub insert_rate: f64,
+    pub drop_rate: f64,
+    pub time_to_full: TimeToFull,
+}
+
+impl TableView {
+    pub fn fill(&self) -> f64 {
+        if self.max == 0 { 0.0 } else { self.entries as f64 * 100.0 / self.max as f64 }
+    }
+}
+
+struct Table {
+    name: Option<String>,
+    sock: CtSocket,
+    history: VecDeque<Sample>,
+}
+
+impl Table {
+    fn latest(&self) -> Option<&Sample> {
+        self.history.back()
+    }
+
+    fn view(&self, inode: u64) -> Option<TableView> {
+        let last = self.history.back()?;
+        let prev = self.history.iter().rev().nth(1).unwrap_or(last);
+        let dt = (last.mono_ns.saturating_sub(prev.mono_ns)) as f64 / 1e9;
+        let rate = |a: u64, b: u64| if dt > 0.0 { a.saturating_sub(b) as f64 / dt } else { 0.0 };
+        let rates: Vec<_> = stat_fields(&last.stats)
+            .iter()
+            .zip(stat_fields(&prev.stats).iter())
+            .map(|((name, now), (_, before))| (*name, rate(*now, *before)))
+            .collect();
+        Some(TableView {
+            inode,
+            name: self.name.clone(),
+            entries: last.stats.entries,
+            max: last.stats.max,
+            stats: last.stats,
+            insert_rate: rate(last.stats.insert, prev.stats.insert),
+            drop_rate: rate(last.stats.drop, prev.stats.drop),
+            rates,
+            time_to_full: self.time_to_full(),
+        })
+    }
+
+    /// Linear extrapolation of the count over the trend window. Crude, but
+    /// the question an operator asks is "minutes or days?", and this
+    /// answers it.
+    fn time_to_full(&self) -> TimeToFull {
+        let Some(last) = self.history.back() else { return TimeToFull::Unknown };
+        if last.stats.max > 0 && last.stats.entries >= last.stats.max {
+            return TimeToFull::Full;
+        }
+        let since = last.mono_ns.saturating_sub(TREND_WINDOW_NS);
+        let Some(first) = self.history.iter().find(|s| s.mono_ns >= since) else {
+            return TimeToFull::Unknown;
+        };
+        let dt = last.mono_ns.saturating_sub(first.mono_ns) as f64 / 1e9;
+        if dt < 0.5 {
+            return TimeToFull::Unknown;
+        }
+        let growth = (last.stats.entries as f64 - first.stats.entries as f64) / dt;
+        if growth <= 0.0 || last.stats.max == 0 {
+            return TimeToFull::NotGrowing;
+        }
+        let left = (last.stats.max - last.stats.entries) as f64;
+        TimeToFull::In(Duration::from_secs_f64(left / growth))
+    }
+}
+
+/// Which namespaces the user asked for: inode numbers, `/run/netns` names
+/// or paths to namespace files.
+#[derive(Clone, Debug, Default)]
+pub struct NetnsFilter {
+    specs: Vec<String>,
+}
+
+impl NetnsFilter {
+    pub fn new(specs: Vec<String>) -> Self {
+        NetnsFilter { specs }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    pub fn matches(&self, info: &netns::NetNsInfo) -> bool {
+        self.specs.is_empty()
+            || self.specs.iter().any(|s| {
+                s.parse::<u64>().ok() == Some(info.inode)
+                    || info.name.as_deref() == Some(s.as_str())
+                    || info.path.as_os_str() == s.as_str()
+            })
+    }
+
+    pub fn matches_inode(&self, inode: u64, known: &BTreeMap<u64, Option<String>>) -> bool {
+        self.specs.is_empty()
+            || self.specs.iter().any(|s| {
+                s.parse::<u64>().ok() == Some(inode)
+                    || known.get(&inode).is_some_and(|n| n.as_deref() == Some(s.as_str()))
+            })
+    }
+}
+
+/// All namespaces' tables, sampled on demand.
+pub struct TableMonitor {
+    filter: NetnsFilter,
+    tables: BTreeMap<u64, Table>,
+    /// Namespaces seen but whose table cannot be read (no ctnetlink), with why.
+    unreadable: BTreeMap<u64, String>,
+    names: BTreeMap<u64, Option<String>>,
+}
+
+impl TableMonitor {
+    pub fn new(filter: NetnsFilter) -> Self {
+        TableMonitor { filter, tables: BTreeMap::new(), unreadable: BTreeMap::new(), names: BTreeMap::new() }
+    }
+
+    pub fn filter(&self) -> &NetnsFilter {
+        &self.filter
+    }
+
+    /// Finds namespaces that appeared, forgets ones that vanished.
+    pub fn discover(&mut self) {
+        let found = match netns::discover() {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("netns discovery failed: {e:#}");
+                return;
+            }
+        };
+        let mut alive = BTreeMap::new();
+        for info in found.iter().filter(|i| self.filter.matches(i)) {
+            alive.insert(info.inode, info.name.clone());
+            if self.tables.contains_key(&info.inode) || self.unreadable.contains_key(&info.inode) {
+                continue;
+            }
+            let opened = NetNs::open(&info.path).and_then(|ns| CtSocket::open(Some(&ns)));
+            match opened {
+                Ok(sock) => {
+                    log::debug!("watching conntrack in netns {}", info.inode);
+                    self.tables.insert(info.inode, Table { name: info.name.clone(), sock, history: VecDeque::new() });
+                    self.sample(info.inode);
+                }
+                Err(e) => {
+                    log::debug!("netns {}: {e:#}", info.inode);
+                    self.unreadable.insert(info.inode, format!("{e:#}"));
+                }
+            }
+        }
+        self.tables.retain(|inode, _| alive.contains_key(inode));
+        self.unreadable.retain(|inode, _| alive.contains_key(inode));
+        self.names = alive;
+    }
+
+    /// Adds a namespace the caller holds open (the lab's own), without
+    /// waiting for discovery to find it.
+    pub fn watch(&mut self, ns: &NetNs, name: &str) -> anyhow::Result<()> {
+        let sock = CtSocket::open(Some(ns))?;
+        self.names.insert(ns.inode(), Some(name.to_string()));
+        self.tables.insert(ns.inode(), Table { name: Some(name.to_string()), sock, history: VecDeque::new() });
+        self.sample(ns.inode());
+        Ok(())
+    }
+
+    pub fn wants(&self, inode: u64) -> bool {
+        self.filter.matches_inode(inode, &self.names)
+    }
+
+    pub fn knows(&self, inode: u64) -> bool {
+        self.tables.contains_key(&inode)
+    }
+
+    pub fn name(&self, inode: u64) -> Option<&str> {
+        self.names.get(&inode).and_then(|n| n.as_deref())
+    }
+
+    pub fn sample(&mut self, inode: u64) {
+        let Some(t) = self.tables.get_mut(&inode) else { return };
+        match t.sock.stats() {
+            Ok(stats) => {
+                if t.history.len() == HISTORY {
+                    t.history.pop_front();
+                }
+                t.history.push_back(Sample { mono_ns: monotonic_ns(), stats });
+            }
+            Err(e) => log::debug!("netns {inode}: reading conntrack stats: {e:#}"),
+        }
+    }
+
+    pub fn sample_all(&mut self) {
+        let inodes: Vec<u64> = self.tables.keys().copied().collect();
+        for inode in inodes {
+            self.sample(inode);
+        }
+    }
+
+    /// The newest sample of a namespace, if it was taken after `mono_ns`.
+    pub fn sampled_after(&self, inode: u64, mono_ns: u64) -> bool {
+        self.tables
+            .get(&inode)
+            .and_then(Table::latest)
+            .is_some_and(|s| s.mono_ns > mono_ns)
+    }
+
+    /// Counter movement across a drop at `mono_ns`: from the last sample
+    /// safely before it to the newest sample.
+    pub fn evidence(&self, inode: u64, mono_ns: u64) -> Option<Evidence> {
+        let t = self.tables.get(&inode)?;
+        let after = t.latest()?;
+        let before = t
+            .history
+            .iter()
+            .rev()
+            .find(|s| s.mono_ns + BASELINE_GUARD_NS <= mono_ns);
+        Some(Evidence {
+            drop_delta: before.map_or(0, |b| after.stats.drop.saturating_sub(b.stats.drop)),
+            invalid_delta: before.map_or(0, |b| after.stats.invalid.saturating_sub(b.stats.invalid)),
+            entries: after.stats.entries,
+            max: after.stats.max,
+            has_baseline: before.is_some(),
+        })
+    }
+
+    /// Namespaces whose conntrack is in use (anything counted at all), plus
+    /// those in `always` (namespaces with drops).
+    pub fn views(&self, always: &[u64]) -> Vec<TableView> {
+        self.tables
+            .iter()
+            .filter(|(inode, t)| {
+                always.contains(inode)
+                    || t.latest().is_some_and(|s| {
+                        s.stats.entries > 0 || stat_fields(&s.stats).iter().any(|(_, v)| *v > 0)
+                    })
+            })
+            .filter_map(|(inode, t)| t.view(*inode))
+            .collect()
+    }
+
+    pub fn unreadable(&self) -> &BTreeMap<u64, String> {
+        &self.unreadable
+    }
+}

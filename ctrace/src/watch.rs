@@ -1,0 +1,216 @@
+//! The tracing pipeline: kernel -> decode -> attribute -> aggregate -> sinks.
+//!
+//! One task drives it. Ring-buffer readiness wakes it for new flows; a
+//! timer drives table sampling and summaries. A drop is attributed as soon
+//! as the namespace's conntrack counters have been sampled after it, which
+//! the pipeline does right away, so first sightings reach the sinks within
+//! a netlink round trip.
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    pin::pin,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    aggregate::{Aggregator, DropGroup, DropRecord, FlowEntry},
+    cause,
+    event::{DropEvent, Flow},
+    kernel::KernelFacts,
+    services::Catalog,
+    sink::{Sink, Snapshot},
+    source::{Counters, EventSource},
+    strategy::{self, Choice, Strategy},
+    table::{NetnsFilter, TableMonitor, TableView},
+};
+
+pub struct WatchConfig {
+    pub strategy: Choice,
+    pub interval: Duration,
+    pub catalog: Catalog,
+    pub netns: NetnsFilter,
+    pub kernel_log: bool,
+}
+
+/// What a finished run saw, for callers that judge it (the lab, tests).
+pub struct Outcome {
+    pub strategy: Strategy,
+    pub counters: Counters,
+    pub groups: Vec<DropGroup>,
+    pub tables: Vec<TableView>,
+    pub flows: Vec<FlowEntry>,
+}
+
+pub struct Watcher {
+    source: EventSource,
+    monitor: TableMonitor,
+    agg: Aggregator,
+    catalog: Catalog,
+    interval: Duration,
+    pending: Vec<DropEvent>,
+    started: Instant,
+}
+
+enum Wake {
+    Stop,
+    Events(anyhow::Result<()>),
+    Tick,
+}
+
+impl Watcher {
+    /// Probes the kernel, picks and attaches a strategy, and takes the
+    /// first sample of every table, which later drops are measured against.
+    pub fn start(cfg: WatchConfig, facts: &KernelFacts) -> anyhow::Result<Watcher> {
+        let verdicts = strategy::probe(facts);
+        for v in &verdicts {
+            log::debug!("strategy {}: usable={} ({})", v.strategy, v.usable, v.reason);
+        }
+        let chosen = strategy::select(cfg.strategy, &verdicts)?;
+        let source = strategy::start(chosen, facts, cfg.kernel_log)
+            .with_context(|| format!("starting the {chosen} strategy"))?;
+        let mut monitor = TableMonitor::new(cfg.netns);
+        monitor.discover();
+        log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
+        Ok(Watcher {
+            source,
+            monitor,
+            agg: Aggregator::new(),
+            catalog: cfg.catalog,
+            interval: cfg.interval,
+            pending: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn monitor_mut(&mut self) -> &mut TableMonitor {
+        &mut self.monitor
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.source.strategy()
+    }
+
+    /// Runs until `stop` resolves, then drains what is left and reports
+    /// once more with `is_final`.
+    pub async fn run(&mut self, sinks: &mut [Box<dyn Sink>], stop: impl Future<Output = ()>) -> anyhow::Result<Outcome> {
+        let mut stop = pin!(stop);
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the start sample was just taken
+        loop {
+            let wake = tokio::select! {
+                _ = &mut stop => Wake::Stop,
+                r = self.source.readable() => Wake::Events(r),
+                _ = tick.tick() => Wake::Tick,
+            };
+            match wake {
+                Wake::Stop => break,
+                Wake::Events(r) => {
+                    r?;
+                    self.process_events(sinks)?;
+                }
+                Wake::Tick => self.periodic(sinks, false)?,
+            }
+        }
+        self.periodic(sinks, true)?;
+        self.outcome()
+    }
+
+    fn process_events(&mut self, sinks: &mut [Box<dyn Sink>]) -> anyhow::Result<()> {
+        self.source.drain(&mut self.pending);
+        let monitor = &self.monitor;
+        self.pending.retain(|e| monitor.wants(e.flow.netns));
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let namespaces: BTreeSet<u64> = self.pending.iter().map(|e| e.flow.netns).collect();
+        if namespaces.iter().any(|ns| !self.monitor.knows(*ns)) {
+            self.monitor.discover();
+        }
+        // A sample after the drops is the other half of their evidence.
+        for ns in &namespaces {
+            self.monitor.sample(*ns);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for e in pending {
+            self.attribute(sinks, e.flow, e.has_ct, e.tcp_flags, e.time, e.mono_ns)?;
+        }
+        Ok(())
+    }
+
+    fn attribute(
+        &mut self,
+        sinks: &mut [Box<dyn Sink>],
+        flow: Flow,
+        has_ct: bool,
+        tcp_flags: u8,
+        time: SystemTime,
+        mono_ns: u64,
+    ) -> anyhow::Result<()> {
+        let evidence = self.monitor.evidence(flow.netns, mono_ns);
+        let (cause, why) = cause::classify(has_ct, evidence.as_ref());
+        let rec = DropRecord {
+            time,
+            flow,
+            service: self.catalog.lookup(flow.proto, flow.dst.port()).map(str::to_string),
+            cause,
+            evidence: why,
+            tcp_flags,
+            strategy: self.source.strategy(),
+        };
+        if self.agg.observe(rec.clone(), mono_ns) {
+            for s in sinks.iter_mut() {
+                s.dropped_flow(&rec).context("writing output")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn periodic(&mut self, sinks: &mut [Box<dyn Sink>], is_final: bool) -> anyhow::Result<()> {
+        self.process_events(sinks)?;
+        self.monitor.discover();
+        self.monitor.sample_all();
+        let counts = self.source.flow_counts();
+        // Flows the map holds but no event announced: their event was lost
+        // (ring buffer full). They still count, attributed now.
+        let clock = self.source.clock();
+        let mut late: Vec<(Flow, crate::source::FlowCount)> = counts
+            .iter()
+            .filter(|(f, _)| !self.agg.is_known(f) && self.monitor.wants(f.netns))
+            .map(|(f, c)| (*f, *c))
+            .collect();
+        late.sort_by_key(|(_, c)| c.first_ns);
+        for (flow, c) in late {
+            self.attribute(sinks, flow, c.has_ct, c.tcp_flags, clock.wall(c.first_ns), c.first_ns)?;
+        }
+        self.agg.update_counts(&counts, &clock);
+        let counters = self.source.counters()?;
+        let snap = Snapshot {
+            time: SystemTime::now(),
+            elapsed: self.started.elapsed(),
+            strategy: self.source.strategy(),
+            counters,
+            tables: self.monitor.views(&self.agg.netns_with_drops()),
+            groups: self.agg.groups(),
+            top_flows: self.agg.top_flows(10),
+            is_final,
+        };
+        for s in sinks.iter_mut() {
+            s.summary(&snap).context("writing output")?;
+        }
+        Ok(())
+    }
+
+    /// The state right now, without waiting for a tick.
+    pub fn outcome(&self) -> anyhow::Result<Outcome> {
+        Ok(Outcome {
+            strategy: self.source.strategy(),
+            counters: self.source.counters()?,
+            groups: self.agg.groups(),
+            tables: self.monitor.views(&self.agg.netns_with_drops()),
+            flows: self.agg.flows().cloned().collect(),
+        })
+    }
+}
