@@ -199,8 +199,9 @@ impl TableMonitor {
                 return;
             }
         };
+        let wanted: Vec<_> = found.into_iter().filter(|i| self.filter.matches(i)).collect();
         let mut alive = BTreeMap::new();
-        for info in found.iter().filter(|i| self.filter.matches(i)) {
+        for info in &wanted {
             alive.insert(info.inode, info.name.clone());
             if self.tables.contains_key(&info.inode) || self.unreadable.contains_key(&info.inode) {
                 continue;

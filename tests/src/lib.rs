@@ -1,1 +1,156 @@
+//! Harness for ctrace's end-to-end tests.
+//!
+//! The tests drive the real `ctrace` binary (built by `cargo xtask build`,
+//! found through `CTRACE_BIN`) against the running kernel. Namespaces,
+//! traffic and ground truth come from `ctrace::lab`, in Rust, so the same
+//! suite can run inside a minimal VM with nothing but busybox and the
+//! static binaries.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// True when the test may run; otherwise says why on stderr.
+pub fn privileged() -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: this end-to-end test needs root (namespaces, eBPF, ctnetlink)");
+        return false;
+    }
+    true
+}
+
+pub fn ctrace_bin() -> PathBuf {
+    let bin = std::env::var_os("CTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ctrace"));
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo xtask build` (or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `ctrace watch --json`, its NDJSON collected as it comes.
+pub struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    records: Vec<Value>,
+    log: Vec<String>,
+}
+
+impl Tracer {
+    /// Starts ctrace and waits until it says it is tracing.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(ctrace_bin())
+            .arg("watch")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ctrace");
+        let (tx, lines) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let (etx, stderr) = mpsc::channel();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for l in err.lines().map_while(Result::ok) {
+                let _ = etx.send(l);
+            }
+        });
+        let mut t = Tracer { child, lines, stderr, records: vec![], log: vec![] };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match t.stderr.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => {
+                    let ready = l.contains("tracing with strategy");
+                    t.log.push(l);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = t.child.wait();
+                    panic!("ctrace exited before tracing ({status:?}):\n{}", t.log.join("\n"));
+                }
+            }
+            assert!(Instant::now() < deadline, "ctrace did not start in 60s:\n{}", t.log.join("\n"));
+        }
+        t
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal`, waits for exit and returns every NDJSON record.
+    pub fn stop_with(mut self, signal: i32) -> (Vec<Value>, std::process::ExitStatus) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), signal) };
+        let status = self.child.wait().expect("waiting for ctrace");
+        for l in self.lines.try_iter() {
+            self.records.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")));
+        }
+        self.log.extend(self.stderr.try_iter());
+        eprintln!("ctrace stderr:\n{}", self.log.join("\n"));
+        (self.records, status)
+    }
+
+    /// SIGINT: the normal way to stop, which prints the final summary.
+    pub fn stop(self) -> Vec<Value> {
+        let (records, status) = self.stop_with(libc::SIGINT);
+        assert!(status.success(), "ctrace exited with {status}");
+        records
+    }
+}
+
+pub fn drops(records: &[Value]) -> Vec<&Value> {
+    records.iter().filter(|r| r["type"] == "drop").collect()
+}
+
+pub fn final_summary(records: &[Value]) -> &Value {
+    records
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "summary" && r["final"] == true)
+        .expect("ctrace printed no final summary")
+}
+
+/// (flows, packets) per (service, cause) in one namespace, from a summary.
+pub fn totals(summary: &Value, netns: u64) -> std::collections::BTreeMap<(String, String), (u64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
+    for d in summary["drops"].as_array().unwrap() {
+        if d["netns"].as_u64() != Some(netns) {
+            continue;
+        }
+        let service = d["service"].as_str().unwrap_or("other").to_string();
+        let cause = d["cause"].as_str().unwrap().to_string();
+        let e = m.entry((service, cause)).or_insert((0, 0));
+        e.0 += d["flows"].as_u64().unwrap();
+        e.1 += d["packets"].as_u64().unwrap();
+    }
+    m
+}
+
+/// Names of loaded BPF programs that are ctrace's.
+pub fn ctrace_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| n.starts_with("ctrace_"))
+        .collect()
+}

@@ -1,1 +1,282 @@
-fn main() {}
+//! `cargo xtask`: the project's own build and test tooling.
+//!
+//! Everything a fresh machine lacks is installed here, idempotently: the
+//! pinned toolchain's rust-src (via rust-toolchain.toml), and bpf-linker
+//! built against that toolchain's own libLLVM (bitcode from LLVM N cannot
+//! be read by a linker built on LLVM N-1, and no prebuilt binary can be
+//! downloaded here).
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, set up and test ctrace.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent; says what it skipped).
+    Setup,
+    /// Build the eBPF object and the release binary that embeds it.
+    Build {
+        /// Target triple for user space, e.g. aarch64-unknown-linux-musl.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Build, then run `ctrace lab` (root needed). Extra args go to the lab.
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test: unit tests and the end-to-end suite
+    /// against this machine's kernel (root needed for the latter).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// cargo fmt --check and clippy -D warnings over the workspace.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Setup => setup().map(|_| ()),
+        Cmd::Build { target } => build(target.as_deref()).map(|_| ()),
+        Cmd::Lab { args } => lab(&args),
+        Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Lint => lint(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn step(what: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {what}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The toolchain pinned in rust-toolchain.toml.
+fn toolchain() -> anyhow::Result<String> {
+    let text = fs::read_to_string(workspace_root().join("rust-toolchain.toml"))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .and_then(|l| l.split('"').nth(1))
+        .map(str::to_string)
+        .context("no channel in rust-toolchain.toml")
+}
+
+/// Where bpf-linker for this toolchain lives. Outside the work tree, so a
+/// fresh clone on the same machine reuses it; keyed by toolchain so a
+/// toolchain bump builds a matching linker.
+fn tools_dir(toolchain: &str) -> PathBuf {
+    let base = env::var_os("CTRACE_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ctrace")))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/ctrace"));
+    base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-rust-{toolchain}"))
+}
+
+struct Tools {
+    toolchain: String,
+    bin: PathBuf,
+}
+
+fn setup() -> anyhow::Result<Tools> {
+    let tc = toolchain()?;
+    // rustup installs the pinned toolchain and its components (rust-src)
+    // on first use of any cargo command here; make it explicit and visible.
+    let have = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if have.lines().any(|l| l.starts_with(&tc)) {
+        step(&format!("toolchain {tc}: present"));
+    } else {
+        step(&format!("toolchain {tc}: installing"));
+        run(Command::new("rustup").args(["toolchain", "install", &tc, "--profile", "minimal", "--component", "rust-src,rustfmt,clippy"]))?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &tc]))?;
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        step("rust-src: present");
+    } else {
+        step("rust-src: installing");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
+    }
+
+    let dir = tools_dir(&tc);
+    let linker = dir.join("bin/bpf-linker");
+    if linker.exists() {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present ({})", linker.display()));
+    } else {
+        install_bpf_linker(&tc, &dir)?;
+    }
+    Ok(Tools { toolchain: tc, bin: dir.join("bin") })
+}
+
+fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
+    let verbose = output(Command::new("rustc").arg(format!("+{tc}")).args(["--version", "--verbose"]))?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc does not report its LLVM version")?
+        .to_string();
+    let sysroot = PathBuf::from(output(Command::new("rustc").arg(format!("+{tc}")).args(["--print", "sysroot"]))?.trim());
+    // The real shared library, not the libLLVM-N-rust-*.so linker script
+    // beside it, which lld rejects.
+    let libllvm = fs::read_dir(sysroot.join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
+        })
+        .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}", sysroot.join("lib").display()))?;
+    step(&format!(
+        "bpf-linker {BPF_LINKER_VERSION}: building against {} (LLVM {llvm_major}); takes a few minutes, once",
+        libllvm.display()
+    ));
+    let prefix = dir.join("llvm");
+    fs::create_dir_all(prefix.join("lib"))?;
+    for name in [libllvm.file_name().unwrap().to_os_string(), OsString::from("libLLVM.so")] {
+        let link = prefix.join("lib").join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    let started = Instant::now();
+    run(Command::new("cargo")
+        .arg(format!("+{tc}"))
+        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+        .arg(format!("llvm-{llvm_major}"))
+        .arg("--root")
+        .arg(dir)
+        .env("LLVM_PREFIX", &prefix)
+        .current_dir(env::temp_dir()))?;
+    step(&format!("bpf-linker built in {:.0}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn path_with(bin: &Path) -> OsString {
+    let mut paths = vec![bin.to_path_buf()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("valid PATH")
+}
+
+/// Builds the release binary (eBPF object embedded). Returns its path.
+fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
+    let tools = setup()?;
+    let root = workspace_root();
+    if let Some(t) = target {
+        let installed = output(Command::new("rustup").args(["target", "list", "--installed", "--toolchain", &tools.toolchain]))?;
+        if !installed.lines().any(|l| l == t) {
+            step(&format!("adding target {t}"));
+            run(Command::new("rustup").args(["target", "add", t, "--toolchain", &tools.toolchain]))?;
+        }
+    }
+    step(&format!("building ctrace{}", target.map(|t| format!(" for {t}")).unwrap_or_default()));
+    let started = Instant::now();
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--release", "--package", "ctrace", "--bin", "ctrace"])
+        .current_dir(&root)
+        .env("PATH", path_with(&tools.bin))
+        // -Z build-std=core for the eBPF crate on a stable toolchain.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
+        .env_remove("AYA_BUILD_SKIP");
+    if let Some(t) = target {
+        cmd.args(["--target", t]);
+    }
+    run(&mut cmd)?;
+    let bin = match target {
+        Some(t) => root.join("target").join(t).join("release/ctrace"),
+        None => root.join("target/release/ctrace"),
+    };
+    let size = fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    step(&format!("built {} ({:.1} MiB) in {:.0}s", bin.display(), size as f64 / 1048576.0, started.elapsed().as_secs_f64()));
+    Ok(bin)
+}
+
+fn lab(args: &[String]) -> anyhow::Result<()> {
+    let bin = build(None)?;
+    step("running ctrace lab");
+    run(Command::new(&bin).arg("lab").args(args))
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let bin = build(None)?;
+    let root = workspace_root();
+    if !is_root() {
+        step("not root: the end-to-end tests will say they cannot run and skip");
+    }
+    step("running unit and end-to-end tests");
+    let mut cmd = Command::new("cargo");
+    cmd.arg("test")
+        .current_dir(&root)
+        // Unit tests need no eBPF object; the end-to-end tests run the
+        // release binary built above, which has it.
+        .env("AYA_BUILD_SKIP", "1")
+        .env("CTRACE_BIN", &bin)
+        .arg("--");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    // The end-to-end tests share one kernel: its BPF programs, the global
+    // nf_conntrack_max. One at a time keeps their ground truth clean.
+    cmd.arg("--test-threads=1");
+    run(&mut cmd)
+}
+
+fn lint() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .current_dir(&root)
+        .env("AYA_BUILD_SKIP", "1"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -101,9 +101,11 @@ fn unescape_mountinfo(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && let Some(octal) = bytes.get(i + 1..i + 4)
-            && let Ok(value) = u8::from_str_radix(std::str::from_utf8(octal).unwrap_or("x"), 8)
+            && octal.iter().all(|b| (b'0'..=b'7').contains(b))
         {
-            out.push(value);
+            // Three octal digits; the kernel only escapes bytes, so this fits in a u8.
+            let value = octal.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+            out.push(value as u8);
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -619,6 +621,8 @@ print fmt: \"skbaddr=%p protocol=%u location=%p\", REC->skbaddr, REC->protocol, 
             eprintln!("NETFILTER_DROP = {drop:?}");
             assert!(drop.is_some_and(|v| v > 0));
         }
+        // Already mounted, so this must not mount again.
+        assert_eq!(ensure_mounted().unwrap(), root);
         let e = format!(
             "{:#}",
             EventFormat::read(&root, "skb", "no_such_event").unwrap_err()

@@ -1,13 +1,293 @@
-//! `ctrace lab` (being written).
-use crate::{cli::LabArgs, sink::Sink};
+//! `ctrace lab`: INC-0004 reproduced in throwaway namespaces, traced, and
+//! judged against ground truth.
+//!
+//! 1. Build clients -> router -> servers namespaces, conntrack on in the
+//!    router, listeners for ssh, etcd-peer, nvme-tcp and dns on the servers.
+//! 2. Start tracing (the same pipeline as `ctrace watch`).
+//! 3. Healthy phase: one connection per service goes through.
+//! 4. Fill the router's table with ASSURED entries over ctnetlink.
+//! 5. Incident phase: new connections from the client nodes fail.
+//! 6. Verdict: ctrace's per-service counts against the failed connects the
+//!    clients saw, and its packet count against conntrack's `drop` counter.
+//!
+//! The machine-wide `nf_conntrack_max` is left alone unless `--max` is given,
+//! and then restored on every exit path this process controls.
+pub mod topology;
+pub mod traffic;
 
-pub struct Report;
-impl Report {
-    pub fn passed(&self) -> bool {
-        false
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    cause::Cause,
+    cli::LabArgs,
+    event::Proto,
+    kernel::KernelFacts,
+    netlink::ctnetlink::CtSocket,
+    services::Catalog,
+    sink::Sink,
+    table::NetnsFilter,
+    watch::{Outcome, WatchConfig, Watcher},
+};
+use topology::Topology;
+use traffic::{Attempt, Listeners, Planned};
+
+pub const NF_CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+/// Sets a sysctl and puts the old value back when dropped.
+pub struct SysctlGuard {
+    path: &'static str,
+    old: String,
+}
+
+impl SysctlGuard {
+    pub fn set(path: &'static str, value: &str) -> anyhow::Result<SysctlGuard> {
+        let old = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
+        Ok(SysctlGuard { path, old: old.trim().to_string() })
     }
 }
 
-pub async fn run(_args: &LabArgs, _sinks: Vec<Box<dyn Sink>>) -> anyhow::Result<Report> {
-    anyhow::bail!("not yet")
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(self.path, &self.old) {
+            eprintln!("ctrace: could not restore {} to {}: {e}", self.path, self.old);
+        }
+    }
+}
+
+/// The services the lab's servers run, and how the clients reach them.
+pub const LAB_SERVICES: [(&str, Proto, u16); 4] = [
+    ("ssh", Proto::Tcp, 22),
+    ("etcd-peer", Proto::Tcp, 2380),
+    ("nvme-tcp", Proto::Tcp, 4420),
+    ("dns", Proto::Udp, 53),
+];
+
+/// `flows` attempts per service, from the four client nodes in turn, to
+/// the server. Every fourth ssh attempt goes over IPv6.
+pub fn incident_plan(flows: u32) -> Vec<Planned> {
+    let mut plan = Vec::new();
+    for (service, proto, port) in LAB_SERVICES {
+        for i in 0..flows as usize {
+            let v6 = service == "ssh" && i % 4 == 3;
+            let (src, dst) = if v6 {
+                (IpAddr::V6(topology::CLIENT_V6), IpAddr::V6(topology::SERVER_V6))
+            } else {
+                let c = topology::CLIENTS_V4[i % topology::CLIENTS_V4.len()];
+                (IpAddr::V4(c), IpAddr::V4(topology::SERVER_V4))
+            };
+            plan.push(Planned { service: service.into(), proto, src, dst: SocketAddr::new(dst, port) });
+        }
+    }
+    plan
+}
+
+/// One service's row of the verdict.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub service: String,
+    pub attempts: u64,
+    pub failed: u64,
+    pub ctrace_flows: u64,
+    pub ctrace_packets: u64,
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub healthy_ok: bool,
+    /// Packets conntrack itself counted as dropped (its `drop` statistic).
+    pub conntrack_drops: u64,
+    pub ctrace_packets: u64,
+    pub lost_events: u64,
+    pub fill_entries: u64,
+    pub fill_time: Duration,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.healthy_ok
+            && self.rows.iter().all(|r| r.failed == r.attempts && r.ctrace_flows == r.failed)
+            && self.ctrace_packets == self.conntrack_drops
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::from("\nVERDICT: ctrace against the lab's ground truth\n");
+        o += &format!(
+            "  {:<12} {:>9} {:>15} {:>19} {:>15}\n",
+            "SERVICE", "ATTEMPTS", "FAILED (truth)", "TABLE_FULL (ctrace)", "PACKETS"
+        );
+        for r in &self.rows {
+            o += &format!(
+                "  {:<12} {:>9} {:>15} {:>19} {:>15}  {}\n",
+                r.service,
+                r.attempts,
+                r.failed,
+                r.ctrace_flows,
+                r.ctrace_packets,
+                if r.ctrace_flows == r.failed { "match" } else { "MISMATCH" }
+            );
+        }
+        o += &format!(
+            "  dropped packets: ctrace {} (table_full), conntrack's drop counter {}  {}\n",
+            self.ctrace_packets,
+            self.conntrack_drops,
+            if self.ctrace_packets == self.conntrack_drops { "match" } else { "MISMATCH" }
+        );
+        o += &format!(
+            "  healthy phase: {}; fill: {} entries in {:.2}s; lost events: {}\n",
+            if self.healthy_ok { "all connections went through" } else { "SOME CONNECTIONS FAILED" },
+            self.fill_entries,
+            self.fill_time.as_secs_f64(),
+            self.lost_events
+        );
+        o += if self.passed() { "  PASS\n" } else { "  FAIL\n" };
+        o
+    }
+}
+
+struct Truth {
+    healthy: Vec<Attempt>,
+    incident: Vec<Attempt>,
+    drops_before: u64,
+    drops_after: u64,
+    fill: traffic::Fill,
+}
+
+/// The scenario's blocking half: namespaces, traffic, fill.
+fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
+    let tcp: Vec<u16> = LAB_SERVICES.iter().filter(|s| s.1 == Proto::Tcp).map(|s| s.2).collect();
+    let udp: Vec<u16> = LAB_SERVICES.iter().filter(|s| s.1 == Proto::Udp).map(|s| s.2).collect();
+    let _listeners = Listeners::start(&topo.servers, &tcp, &udp)?;
+
+    eprintln!("lab: healthy phase: one connection per service through the router");
+    let healthy_plan: Vec<Planned> = incident_plan(4).into_iter().filter(|p| p.src.is_ipv6() || p.dst.port() != 22 || p.src == IpAddr::V4(topology::CLIENTS_V4[0])).collect();
+    let healthy = traffic::attempt_all(&topo.clients, &healthy_plan, Duration::from_secs(3))?;
+
+    let mut ct = CtSocket::open(Some(&topo.router))?;
+    let before_fill = ct.stats()?;
+    let want = max.saturating_sub(before_fill.entries) + 16;
+    eprintln!("lab: filling the router's table ({} of {max} in use) with ASSURED entries over ctnetlink", before_fill.entries);
+    let mut last_report = 0;
+    let fill = traffic::fill_table(&topo.router, want, IpAddr::V4(topology::SERVER_V4), |n| {
+        if n >= last_report + 65_536 {
+            eprintln!("lab:   {n} entries");
+            last_report = n;
+        }
+    })?;
+    let full = ct.stats()?;
+    eprintln!(
+        "lab: table full: {}/{} entries ({} created in {:.2}s)",
+        full.entries,
+        full.max,
+        fill.created,
+        fill.elapsed.as_secs_f64()
+    );
+
+    eprintln!("lab: incident phase: {flows} new connections per service from the client nodes");
+    let plan = incident_plan(flows);
+    let incident = traffic::attempt_all(&topo.clients, &plan, Duration::from_millis(2500))?;
+    // Let the last retransmissions land before the final count.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = ct.stats()?;
+    Ok(Truth { healthy, incident, drops_before: full.drop, drops_after: after.drop, fill })
+}
+
+pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Result<Report> {
+    let _max_guard = match args.max {
+        Some(n) => {
+            eprintln!("lab: lowering nf_conntrack_max to {n} for this run (restored at exit)");
+            Some(SysctlGuard::set(NF_CONNTRACK_MAX, &n.to_string())?)
+        }
+        None => None,
+    };
+    let max: u64 = fs::read_to_string(NF_CONNTRACK_MAX)?.trim().parse()?;
+    eprintln!("lab: building namespaces: clients -> router -> servers");
+    let topo = std::sync::Arc::new(Topology::build()?);
+
+    let facts = KernelFacts::gather();
+    let cfg = WatchConfig {
+        strategy: args.strategy,
+        interval: Duration::from_secs(1),
+        catalog: Catalog::with_defaults(),
+        netns: NetnsFilter::new(vec![topo.router.inode().to_string()]),
+        kernel_log: false,
+    };
+    let mut watcher = Watcher::start(cfg, &facts)?;
+    watcher.monitor_mut().watch(&topo.router, "lab-router")?;
+    eprintln!("lab: tracing the router (netns {}) with strategy {}", topo.router.inode(), watcher.strategy());
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let flows = args.flows;
+    let t = topo.clone();
+    let worker = std::thread::spawn(move || {
+        let r = scenario(&t, flows, max);
+        let _ = done_tx.send(());
+        r
+    });
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = done_rx => {}
+            _ = interrupt() => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+        }
+    };
+    let outcome = watcher.run(&mut sinks, stop).await?;
+    if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("interrupted; namespaces are gone and nf_conntrack_max is restored");
+    }
+    let truth = worker.join().map_err(|_| anyhow::anyhow!("the lab scenario panicked"))??;
+    let report = judge(&truth, &outcome);
+    println!("{}", report.render());
+    Ok(report)
+}
+
+async fn interrupt() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn judge(truth: &Truth, outcome: &Outcome) -> Report {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for a in &truth.incident {
+        let r = rows.entry(a.planned.service.clone()).or_insert_with(|| Row {
+            service: a.planned.service.clone(),
+            attempts: 0,
+            failed: 0,
+            ctrace_flows: 0,
+            ctrace_packets: 0,
+        });
+        r.attempts += 1;
+        r.failed += u64::from(!a.ok);
+    }
+    let mut ctrace_packets = 0;
+    for g in outcome.groups.iter().filter(|g| g.cause == Cause::TableFull) {
+        ctrace_packets += g.packets;
+        if let Some(r) = g.service.as_ref().and_then(|s| rows.get_mut(s)) {
+            r.ctrace_flows += g.flows;
+            r.ctrace_packets += g.packets;
+        }
+    }
+    Report {
+        rows: rows.into_values().collect(),
+        healthy_ok: truth.healthy.iter().all(|a| a.ok),
+        conntrack_drops: truth.drops_after - truth.drops_before,
+        ctrace_packets,
+        lost_events: outcome.counters.lost_events,
+        fill_entries: truth.fill.created,
+        fill_time: truth.fill.elapsed,
+    }
 }

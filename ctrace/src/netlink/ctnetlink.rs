@@ -1,0 +1,711 @@
+//! ctnetlink (nfnetlink subsystem 1): conntrack table statistics, and bulk
+//! creation of entries to put a table under pressure.
+//!
+//! Statistics are per network namespace (the one the socket lives in) except
+//! the maximum, which is the global net.netfilter.nf_conntrack_max: every
+//! namespace's count is checked against that same limit.
+use std::io;
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+
+use super::{MsgBuilder, NETLINK_NETFILTER, NLM_F_CREATE, NLM_F_EXCL, NlError, NlSocket};
+use crate::netns::NetNs;
+
+// linux/netfilter/nfnetlink.h
+pub const NFNETLINK_V0: u8 = 0;
+pub const NFNL_SUBSYS_CTNETLINK: u8 = 1;
+pub const NFGENMSG_LEN: usize = 4;
+
+// linux/netfilter/nfnetlink_conntrack.h: enum cntl_msg_types
+pub const IPCTNL_MSG_CT_NEW: u8 = 0;
+pub const IPCTNL_MSG_CT_GET: u8 = 1;
+pub const IPCTNL_MSG_CT_DELETE: u8 = 2;
+pub const IPCTNL_MSG_CT_GET_CTRZERO: u8 = 3;
+pub const IPCTNL_MSG_CT_GET_STATS_CPU: u8 = 4;
+pub const IPCTNL_MSG_CT_GET_STATS: u8 = 5;
+pub const IPCTNL_MSG_CT_GET_DYING: u8 = 6;
+pub const IPCTNL_MSG_CT_GET_UNCONFIRMED: u8 = 7;
+
+// enum ctattr_type
+pub const CTA_TUPLE_ORIG: u16 = 1;
+pub const CTA_TUPLE_REPLY: u16 = 2;
+pub const CTA_STATUS: u16 = 3;
+pub const CTA_PROTOINFO: u16 = 4;
+pub const CTA_TIMEOUT: u16 = 7;
+pub const CTA_MARK: u16 = 8;
+pub const CTA_USE: u16 = 11;
+pub const CTA_ID: u16 = 12;
+pub const CTA_ZONE: u16 = 18;
+// enum ctattr_tuple
+pub const CTA_TUPLE_IP: u16 = 1;
+pub const CTA_TUPLE_PROTO: u16 = 2;
+pub const CTA_TUPLE_ZONE: u16 = 3;
+// enum ctattr_ip
+pub const CTA_IP_V4_SRC: u16 = 1;
+pub const CTA_IP_V4_DST: u16 = 2;
+pub const CTA_IP_V6_SRC: u16 = 3;
+pub const CTA_IP_V6_DST: u16 = 4;
+// enum ctattr_l4proto
+pub const CTA_PROTO_NUM: u16 = 1;
+pub const CTA_PROTO_SRC_PORT: u16 = 2;
+pub const CTA_PROTO_DST_PORT: u16 = 3;
+pub const CTA_PROTO_ICMP_ID: u16 = 4;
+pub const CTA_PROTO_ICMP_TYPE: u16 = 5;
+pub const CTA_PROTO_ICMP_CODE: u16 = 6;
+pub const CTA_PROTO_ICMPV6_ID: u16 = 7;
+pub const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
+pub const CTA_PROTO_ICMPV6_CODE: u16 = 9;
+// enum ctattr_protoinfo, ctattr_protoinfo_tcp
+pub const CTA_PROTOINFO_TCP: u16 = 1;
+pub const CTA_PROTOINFO_TCP_STATE: u16 = 1;
+// enum ctattr_stats_cpu
+pub const CTA_STATS_FOUND: u16 = 2;
+pub const CTA_STATS_INVALID: u16 = 4;
+pub const CTA_STATS_INSERT: u16 = 8;
+pub const CTA_STATS_INSERT_FAILED: u16 = 9;
+pub const CTA_STATS_DROP: u16 = 10;
+pub const CTA_STATS_EARLY_DROP: u16 = 11;
+pub const CTA_STATS_ERROR: u16 = 12;
+pub const CTA_STATS_SEARCH_RESTART: u16 = 13;
+pub const CTA_STATS_CLASH_RESOLVE: u16 = 14;
+pub const CTA_STATS_CHAIN_TOOLONG: u16 = 15;
+// enum ctattr_stats_global
+pub const CTA_STATS_GLOBAL_ENTRIES: u16 = 1;
+pub const CTA_STATS_GLOBAL_MAX_ENTRIES: u16 = 2;
+
+// linux/netfilter/nf_conntrack_common.h: enum ip_conntrack_status
+pub const IPS_EXPECTED: u32 = 1 << 0;
+pub const IPS_SEEN_REPLY: u32 = 1 << 1;
+/// Only entries without this bit are candidates for early drop when the
+/// table is full.
+pub const IPS_ASSURED: u32 = 1 << 2;
+/// ctnetlink confirms an entry it creates before applying CTA_STATUS, and
+/// refuses (EBUSY) a status that would clear this bit, so creation always
+/// sends it.
+pub const IPS_CONFIRMED: u32 = 1 << 3;
+pub const IPS_SRC_NAT: u32 = 1 << 4;
+pub const IPS_DST_NAT: u32 = 1 << 5;
+pub const IPS_DYING: u32 = 1 << 9;
+pub const IPS_FIXED_TIMEOUT: u32 = 1 << 10;
+pub const IPS_OFFLOAD: u32 = 1 << 14;
+
+// linux/netfilter/nf_conntrack_tcp.h: enum tcp_conntrack
+pub const TCP_CONNTRACK_NONE: u8 = 0;
+pub const TCP_CONNTRACK_SYN_SENT: u8 = 1;
+pub const TCP_CONNTRACK_SYN_RECV: u8 = 2;
+pub const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
+pub const TCP_CONNTRACK_FIN_WAIT: u8 = 4;
+pub const TCP_CONNTRACK_CLOSE_WAIT: u8 = 5;
+pub const TCP_CONNTRACK_LAST_ACK: u8 = 6;
+pub const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+pub const TCP_CONNTRACK_CLOSE: u8 = 8;
+pub const TCP_CONNTRACK_SYN_SENT2: u8 = 9;
+
+// IP protocol numbers with ctnetlink tuple support.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_GRE: u8 = 47;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+const ICMP_ECHO: u8 = 8;
+const ICMP_ECHOREPLY: u8 = 0;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// nlmsg_type of a ctnetlink message.
+pub const fn ct_msg_type(msg: u8) -> u16 {
+    ((NFNL_SUBSYS_CTNETLINK as u16) << 8) | msg as u16
+}
+
+/// struct nfgenmsg. `res_id` is big-endian on the wire (a CPU number in
+/// per-CPU statistics, 0 in requests).
+pub fn nfgenmsg(family: u8, res_id: u16) -> [u8; NFGENMSG_LEN] {
+    let id = res_id.to_be_bytes();
+    [family, NFNETLINK_V0, id[0], id[1]]
+}
+
+/// Conntrack counters of one network namespace. `entries` and `max` are
+/// gauges; the rest are counters since the namespace was created, summed
+/// over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtStats {
+    pub entries: u64,
+    pub max: u64,
+    pub found: u64,
+    pub invalid: u64,
+    pub insert: u64,
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    pub error: u64,
+    pub search_restart: u64,
+    pub clash_resolve: u64,
+    pub chaintoolong: u64,
+}
+
+/// One conntrack entry to create. The reply tuple is the mirror of the
+/// original one (no NAT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// AF_INET or AF_INET6; must match both addresses.
+    pub family: u8,
+    /// IP protocol number. For ICMP/ICMPv6 the entry is an echo exchange
+    /// with `sport` as its identifier. Otherwise the ports are sent: TCP,
+    /// UDP, UDP-Lite, SCTP and DCCP use them, GRE takes them as its keys,
+    /// and protocols left to the generic tracker ignore them (so entries
+    /// differing only in ports are duplicates there).
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP state (TCP_CONNTRACK_*), TCP only.
+    pub tcp_state: Option<u8>,
+    /// IPS_* bits. IPS_CONFIRMED is added when sending (see there);
+    /// IPS_EXPECTED and IPS_DYING cannot be requested.
+    pub status: u32,
+    pub timeout_secs: u32,
+}
+
+impl CtEntry {
+    /// An entry as an established, replied-to flow leaves it: assured (so
+    /// the kernel will not early-drop it to make room), TCP ESTABLISHED for
+    /// TCP. Family follows the addresses.
+    pub fn assured(
+        proto: u8,
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        timeout_secs: u32,
+    ) -> CtEntry {
+        CtEntry {
+            family: if src.is_ipv4() {
+                libc::AF_INET as u8
+            } else {
+                libc::AF_INET6 as u8
+            },
+            proto,
+            src,
+            dst,
+            sport,
+            dport,
+            tcp_state: (proto == IPPROTO_TCP).then_some(TCP_CONNTRACK_ESTABLISHED),
+            status: IPS_ASSURED | IPS_SEEN_REPLY | IPS_CONFIRMED,
+            timeout_secs,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let v4 = match self.family as i32 {
+            libc::AF_INET => true,
+            libc::AF_INET6 => false,
+            f => bail!("family {f} is neither AF_INET nor AF_INET6"),
+        };
+        if self.src.is_ipv4() != v4 || self.dst.is_ipv4() != v4 {
+            bail!(
+                "addresses {} -> {} do not match family {}",
+                self.src,
+                self.dst,
+                self.family
+            );
+        }
+        if self.status & (IPS_EXPECTED | IPS_DYING) != 0 {
+            bail!(
+                "status {:#x}: IPS_EXPECTED and IPS_DYING cannot be set on creation",
+                self.status
+            );
+        }
+        if self.tcp_state.is_some() && self.proto != IPPROTO_TCP {
+            bail!("TCP state given for protocol {}", self.proto);
+        }
+        if let Some(state) = self.tcp_state
+            && state > TCP_CONNTRACK_SYN_SENT2
+        {
+            bail!("TCP state {state} is out of range");
+        }
+        Ok(())
+    }
+
+    /// Appends the IPCTNL_MSG_CT_NEW payload. Runs once per entry of a
+    /// table fill, so it allocates nothing.
+    fn encode(&self, m: &mut MsgBuilder) {
+        m.header(&nfgenmsg(self.family, 0));
+        self.tuple(m, CTA_TUPLE_ORIG, false);
+        self.tuple(m, CTA_TUPLE_REPLY, true);
+        m.be32(CTA_TIMEOUT, self.timeout_secs);
+        m.be32(CTA_STATUS, self.status | IPS_CONFIRMED);
+        if let Some(state) = self.tcp_state {
+            m.nested(CTA_PROTOINFO, |m| {
+                m.nested(CTA_PROTOINFO_TCP, |m| {
+                    m.u8(CTA_PROTOINFO_TCP_STATE, state);
+                });
+            });
+        }
+    }
+
+    fn tuple(&self, m: &mut MsgBuilder, ty: u16, reply: bool) {
+        let (src, dst, sport, dport) = if reply {
+            (self.dst, self.src, self.dport, self.sport)
+        } else {
+            (self.src, self.dst, self.sport, self.dport)
+        };
+        m.nested(ty, |m| {
+            m.nested(CTA_TUPLE_IP, |m| match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    m.bytes(CTA_IP_V4_SRC, &s.octets())
+                        .bytes(CTA_IP_V4_DST, &d.octets());
+                }
+                (s, d) => {
+                    m.bytes(CTA_IP_V6_SRC, &v6_octets(s))
+                        .bytes(CTA_IP_V6_DST, &v6_octets(d));
+                }
+            });
+            m.nested(CTA_TUPLE_PROTO, |m| {
+                m.u8(CTA_PROTO_NUM, self.proto);
+                match self.proto {
+                    IPPROTO_ICMP => {
+                        let ty = if reply { ICMP_ECHOREPLY } else { ICMP_ECHO };
+                        m.be16(CTA_PROTO_ICMP_ID, self.sport)
+                            .u8(CTA_PROTO_ICMP_TYPE, ty)
+                            .u8(CTA_PROTO_ICMP_CODE, 0);
+                    }
+                    IPPROTO_ICMPV6 => {
+                        let ty = if reply {
+                            ICMPV6_ECHO_REPLY
+                        } else {
+                            ICMPV6_ECHO_REQUEST
+                        };
+                        m.be16(CTA_PROTO_ICMPV6_ID, self.sport)
+                            .u8(CTA_PROTO_ICMPV6_TYPE, ty)
+                            .u8(CTA_PROTO_ICMPV6_CODE, 0);
+                    }
+                    _ => {
+                        m.be16(CTA_PROTO_SRC_PORT, sport)
+                            .be16(CTA_PROTO_DST_PORT, dport);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Validation has already matched both addresses to the family.
+fn v6_octets(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
+/// Outcome of [`CtSocket::create_batch`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateReport {
+    pub created: u64,
+    /// Failures per errno, sorted by errno: ENOMEM means the table was full
+    /// (and nothing could be early-dropped), EEXIST a duplicate tuple.
+    pub failed: Vec<(i32, u64)>,
+    /// The first failure as text, with the kernel's extended ack if any.
+    pub first_error: Option<String>,
+}
+
+impl CreateReport {
+    pub fn failures(&self, errno: i32) -> u64 {
+        self.failed
+            .iter()
+            .find(|(e, _)| *e == errno)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// A ctnetlink socket, bound to one network namespace.
+#[derive(Debug)]
+pub struct CtSocket(NlSocket);
+
+impl CtSocket {
+    /// Opens a socket in `ns` (the calling thread's for None) and checks that
+    /// ctnetlink answers there, so a missing nf_conntrack_netlink or missing
+    /// privilege shows up here, named, not on first use.
+    pub fn open(ns: Option<&NetNs>) -> Result<CtSocket> {
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)
+            .map(CtSocket)
+            .map_err(explain_unavailable)?;
+        sock.global_stats().map_err(explain_unavailable)?;
+        Ok(sock)
+    }
+
+    /// The underlying socket, for ctnetlink requests this type does not wrap
+    /// (dumps of the table, deletes).
+    pub fn socket(&mut self) -> &mut NlSocket {
+        &mut self.0
+    }
+
+    /// (entries, max) from IPCTNL_MSG_CT_GET_STATS.
+    fn global_stats(&mut self) -> Result<(u64, u64)> {
+        let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_GET_STATS), 0);
+        msg.header(&nfgenmsg(libc::AF_UNSPEC as u8, 0));
+        let (mut entries, mut max) = (None, None);
+        self.0
+            .request(msg, |m| {
+                if m.ty != ct_msg_type(IPCTNL_MSG_CT_GET_STATS) {
+                    return Ok(());
+                }
+                for a in m.attrs(NFGENMSG_LEN)? {
+                    let a = a?;
+                    match a.ty {
+                        CTA_STATS_GLOBAL_ENTRIES => entries = Some(u64::from(a.be32()?)),
+                        CTA_STATS_GLOBAL_MAX_ENTRIES => max = Some(u64::from(a.be32()?)),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            })
+            .context("IPCTNL_MSG_CT_GET_STATS")?;
+        match (entries, max) {
+            (Some(e), Some(m)) => Ok((e, m)),
+            _ => bail!("IPCTNL_MSG_CT_GET_STATS: answer lacks the entry count or maximum"),
+        }
+    }
+
+    /// Table size and limit (IPCTNL_MSG_CT_GET_STATS) and the per-CPU
+    /// counters (IPCTNL_MSG_CT_GET_STATS_CPU dump) summed, for the namespace
+    /// the socket lives in. Two round trips; cheap enough to poll every
+    /// second.
+    pub fn stats(&mut self) -> Result<CtStats> {
+        let (entries, max) = self.global_stats()?;
+        let mut s = CtStats {
+            entries,
+            max,
+            ..CtStats::default()
+        };
+        let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_GET_STATS_CPU), 0);
+        msg.header(&nfgenmsg(libc::AF_UNSPEC as u8, 0));
+        self.0
+            .dump(msg, |m| {
+                if m.ty != ct_msg_type(IPCTNL_MSG_CT_GET_STATS_CPU) {
+                    return Ok(());
+                }
+                for a in m.attrs(NFGENMSG_LEN)? {
+                    let a = a?;
+                    let field = match a.ty {
+                        CTA_STATS_FOUND => &mut s.found,
+                        CTA_STATS_INVALID => &mut s.invalid,
+                        CTA_STATS_INSERT => &mut s.insert,
+                        CTA_STATS_INSERT_FAILED => &mut s.insert_failed,
+                        CTA_STATS_DROP => &mut s.drop,
+                        CTA_STATS_EARLY_DROP => &mut s.early_drop,
+                        CTA_STATS_ERROR => &mut s.error,
+                        CTA_STATS_SEARCH_RESTART => &mut s.search_restart,
+                        CTA_STATS_CLASH_RESOLVE => &mut s.clash_resolve,
+                        CTA_STATS_CHAIN_TOOLONG => &mut s.chaintoolong,
+                        _ => continue,
+                    };
+                    *field += u64::from(a.be32()?);
+                }
+                Ok(())
+            })
+            .context("IPCTNL_MSG_CT_GET_STATS_CPU dump")?;
+        Ok(s)
+    }
+
+    /// Creates conntrack entries in batches (IPCTNL_MSG_CT_NEW with
+    /// NLM_F_CREATE|NLM_F_EXCL), counting failures by errno instead of
+    /// stopping at the first: filling a table to its limit is the point.
+    ///
+    /// An invalid entry (family not matching its addresses, ...) stops the
+    /// run with an error naming it; the entries before it have been
+    /// submitted by then.
+    pub fn create_batch(
+        &mut self,
+        entries: &mut dyn Iterator<Item = CtEntry>,
+    ) -> Result<CreateReport> {
+        let mut batch = self.0.batch();
+        for (i, entry) in entries.enumerate() {
+            if let Err(e) = entry.validate() {
+                batch.flush()?;
+                let done = batch.report();
+                return Err(e).context(format!(
+                    "conntrack entry #{i} {entry:?} (the {} entries before it were submitted, {} created)",
+                    done.sent,
+                    done.succeeded()
+                ));
+            }
+            batch
+                .push(
+                    ct_msg_type(IPCTNL_MSG_CT_NEW),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                    |m| entry.encode(m),
+                )
+                .with_context(|| format!("conntrack entry #{i} {entry:?}"))?;
+        }
+        let report = batch.finish().context("creating conntrack entries")?;
+        Ok(CreateReport {
+            created: report.succeeded(),
+            first_error: report.first_error.as_ref().map(NlError::to_string),
+            failed: report.failed,
+        })
+    }
+}
+
+/// Adds the likely cause to errors that mean "no ctnetlink here".
+fn explain_unavailable(err: anyhow::Error) -> anyhow::Error {
+    let errno = NlError::errno_of(&err).or_else(|| {
+        err.chain()
+            .find_map(|e| e.downcast_ref::<io::Error>())
+            .and_then(io::Error::raw_os_error)
+    });
+    match errno {
+        // No nfnetlink at all (EPROTONOSUPPORT), or nfnetlink without the
+        // conntrack subsystem: nfnetlink answers EINVAL for a subsystem
+        // nobody registered.
+        Some(libc::EPROTONOSUPPORT | libc::ENOENT | libc::EINVAL | libc::EOPNOTSUPP) => err
+            .context(
+                "ctnetlink is not available: the kernel needs nf_conntrack_netlink \
+             (modprobe nf_conntrack_netlink, or CONFIG_NF_CT_NETLINK)",
+            ),
+        Some(libc::EPERM) => {
+            err.context("ctnetlink needs CAP_NET_ADMIN over the network namespace")
+        }
+        _ => err.context("opening a ctnetlink socket"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{Msgs, NLMSG_HDRLEN};
+    use crate::netns::skip_unless_root;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::time::Instant;
+
+    fn host_conntrack_max() -> u64 {
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The i-th of up to 2^20 distinct IPv4 TCP tuples.
+    fn fill_entry(i: u32) -> CtEntry {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (i >> 4));
+        CtEntry::assured(
+            IPPROTO_TCP,
+            src.into(),
+            1024 + (i & 15) as u16,
+            Ipv4Addr::new(10, 201, 0, 1).into(),
+            80,
+            600,
+        )
+    }
+
+    #[test]
+    fn netlink_ctnetlink_encodes_a_tcp_entry() {
+        let e = fill_entry(17);
+        let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
+        e.encode(&mut m);
+        let msg = Msgs::new(m.as_bytes()).next().unwrap().unwrap();
+        assert_eq!(msg.ty, 0x0100);
+        assert_eq!(msg.header(4).unwrap(), &[libc::AF_INET as u8, 0, 0, 0]);
+        let top: Vec<_> = msg
+            .attrs(NFGENMSG_LEN)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let types: Vec<u16> = top.iter().map(|a| a.ty).collect();
+        assert_eq!(
+            types,
+            [
+                CTA_TUPLE_ORIG,
+                CTA_TUPLE_REPLY,
+                CTA_TIMEOUT,
+                CTA_STATUS,
+                CTA_PROTOINFO
+            ]
+        );
+        let reply = top[1].nested();
+        let ip = reply.find(CTA_TUPLE_IP).unwrap().unwrap().nested();
+        assert_eq!(
+            ip.find(CTA_IP_V4_SRC).unwrap().unwrap().payload,
+            &[10, 201, 0, 1]
+        );
+        assert_eq!(
+            ip.find(CTA_IP_V4_DST).unwrap().unwrap().payload,
+            &[10, 200, 0, 1]
+        );
+        let proto = reply.find(CTA_TUPLE_PROTO).unwrap().unwrap().nested();
+        assert_eq!(proto.find(CTA_PROTO_NUM).unwrap().unwrap().u8().unwrap(), 6);
+        assert_eq!(
+            proto
+                .find(CTA_PROTO_SRC_PORT)
+                .unwrap()
+                .unwrap()
+                .be16()
+                .unwrap(),
+            80
+        );
+        assert_eq!(
+            proto
+                .find(CTA_PROTO_DST_PORT)
+                .unwrap()
+                .unwrap()
+                .be16()
+                .unwrap(),
+            1025
+        );
+        assert_eq!(top[2].be32().unwrap(), 600);
+        assert_eq!(
+            top[3].be32().unwrap(),
+            IPS_ASSURED | IPS_SEEN_REPLY | IPS_CONFIRMED
+        );
+        let tcp = top[4]
+            .nested()
+            .find(CTA_PROTOINFO_TCP)
+            .unwrap()
+            .unwrap()
+            .nested();
+        assert_eq!(
+            tcp.find(CTA_PROTOINFO_TCP_STATE)
+                .unwrap()
+                .unwrap()
+                .u8()
+                .unwrap(),
+            TCP_CONNTRACK_ESTABLISHED
+        );
+        // A table fill sends ~130 bytes per entry.
+        assert!(m.len() < 160 + NLMSG_HDRLEN, "{}", m.len());
+    }
+
+    #[test]
+    fn netlink_ctnetlink_rejects_inconsistent_entries() {
+        let mut e = fill_entry(0);
+        e.family = libc::AF_INET6 as u8;
+        assert!(e.validate().is_err());
+        let mut e = fill_entry(0);
+        e.proto = IPPROTO_UDP;
+        assert!(e.validate().unwrap_err().to_string().contains("TCP state"));
+        let mut e = fill_entry(0);
+        e.tcp_state = Some(42);
+        assert!(e.validate().is_err());
+        let mut e = fill_entry(0);
+        e.status |= IPS_DYING;
+        assert!(e.validate().is_err());
+        let mut e = fill_entry(0);
+        e.family = 7;
+        assert!(e.validate().is_err());
+    }
+
+    #[test]
+    fn netlink_ctnetlink_stats_and_small_batch() {
+        if skip_unless_root("netlink_ctnetlink_stats_and_small_batch") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let mut ct = CtSocket::open(Some(&ns)).unwrap();
+        let before = ct.stats().unwrap();
+        assert_eq!(before.entries, 0);
+        assert_eq!(before.max, host_conntrack_max());
+
+        let v6 = |n: u16| IpAddr::from(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, n));
+        let v4 = |n: u8| IpAddr::from(Ipv4Addr::new(10, 199, 0, n));
+        let mut udp = CtEntry::assured(IPPROTO_UDP, v6(1), 5353, v6(2), 53, 30);
+        udp.status = 0; // unreplied, early-droppable; IPS_CONFIRMED is implied
+        let entries = [
+            CtEntry::assured(IPPROTO_TCP, v4(1), 40000, v4(2), 443, 120),
+            CtEntry::assured(IPPROTO_TCP, v6(1), 40000, v6(2), 443, 120),
+            udp,
+            CtEntry::assured(IPPROTO_ICMP, v4(1), 77, v4(2), 0, 30),
+            CtEntry::assured(IPPROTO_ICMPV6, v6(1), 77, v6(2), 0, 30),
+            CtEntry::assured(IPPROTO_SCTP, v4(1), 5000, v4(2), 5001, 30),
+            CtEntry::assured(IPPROTO_GRE, v4(1), 1, v4(2), 2, 30), // keys 1 and 2
+            CtEntry::assured(IPPROTO_UDP, v4(1), 1, v4(2), 2, 30), // same ports, other protocol
+            // Duplicates of the first two.
+            CtEntry::assured(IPPROTO_TCP, v4(1), 40000, v4(2), 443, 120),
+            CtEntry::assured(IPPROTO_TCP, v6(1), 40000, v6(2), 443, 120),
+        ];
+        let report = ct.create_batch(&mut entries.iter().copied()).unwrap();
+        assert_eq!(report.created, 8, "{report:?}");
+        assert_eq!(report.failed, vec![(libc::EEXIST, 2)]);
+        assert!(report.first_error.as_deref().unwrap().starts_with("EEXIST"));
+
+        let after = ct.stats().unwrap();
+        assert_eq!(after.entries, 8);
+        assert_eq!(after.max, before.max);
+
+        // The socket keeps working in its namespace from another thread, and
+        // the host's table was not touched.
+        let from_thread = std::thread::spawn(move || ct.stats().unwrap().entries)
+            .join()
+            .unwrap();
+        assert_eq!(from_thread, 8);
+
+        let mut bad = entries[0];
+        bad.dst = v6(9);
+        let mut ct = CtSocket::open(Some(&ns)).unwrap();
+        let e = ct
+            .create_batch(&mut [entries[0], entries[5], bad].into_iter())
+            .unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("conntrack entry #2"), "{text}");
+        assert!(
+            text.contains("2 entries before it were submitted, 0 created"),
+            "{text}"
+        );
+    }
+
+    /// Fills a fresh namespace's table to nf_conntrack_max (262,144 here)
+    /// and checks the kernel's view of it. Run with --nocapture for timing.
+    #[test]
+    fn netlink_ctnetlink_fill_table_to_max() {
+        if skip_unless_root("netlink_ctnetlink_fill_table_to_max") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let mut ct = CtSocket::open(Some(&ns)).unwrap();
+        let max = ct.stats().unwrap().max;
+        assert_eq!(max, host_conntrack_max());
+        if max == 0 || max > 1 << 20 {
+            eprintln!("skipping fill: nf_conntrack_max = {max} (0 or too large for a unit test)");
+            return;
+        }
+        let max32 = max as u32;
+
+        let start = Instant::now();
+        let report = ct.create_batch(&mut (0..max32).map(fill_entry)).unwrap();
+        let took = start.elapsed();
+        eprintln!(
+            "ctnetlink fill: {} entries in {:.3} s ({:.0} entries/s)",
+            report.created,
+            took.as_secs_f64(),
+            report.created as f64 / took.as_secs_f64()
+        );
+        assert_eq!(report.created, max, "{report:?}");
+        assert!(report.failed.is_empty(), "{report:?}");
+        assert!(took.as_secs() < 30, "fill took {took:?}");
+
+        let stats = ct.stats().unwrap();
+        assert_eq!(stats.entries, report.created);
+        assert_eq!(stats.max, host_conntrack_max());
+
+        // Full, and every entry assured: nothing to early-drop, so ENOMEM.
+        let one_more = ct
+            .create_batch(&mut std::iter::once(fill_entry(max32)))
+            .unwrap();
+        assert_eq!(one_more.created, 0);
+        assert_eq!(one_more.failed, vec![(libc::ENOMEM, 1)], "{one_more:?}");
+        // A duplicate is found before allocation: EEXIST even when full.
+        let dup = ct
+            .create_batch(&mut std::iter::once(fill_entry(0)))
+            .unwrap();
+        assert_eq!(dup.failed, vec![(libc::EEXIST, 1)]);
+        // Many failures in one go are all accounted for.
+        let many = ct
+            .create_batch(&mut (max32 + 1..max32 + 20_001).map(fill_entry))
+            .unwrap();
+        assert_eq!(many.created, 0);
+        assert_eq!(many.failures(libc::ENOMEM), 20_000, "{many:?}");
+        assert_eq!(ct.stats().unwrap().entries, max);
+    }
+}

@@ -15,6 +15,7 @@
 //! batch sender relies on that to account for every message it sent without
 //! waiting on a timer.
 pub mod ctnetlink;
+pub mod nftables;
 pub mod rtnetlink;
 
 use std::fmt;
@@ -247,7 +248,8 @@ impl MsgBuilder {
     /// Starts another message after the current one, in the same buffer.
     fn begin(&mut self, ty: u16, flags: u16, seq: u32) {
         self.start = self.buf.len();
-        self.buf.extend_from_slice(&(NLMSG_HDRLEN as u32).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(NLMSG_HDRLEN as u32).to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(&flags.to_ne_bytes());
         self.buf.extend_from_slice(&seq.to_ne_bytes());
@@ -259,7 +261,10 @@ impl MsgBuilder {
     fn sync_len(&mut self) {
         match u32::try_from(self.buf.len() - self.start) {
             Ok(len) => self.buf[self.start..self.start + 4].copy_from_slice(&len.to_ne_bytes()),
-            Err(_) => self.fail(format!("message of {} bytes", self.buf.len() - self.start)),
+            Err(_) => self.fail(format!(
+                "message of {} bytes overflows nlmsg_len",
+                self.buf.len() - self.start
+            )),
         }
     }
 
@@ -293,21 +298,28 @@ impl MsgBuilder {
         self
     }
 
-    /// Appends an attribute with an arbitrary payload.
-    pub fn bytes(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
-        let Ok(len) = u16::try_from(NLA_HDRLEN + payload.len()) else {
+    /// Appends an attribute whose payload is `parts` concatenated.
+    fn put(&mut self, ty: u16, parts: &[&[u8]]) -> &mut Self {
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        let Ok(len) = u16::try_from(NLA_HDRLEN + payload_len) else {
             self.fail(format!(
-                "attribute type {ty}: {} bytes do not fit in a netlink attribute",
-                payload.len()
+                "attribute type {ty}: {payload_len} bytes do not fit in a netlink attribute"
             ));
             return self;
         };
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
         self.pad();
         self.sync_len();
         self
+    }
+
+    /// Appends an attribute with an arbitrary payload.
+    pub fn bytes(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
+        self.put(ty, &[payload])
     }
 
     /// Zero-length attribute whose presence is the value (NLA_FLAG).
@@ -351,23 +363,7 @@ impl MsgBuilder {
             self.fail(format!("attribute type {ty}: string {s:?} contains NUL"));
             return self;
         }
-        let at = self.buf.len();
-        self.bytes(ty, s.as_bytes());
-        // Rewrite with the terminator included; `bytes` already padded past it
-        // whenever the length was not a multiple of 4.
-        if self.buf.len() > at {
-            let len = u16::from_ne_bytes([self.buf[at], self.buf[at + 1]]);
-            let Some(len) = len.checked_add(1) else {
-                self.buf.truncate(at);
-                self.sync_len();
-                self.fail(format!("attribute type {ty}: string too long"));
-                return self;
-            };
-            self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-            self.buf.resize(at + align4(len as usize), 0);
-            self.sync_len();
-        }
-        self
+        self.put(ty, &[s.as_bytes(), &[0]])
     }
 
     /// A nested attribute set (NLA_F_NESTED), filled in by `f`.
@@ -384,7 +380,8 @@ impl MsgBuilder {
 
     fn nest(&mut self, ty: u16, f: impl FnOnce(&mut Self)) -> &mut Self {
         let at = self.buf.len();
-        self.buf.extend_from_slice(&(NLA_HDRLEN as u16).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(NLA_HDRLEN as u16).to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         f(self);
         match u16::try_from(self.buf.len() - at) {
@@ -559,8 +556,7 @@ impl<'a> Attr<'a> {
             Some(nul) => &self.payload[..nul],
             None => self.payload,
         };
-        std::str::from_utf8(bytes)
-            .with_context(|| format!("attribute type {}: not UTF-8", self.ty))
+        std::str::from_utf8(bytes).with_context(|| format!("attribute type {}: not UTF-8", self.ty))
     }
 }
 
@@ -729,12 +725,21 @@ fn set_buf(fd: BorrowedFd<'_>, force: i32, plain: i32, size: usize) {
 
 /// A netlink socket talking to the kernel, bound to the network namespace it
 /// was created in for its whole life, whichever thread later uses it.
-#[derive(Debug)]
 pub struct NlSocket {
     fd: OwnedFd,
     protocol: i32,
     seq: u32,
     rbuf: Vec<u8>,
+}
+
+impl fmt::Debug for NlSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NlSocket")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("protocol", &protocol_name(self.protocol))
+            .field("seq", &self.seq)
+            .finish()
+    }
 }
 
 impl NlSocket {
@@ -765,8 +770,8 @@ impl NlSocket {
             None => format!("opening a {} socket", protocol_name(protocol)),
         };
         let fd = match ns {
-            Some(ns) => ns.run(make).with_context(what)?,
-            None => make(),
+            Some(ns) => ns.run(make).and_then(|made| Ok(made?)),
+            None => Ok(make()?),
         }
         .with_context(what)?;
 
@@ -794,7 +799,8 @@ impl NlSocket {
             )
         };
         if rc != 0 {
-            return Err(io::Error::last_os_error()).context("setting SO_RCVTIMEO on a netlink socket");
+            return Err(io::Error::last_os_error())
+                .context("setting SO_RCVTIMEO on a netlink socket");
         }
 
         Ok(NlSocket {
@@ -854,14 +860,28 @@ impl NlSocket {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e).with_context(|| {
-                    format!("sending {} bytes on a {} socket", bytes.len(), protocol_name(self.protocol))
+                    format!(
+                        "sending {} bytes on a {} socket",
+                        bytes.len(),
+                        protocol_name(self.protocol)
+                    )
                 });
             }
         }
     }
 
-    /// Receives one datagram from the kernel into `rbuf`; returns its length,
-    /// or None if `nonblocking` and nothing is queued.
+    /// Waits for the next datagram from the kernel (up to RECV_TIMEOUT) and
+    /// returns its length in `rbuf`.
+    fn recv_wait(&mut self) -> Result<usize> {
+        self.recv(false)?
+            .context("netlink recv returned without a datagram")
+    }
+
+    /// The next datagram already queued, if any.
+    fn recv_queued(&mut self) -> Result<Option<usize>> {
+        self.recv(true)
+    }
+
     fn recv(&mut self, nonblocking: bool) -> Result<Option<usize>> {
         let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         loop {
@@ -968,7 +988,7 @@ impl NlSocket {
         let mut handed = 0u64;
         let mut failed: Option<anyhow::Error> = None;
         loop {
-            let Some(n) = self.recv(false)? else { continue };
+            let n = self.recv_wait()?;
             for m in Msgs::new(&self.rbuf[..n]) {
                 let m = m.with_context(|| format!("answer to netlink request type {ty}"))?;
                 if m.seq != seq {
@@ -1032,7 +1052,7 @@ impl BatchReport {
     }
 
     pub fn succeeded(&self) -> u64 {
-        self.sent - self.total_failed()
+        self.sent.saturating_sub(self.total_failed())
     }
 
     fn count(&mut self, e: NlError) {
@@ -1104,7 +1124,8 @@ impl<'s> Batch<'s> {
     pub fn push(&mut self, ty: u16, flags: u16, build: impl FnOnce(&mut MsgBuilder)) -> Result<()> {
         let at = self.buf.len();
         let seq = self.sock.next_seq();
-        self.buf.begin(ty, (flags & !NLM_F_ACK) | NLM_F_REQUEST, seq);
+        self.buf
+            .begin(ty, (flags & !NLM_F_ACK) | NLM_F_REQUEST, seq);
         build(&mut self.buf);
         if let Err(e) = self.buf.check() {
             self.buf.buf.truncate(at);
@@ -1139,7 +1160,7 @@ impl<'s> Batch<'s> {
         // Sequence numbers of one chunk are consecutive but may wrap.
         let in_chunk = |seq: u32| seq.wrapping_sub(first) <= last_seq.wrapping_sub(first);
         loop {
-            let Some(n) = self.sock.recv(true)? else {
+            let Some(n) = self.sock.recv_queued()? else {
                 bail!(
                     "the kernel did not acknowledge the last message (seq {last_seq}) of a \
                      {pending}-message batch; answers for part of the batch are missing"
@@ -1149,7 +1170,11 @@ impl<'s> Batch<'s> {
             for m in Msgs::new(&self.sock.rbuf[..n]) {
                 let m = m.context("answer to a netlink batch")?;
                 if m.ty != NLMSG_ERROR || !in_chunk(m.seq) {
-                    log::debug!("ignoring netlink message type {} seq {} in a batch", m.ty, m.seq);
+                    log::debug!(
+                        "ignoring netlink message type {} seq {} in a batch",
+                        m.ty,
+                        m.seq
+                    );
                     continue;
                 }
                 if let Some(e) = parse_error(&m)? {
@@ -1268,9 +1293,27 @@ mod tests {
         assert!(Msgs::new(&m).next().unwrap().is_err());
         assert!(Msgs::new(&[0; 7]).next().unwrap().is_err());
         // Wrong-size scalar.
-        let a = Attr { ty: 3, payload: &[1, 2, 3] };
-        assert!(a.u32().unwrap_err().to_string().contains("expected 4 bytes, got 3"));
-        assert!(Msg { ty: 1, flags: 0, seq: 0, pid: 0, payload: &[1, 2] }.attrs(4).is_err());
+        let a = Attr {
+            ty: 3,
+            payload: &[1, 2, 3],
+        };
+        assert!(
+            a.u32()
+                .unwrap_err()
+                .to_string()
+                .contains("expected 4 bytes, got 3")
+        );
+        assert!(
+            Msg {
+                ty: 1,
+                flags: 0,
+                seq: 0,
+                pid: 0,
+                payload: &[1, 2]
+            }
+            .attrs(4)
+            .is_err()
+        );
     }
 
     #[test]
@@ -1288,7 +1331,10 @@ mod tests {
         assert_eq!(e.message.as_deref(), Some("Unknown device type"));
         assert_eq!(e.bad_attr_offset, Some(36));
         let text = e.to_string();
-        assert!(text.starts_with("EINVAL (Invalid argument): Unknown device type"), "{text}");
+        assert!(
+            text.starts_with("EINVAL (Invalid argument): Unknown device type"),
+            "{text}"
+        );
 
         // Wrapped in context, the errno is still reachable.
         let any = anyhow::Error::from(e).context("adding a link");
@@ -1305,11 +1351,14 @@ mod tests {
 
     #[test]
     fn netlink_batch_report_counts() {
-        let mut r = BatchReport { sent: 10, ..Default::default() };
+        let mut r = BatchReport {
+            sent: 10,
+            ..Default::default()
+        };
         r.count(NlError::new(libc::ENOMEM));
         r.count(NlError::new(libc::EEXIST));
         r.count(NlError::new(libc::ENOMEM));
-        assert_eq!(r.failed, vec![(libc::EEXIST, 1), (libc::ENOMEM, 2)]);
+        assert_eq!(r.failed, vec![(libc::ENOMEM, 2), (libc::EEXIST, 1)]);
         assert_eq!(r.failures(libc::ENOMEM), 2);
         assert_eq!(r.succeeded(), 7);
         assert_eq!(r.first_error.unwrap().errno, libc::ENOMEM);

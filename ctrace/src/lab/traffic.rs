@@ -1,0 +1,229 @@
+//! Real traffic and its ground truth: listeners on the server node,
+//! connection attempts from the client nodes, and what each attempt saw.
+//! This is the yardstick ctrace's counts are compared against.
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::{
+    event::Proto,
+    netlink::ctnetlink::{self, CtEntry, CtSocket},
+    netns::NetNs,
+};
+
+/// Servers that answer on the server node: TCP accept-and-close, UDP echo.
+pub struct Listeners {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Listeners {
+    pub fn start(ns: &NetNs, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<Listeners> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for &port in tcp_ports {
+            // [::] is dual-stack in a fresh namespace (bindv6only = 0).
+            let l = ns.run(move || TcpListener::bind(("::", port)))??;
+            l.set_nonblocking(true)?;
+            let stop = stop.clone();
+            handles.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.write_all(b"ok\n");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }));
+        }
+        for &port in udp_ports {
+            let u = ns.run(move || UdpSocket::bind(("::", port)))??;
+            u.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let stop = stop.clone();
+            handles.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(&buf[..n], peer);
+                    }
+                }
+            }));
+        }
+        Ok(Listeners { stop, handles })
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One connection attempt to make.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub service: String,
+    pub proto: Proto,
+    pub src: IpAddr,
+    pub dst: SocketAddr,
+}
+
+/// What the client saw.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub planned: Planned,
+    /// The local address the attempt used: the flow's source.
+    pub local: Option<SocketAddr>,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Runs every attempt at once from inside `ns` and waits for all. A TCP
+/// attempt succeeds when the handshake completes within `timeout`; a UDP
+/// attempt sends a query every `timeout / 2` and succeeds on any reply.
+/// With the default 2.5 s, a dropped TCP flow sends its SYN twice (initial
+/// RTO is 1 s) and a dropped UDP flow sends twice too.
+pub fn attempt_all(ns: &NetNs, plan: &[Planned], timeout: Duration) -> anyhow::Result<Vec<Attempt>> {
+    let mut handles = Vec::new();
+    for p in plan.iter().cloned() {
+        handles.push(ns.spawn("lab-client", move || attempt(p, timeout))?);
+    }
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a client thread panicked")))
+        .collect()
+}
+
+fn attempt(p: Planned, timeout: Duration) -> Attempt {
+    let started = Instant::now();
+    let result = match p.proto {
+        Proto::Udp => udp_attempt(&p, timeout),
+        _ => tcp_attempt(&p, timeout),
+    };
+    let (local, ok, error) = match result {
+        Ok((local, ok, err)) => (local, ok, err),
+        Err(e) => (None, false, Some(format!("{e:#}"))),
+    };
+    Attempt { planned: p, local, ok, error, elapsed: started.elapsed() }
+}
+
+type Outcome = (Option<SocketAddr>, bool, Option<String>);
+
+fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
+    let domain = if p.dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.bind(&SockAddr::from(SocketAddr::new(p.src, 0))).context("binding the source")?;
+    let local = s.local_addr().ok().and_then(|a| a.as_socket());
+    match s.connect_timeout(&SockAddr::from(p.dst), timeout) {
+        Ok(()) => {
+            let mut stream: std::net::TcpStream = s.into();
+            let mut buf = [0u8; 3];
+            let _ = stream.set_read_timeout(Some(timeout));
+            let _ = stream.read(&mut buf);
+            Ok((local, true, None))
+        }
+        Err(e) => Ok((local, false, Some(e.to_string()))),
+    }
+}
+
+fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
+    let u = UdpSocket::bind(SocketAddr::new(p.src, 0)).context("binding the source")?;
+    u.connect(p.dst)?;
+    let local = u.local_addr().ok();
+    let wait = timeout / 2;
+    u.set_read_timeout(Some(wait))?;
+    // A DNS query for example.org's A record: what a resolver would send.
+    const QUERY: &[u8] = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03org\x00\x00\x01\x00\x01";
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        u.send(QUERY)?;
+        if u.recv(&mut buf).is_ok() {
+            return Ok((local, true, None));
+        }
+    }
+    Ok((local, false, Some("no reply".into())))
+}
+
+/// Result of filling a table.
+#[derive(Clone, Debug)]
+pub struct Fill {
+    pub created: u64,
+    pub elapsed: Duration,
+    /// Creates refused with ENOMEM: the table was full.
+    pub refused_full: u64,
+}
+
+/// Synthetic, ASSURED entries: early_drop never evicts those, so a table
+/// full of them drops new flows for real. The tuples name no host that
+/// exists; they are table entries, not traffic. The mix echoes INC-0004:
+/// mostly DNS, a good share of long-lived etcd and HTTPS connections.
+pub fn synthetic_entry(i: u64, dst: IpAddr) -> CtEntry {
+    let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a80_0000u32 + (i / 50_000) as u32 + 1));
+    let sport = 1024 + (i % 50_000) as u16;
+    let (proto, dport, tcp_state) = match i % 10 {
+        0..=6 => (17u8, 53u16, None),
+        7..=8 => (6u8, 2380u16, Some(ctnetlink::TCP_CONNTRACK_ESTABLISHED)),
+        _ => (6u8, 443u16, Some(ctnetlink::TCP_CONNTRACK_ESTABLISHED)),
+    };
+    CtEntry {
+        family: if dst.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 },
+        proto,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_state,
+        status: ctnetlink::IPS_ASSURED | ctnetlink::IPS_SEEN_REPLY | ctnetlink::IPS_CONFIRMED,
+        timeout_secs: 3600,
+    }
+}
+
+/// Fills `ns`'s conntrack table until the kernel refuses: `want` entries
+/// are offered, in batches, with `progress` told the running total.
+pub fn fill_table(
+    ns: &NetNs,
+    want: u64,
+    dst: IpAddr,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<Fill> {
+    let mut sock = CtSocket::open(Some(ns))?;
+    let started = Instant::now();
+    let mut created = 0;
+    let mut refused_full = 0;
+    const CHUNK: u64 = 32_768;
+    let mut next = 0u64;
+    while next < want {
+        let end = (next + CHUNK).min(want);
+        let mut it = (next..end).map(|i| synthetic_entry(i, dst));
+        let report = sock.create_batch(&mut it)?;
+        created += report.created;
+        for (errno, n) in &report.failed {
+            if *errno == libc::ENOMEM {
+                refused_full += n;
+            } else {
+                anyhow::bail!("creating conntrack entries: {n} failed with {}", std::io::Error::from_raw_os_error(*errno));
+            }
+        }
+        progress(created);
+        next = end;
+        if refused_full > 0 {
+            break;
+        }
+    }
+    Ok(Fill { created, elapsed: started.elapsed(), refused_full })
+}
