@@ -52,20 +52,33 @@ pub struct FlowStats {
     pub _pad: [u8; 6],
 }
 
-/// What happened. Tiers that see more (issue 3: kprobe/fexit) add kinds; the
-/// tracepoint tier only ever reports `Drop`.
+/// What happened. The tracepoint tier only reports `DROP`; the kprobe tier
+/// sees conntrack's own decisions and reports the rest.
 pub mod kind {
-    /// A packet was freed with reason NETFILTER_DROP.
+    /// A packet was dropped by netfilter (reason NETFILTER_DROP, or conntrack
+    /// failed to allocate its entry: then `EVENT_F_TABLE_FULL`).
     pub const DROP: u8 = 1;
+    /// `early_drop` evicted this entry to make room for a new one.
+    pub const EVICT: u8 = 2;
+    /// An entry entered the table (confirmed, or created over ctnetlink).
+    pub const INSERT: u8 = 3;
+    /// An entry left the table (expired, killed, deleted), not by early_drop.
+    pub const DELETE: u8 = 4;
+    /// Confirming an entry failed (`insert_failed`): its packet was dropped.
+    pub const INSERT_FAILED: u8 = 5;
 }
 
 /// Which hook produced an event.
 pub mod tier {
     pub const TRACEPOINT: u8 = 1;
+    pub const KPROBE: u8 = 2;
 }
 
 /// The skb carried a conntrack entry (`skb->_nfct != 0`) when it was dropped.
 pub const EVENT_F_HAS_CT: u8 = 1 << 0;
+/// Seen at the source: conntrack's allocation failed because the table was
+/// full. No inference involved.
+pub const EVENT_F_TABLE_FULL: u8 = 1 << 1;
 
 /// One record in the ring buffer. Sent once per new flow, not per packet.
 #[repr(C)]
@@ -80,7 +93,13 @@ pub struct Event {
     pub flags: u8,
     /// The kernel's drop reason as numbered by the running kernel.
     pub reason: u32,
-    pub _pad: [u8; 4],
+    /// For entry events: the entry's `status` bits (IPS_*).
+    pub ct_status: u32,
+    /// For entry events: jiffies until the entry times out.
+    pub ct_timeout_jiffies: u32,
+    /// For entry events: TCP conntrack state (TCP_CONNTRACK_*), 0 otherwise.
+    pub ct_tcp_state: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Indices of the per-CPU counter array `COUNTERS`.
@@ -93,7 +112,13 @@ pub mod counter {
     pub const UNDECODED: u32 = 2;
     /// Updates of the flow map that failed.
     pub const FLOW_MAP_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// early_drop evictions, inserts, deletes (kprobe tier).
+    pub const EVICTIONS: u32 = 4;
+    pub const INSERTS: u32 = 5;
+    pub const DELETES: u32 = 6;
+    /// Allocations that failed inside nf_conntrack_in: table-full drops.
+    pub const ALLOC_FAILURES: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Where things are in the running kernel, read from BTF and tracefs by user
@@ -119,6 +144,21 @@ pub struct KernelLayout {
     pub sk_net: u32,
     /// struct net -> ns.inum
     pub net_inum: u32,
+    /// The `tier::*` the programs report as.
+    pub tier: u32,
+    /// struct nf_conn (module BTF where conntrack is a module)
+    pub ct_tuple: u32,
+    pub ct_net: u32,
+    pub ct_status: u32,
+    pub ct_timeout: u32,
+    pub ct_tcp_state: u32,
+    /// struct nf_conntrack_tuple
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_protonum: u32,
     pub _pad: u32,
 }
 
@@ -144,8 +184,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowStats>(), 8 * 3 + 8);
-        assert_eq!(size_of::<Event>(), 8 + size_of::<FlowKey>() + 4 + 4 + 4);
+        assert_eq!(
+            size_of::<Event>(),
+            8 + size_of::<FlowKey>() + 4 + 4 + 4 + 4 + 4
+        );
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<KernelLayout>(), 12 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 24 * 4);
     }
 }

@@ -11,7 +11,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
@@ -21,24 +21,15 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ctrace_common::{
     AF_INET, AF_INET6, EVENT_F_HAS_CT, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, KernelLayout, counter, kind, tier,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, KernelLayout, counter, kind,
 };
 
+mod conntrack;
+
+// SAFETY: KernelLayout is plain integers; all-zero is a valid value, and
+// user space always overrides it before load.
 #[unsafe(no_mangle)]
-static LAYOUT: Global<KernelLayout> = Global::new(KernelLayout {
-    tp_skbaddr: 0,
-    tp_reason: 0,
-    netfilter_drop: 0,
-    skb_nfct: 0,
-    skb_head: 0,
-    skb_network_header: 0,
-    skb_dev: 0,
-    skb_sk: 0,
-    dev_net: 0,
-    sk_net: 0,
-    net_inum: 0,
-    _pad: 0,
-});
+static LAYOUT: Global<KernelLayout> = Global::new(unsafe { core::mem::zeroed() });
 
 /// First packets of dropped flows. 256 KiB holds ~4000 events, enough for a
 /// burst of new flows between two user-space polls.
@@ -56,7 +47,7 @@ static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it, a plain add is enough.
         unsafe { *slot += 1 };
@@ -64,7 +55,7 @@ fn bump(index: u32) {
 }
 
 #[inline(always)]
-unsafe fn read<T>(base: u64, offset: u32) -> Result<T, i32> {
+pub(crate) unsafe fn read<T>(base: u64, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
 
@@ -82,7 +73,11 @@ pub fn ctrace_kfree_skb(ctx: TracePointContext) -> u32 {
         bump(counter::UNDECODED);
         return 0;
     };
-    match decode(&ctx, &layout, skb, reason) {
+    if conntrack::take_reported_skb(skb) {
+        // The kprobe tier already reported this packet, with certainty.
+        return 0;
+    }
+    match record_drop(&ctx, &layout, skb, reason, 0) {
         Ok(()) => {}
         Err(()) => bump(counter::UNDECODED),
     }
@@ -109,8 +104,15 @@ fn netns_of(layout: &KernelLayout, skb: u64) -> u32 {
     unsafe { read(net, layout.net_inum) }.unwrap_or(0)
 }
 
+/// Decodes the packet in `skb` into a flow key and counts it as dropped.
 #[inline(always)]
-fn decode(ctx: &TracePointContext, layout: &KernelLayout, skb: u64, reason: u32) -> Result<(), ()> {
+pub(crate) fn record_drop<C: EbpfContext>(
+    ctx: &C,
+    layout: &KernelLayout,
+    skb: u64,
+    reason: u32,
+    extra_flags: u8,
+) -> Result<(), ()> {
     let head: u64 = unsafe { read(skb, layout.skb_head) }.map_err(|_| ())?;
     let nh: u16 = unsafe { read(skb, layout.skb_network_header) }.map_err(|_| ())?;
     let nfct: u64 = unsafe { read(skb, layout.skb_nfct) }.unwrap_or(0);
@@ -171,7 +173,7 @@ fn decode(ctx: &TracePointContext, layout: &KernelLayout, skb: u64, reason: u32)
     key.netns = netns_of(layout, skb);
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let flags = if nfct != 0 { EVENT_F_HAS_CT } else { 0 };
+    let flags = extra_flags | if nfct != 0 { EVENT_F_HAS_CT } else { 0 };
     let fresh = FlowStats {
         packets: 1,
         first_ns: now,
@@ -183,7 +185,7 @@ fn decode(ctx: &TracePointContext, layout: &KernelLayout, skb: u64, reason: u32)
     // BPF_NOEXIST makes "first packet of this flow" a single atomic decision,
     // so one event per flow even when CPUs race on the same flow.
     if FLOWS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
-        emit(ctx, &key, now, tcp_flags, flags, reason);
+        emit(ctx, layout, &key, now, tcp_flags, flags, reason);
         return Ok(());
     }
     match FLOWS.get_ptr_mut(&key) {
@@ -205,23 +207,50 @@ fn decode(ctx: &TracePointContext, layout: &KernelLayout, skb: u64, reason: u32)
 }
 
 #[inline(always)]
-fn emit(ctx: &TracePointContext, key: &FlowKey, now: u64, tcp_flags: u8, flags: u8, reason: u32) {
+fn emit<C: EbpfContext>(
+    ctx: &C,
+    layout: &KernelLayout,
+    key: &FlowKey,
+    now: u64,
+    tcp_flags: u8,
+    flags: u8,
+    reason: u32,
+) {
+    let event = Event {
+        ts_ns: now,
+        key: *key,
+        kind: kind::DROP,
+        tier: layout.tier as u8,
+        tcp_flags,
+        flags,
+        reason,
+        ct_status: 0,
+        ct_timeout_jiffies: 0,
+        ct_tcp_state: 0,
+        _pad: [0; 3],
+    };
+    if submit(&event) {
+        debug!(
+            ctx,
+            "new dropped flow proto={} dport={}", key.proto, key.dport
+        );
+    }
+}
+
+/// Queues an event for user space; a full ring buffer is counted, never
+/// silent.
+#[inline(always)]
+pub(crate) fn submit(event: &Event) -> bool {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
-            entry.write(Event {
-                ts_ns: now,
-                key: *key,
-                kind: kind::DROP,
-                tier: tier::TRACEPOINT,
-                tcp_flags,
-                flags,
-                reason,
-                _pad: [0; 4],
-            });
+            entry.write(*event);
             entry.submit(0);
-            debug!(ctx, "new dropped flow proto={} dport={}", key.proto, key.dport);
+            true
         }
-        None => bump(counter::LOST_EVENTS),
+        None => {
+            bump(counter::LOST_EVENTS);
+            false
+        }
     }
 }
 

@@ -61,9 +61,20 @@ pub struct DropGroup {
     pub packets: u64,
 }
 
+/// Entries early_drop evicted, per (netns, service, proto): whose
+/// connections made room for new ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvictionGroup {
+    pub netns: u64,
+    pub service: Option<String>,
+    pub proto: Proto,
+    pub entries: u64,
+}
+
 #[derive(Default)]
 pub struct Aggregator {
     flows: HashMap<Flow, FlowEntry>,
+    evictions: BTreeMap<(u64, Option<String>, Proto), u64>,
 }
 
 impl Aggregator {
@@ -109,7 +120,9 @@ impl Aggregator {
     /// Folds in the kernel map's current counts.
     pub fn update_counts(&mut self, counts: &HashMap<Flow, FlowCount>, clock: &Clock) {
         for (flow, c) in counts {
-            let Some(e) = self.flows.get_mut(flow) else { continue };
+            let Some(e) = self.flows.get_mut(flow) else {
+                continue;
+            };
             if c.first_ns > e.current_first_ns {
                 // A newer incarnation than the one we counted.
                 e.carried += e.current;
@@ -131,23 +144,31 @@ impl Aggregator {
 
     /// Per (netns, service, cause, proto) totals, biggest first.
     pub fn groups(&self) -> Vec<DropGroup> {
-        let mut by: BTreeMap<(u64, Option<&str>, Cause, Proto), (u64, u64)> = BTreeMap::new();
+        type Key<'a> = (u64, Option<&'a str>, Cause, Proto);
+        let mut by: BTreeMap<Key<'_>, (u64, u64)> = BTreeMap::new();
         for e in self.flows.values() {
-            let k = (e.first.flow.netns, e.first.service.as_deref(), e.first.cause, e.first.flow.proto);
+            let k = (
+                e.first.flow.netns,
+                e.first.service.as_deref(),
+                e.first.cause,
+                e.first.flow.proto,
+            );
             let v = by.entry(k).or_default();
             v.0 += 1;
             v.1 += e.packets();
         }
         let mut groups: Vec<DropGroup> = by
             .into_iter()
-            .map(|((netns, service, cause, proto), (flows, packets))| DropGroup {
-                netns,
-                service: service.map(str::to_string),
-                cause,
-                proto,
-                flows,
-                packets,
-            })
+            .map(
+                |((netns, service, cause, proto), (flows, packets))| DropGroup {
+                    netns,
+                    service: service.map(str::to_string),
+                    cause,
+                    proto,
+                    flows,
+                    packets,
+                },
+            )
             .collect();
         groups.sort_by(|a, b| b.flows.cmp(&a.flows).then(b.packets.cmp(&a.packets)));
         groups
@@ -156,8 +177,34 @@ impl Aggregator {
     /// The flows with the most dropped packets.
     pub fn top_flows(&self, n: usize) -> Vec<&FlowEntry> {
         let mut v: Vec<&FlowEntry> = self.flows.values().collect();
-        v.sort_by(|a, b| b.packets().cmp(&a.packets()).then(b.last_seen.cmp(&a.last_seen)));
+        v.sort_by(|a, b| {
+            b.packets()
+                .cmp(&a.packets())
+                .then(b.last_seen.cmp(&a.last_seen))
+        });
         v.truncate(n);
+        v
+    }
+
+    pub fn evicted(&mut self, flow: &Flow, service: Option<&str>) {
+        *self
+            .evictions
+            .entry((flow.netns, service.map(str::to_string), flow.proto))
+            .or_default() += 1;
+    }
+
+    pub fn evictions(&self) -> Vec<EvictionGroup> {
+        let mut v: Vec<EvictionGroup> = self
+            .evictions
+            .iter()
+            .map(|((netns, service, proto), n)| EvictionGroup {
+                netns: *netns,
+                service: service.clone(),
+                proto: *proto,
+                entries: *n,
+            })
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.entries));
         v
     }
 
@@ -197,7 +244,14 @@ mod tests {
     }
 
     fn count(packets: u64, first_ns: u64) -> FlowCount {
-        FlowCount { packets, first_ns, last_ns: first_ns + 10, tcp_flags: 2, has_ct: false }
+        FlowCount {
+            packets,
+            first_ns,
+            last_ns: first_ns + 10,
+            tcp_flags: 2,
+            has_ct: false,
+            table_full: false,
+        }
     }
 
     #[test]
@@ -224,7 +278,10 @@ mod tests {
         assert_eq!(g[0].service.as_deref(), Some("ssh"));
         assert_eq!(g[0].flows, 3);
         assert_eq!(g.iter().map(|g| g.flows).sum::<u64>(), 5);
-        assert!(g.iter().any(|g| g.service.is_none() && g.proto == Proto::Tcp));
+        assert!(
+            g.iter()
+                .any(|g| g.service.is_none() && g.proto == Proto::Tcp)
+        );
     }
 
     #[test]

@@ -63,10 +63,33 @@ pub struct Evidence {
     pub has_baseline: bool,
 }
 
+/// What the kernel side saw of the drop itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
+    /// The skb carried a conntrack entry.
+    pub has_ct: bool,
+    /// The kprobe tier saw conntrack's allocation fail for this packet.
+    pub alloc_failed: bool,
+    /// The tier watches allocations, so a drop without `alloc_failed` was
+    /// certainly not a full table.
+    pub exact: bool,
+}
+
 /// The cause, and the evidence that decided it (shown in JSON as `evidence`).
-pub fn classify(has_ct: bool, evidence: Option<&Evidence>) -> (Cause, &'static str) {
-    if has_ct {
+pub fn classify(seen: Seen, evidence: Option<&Evidence>) -> (Cause, &'static str) {
+    if seen.alloc_failed {
+        return (Cause::TableFull, "conntrack_allocation_failed");
+    }
+    if seen.has_ct {
         return (Cause::Rule, "packet_had_conntrack_entry");
+    }
+    if seen.exact {
+        return match evidence {
+            Some(ev) if ev.has_baseline && ev.invalid_delta > 0 => {
+                (Cause::Invalid, "conntrack_invalid_counter_rose")
+            }
+            _ => (Cause::Rule, "conntrack_allocation_did_not_fail"),
+        };
     }
     let Some(ev) = evidence else {
         return (Cause::Unknown, "no_conntrack_counters");
@@ -92,32 +115,77 @@ mod tests {
     use super::*;
 
     fn ev(drop_delta: u64, invalid_delta: u64, entries: u64, max: u64) -> Evidence {
-        Evidence { drop_delta, invalid_delta, entries, max, has_baseline: true }
+        Evidence {
+            drop_delta,
+            invalid_delta,
+            entries,
+            max,
+            has_baseline: true,
+        }
+    }
+
+    fn inferred(has_ct: bool) -> Seen {
+        Seen {
+            has_ct,
+            ..Seen::default()
+        }
     }
 
     #[test]
     fn tracked_packets_are_rule_drops_even_in_a_full_table() {
-        assert_eq!(classify(true, Some(&ev(5, 0, 100, 100))).0, Cause::Rule);
+        assert_eq!(
+            classify(inferred(true), Some(&ev(5, 0, 100, 100))).0,
+            Cause::Rule
+        );
+    }
+
+    #[test]
+    fn exact_tier_needs_no_counters() {
+        let full = Seen {
+            alloc_failed: true,
+            exact: true,
+            has_ct: false,
+        };
+        assert_eq!(
+            classify(full, None),
+            (Cause::TableFull, "conntrack_allocation_failed")
+        );
+        // Exact tier, allocation fine: not the table, whatever the counters say.
+        let other = Seen {
+            exact: true,
+            ..Seen::default()
+        };
+        assert_eq!(classify(other, Some(&ev(9, 0, 100, 100))).0, Cause::Rule);
+        assert_eq!(classify(other, Some(&ev(0, 1, 10, 100))).0, Cause::Invalid);
     }
 
     #[test]
     fn full_table_or_rising_drop_counter_means_table_full() {
-        assert_eq!(classify(false, Some(&ev(3, 0, 99, 100))), (Cause::TableFull, "conntrack_drop_counter_rose"));
+        assert_eq!(
+            classify(inferred(false), Some(&ev(3, 0, 99, 100))),
+            (Cause::TableFull, "conntrack_drop_counter_rose")
+        );
     }
 
     #[test]
     fn not_full_and_quiet_counters_mean_a_rule() {
-        assert_eq!(classify(false, Some(&ev(0, 0, 10, 100))).0, Cause::Rule);
-        assert_eq!(classify(false, Some(&ev(0, 2, 10, 100))).0, Cause::Invalid);
+        assert_eq!(
+            classify(inferred(false), Some(&ev(0, 0, 10, 100))).0,
+            Cause::Rule
+        );
+        assert_eq!(
+            classify(inferred(false), Some(&ev(0, 2, 10, 100))).0,
+            Cause::Invalid
+        );
     }
 
     #[test]
     fn missing_evidence_is_unknown_not_guessed() {
-        assert_eq!(classify(false, None).0, Cause::Unknown);
+        assert_eq!(classify(inferred(false), None).0, Cause::Unknown);
         let mut e = ev(4, 0, 10, 100);
         e.has_baseline = false;
-        assert_eq!(classify(false, Some(&e)).0, Cause::Unknown);
+        assert_eq!(classify(inferred(false), Some(&e)).0, Cause::Unknown);
         e.entries = 100;
-        assert_eq!(classify(false, Some(&e)).0, Cause::TableFull);
+        assert_eq!(classify(inferred(false), Some(&e)).0, Cause::TableFull);
     }
 }

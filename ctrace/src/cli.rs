@@ -144,7 +144,11 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("-3").unwrap_err().contains("positive"));
         assert!(parse_duration("0").unwrap_err().contains("more than zero"));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
         assert!(parse_interval("10ms").is_err());
     }
 

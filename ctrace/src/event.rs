@@ -107,15 +107,47 @@ impl fmt::Display for Flow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tier {
     Tracepoint,
+    Kprobe,
 }
 
 impl Tier {
     fn from_wire(t: u8) -> Option<Tier> {
         match t {
             wire::tier::TRACEPOINT => Some(Tier::Tracepoint),
+            wire::tier::KPROBE => Some(Tier::Kprobe),
             _ => None,
         }
     }
+}
+
+/// What happened to a conntrack entry (kprobe tier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntryChange {
+    /// early_drop threw it out to make room.
+    Evicted,
+    Inserted,
+    Deleted,
+    InsertFailed,
+}
+
+/// An entry event: the entry's original tuple and state.
+#[derive(Clone, Debug)]
+pub struct EntryEvent {
+    pub time: SystemTime,
+    pub mono_ns: u64,
+    pub change: EntryChange,
+    pub flow: Flow,
+    pub status: u32,
+    pub timeout_jiffies: u32,
+    pub tcp_state: u8,
+    pub tier: Tier,
+}
+
+/// Anything the kernel side reports.
+#[derive(Clone, Debug)]
+pub enum KernelEvent {
+    Drop(DropEvent),
+    Entry(EntryEvent),
 }
 
 /// The first dropped packet of a flow.
@@ -128,6 +160,8 @@ pub struct DropEvent {
     pub tcp_flags: u8,
     /// The skb had a conntrack entry: something dropped a tracked packet.
     pub has_ct: bool,
+    /// Seen failing to allocate its conntrack entry: table full, certainly.
+    pub table_full: bool,
     pub reason: u32,
     pub tier: Tier,
 }
@@ -159,7 +193,10 @@ impl Default for Clock {
 
 /// The same clock as bpf_ktime_get_ns().
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -167,25 +204,45 @@ pub fn monotonic_ns() -> u64 {
 
 /// Decodes one ring-buffer record. None for records this build does not
 /// understand (short, or from a newer kernel side), which the caller counts.
-pub fn decode(bytes: &[u8], clock: &Clock) -> Option<DropEvent> {
+pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
     if bytes.len() < size_of::<wire::Event>() {
         return None;
     }
     // SAFETY: length checked; Event is Pod, read_unaligned copes with any
     // alignment of the ring-buffer slot.
     let raw: wire::Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if raw.kind != wire::kind::DROP {
-        return None;
-    }
-    Some(DropEvent {
-        time: clock.wall(raw.ts_ns),
+    let flow = Flow::from_key(&raw.key)?;
+    let tier = Tier::from_wire(raw.tier)?;
+    let time = clock.wall(raw.ts_ns);
+    let change = match raw.kind {
+        wire::kind::DROP => {
+            return Some(KernelEvent::Drop(DropEvent {
+                time,
+                mono_ns: raw.ts_ns,
+                flow,
+                tcp_flags: raw.tcp_flags,
+                has_ct: raw.flags & wire::EVENT_F_HAS_CT != 0,
+                table_full: raw.flags & wire::EVENT_F_TABLE_FULL != 0,
+                reason: raw.reason,
+                tier,
+            }));
+        }
+        wire::kind::EVICT => EntryChange::Evicted,
+        wire::kind::INSERT => EntryChange::Inserted,
+        wire::kind::DELETE => EntryChange::Deleted,
+        wire::kind::INSERT_FAILED => EntryChange::InsertFailed,
+        _ => return None,
+    };
+    Some(KernelEvent::Entry(EntryEvent {
+        time,
         mono_ns: raw.ts_ns,
-        flow: Flow::from_key(&raw.key)?,
-        tcp_flags: raw.tcp_flags,
-        has_ct: raw.flags & wire::EVENT_F_HAS_CT != 0,
-        reason: raw.reason,
-        tier: Tier::from_wire(raw.tier)?,
-    })
+        change,
+        flow,
+        status: raw.ct_status,
+        timeout_jiffies: raw.ct_timeout_jiffies,
+        tcp_state: raw.ct_tcp_state,
+        tier,
+    }))
 }
 
 /// "SYN", "SYN|ACK", ... for display.
@@ -219,7 +276,10 @@ mod tests {
     fn bytes_of(e: &wire::Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
         unsafe {
-            std::slice::from_raw_parts((e as *const wire::Event).cast::<u8>(), size_of::<wire::Event>())
+            std::slice::from_raw_parts(
+                (e as *const wire::Event).cast::<u8>(),
+                size_of::<wire::Event>(),
+            )
         }
         .to_vec()
     }
@@ -234,9 +294,12 @@ mod tests {
             tcp_flags: 0x02,
             flags: 0,
             reason: 12,
-            _pad: [0; 4],
+            ..Default::default()
         };
-        let e = decode(&bytes_of(&raw), &Clock::new()).unwrap();
+        let Some(KernelEvent::Drop(e)) = decode(&bytes_of(&raw), &Clock::new()) else {
+            panic!("not a drop")
+        };
+        assert!(!e.table_full);
         assert_eq!(e.flow.src.to_string(), "10.10.0.3:40000");
         assert_eq!(e.flow.dst.to_string(), "10.10.1.2:2380");
         assert_eq!(e.flow.proto, Proto::Tcp);
@@ -267,8 +330,31 @@ mod tests {
     fn rejects_short_and_unknown_records() {
         let clock = Clock::new();
         assert!(decode(&[0u8; 10], &clock).is_none());
-        let raw = wire::Event { kind: 200, key: key4(), tier: 1, ..Default::default() };
+        let raw = wire::Event {
+            kind: 200,
+            key: key4(),
+            tier: 1,
+            ..Default::default()
+        };
         assert!(decode(&bytes_of(&raw), &clock).is_none());
+    }
+
+    #[test]
+    fn decodes_entry_events() {
+        let raw = wire::Event {
+            key: key4(),
+            kind: wire::kind::EVICT,
+            tier: wire::tier::KPROBE,
+            ct_status: 0x8,
+            ct_timeout_jiffies: 250,
+            ..Default::default()
+        };
+        let Some(KernelEvent::Entry(e)) = decode(&bytes_of(&raw), &Clock::new()) else {
+            panic!("not an entry event")
+        };
+        assert_eq!(e.change, EntryChange::Evicted);
+        assert_eq!(e.tier, Tier::Kprobe);
+        assert_eq!(e.flow.dst.port(), 2380);
     }
 
     #[test]

@@ -4,14 +4,14 @@
 //! (`event`) -> cause and service attribution (`cause`, `services`) ->
 //! aggregation (`aggregate`) -> sinks (`sink`). Table pressure (`table`)
 //! is sampled beside it over ctnetlink.
-pub mod kernel;
-pub mod netlink;
-pub mod netns;
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
 pub mod event;
+pub mod kernel;
 pub mod lab;
+pub mod netlink;
+pub mod netns;
 pub mod services;
 pub mod sink;
 pub mod source;

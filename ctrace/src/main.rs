@@ -13,7 +13,7 @@ use ctrace::{
     sink::{self, Sink, json::JsonSink, live::LiveSink, plain::PlainSink},
     strategy,
     table::{NetnsFilter, TableMonitor},
-    watch::{WatchConfig, Watcher},
+    watch::{Shutdown, WatchConfig, Watcher},
 };
 use serde_json::json;
 
@@ -41,14 +41,19 @@ fn main() -> ExitCode {
         eprintln!("ctrace: {why}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if matches!(command, Command::Watch(_) | Command::Probe(_) | Command::Lab(_))
-        && let Err(e) = kernel::ensure_tracefs_privately()
+    if matches!(
+        command,
+        Command::Watch(_) | Command::Probe(_) | Command::Lab(_)
+    ) && let Err(e) = kernel::ensure_tracefs_privately()
     {
         log::warn!("tracefs unavailable: {e}");
     }
     raise_memlock_limit();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ctrace: starting the runtime: {e}");
@@ -74,10 +79,16 @@ fn main() -> ExitCode {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: valid pointer to an initialised rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -111,19 +122,6 @@ pub fn stdout_sinks(json: bool) -> Vec<Box<dyn Sink>> {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        // Without handlers the default action (exit) still applies, and
-        // the kernel still detaches everything.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let catalog = catalog(&args)?;
     let facts = KernelFacts::gather();
@@ -141,15 +139,19 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    eprintln!("ctrace: tracing with strategy {} (Ctrl-C to stop)", watcher.strategy());
+    let mut shutdown = Shutdown::install()?;
+    eprintln!(
+        "ctrace: tracing with strategy {} (Ctrl-C to stop)",
+        watcher.strategy()
+    );
     let mut sinks = stdout_sinks(args.json);
     let stop = async {
         match args.duration {
             Some(d) => tokio::select! {
                 _ = tokio::time::sleep(d) => {}
-                _ = shutdown_signal() => {}
+                _ = shutdown.wait() => {}
             },
-            None => shutdown_signal().await,
+            None => shutdown.wait().await,
         }
     };
     watcher.run(&mut sinks, stop).await?;
@@ -170,6 +172,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         counters: Default::default(),
         tables: monitor.views(&[]),
         groups: vec![],
+        evictions: vec![],
         top_flows: vec![],
         is_final: true,
     };
@@ -241,11 +244,19 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             None => println!("auto picks: nothing works on this kernel"),
         }
     }
-    Ok(if auto.is_some() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_USAGE) })
+    Ok(if auto.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    })
 }
 
 async fn lab(args: LabArgs) -> anyhow::Result<ExitCode> {
     let sinks = stdout_sinks(args.json);
     let report = ctrace::lab::run(&args, sinks).await.context("lab")?;
-    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

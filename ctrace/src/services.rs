@@ -88,7 +88,9 @@ impl FromStr for ServiceSpec {
                     "tcp" => Ok(Proto::Tcp),
                     "udp" => Ok(Proto::Udp),
                     "sctp" => Ok(Proto::Sctp),
-                    other => bail!("`{spec}`: unknown protocol `{other}` (use tcp, udp, sctp or tcp+udp)"),
+                    other => bail!(
+                        "`{spec}`: unknown protocol `{other}` (use tcp, udp, sctp or tcp+udp)"
+                    ),
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let port = |s: &str| -> anyhow::Result<u16> {
@@ -107,9 +109,16 @@ impl FromStr for ServiceSpec {
             if first > last {
                 bail!("`{spec}`: port range {first}-{last} runs backwards");
             }
-            ranges.push(PortRange { protos, first, last });
+            ranges.push(PortRange {
+                protos,
+                first,
+                last,
+            });
         }
-        Ok(ServiceSpec { name: name.to_string(), ranges })
+        Ok(ServiceSpec {
+            name: name.to_string(),
+            ranges,
+        })
     }
 }
 
@@ -157,9 +166,9 @@ impl Catalog {
             .iter()
             .rev()
             .find(|s| {
-                s.ranges.iter().any(|r| {
-                    r.protos.contains(&proto) && (r.first..=r.last).contains(&dport)
-                })
+                s.ranges
+                    .iter()
+                    .any(|r| r.protos.contains(&proto) && (r.first..=r.last).contains(&dport))
             })
             .map(|s| s.name.as_str())
     }

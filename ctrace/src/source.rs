@@ -13,7 +13,7 @@ use ctrace_common::{FlowKey, FlowStats, counter};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    event::{self, Clock, DropEvent, Flow},
+    event::{self, Clock, Flow, KernelEvent},
     strategy::Strategy,
 };
 
@@ -22,7 +22,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ct
 
 pub fn object() -> anyhow::Result<&'static [u8]> {
     if OBJECT.is_empty() {
-        bail!("this ctrace was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`");
+        bail!(
+            "this ctrace was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`"
+        );
     }
     Ok(OBJECT)
 }
@@ -50,6 +52,11 @@ pub struct Counters {
     pub netfilter_drops: u64,
     pub undecoded: u64,
     pub flow_map_errors: u64,
+    /// Kprobe tier only: conntrack's own decisions.
+    pub evictions: u64,
+    pub inserts: u64,
+    pub deletes: u64,
+    pub alloc_failures: u64,
 }
 
 /// A flow's packet count as the kernel map holds it now.
@@ -60,6 +67,7 @@ pub struct FlowCount {
     pub last_ns: u64,
     pub tcp_flags: u8,
     pub has_ct: bool,
+    pub table_full: bool,
 }
 
 pub struct EventSource {
@@ -80,7 +88,10 @@ impl EventSource {
         strategy: Strategy,
         logger: Option<KernelLogger>,
     ) -> anyhow::Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
         let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
         let flows = PerCpuHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
@@ -116,7 +127,7 @@ impl EventSource {
     }
 
     /// Moves every pending event into `out`.
-    pub fn drain(&mut self, out: &mut Vec<DropEvent>) {
+    pub fn drain(&mut self, out: &mut Vec<KernelEvent>) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             match event::decode(&item, &self.clock) {
@@ -131,13 +142,22 @@ impl EventSource {
 
     pub fn counters(&self) -> anyhow::Result<Counters> {
         let sum = |i: u32| -> anyhow::Result<u64> {
-            Ok(self.counters.get(&i, 0).context("reading COUNTERS")?.iter().sum())
+            Ok(self
+                .counters
+                .get(&i, 0)
+                .context("reading COUNTERS")?
+                .iter()
+                .sum())
         };
         Ok(Counters {
             lost_events: sum(counter::LOST_EVENTS)?,
             netfilter_drops: sum(counter::NETFILTER_DROPS)?,
             undecoded: sum(counter::UNDECODED)? + self.undecodable,
             flow_map_errors: sum(counter::FLOW_MAP_ERRORS)?,
+            evictions: sum(counter::EVICTIONS)?,
+            inserts: sum(counter::INSERTS)?,
+            deletes: sum(counter::DELETES)?,
+            alloc_failures: sum(counter::ALLOC_FAILURES)?,
         })
     }
 
@@ -149,14 +169,24 @@ impl EventSource {
             // flow simply shows up at the next read, or is carried by the
             // totals user space already holds.
             let Ok((key, per_cpu)) = entry else { continue };
-            let Some(flow) = Flow::from_key(&key) else { continue };
-            let mut c = FlowCount { packets: 0, first_ns: u64::MAX, last_ns: 0, tcp_flags: 0, has_ct: false };
+            let Some(flow) = Flow::from_key(&key) else {
+                continue;
+            };
+            let mut c = FlowCount {
+                packets: 0,
+                first_ns: u64::MAX,
+                last_ns: 0,
+                tcp_flags: 0,
+                has_ct: false,
+                table_full: false,
+            };
             for s in per_cpu.iter().filter(|s| s.packets > 0) {
                 c.packets += s.packets;
                 c.first_ns = c.first_ns.min(s.first_ns);
                 c.last_ns = c.last_ns.max(s.last_ns);
                 c.tcp_flags |= s.tcp_flags;
                 c.has_ct |= s.flags & ctrace_common::EVENT_F_HAS_CT != 0;
+                c.table_full |= s.flags & ctrace_common::EVENT_F_TABLE_FULL != 0;
             }
             if c.packets > 0 {
                 out.insert(flow, c);

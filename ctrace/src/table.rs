@@ -75,7 +75,11 @@ pub struct TableView {
 
 impl TableView {
     pub fn fill(&self) -> f64 {
-        if self.max == 0 { 0.0 } else { self.entries as f64 * 100.0 / self.max as f64 }
+        if self.max == 0 {
+            0.0
+        } else {
+            self.entries as f64 * 100.0 / self.max as f64
+        }
     }
 }
 
@@ -94,7 +98,13 @@ impl Table {
         let last = self.history.back()?;
         let prev = self.history.iter().rev().nth(1).unwrap_or(last);
         let dt = (last.mono_ns.saturating_sub(prev.mono_ns)) as f64 / 1e9;
-        let rate = |a: u64, b: u64| if dt > 0.0 { a.saturating_sub(b) as f64 / dt } else { 0.0 };
+        let rate = |a: u64, b: u64| {
+            if dt > 0.0 {
+                a.saturating_sub(b) as f64 / dt
+            } else {
+                0.0
+            }
+        };
         let rates: Vec<_> = stat_fields(&last.stats)
             .iter()
             .zip(stat_fields(&prev.stats).iter())
@@ -117,7 +127,9 @@ impl Table {
     /// the question an operator asks is "minutes or days?", and this
     /// answers it.
     fn time_to_full(&self) -> TimeToFull {
-        let Some(last) = self.history.back() else { return TimeToFull::Unknown };
+        let Some(last) = self.history.back() else {
+            return TimeToFull::Unknown;
+        };
         if last.stats.max > 0 && last.stats.entries >= last.stats.max {
             return TimeToFull::Full;
         }
@@ -167,7 +179,9 @@ impl NetnsFilter {
         self.specs.is_empty()
             || self.specs.iter().any(|s| {
                 s.parse::<u64>().ok() == Some(inode)
-                    || known.get(&inode).is_some_and(|n| n.as_deref() == Some(s.as_str()))
+                    || known
+                        .get(&inode)
+                        .is_some_and(|n| n.as_deref() == Some(s.as_str()))
             })
     }
 }
@@ -183,7 +197,12 @@ pub struct TableMonitor {
 
 impl TableMonitor {
     pub fn new(filter: NetnsFilter) -> Self {
-        TableMonitor { filter, tables: BTreeMap::new(), unreadable: BTreeMap::new(), names: BTreeMap::new() }
+        TableMonitor {
+            filter,
+            tables: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+            names: BTreeMap::new(),
+        }
     }
 
     pub fn filter(&self) -> &NetnsFilter {
@@ -199,7 +218,10 @@ impl TableMonitor {
                 return;
             }
         };
-        let wanted: Vec<_> = found.into_iter().filter(|i| self.filter.matches(i)).collect();
+        let wanted: Vec<_> = found
+            .into_iter()
+            .filter(|i| self.filter.matches(i))
+            .collect();
         let mut alive = BTreeMap::new();
         for info in &wanted {
             alive.insert(info.inode, info.name.clone());
@@ -210,7 +232,14 @@ impl TableMonitor {
             match opened {
                 Ok(sock) => {
                     log::debug!("watching conntrack in netns {}", info.inode);
-                    self.tables.insert(info.inode, Table { name: info.name.clone(), sock, history: VecDeque::new() });
+                    self.tables.insert(
+                        info.inode,
+                        Table {
+                            name: info.name.clone(),
+                            sock,
+                            history: VecDeque::new(),
+                        },
+                    );
                     self.sample(info.inode);
                 }
                 Err(e) => {
@@ -229,7 +258,14 @@ impl TableMonitor {
     pub fn watch(&mut self, ns: &NetNs, name: &str) -> anyhow::Result<()> {
         let sock = CtSocket::open(Some(ns))?;
         self.names.insert(ns.inode(), Some(name.to_string()));
-        self.tables.insert(ns.inode(), Table { name: Some(name.to_string()), sock, history: VecDeque::new() });
+        self.tables.insert(
+            ns.inode(),
+            Table {
+                name: Some(name.to_string()),
+                sock,
+                history: VecDeque::new(),
+            },
+        );
         self.sample(ns.inode());
         Ok(())
     }
@@ -247,13 +283,18 @@ impl TableMonitor {
     }
 
     pub fn sample(&mut self, inode: u64) {
-        let Some(t) = self.tables.get_mut(&inode) else { return };
+        let Some(t) = self.tables.get_mut(&inode) else {
+            return;
+        };
         match t.sock.stats() {
             Ok(stats) => {
                 if t.history.len() == HISTORY {
                     t.history.pop_front();
                 }
-                t.history.push_back(Sample { mono_ns: monotonic_ns(), stats });
+                t.history.push_back(Sample {
+                    mono_ns: monotonic_ns(),
+                    stats,
+                });
             }
             Err(e) => log::debug!("netns {inode}: reading conntrack stats: {e:#}"),
         }
@@ -286,7 +327,8 @@ impl TableMonitor {
             .find(|s| s.mono_ns + BASELINE_GUARD_NS <= mono_ns);
         Some(Evidence {
             drop_delta: before.map_or(0, |b| after.stats.drop.saturating_sub(b.stats.drop)),
-            invalid_delta: before.map_or(0, |b| after.stats.invalid.saturating_sub(b.stats.invalid)),
+            invalid_delta: before
+                .map_or(0, |b| after.stats.invalid.saturating_sub(b.stats.invalid)),
             entries: after.stats.entries,
             max: after.stats.max,
             has_baseline: before.is_some(),

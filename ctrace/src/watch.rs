@@ -15,9 +15,9 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    aggregate::{Aggregator, DropGroup, DropRecord, FlowEntry},
-    cause,
-    event::{DropEvent, Flow},
+    aggregate::{Aggregator, DropGroup, DropRecord, EvictionGroup, FlowEntry},
+    cause::{self, Seen},
+    event::{EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
     services::Catalog,
     sink::{Sink, Snapshot},
@@ -39,6 +39,7 @@ pub struct Outcome {
     pub strategy: Strategy,
     pub counters: Counters,
     pub groups: Vec<DropGroup>,
+    pub evictions: Vec<EvictionGroup>,
     pub tables: Vec<TableView>,
     pub flows: Vec<FlowEntry>,
 }
@@ -49,8 +50,33 @@ pub struct Watcher {
     agg: Aggregator,
     catalog: Catalog,
     interval: Duration,
-    pending: Vec<DropEvent>,
+    pending: Vec<KernelEvent>,
     started: Instant,
+}
+
+/// SIGINT/SIGTERM, caught from the moment this is made: install it before
+/// telling anyone we are running, or an early signal kills us without the
+/// final summary.
+pub struct Shutdown {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub fn install() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 enum Wake {
@@ -65,7 +91,12 @@ impl Watcher {
     pub fn start(cfg: WatchConfig, facts: &KernelFacts) -> anyhow::Result<Watcher> {
         let verdicts = strategy::probe(facts);
         for v in &verdicts {
-            log::debug!("strategy {}: usable={} ({})", v.strategy, v.usable, v.reason);
+            log::debug!(
+                "strategy {}: usable={} ({})",
+                v.strategy,
+                v.usable,
+                v.reason
+            );
         }
         let chosen = strategy::select(cfg.strategy, &verdicts)?;
         let source = strategy::start(chosen, facts, cfg.kernel_log)
@@ -94,7 +125,11 @@ impl Watcher {
 
     /// Runs until `stop` resolves, then drains what is left and reports
     /// once more with `is_final`.
-    pub async fn run(&mut self, sinks: &mut [Box<dyn Sink>], stop: impl Future<Output = ()>) -> anyhow::Result<Outcome> {
+    pub async fn run(
+        &mut self,
+        sinks: &mut [Box<dyn Sink>],
+        stop: impl Future<Output = ()>,
+    ) -> anyhow::Result<Outcome> {
         let mut stop = pin!(stop);
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,11 +156,11 @@ impl Watcher {
     fn process_events(&mut self, sinks: &mut [Box<dyn Sink>]) -> anyhow::Result<()> {
         self.source.drain(&mut self.pending);
         let monitor = &self.monitor;
-        self.pending.retain(|e| monitor.wants(e.flow.netns));
+        self.pending.retain(|e| monitor.wants(flow_of(e).netns));
         if self.pending.is_empty() {
             return Ok(());
         }
-        let namespaces: BTreeSet<u64> = self.pending.iter().map(|e| e.flow.netns).collect();
+        let namespaces: BTreeSet<u64> = self.pending.iter().map(|e| flow_of(e).netns).collect();
         if namespaces.iter().any(|ns| !self.monitor.knows(*ns)) {
             self.monitor.discover();
         }
@@ -134,27 +169,54 @@ impl Watcher {
             self.monitor.sample(*ns);
         }
         let pending = std::mem::take(&mut self.pending);
+        let exact = self.exact();
         for e in pending {
-            self.attribute(sinks, e.flow, e.has_ct, e.tcp_flags, e.time, e.mono_ns)?;
+            match e {
+                KernelEvent::Drop(d) => {
+                    let seen = Seen {
+                        has_ct: d.has_ct,
+                        alloc_failed: d.table_full,
+                        exact,
+                    };
+                    self.attribute(sinks, d.flow, seen, d.tcp_flags, d.time, d.mono_ns)?;
+                }
+                KernelEvent::Entry(e) => self.entry_changed(&e),
+            }
         }
         Ok(())
+    }
+
+    /// Tiers that watch conntrack's allocations know every table-full drop
+    /// for certain, so they need no inference for the others either.
+    fn exact(&self) -> bool {
+        self.source.strategy() == Strategy::Kprobe
+    }
+
+    fn entry_changed(&mut self, e: &EntryEvent) {
+        if e.change == EntryChange::Evicted {
+            let service = self.catalog.lookup(e.flow.proto, e.flow.dst.port());
+            self.agg.evicted(&e.flow, service);
+        }
     }
 
     fn attribute(
         &mut self,
         sinks: &mut [Box<dyn Sink>],
         flow: Flow,
-        has_ct: bool,
+        seen: Seen,
         tcp_flags: u8,
         time: SystemTime,
         mono_ns: u64,
     ) -> anyhow::Result<()> {
         let evidence = self.monitor.evidence(flow.netns, mono_ns);
-        let (cause, why) = cause::classify(has_ct, evidence.as_ref());
+        let (cause, why) = cause::classify(seen, evidence.as_ref());
         let rec = DropRecord {
             time,
             flow,
-            service: self.catalog.lookup(flow.proto, flow.dst.port()).map(str::to_string),
+            service: self
+                .catalog
+                .lookup(flow.proto, flow.dst.port())
+                .map(str::to_string),
             cause,
             evidence: why,
             tcp_flags,
@@ -182,8 +244,21 @@ impl Watcher {
             .map(|(f, c)| (*f, *c))
             .collect();
         late.sort_by_key(|(_, c)| c.first_ns);
+        let exact = self.exact();
         for (flow, c) in late {
-            self.attribute(sinks, flow, c.has_ct, c.tcp_flags, clock.wall(c.first_ns), c.first_ns)?;
+            let seen = Seen {
+                has_ct: c.has_ct,
+                alloc_failed: c.table_full,
+                exact,
+            };
+            self.attribute(
+                sinks,
+                flow,
+                seen,
+                c.tcp_flags,
+                clock.wall(c.first_ns),
+                c.first_ns,
+            )?;
         }
         self.agg.update_counts(&counts, &clock);
         let counters = self.source.counters()?;
@@ -194,6 +269,7 @@ impl Watcher {
             counters,
             tables: self.monitor.views(&self.agg.netns_with_drops()),
             groups: self.agg.groups(),
+            evictions: self.agg.evictions(),
             top_flows: self.agg.top_flows(10),
             is_final,
         };
@@ -209,8 +285,16 @@ impl Watcher {
             strategy: self.source.strategy(),
             counters: self.source.counters()?,
             groups: self.agg.groups(),
+            evictions: self.agg.evictions(),
             tables: self.monitor.views(&self.agg.netns_with_drops()),
             flows: self.agg.flows().cloned().collect(),
         })
+    }
+}
+
+fn flow_of(e: &KernelEvent) -> &Flow {
+    match e {
+        KernelEvent::Drop(d) => &d.flow,
+        KernelEvent::Entry(e) => &e.flow,
     }
 }

@@ -25,10 +25,20 @@ pub fn privileged() -> bool {
     true
 }
 
+/// The strategy under test: `CTRACE_TEST_STRATEGY` (the VM matrix runs the
+/// suite once per strategy), else whatever `auto` picks.
+pub fn strategy() -> Option<String> {
+    std::env::var("CTRACE_TEST_STRATEGY")
+        .ok()
+        .filter(|s| !s.is_empty() && s != "auto")
+}
+
 pub fn ctrace_bin() -> PathBuf {
     let bin = std::env::var_os("CTRACE_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ctrace"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/ctrace")
+        });
     assert!(
         bin.exists(),
         "{} does not exist: build it with `cargo xtask build` (or run `cargo xtask test`)",
@@ -49,10 +59,12 @@ pub struct Tracer {
 impl Tracer {
     /// Starts ctrace and waits until it says it is tracing.
     pub fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(ctrace_bin())
-            .arg("watch")
-            .arg("--json")
-            .args(args)
+        let mut cmd = Command::new(ctrace_bin());
+        cmd.arg("watch").arg("--json").args(args);
+        if let Some(s) = strategy() {
+            cmd.args(["--strategy", &s]);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -71,7 +83,13 @@ impl Tracer {
                 let _ = etx.send(l);
             }
         });
-        let mut t = Tracer { child, lines, stderr, records: vec![], log: vec![] };
+        let mut t = Tracer {
+            child,
+            lines,
+            stderr,
+            records: vec![],
+            log: vec![],
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match t.stderr.recv_timeout(Duration::from_millis(200)) {
@@ -85,10 +103,17 @@ impl Tracer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = t.child.wait();
-                    panic!("ctrace exited before tracing ({status:?}):\n{}", t.log.join("\n"));
+                    panic!(
+                        "ctrace exited before tracing ({status:?}):\n{}",
+                        t.log.join("\n")
+                    );
                 }
             }
-            assert!(Instant::now() < deadline, "ctrace did not start in 60s:\n{}", t.log.join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "ctrace did not start in 60s:\n{}",
+                t.log.join("\n")
+            );
         }
         t
     }
@@ -103,7 +128,8 @@ impl Tracer {
         unsafe { libc::kill(self.pid(), signal) };
         let status = self.child.wait().expect("waiting for ctrace");
         for l in self.lines.try_iter() {
-            self.records.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")));
+            self.records
+                .push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")));
         }
         self.log.extend(self.stderr.try_iter());
         eprintln!("ctrace stderr:\n{}", self.log.join("\n"));
@@ -131,7 +157,10 @@ pub fn final_summary(records: &[Value]) -> &Value {
 }
 
 /// (flows, packets) per (service, cause) in one namespace, from a summary.
-pub fn totals(summary: &Value, netns: u64) -> std::collections::BTreeMap<(String, String), (u64, u64)> {
+pub fn totals(
+    summary: &Value,
+    netns: u64,
+) -> std::collections::BTreeMap<(String, String), (u64, u64)> {
     let mut m = std::collections::BTreeMap::new();
     for d in summary["drops"].as_array().unwrap() {
         if d["netns"].as_u64() != Some(netns) {

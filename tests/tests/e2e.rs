@@ -14,7 +14,11 @@ use ctrace_tests::{Tracer, ctrace_bin, ctrace_programs, drops, final_summary, pr
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 fn global_max() -> u64 {
-    std::fs::read_to_string(MAX).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(MAX)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// A lab whose router table is full of ASSURED entries, listeners up.
@@ -25,12 +29,29 @@ struct FullLab {
 
 fn full_lab() -> FullLab {
     let topo = Topology::build().expect("building namespaces");
-    let tcp: Vec<u16> = LAB_SERVICES.iter().filter(|s| s.1 == ctrace::event::Proto::Tcp).map(|s| s.2).collect();
+    let tcp: Vec<u16> = LAB_SERVICES
+        .iter()
+        .filter(|s| s.1 == ctrace::event::Proto::Tcp)
+        .map(|s| s.2)
+        .collect();
     let listeners = traffic::Listeners::start(&topo.servers, &tcp, &[53]).unwrap();
-    let fill = traffic::fill_table(&topo.router, global_max() + 16, IpAddr::V4(ctrace::lab::topology::SERVER_V4), |_| {}).unwrap();
+    let fill = traffic::fill_table(
+        &topo.router,
+        global_max() + 16,
+        IpAddr::V4(ctrace::lab::topology::SERVER_V4),
+        |_| {},
+    )
+    .unwrap();
     assert!(fill.refused_full > 0, "the table never filled: {fill:?}");
-    eprintln!("filled {} entries in {:.2}s", fill.created, fill.elapsed.as_secs_f64());
-    FullLab { topo, _listeners: listeners }
+    eprintln!(
+        "filled {} entries in {:.2}s",
+        fill.created,
+        fill.elapsed.as_secs_f64()
+    );
+    FullLab {
+        topo,
+        _listeners: listeners,
+    }
 }
 
 fn conntrack_drops(ns: &ctrace::netns::NetNs) -> u64 {
@@ -56,25 +77,46 @@ fn full_table_drops_match_ground_truth() {
     let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
     let before = conntrack_drops(&lab.topo.router);
     let plan = incident_plan(4);
-    let attempts = traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
+    let attempts =
+        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let conntrack = conntrack_drops(&lab.topo.router) - before;
     std::thread::sleep(Duration::from_millis(700));
     let records = tracer.stop();
 
     let failed = failed_by_service(&attempts);
-    assert!(attempts.iter().all(|a| !a.ok), "with a full table every new flow must fail: {attempts:?}");
+    assert!(
+        attempts.iter().all(|a| !a.ok),
+        "with a full table every new flow must fail: {attempts:?}"
+    );
     let got = totals(final_summary(&records), router);
     let mut packets = 0;
     for (service, proto, _) in LAB_SERVICES {
-        let (flows, pkts) = got.get(&(service.to_string(), "table_full".to_string())).copied().unwrap_or_default();
-        assert_eq!(flows, failed[service], "{service}: ctrace flows vs failed connects; summary: {got:?}");
+        let (flows, pkts) = got
+            .get(&(service.to_string(), "table_full".to_string()))
+            .copied()
+            .unwrap_or_default();
+        assert_eq!(
+            flows, failed[service],
+            "{service}: ctrace flows vs failed connects; summary: {got:?}"
+        );
         // Every client retried (SYN retransmit, DNS resend): more packets than flows.
-        assert!(pkts >= 2 * flows, "{service}/{proto}: {pkts} packets for {flows} flows");
+        assert!(
+            pkts >= 2 * flows,
+            "{service}/{proto}: {pkts} packets for {flows} flows"
+        );
         packets += pkts;
     }
-    let other: u64 = got.iter().filter(|((s, _), _)| !LAB_SERVICES.iter().any(|l| l.0 == s)).map(|(_, v)| v.1).sum();
-    assert_eq!(packets + other, conntrack, "ctrace packets vs conntrack's drop counter; summary: {got:?}");
+    let other: u64 = got
+        .iter()
+        .filter(|((s, _), _)| !LAB_SERVICES.iter().any(|l| l.0 == s))
+        .map(|(_, v)| v.1)
+        .sum();
+    assert_eq!(
+        packets + other,
+        conntrack,
+        "ctrace packets vs conntrack's drop counter; summary: {got:?}"
+    );
 
     // Each failed attempt appears as a drop record with its exact tuple.
     let d = drops(&records);
@@ -88,7 +130,9 @@ fn full_table_drops_match_ground_truth() {
         assert_eq!(rec["service"], a.planned.service.as_str());
         assert_eq!(rec["cause"], "table_full");
         assert_eq!(rec["netns"], router);
-        assert_eq!(rec["strategy"], "tracepoint");
+        if let Some(s) = ctrace_tests::strategy() {
+            assert_eq!(rec["strategy"], s.as_str());
+        }
         assert_eq!(rec["proto"], a.planned.proto.name());
     }
 }
@@ -101,15 +145,22 @@ fn ipv6_flow_is_decoded_and_attributed() {
     let lab = full_lab();
     let router = lab.topo.router.inode();
     let tracer = Tracer::start(&["--netns", &router.to_string()]);
-    let plan: Vec<_> = incident_plan(4).into_iter().filter(|p| p.dst.is_ipv6()).collect();
+    let plan: Vec<_> = incident_plan(4)
+        .into_iter()
+        .filter(|p| p.dst.is_ipv6())
+        .collect();
     assert_eq!(plan.len(), 1);
-    let attempts = traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
+    let attempts =
+        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
     assert!(!attempts[0].ok);
     std::thread::sleep(Duration::from_millis(500));
     let records = tracer.stop();
     let src = attempts[0].local.unwrap().to_string();
     assert!(src.starts_with("[fd10::2]:"), "{src}");
-    let rec = drops(&records).into_iter().find(|r| r["src"] == src.as_str()).expect("IPv6 drop record");
+    let rec = drops(&records)
+        .into_iter()
+        .find(|r| r["src"] == src.as_str())
+        .expect("IPv6 drop record");
     assert_eq!(rec["family"], "ipv6");
     assert_eq!(rec["dst"], "[fd10:1::2]:22");
     assert_eq!(rec["service"], "ssh");
@@ -126,21 +177,36 @@ fn rule_drops_in_a_table_with_room_are_not_table_full() {
     nftables::drop_tcp_dport(&topo.router, 2380).unwrap();
     let router = topo.router.inode();
     let tracer = Tracer::start(&["--netns", &router.to_string()]);
-    let plan: Vec<_> = incident_plan(3).into_iter().filter(|p| p.service == "etcd-peer" || p.service == "ssh").collect();
+    let plan: Vec<_> = incident_plan(3)
+        .into_iter()
+        .filter(|p| p.service == "etcd-peer" || p.service == "ssh")
+        .collect();
     let attempts = traffic::attempt_all(&topo.clients, &plan, Duration::from_millis(2500)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let records = tracer.stop();
 
     for a in &attempts {
-        assert_eq!(a.ok, a.planned.service == "ssh", "only etcd-peer is blocked by the rule: {a:?}");
+        assert_eq!(
+            a.ok,
+            a.planned.service == "ssh",
+            "only etcd-peer is blocked by the rule: {a:?}"
+        );
     }
     let got = totals(final_summary(&records), router);
     assert!(
         !got.keys().any(|(_, cause)| cause == "table_full"),
         "a table with room must not be blamed: {got:?}"
     );
-    assert_eq!(got.get(&("etcd-peer".into(), "rule".into())).map(|v| v.0), Some(3), "{got:?}");
-    assert_eq!(conntrack_drops(&topo.router), 0, "conntrack itself dropped nothing");
+    assert_eq!(
+        got.get(&("etcd-peer".into(), "rule".into())).map(|v| v.0),
+        Some(3),
+        "{got:?}"
+    );
+    assert_eq!(
+        conntrack_drops(&topo.router),
+        0,
+        "conntrack itself dropped nothing"
+    );
 }
 
 #[test]
@@ -152,22 +218,51 @@ fn drops_in_two_namespaces_are_told_apart() {
     let b = full_lab();
     let (ra, rb) = (a.topo.router.inode(), b.topo.router.inode());
     let tracer = Tracer::start(&["--netns", &ra.to_string(), "--netns", &rb.to_string()]);
-    let plan_a: Vec<_> = incident_plan(2).into_iter().filter(|p| p.service == "ssh").collect();
-    let plan_b: Vec<_> = incident_plan(3).into_iter().filter(|p| p.service == "nvme-tcp").collect();
+    let plan_a: Vec<_> = incident_plan(2)
+        .into_iter()
+        .filter(|p| p.service == "ssh")
+        .collect();
+    let plan_b: Vec<_> = incident_plan(3)
+        .into_iter()
+        .filter(|p| p.service == "nvme-tcp")
+        .collect();
     let (attempts_a, attempts_b) = std::thread::scope(|s| {
-        let ha = s.spawn(|| traffic::attempt_all(&a.topo.clients, &plan_a, Duration::from_millis(2500)).unwrap());
-        let attempts_b = traffic::attempt_all(&b.topo.clients, &plan_b, Duration::from_millis(2500)).unwrap();
+        let ha = s.spawn(|| {
+            traffic::attempt_all(&a.topo.clients, &plan_a, Duration::from_millis(2500)).unwrap()
+        });
+        let attempts_b =
+            traffic::attempt_all(&b.topo.clients, &plan_b, Duration::from_millis(2500)).unwrap();
         (ha.join().unwrap(), attempts_b)
     });
     std::thread::sleep(Duration::from_millis(500));
     let records = tracer.stop();
     let s = final_summary(&records);
     let (ga, gb) = (totals(s, ra), totals(s, rb));
-    assert_eq!(ga.get(&("ssh".into(), "table_full".into())).map(|v| v.0), Some(attempts_a.len() as u64), "{ga:?}");
-    assert_eq!(gb.get(&("nvme-tcp".into(), "table_full".into())).map(|v| v.0), Some(attempts_b.len() as u64), "{gb:?}");
-    assert!(!ga.contains_key(&("nvme-tcp".into(), "table_full".into())), "{ga:?}");
-    assert!(!gb.contains_key(&("ssh".into(), "table_full".into())), "{gb:?}");
-    let inodes: Vec<u64> = s["netns"].as_array().unwrap().iter().map(|n| n["inode"].as_u64().unwrap()).collect();
+    assert_eq!(
+        ga.get(&("ssh".into(), "table_full".into())).map(|v| v.0),
+        Some(attempts_a.len() as u64),
+        "{ga:?}"
+    );
+    assert_eq!(
+        gb.get(&("nvme-tcp".into(), "table_full".into()))
+            .map(|v| v.0),
+        Some(attempts_b.len() as u64),
+        "{gb:?}"
+    );
+    assert!(
+        !ga.contains_key(&("nvme-tcp".into(), "table_full".into())),
+        "{ga:?}"
+    );
+    assert!(
+        !gb.contains_key(&("ssh".into(), "table_full".into())),
+        "{gb:?}"
+    );
+    let inodes: Vec<u64> = s["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["inode"].as_u64().unwrap())
+        .collect();
     assert!(inodes.contains(&ra) && inodes.contains(&rb), "{inodes:?}");
 }
 
@@ -176,13 +271,23 @@ fn no_program_survives_ctrace() {
     if !privileged() {
         return;
     }
-    for (how, signal) in [("SIGINT", libc::SIGINT), ("SIGTERM", libc::SIGTERM), ("SIGKILL", libc::SIGKILL)] {
+    for (how, signal) in [
+        ("SIGINT", libc::SIGINT),
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGKILL", libc::SIGKILL),
+    ] {
         let before = ctrace_programs().len();
         let t = Tracer::start(&[]);
-        assert!(ctrace_programs().len() > before, "ctrace's program is not loaded while it runs");
+        assert!(
+            ctrace_programs().len() > before,
+            "ctrace's program is not loaded while it runs"
+        );
         let (_, status) = t.stop_with(signal);
         if signal != libc::SIGKILL {
-            assert!(status.success(), "{how}: ctrace should exit cleanly, got {status}");
+            assert!(
+                status.success(),
+                "{how}: ctrace should exit cleanly, got {status}"
+            );
         }
         // The kernel releases programs asynchronously once the last fd closes.
         let mut left = ctrace_programs();
@@ -196,27 +301,53 @@ fn no_program_survives_ctrace() {
         assert!(left.len() <= before, "after {how}, still loaded: {left:?}");
     }
     // Also the normal end of a --duration run.
-    let out = std::process::Command::new(ctrace_bin()).args(["watch", "--json", "--duration", "1"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
-    assert!(last.contains("\"final\":true"), "a --duration run ends with the final summary: {last}");
+    let out = std::process::Command::new(ctrace_bin())
+        .args(["watch", "--json", "--duration", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.contains("\"final\":true"),
+        "a --duration run ends with the final summary: {last}"
+    );
 }
 
 #[test]
 fn bad_input_is_a_clear_usage_error() {
     let cases: [(&[&str], &str); 6] = [
         (&["watch", "--service", "ssh"], "expected NAME=PROTO/PORT"),
-        (&["watch", "--service", "x=icmp/1"], "unknown protocol `icmp`"),
-        (&["watch", "--service", "x=tcp/99999"], "`99999` is not a port"),
+        (
+            &["watch", "--service", "x=icmp/1"],
+            "unknown protocol `icmp`",
+        ),
+        (
+            &["watch", "--service", "x=tcp/99999"],
+            "`99999` is not a port",
+        ),
         (&["watch", "--strategy", "xdp"], "unknown strategy `xdp`"),
         (&["watch", "--duration", "soon"], "not a duration"),
         (&["watch", "--interval", "0"], "more than zero"),
     ];
     for (args, expect) in cases {
-        let out = std::process::Command::new(ctrace_bin()).args(args).output().unwrap();
+        let out = std::process::Command::new(ctrace_bin())
+            .args(args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(expect), "{args:?}: expected `{expect}` in: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected `{expect}` in: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
 }
@@ -243,4 +374,111 @@ fn missing_privileges_are_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");
+}
+
+#[test]
+fn unreplied_entries_are_evicted_not_dropped() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let _l = traffic::Listeners::start(&topo.servers, &[22, 2380], &[]).unwrap();
+    let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);
+    // A table full of unanswered DNS entries: early_drop may evict them.
+    let fill = traffic::fill_table_with(
+        &topo.router,
+        global_max(),
+        |i| traffic::unreplied_dns_entry(i, dst),
+        |_| {},
+    )
+    .unwrap();
+    let stats = CtSocket::open(Some(&topo.router)).unwrap().stats().unwrap();
+    assert_eq!(stats.entries, stats.max, "table not full: {fill:?}");
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string()]);
+    let plan: Vec<_> = incident_plan(3)
+        .into_iter()
+        .filter(|p| p.service == "ssh" || p.service == "etcd-peer")
+        .collect();
+    let attempts = traffic::attempt_all(&topo.clients, &plan, Duration::from_millis(2500)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let records = tracer.stop();
+    assert!(
+        attempts.iter().all(|a| a.ok),
+        "early_drop should make room for every new flow: {attempts:?}"
+    );
+    let s = final_summary(&records);
+    let got = totals(s, router);
+    assert!(
+        !got.keys().any(|(_, c)| c == "table_full"),
+        "no drops expected: {got:?}"
+    );
+    let after = CtSocket::open(Some(&topo.router)).unwrap().stats().unwrap();
+    assert!(
+        after.early_drop >= attempts.len() as u64,
+        "conntrack evicted {} entries",
+        after.early_drop
+    );
+    if s["strategy"] == "kprobe" {
+        // The exact tier sees each eviction and whose entry it was.
+        let evicted: u64 = s["evictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["netns"] == router && e["service"] == "dns")
+            .map(|e| e["entries"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            evicted,
+            after.early_drop - stats.early_drop,
+            "evictions: {}",
+            s["evictions"]
+        );
+    }
+}
+
+#[test]
+fn probe_explains_every_tier_and_auto_takes_the_best() {
+    if !privileged() {
+        return;
+    }
+    let out = std::process::Command::new(ctrace_bin())
+        .args(["probe", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tiers = v["strategies"].as_array().unwrap();
+    let names: Vec<&str> = tiers
+        .iter()
+        .map(|t| t["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fexit", "kprobe", "tracepoint", "tc"]);
+    let first_usable = tiers
+        .iter()
+        .find(|t| t["usable"] == true)
+        .map(|t| t["strategy"].clone());
+    assert_eq!(v["auto"], first_usable.unwrap_or(serde_json::Value::Null));
+    for t in tiers {
+        assert!(!t["reason"].as_str().unwrap().is_empty(), "{t}");
+    }
+    let reason = |n: &str| {
+        tiers.iter().find(|t| t["strategy"] == n).unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        // This host: no kprobes, fentry forbidden: auto must fall to tracepoint and say why.
+        assert!(
+            reason("kprobe").contains("CONFIG_KPROBES"),
+            "{}",
+            reason("kprobe")
+        );
+        assert_eq!(v["auto"], "tracepoint");
+    }
 }

@@ -17,6 +17,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(Parser)]
@@ -46,6 +48,19 @@ enum Cmd {
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
+        /// Skip the VM matrix after the host tests (also: CTRACE_SKIP_VM=1).
+        #[arg(long)]
+        no_vm: bool,
+        #[command(flatten)]
+        vm: vm::VmArgs,
+    },
+    /// Run the end-to-end suite inside VMs booted on Debian kernels
+    /// (x86_64 and aarch64, qemu TCG), once per strategy; root needed.
+    VmTest {
+        #[command(flatten)]
+        vm: vm::VmArgs,
+        /// Only tests whose name contains this.
+        filter: Option<String>,
     },
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
@@ -57,7 +72,15 @@ fn main() -> ExitCode {
         Cmd::Setup => setup().map(|_| ()),
         Cmd::Build { target } => build(target.as_deref()).map(|_| ()),
         Cmd::Lab { args } => lab(&args),
-        Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Test { filter, no_vm, vm } => test(filter.as_deref()).and_then(|()| {
+            if no_vm || env::var_os("CTRACE_SKIP_VM").is_some_and(|v| v == "1") {
+                step("skipping the VM matrix (--no-vm or CTRACE_SKIP_VM=1)");
+                Ok(())
+            } else {
+                vm::run(&vm, filter.as_deref())
+            }
+        }),
+        Cmd::VmTest { vm, filter } => vm::run(&vm, filter.as_deref()),
         Cmd::Lint => lint(),
     };
     match r {
@@ -70,7 +93,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn step(what: &str) {
@@ -128,9 +154,23 @@ fn setup() -> anyhow::Result<Tools> {
         step(&format!("toolchain {tc}: present"));
     } else {
         step(&format!("toolchain {tc}: installing"));
-        run(Command::new("rustup").args(["toolchain", "install", &tc, "--profile", "minimal", "--component", "rust-src,rustfmt,clippy"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &tc,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src,rustfmt,clippy",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &tc]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &tc,
+    ]))?;
     if components.lines().any(|l| l.starts_with("rust-src")) {
         step("rust-src: present");
     } else {
@@ -141,22 +181,39 @@ fn setup() -> anyhow::Result<Tools> {
     let dir = tools_dir(&tc);
     let linker = dir.join("bin/bpf-linker");
     if linker.exists() {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present ({})", linker.display()));
+        step(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: present ({})",
+            linker.display()
+        ));
     } else {
         install_bpf_linker(&tc, &dir)?;
     }
-    Ok(Tools { toolchain: tc, bin: dir.join("bin") })
+    Ok(Tools {
+        toolchain: tc,
+        bin: dir.join("bin"),
+    })
 }
 
 fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
-    let verbose = output(Command::new("rustc").arg(format!("+{tc}")).args(["--version", "--verbose"]))?;
+    let verbose = output(
+        Command::new("rustc")
+            .arg(format!("+{tc}"))
+            .args(["--version", "--verbose"]),
+    )?;
     let llvm_major = verbose
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
         .context("rustc does not report its LLVM version")?
         .to_string();
-    let sysroot = PathBuf::from(output(Command::new("rustc").arg(format!("+{tc}")).args(["--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(
+            Command::new("rustc")
+                .arg(format!("+{tc}"))
+                .args(["--print", "sysroot"]),
+        )?
+        .trim(),
+    );
     // The real shared library, not the libLLVM-N-rust-*.so linker script
     // beside it, which lld rejects.
     let libllvm = fs::read_dir(sysroot.join("lib"))?
@@ -167,14 +224,22 @@ fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
         })
-        .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}", sysroot.join("lib").display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.{llvm_major}* in {}",
+                sysroot.join("lib").display()
+            )
+        })?;
     step(&format!(
         "bpf-linker {BPF_LINKER_VERSION}: building against {} (LLVM {llvm_major}); takes a few minutes, once",
         libllvm.display()
     ));
     let prefix = dir.join("llvm");
     fs::create_dir_all(prefix.join("lib"))?;
-    for name in [libllvm.file_name().unwrap().to_os_string(), OsString::from("libLLVM.so")] {
+    for name in [
+        libllvm.file_name().unwrap().to_os_string(),
+        OsString::from("libLLVM.so"),
+    ] {
         let link = prefix.join("lib").join(name);
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)?;
@@ -182,13 +247,24 @@ fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     run(Command::new("cargo")
         .arg(format!("+{tc}"))
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{llvm_major}"))
         .arg("--root")
         .arg(dir)
         .env("LLVM_PREFIX", &prefix)
         .current_dir(env::temp_dir()))?;
-    step(&format!("bpf-linker built in {:.0}s", started.elapsed().as_secs_f64()));
+    step(&format!(
+        "bpf-linker built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -203,22 +279,44 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     let tools = setup()?;
     let root = workspace_root();
     if let Some(t) = target {
-        let installed = output(Command::new("rustup").args(["target", "list", "--installed", "--toolchain", &tools.toolchain]))?;
+        let installed = output(Command::new("rustup").args([
+            "target",
+            "list",
+            "--installed",
+            "--toolchain",
+            &tools.toolchain,
+        ]))?;
         if !installed.lines().any(|l| l == t) {
             step(&format!("adding target {t}"));
-            run(Command::new("rustup").args(["target", "add", t, "--toolchain", &tools.toolchain]))?;
+            run(Command::new("rustup").args([
+                "target",
+                "add",
+                t,
+                "--toolchain",
+                &tools.toolchain,
+            ]))?;
         }
     }
-    step(&format!("building ctrace{}", target.map(|t| format!(" for {t}")).unwrap_or_default()));
+    step(&format!(
+        "building ctrace{}",
+        target.map(|t| format!(" for {t}")).unwrap_or_default()
+    ));
     let started = Instant::now();
     let mut cmd = Command::new("cargo");
-    cmd.args(["build", "--release", "--package", "ctrace", "--bin", "ctrace"])
-        .current_dir(&root)
-        .env("PATH", path_with(&tools.bin))
-        // -Z build-std=core for the eBPF crate on a stable toolchain.
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
-        .env_remove("AYA_BUILD_SKIP");
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "ctrace",
+        "--bin",
+        "ctrace",
+    ])
+    .current_dir(&root)
+    .env("PATH", path_with(&tools.bin))
+    // -Z build-std=core for the eBPF crate on a stable toolchain.
+    .env("RUSTC_BOOTSTRAP", "1")
+    .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
+    .env_remove("AYA_BUILD_SKIP");
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }
@@ -228,7 +326,12 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         None => root.join("target/release/ctrace"),
     };
     let size = fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
-    step(&format!("built {} ({:.1} MiB) in {:.0}s", bin.display(), size as f64 / 1048576.0, started.elapsed().as_secs_f64()));
+    step(&format!(
+        "built {} ({:.1} MiB) in {:.0}s",
+        bin.display(),
+        size as f64 / 1048576.0,
+        started.elapsed().as_secs_f64()
+    ));
     Ok(bin)
 }
 
@@ -264,7 +367,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 
 fn lint() -> anyhow::Result<()> {
     let root = workspace_root();
-    run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--check"])
+        .current_dir(&root))?;
     run(Command::new("cargo")
         .args(["clippy", "--all-targets", "--", "-D", "warnings"])
         .current_dir(&root)

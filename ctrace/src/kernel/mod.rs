@@ -43,7 +43,10 @@ pub fn ensure_tracefs_privately() -> Result<(), String> {
     // SAFETY: plain syscalls with valid, NUL-terminated arguments.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(format!("unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "unshare(CLONE_NEWNS): {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // Slave: host mounts made later (ip netns add) still reach us, ours
         // (tracefs) never reach the host.
@@ -55,8 +58,13 @@ pub fn ensure_tracefs_privately() -> Result<(), String> {
             std::ptr::null(),
         ) != 0
         {
-            return Err(format!("making mounts private: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "making mounts private: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
-    tracefs::ensure_mounted().map(|_| ()).map_err(|e| format!("{e:#}"))
+    tracefs::ensure_mounted()
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
 }

@@ -33,7 +33,7 @@ use crate::{
     services::Catalog,
     sink::Sink,
     table::NetnsFilter,
-    watch::{Outcome, WatchConfig, Watcher},
+    watch::{Outcome, Shutdown, WatchConfig, Watcher},
 };
 use topology::Topology;
 use traffic::{Attempt, Listeners, Planned};
@@ -50,14 +50,20 @@ impl SysctlGuard {
     pub fn set(path: &'static str, value: &str) -> anyhow::Result<SysctlGuard> {
         let old = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
-        Ok(SysctlGuard { path, old: old.trim().to_string() })
+        Ok(SysctlGuard {
+            path,
+            old: old.trim().to_string(),
+        })
     }
 }
 
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
         if let Err(e) = fs::write(self.path, &self.old) {
-            eprintln!("ctrace: could not restore {} to {}: {e}", self.path, self.old);
+            eprintln!(
+                "ctrace: could not restore {} to {}: {e}",
+                self.path, self.old
+            );
         }
     }
 }
@@ -78,12 +84,20 @@ pub fn incident_plan(flows: u32) -> Vec<Planned> {
         for i in 0..flows as usize {
             let v6 = service == "ssh" && i % 4 == 3;
             let (src, dst) = if v6 {
-                (IpAddr::V6(topology::CLIENT_V6), IpAddr::V6(topology::SERVER_V6))
+                (
+                    IpAddr::V6(topology::CLIENT_V6),
+                    IpAddr::V6(topology::SERVER_V6),
+                )
             } else {
                 let c = topology::CLIENTS_V4[i % topology::CLIENTS_V4.len()];
                 (IpAddr::V4(c), IpAddr::V4(topology::SERVER_V4))
             };
-            plan.push(Planned { service: service.into(), proto, src, dst: SocketAddr::new(dst, port) });
+            plan.push(Planned {
+                service: service.into(),
+                proto,
+                src,
+                dst: SocketAddr::new(dst, port),
+            });
         }
     }
     plan
@@ -113,7 +127,10 @@ pub struct Report {
 impl Report {
     pub fn passed(&self) -> bool {
         self.healthy_ok
-            && self.rows.iter().all(|r| r.failed == r.attempts && r.ctrace_flows == r.failed)
+            && self
+                .rows
+                .iter()
+                .all(|r| r.failed == r.attempts && r.ctrace_flows == r.failed)
             && self.ctrace_packets == self.conntrack_drops
     }
 
@@ -131,23 +148,39 @@ impl Report {
                 r.failed,
                 r.ctrace_flows,
                 r.ctrace_packets,
-                if r.ctrace_flows == r.failed { "match" } else { "MISMATCH" }
+                if r.ctrace_flows == r.failed {
+                    "match"
+                } else {
+                    "MISMATCH"
+                }
             );
         }
         o += &format!(
             "  dropped packets: ctrace {} (table_full), conntrack's drop counter {}  {}\n",
             self.ctrace_packets,
             self.conntrack_drops,
-            if self.ctrace_packets == self.conntrack_drops { "match" } else { "MISMATCH" }
+            if self.ctrace_packets == self.conntrack_drops {
+                "match"
+            } else {
+                "MISMATCH"
+            }
         );
         o += &format!(
             "  healthy phase: {}; fill: {} entries in {:.2}s; lost events: {}\n",
-            if self.healthy_ok { "all connections went through" } else { "SOME CONNECTIONS FAILED" },
+            if self.healthy_ok {
+                "all connections went through"
+            } else {
+                "SOME CONNECTIONS FAILED"
+            },
             self.fill_entries,
             self.fill_time.as_secs_f64(),
             self.lost_events
         );
-        o += if self.passed() { "  PASS\n" } else { "  FAIL\n" };
+        o += if self.passed() {
+            "  PASS\n"
+        } else {
+            "  FAIL\n"
+        };
         o
     }
 }
@@ -162,18 +195,34 @@ struct Truth {
 
 /// The scenario's blocking half: namespaces, traffic, fill.
 fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
-    let tcp: Vec<u16> = LAB_SERVICES.iter().filter(|s| s.1 == Proto::Tcp).map(|s| s.2).collect();
-    let udp: Vec<u16> = LAB_SERVICES.iter().filter(|s| s.1 == Proto::Udp).map(|s| s.2).collect();
+    let tcp: Vec<u16> = LAB_SERVICES
+        .iter()
+        .filter(|s| s.1 == Proto::Tcp)
+        .map(|s| s.2)
+        .collect();
+    let udp: Vec<u16> = LAB_SERVICES
+        .iter()
+        .filter(|s| s.1 == Proto::Udp)
+        .map(|s| s.2)
+        .collect();
     let _listeners = Listeners::start(&topo.servers, &tcp, &udp)?;
 
     eprintln!("lab: healthy phase: one connection per service through the router");
-    let healthy_plan: Vec<Planned> = incident_plan(4).into_iter().filter(|p| p.src.is_ipv6() || p.dst.port() != 22 || p.src == IpAddr::V4(topology::CLIENTS_V4[0])).collect();
+    let healthy_plan: Vec<Planned> = incident_plan(4)
+        .into_iter()
+        .filter(|p| {
+            p.src.is_ipv6() || p.dst.port() != 22 || p.src == IpAddr::V4(topology::CLIENTS_V4[0])
+        })
+        .collect();
     let healthy = traffic::attempt_all(&topo.clients, &healthy_plan, Duration::from_secs(3))?;
 
     let mut ct = CtSocket::open(Some(&topo.router))?;
     let before_fill = ct.stats()?;
     let want = max.saturating_sub(before_fill.entries) + 16;
-    eprintln!("lab: filling the router's table ({} of {max} in use) with ASSURED entries over ctnetlink", before_fill.entries);
+    eprintln!(
+        "lab: filling the router's table ({} of {max} in use) with ASSURED entries over ctnetlink",
+        before_fill.entries
+    );
     let mut last_report = 0;
     let fill = traffic::fill_table(&topo.router, want, IpAddr::V4(topology::SERVER_V4), |n| {
         if n >= last_report + 65_536 {
@@ -196,10 +245,18 @@ fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
     // Let the last retransmissions land before the final count.
     std::thread::sleep(Duration::from_millis(300));
     let after = ct.stats()?;
-    Ok(Truth { healthy, incident, drops_before: full.drop, drops_after: after.drop, fill })
+    Ok(Truth {
+        healthy,
+        incident,
+        drops_before: full.drop,
+        drops_after: after.drop,
+        fill,
+    })
 }
 
 pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Result<Report> {
+    // From here on Ctrl-C ends the run through the cleanup path below.
+    let mut shutdown = Shutdown::install()?;
     let _max_guard = match args.max {
         Some(n) => {
             eprintln!("lab: lowering nf_conntrack_max to {n} for this run (restored at exit)");
@@ -221,7 +278,11 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     watcher.monitor_mut().watch(&topo.router, "lab-router")?;
-    eprintln!("lab: tracing the router (netns {}) with strategy {}", topo.router.inode(), watcher.strategy());
+    eprintln!(
+        "lab: tracing the router (netns {}) with strategy {}",
+        topo.router.inode(),
+        watcher.strategy()
+    );
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let flows = args.flows;
@@ -236,45 +297,42 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     let stop = async move {
         tokio::select! {
             _ = done_rx => {}
-            _ = interrupt() => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+            _ = shutdown.wait() => flag.store(true, std::sync::atomic::Ordering::Relaxed),
         }
     };
     let outcome = watcher.run(&mut sinks, stop).await?;
     if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
         anyhow::bail!("interrupted; namespaces are gone and nf_conntrack_max is restored");
     }
-    let truth = worker.join().map_err(|_| anyhow::anyhow!("the lab scenario panicked"))??;
+    let truth = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the lab scenario panicked"))??;
     let report = judge(&truth, &outcome);
     println!("{}", report.render());
     Ok(report)
 }
 
-async fn interrupt() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn judge(truth: &Truth, outcome: &Outcome) -> Report {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for a in &truth.incident {
-        let r = rows.entry(a.planned.service.clone()).or_insert_with(|| Row {
-            service: a.planned.service.clone(),
-            attempts: 0,
-            failed: 0,
-            ctrace_flows: 0,
-            ctrace_packets: 0,
-        });
+        let r = rows
+            .entry(a.planned.service.clone())
+            .or_insert_with(|| Row {
+                service: a.planned.service.clone(),
+                attempts: 0,
+                failed: 0,
+                ctrace_flows: 0,
+                ctrace_packets: 0,
+            });
         r.attempts += 1;
         r.failed += u64::from(!a.ok);
     }
     let mut ctrace_packets = 0;
-    for g in outcome.groups.iter().filter(|g| g.cause == Cause::TableFull) {
+    for g in outcome
+        .groups
+        .iter()
+        .filter(|g| g.cause == Cause::TableFull)
+    {
         ctrace_packets += g.packets;
         if let Some(r) = g.service.as_ref().and_then(|s| rows.get_mut(s)) {
             r.ctrace_flows += g.flows;

@@ -71,29 +71,54 @@ impl Topology {
         }
         rt.add_address("eth0", IpAddr::V6(CLIENT_V6), 64)?;
         rt.set_up("eth0")?;
-        rt.add_route(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, IpAddr::V4(ROUTER_CLIENT_SIDE_V4))?;
-        rt.add_route(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, IpAddr::V6(ROUTER_CLIENT_SIDE_V6))?;
+        rt.add_route(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            IpAddr::V4(ROUTER_CLIENT_SIDE_V4),
+        )?;
+        rt.add_route(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            0,
+            IpAddr::V6(ROUTER_CLIENT_SIDE_V6),
+        )?;
 
         let mut rt = RtSocket::open(Some(&servers))?;
         rt.add_address("eth0", IpAddr::V4(SERVER_V4), 24)?;
         rt.add_address("eth0", IpAddr::V6(SERVER_V6), 64)?;
         rt.set_up("eth0")?;
-        rt.add_route(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, IpAddr::V4(ROUTER_SERVER_SIDE_V4))?;
-        rt.add_route(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, IpAddr::V6(ROUTER_SERVER_SIDE_V6))?;
+        rt.add_route(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            IpAddr::V4(ROUTER_SERVER_SIDE_V4),
+        )?;
+        rt.add_route(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            0,
+            IpAddr::V6(ROUTER_SERVER_SIDE_V6),
+        )?;
 
         // A stateful firewall on the router, as on OpenWrt: any rule that
         // looks at conntrack state turns conntrack on for the namespace.
         nftables::enable_conntrack(&router).context("turning conntrack on in the router")?;
 
         let mut anchors = Vec::new();
-        for (ns, name) in [(&clients, "clients"), (&router, "router"), (&servers, "servers")] {
+        for (ns, name) in [
+            (&clients, "clients"),
+            (&router, "router"),
+            (&servers, "servers"),
+        ] {
             let (tx, rx) = mpsc::channel::<()>();
             let handle = ns.spawn(&format!("lab-{name}"), move || {
                 let _ = rx.recv();
             })?;
             anchors.push((tx, handle));
         }
-        Ok(Topology { clients, router, servers, anchors })
+        Ok(Topology {
+            clients,
+            router,
+            servers,
+            anchors,
+        })
     }
 }
 

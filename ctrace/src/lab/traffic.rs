@@ -98,14 +98,21 @@ pub struct Attempt {
 /// attempt sends a query every `timeout / 2` and succeeds on any reply.
 /// With the default 2.5 s, a dropped TCP flow sends its SYN twice (initial
 /// RTO is 1 s) and a dropped UDP flow sends twice too.
-pub fn attempt_all(ns: &NetNs, plan: &[Planned], timeout: Duration) -> anyhow::Result<Vec<Attempt>> {
+pub fn attempt_all(
+    ns: &NetNs,
+    plan: &[Planned],
+    timeout: Duration,
+) -> anyhow::Result<Vec<Attempt>> {
     let mut handles = Vec::new();
     for p in plan.iter().cloned() {
         handles.push(ns.spawn("lab-client", move || attempt(p, timeout))?);
     }
     handles
         .into_iter()
-        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a client thread panicked")))
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))
+        })
         .collect()
 }
 
@@ -119,15 +126,26 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         Ok((local, ok, err)) => (local, ok, err),
         Err(e) => (None, false, Some(format!("{e:#}"))),
     };
-    Attempt { planned: p, local, ok, error, elapsed: started.elapsed() }
+    Attempt {
+        planned: p,
+        local,
+        ok,
+        error,
+        elapsed: started.elapsed(),
+    }
 }
 
 type Outcome = (Option<SocketAddr>, bool, Option<String>);
 
 fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
-    let domain = if p.dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let domain = if p.dst.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    s.bind(&SockAddr::from(SocketAddr::new(p.src, 0))).context("binding the source")?;
+    s.bind(&SockAddr::from(SocketAddr::new(p.src, 0)))
+        .context("binding the source")?;
     let local = s.local_addr().ok().and_then(|a| a.as_socket());
     match s.connect_timeout(&SockAddr::from(p.dst), timeout) {
         Ok(()) => {
@@ -148,7 +166,8 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     let wait = timeout / 2;
     u.set_read_timeout(Some(wait))?;
     // A DNS query for example.org's A record: what a resolver would send.
-    const QUERY: &[u8] = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03org\x00\x00\x01\x00\x01";
+    const QUERY: &[u8] =
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03org\x00\x00\x01\x00\x01";
     let mut buf = [0u8; 512];
     for _ in 0..2 {
         u.send(QUERY)?;
@@ -173,7 +192,9 @@ pub struct Fill {
 /// exists; they are table entries, not traffic. The mix echoes INC-0004:
 /// mostly DNS, a good share of long-lived etcd and HTTPS connections.
 pub fn synthetic_entry(i: u64, dst: IpAddr) -> CtEntry {
-    let src = IpAddr::V4(std::net::Ipv4Addr::from(0x0a80_0000u32 + (i / 50_000) as u32 + 1));
+    let src = IpAddr::V4(std::net::Ipv4Addr::from(
+        0x0a80_0000u32 + (i / 50_000) as u32 + 1,
+    ));
     let sport = 1024 + (i % 50_000) as u16;
     let (proto, dport, tcp_state) = match i % 10 {
         0..=6 => (17u8, 53u16, None),
@@ -181,7 +202,11 @@ pub fn synthetic_entry(i: u64, dst: IpAddr) -> CtEntry {
         _ => (6u8, 443u16, Some(ctnetlink::TCP_CONNTRACK_ESTABLISHED)),
     };
     CtEntry {
-        family: if dst.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 },
+        family: if dst.is_ipv4() {
+            libc::AF_INET as u8
+        } else {
+            libc::AF_INET6 as u8
+        },
         proto,
         src,
         dst,
@@ -193,12 +218,35 @@ pub fn synthetic_entry(i: u64, dst: IpAddr) -> CtEntry {
     }
 }
 
-/// Fills `ns`'s conntrack table until the kernel refuses: `want` entries
-/// are offered, in batches, with `progress` told the running total.
+/// Entries nobody answered (no SEEN_REPLY, not ASSURED): exactly what
+/// early_drop may evict. A DNS flood toward `dst` looks like this.
+pub fn unreplied_dns_entry(i: u64, dst: IpAddr) -> CtEntry {
+    CtEntry {
+        proto: 17,
+        dport: 53,
+        tcp_state: None,
+        status: ctnetlink::IPS_CONFIRMED,
+        timeout_secs: 600,
+        ..synthetic_entry(i, dst)
+    }
+}
+
+/// Fills `ns`'s conntrack table with [`synthetic_entry`]s until the kernel
+/// refuses: `want` entries are offered, in batches, with `progress` told
+/// the running total.
 pub fn fill_table(
     ns: &NetNs,
     want: u64,
     dst: IpAddr,
+    progress: impl FnMut(u64),
+) -> anyhow::Result<Fill> {
+    fill_table_with(ns, want, |i| synthetic_entry(i, dst), progress)
+}
+
+pub fn fill_table_with(
+    ns: &NetNs,
+    want: u64,
+    entry: impl Fn(u64) -> CtEntry,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Fill> {
     let mut sock = CtSocket::open(Some(ns))?;
@@ -209,14 +257,17 @@ pub fn fill_table(
     let mut next = 0u64;
     while next < want {
         let end = (next + CHUNK).min(want);
-        let mut it = (next..end).map(|i| synthetic_entry(i, dst));
+        let mut it = (next..end).map(&entry);
         let report = sock.create_batch(&mut it)?;
         created += report.created;
         for (errno, n) in &report.failed {
             if *errno == libc::ENOMEM {
                 refused_full += n;
             } else {
-                anyhow::bail!("creating conntrack entries: {n} failed with {}", std::io::Error::from_raw_os_error(*errno));
+                anyhow::bail!(
+                    "creating conntrack entries: {n} failed with {}",
+                    std::io::Error::from_raw_os_error(*errno)
+                );
             }
         }
         progress(created);
@@ -225,5 +276,9 @@ pub fn fill_table(
             break;
         }
     }
-    Ok(Fill { created, elapsed: started.elapsed(), refused_full })
+    Ok(Fill {
+        created,
+        elapsed: started.elapsed(),
+        refused_full,
+    })
 }

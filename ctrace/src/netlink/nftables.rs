@@ -490,9 +490,9 @@ fn list_rules(sock: &mut NlSocket) -> Result<Vec<(String, Vec<u8>)>> {
 /// whole batch has been processed and then queues them, acks and errors in
 /// message order, before our sendmsg() returns; reading what is queued
 /// without blocking therefore sees all of them. The delimiters themselves
-/// get no NLM_F_ACK: kernels before 6.0 never ack them, later ones only on
-/// request, but the BEGIN header is where the kernel reports failures of the
-/// batch as a whole (EPERM, a stale generation, a failed commit).
+/// get no NLM_F_ACK, since only kernels from 6.10 on honour it there; with or
+/// without it, the kernel answers the BEGIN header when the batch fails as a
+/// whole (EPERM, a stale generation, a failed commit).
 struct Transaction<'s> {
     sock: &'s mut NlSocket,
     msg: MsgBuilder,
@@ -503,6 +503,8 @@ struct Transaction<'s> {
 }
 
 impl<'s> Transaction<'s> {
+    /// A batch valid only while the ruleset is at generation `genid` (from
+    /// [`generation`]); 0 skips that check.
     fn new(sock: &'s mut NlSocket, genid: u32) -> Transaction<'s> {
         let begin_seq = sock.next_seq();
         let mut msg = MsgBuilder::empty(1024);
@@ -589,7 +591,7 @@ impl<'s> Transaction<'s> {
         }
         if let Some((what, e)) = first_error {
             return Err(anyhow::Error::new(e).context(format!(
-                "nf_tables refused {what}; the transaction was rolled back"
+                "nf_tables refused {what}; nothing in the batch was applied"
             )));
         }
         if let Some(i) = acked.iter().position(|a| !a) {
@@ -969,6 +971,7 @@ mod tests {
             "{e:#}"
         );
         // All or nothing: the table of the failed batch does not exist.
+        // (Generation 0 asks the kernel not to check it.)
         let mut probe = Transaction::new(&mut sock, 0);
         probe.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, "a chain".into(), |m| {
             chain_msg(m, CHAINS[0])

@@ -49,10 +49,15 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         .tables
         .iter()
         .map(|t| {
-            let stats: Map<String, Value> =
-                stat_fields(&t.stats).iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-            let rates: Map<String, Value> =
-                t.rates.iter().map(|(k, v)| (k.to_string(), json!(round2(*v)))).collect();
+            let stats: Map<String, Value> = stat_fields(&t.stats)
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            let rates: Map<String, Value> = t
+                .rates
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(round2(*v))))
+                .collect();
             json!({
                 "inode": t.inode,
                 "name": t.name,
@@ -85,6 +90,18 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             })
         })
         .collect();
+    let evictions: Vec<Value> = s
+        .evictions
+        .iter()
+        .map(|e| {
+            json!({
+                "netns": e.netns,
+                "service": e.service,
+                "proto": e.proto.name(),
+                "entries": e.entries,
+            })
+        })
+        .collect();
     json!({
         "type": "summary",
         "time": rfc3339(s.time),
@@ -96,6 +113,8 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "undecoded": s.counters.undecoded,
         "netns": netns,
         "drops": drops,
+        "evictions": evictions,
+        "evicted_total": s.counters.evictions,
     })
 }
 

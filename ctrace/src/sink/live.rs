@@ -37,12 +37,19 @@ pub fn render(s: &Snapshot<'_>) -> String {
     );
     w(&mut o, String::new());
     if s.tables.is_empty() {
-        w(&mut o, "no network namespace with active conntrack found".into());
+        w(
+            &mut o,
+            "no network namespace with active conntrack found".into(),
+        );
     }
     // Drops per namespace and cause, for the headers.
     let mut by_ns: BTreeMap<u64, BTreeMap<Cause, (u64, u64)>> = BTreeMap::new();
     for g in &s.groups {
-        let e = by_ns.entry(g.netns).or_default().entry(g.cause).or_default();
+        let e = by_ns
+            .entry(g.netns)
+            .or_default()
+            .entry(g.cause)
+            .or_default();
         e.0 += g.flows;
         e.1 += g.packets;
     }
@@ -57,7 +64,10 @@ pub fn render(s: &Snapshot<'_>) -> String {
             })
             .unwrap_or_else(|| "none".into());
         let bar = fill_bar(t.fill());
-        w(&mut o, format!("netns {}", netns_label(t.inode, t.name.as_deref())));
+        w(
+            &mut o,
+            format!("netns {}", netns_label(t.inode, t.name.as_deref())),
+        );
         w(
             &mut o,
             format!(
@@ -75,13 +85,24 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &mut o,
             format!(
                 "  stats: drop={} early_drop={} insert_failed={} invalid={} insert={} found={}",
-                t.stats.drop, t.stats.early_drop, t.stats.insert_failed, t.stats.invalid, t.stats.insert, t.stats.found
+                t.stats.drop,
+                t.stats.early_drop,
+                t.stats.insert_failed,
+                t.stats.invalid,
+                t.stats.insert,
+                t.stats.found
             ),
         );
     }
     w(&mut o, String::new());
     w(&mut o, "TOP DROPPED SERVICES".into());
-    w(&mut o, format!("  {:<16} {:<11} {:<7} {:>8} {:>9}", "SERVICE", "CAUSE", "PROTO", "FLOWS", "PACKETS"));
+    w(
+        &mut o,
+        format!(
+            "  {:<16} {:<11} {:<7} {:>8} {:>9}",
+            "SERVICE", "CAUSE", "PROTO", "FLOWS", "PACKETS"
+        ),
+    );
     for g in s.groups.iter().take(TOP) {
         w(
             &mut o,
@@ -94,6 +115,24 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 g.packets
             ),
         );
+    }
+    if !s.evictions.is_empty() {
+        w(&mut o, String::new());
+        w(
+            &mut o,
+            "EVICTED BY early_drop (whose entries made room)".into(),
+        );
+        for e in s.evictions.iter().take(TOP) {
+            w(
+                &mut o,
+                format!(
+                    "  {:<16} {:<7} {:>8} entries",
+                    e.service.as_deref().unwrap_or("other"),
+                    e.proto.name(),
+                    e.entries
+                ),
+            );
+        }
     }
     w(&mut o, String::new());
     w(&mut o, "TOP DROPPED FLOWS".into());

@@ -9,7 +9,7 @@ pub mod plain;
 use std::time::{Duration, SystemTime};
 
 use crate::{
-    aggregate::{DropGroup, DropRecord, FlowEntry},
+    aggregate::{DropGroup, DropRecord, EvictionGroup, FlowEntry},
     source::Counters,
     strategy::Strategy,
     table::{TableView, TimeToFull},
@@ -23,6 +23,7 @@ pub struct Snapshot<'a> {
     pub counters: Counters,
     pub tables: Vec<TableView>,
     pub groups: Vec<DropGroup>,
+    pub evictions: Vec<EvictionGroup>,
     pub top_flows: Vec<&'a FlowEntry>,
     pub is_final: bool,
 }
@@ -42,7 +43,9 @@ pub fn ttf_text(t: TimeToFull) -> String {
     match t {
         TimeToFull::Full => "FULL".into(),
         TimeToFull::In(d) if d.as_secs() >= 86400 * 3 => "days".into(),
-        TimeToFull::In(d) => humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string(),
+        TimeToFull::In(d) => {
+            humantime::format_duration(Duration::from_secs(d.as_secs().max(1))).to_string()
+        }
         TimeToFull::NotGrowing => "not growing".into(),
         TimeToFull::Unknown => "-".into(),
     }

@@ -26,7 +26,11 @@ pub fn drop_line(rec: &DropRecord) -> String {
         rec.flow.proto,
         rec.flow.src,
         rec.flow.dst,
-        if flags.is_empty() { String::new() } else { format!(" [{flags}]") },
+        if flags.is_empty() {
+            String::new()
+        } else {
+            format!(" [{flags}]")
+        },
     )
 }
 
@@ -64,6 +68,19 @@ impl<W: Write> Sink for PlainSink<W> {
                     g.proto,
                     g.flows,
                     g.packets
+                )?;
+            }
+        }
+        if s.is_final {
+            for e in &s.evictions {
+                writeln!(
+                    self.out,
+                    "{} FINAL evicted netns={} service={} proto={} entries={}",
+                    rfc3339(s.time),
+                    e.netns,
+                    e.service.as_deref().unwrap_or("other"),
+                    e.proto,
+                    e.entries
                 )?;
             }
         }

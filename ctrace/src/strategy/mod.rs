@@ -7,6 +7,7 @@
 //!
 //! Every tier loads programs from the same object and fills the same maps,
 //! so everything downstream of [`EventSource`] is tier-agnostic.
+pub mod kprobe;
 pub mod tracepoint;
 
 use std::{fmt, str::FromStr};
@@ -14,8 +15,8 @@ use std::{fmt, str::FromStr};
 use anyhow::{Context as _, bail};
 use aya::{programs::ProgramType, sys::is_program_supported};
 
-pub use crate::source::EventSource;
 use crate::kernel::KernelFacts;
+pub use crate::source::EventSource;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Strategy {
@@ -91,7 +92,11 @@ pub fn probe(facts: &KernelFacts) -> Vec<Verdict> {
                 Ok(reason) => (true, reason),
                 Err(e) => (false, format!("{e:#}")),
             };
-            Verdict { strategy, usable, reason }
+            Verdict {
+                strategy,
+                usable,
+                reason,
+            }
         })
         .collect()
 }
@@ -99,6 +104,13 @@ pub fn probe(facts: &KernelFacts) -> Vec<Verdict> {
 fn program_type_loads(t: ProgramType, what: &str) -> anyhow::Result<()> {
     match is_program_supported(t) {
         Ok(true) => Ok(()),
+        Err(aya::programs::ProgramError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            bail!(
+                "the kernel refuses {what} programs with EPERM (forbidden here, e.g. by lockdown)"
+            )
+        }
         Ok(false) => bail!(
             "the kernel refuses {what} programs (not built in, or forbidden, e.g. by lockdown)"
         ),
@@ -109,17 +121,20 @@ fn program_type_loads(t: ProgramType, what: &str) -> anyhow::Result<()> {
 fn probe_one(strategy: Strategy, facts: &KernelFacts) -> anyhow::Result<String> {
     match strategy {
         Strategy::Fexit => {
-            facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let vmlinux = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
             program_type_loads(ProgramType::Tracing, "fentry/fexit (tracing)")?;
+            if std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists() {
+                bail!(
+                    "nf_conntrack is a module: its functions are in /sys/kernel/btf/nf_conntrack, \
+                     and aya attaches fentry/fexit only to functions in vmlinux BTF"
+                );
+            }
+            if !vmlinux.has_func("__nf_conntrack_alloc") {
+                bail!("__nf_conntrack_alloc is not in vmlinux BTF");
+            }
             bail!("the kernel could run it, but this build has no fexit programs yet")
         }
-        Strategy::Kprobe => {
-            if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-                bail!("no kprobe PMU in /sys/bus/event_source/devices (CONFIG_KPROBES off)");
-            }
-            program_type_loads(ProgramType::KProbe, "kprobe")?;
-            bail!("the kernel could run it, but this build has no kprobe programs yet")
-        }
+        Strategy::Kprobe => kprobe::probe(facts),
         Strategy::Tracepoint => tracepoint::probe(facts),
         Strategy::Tc => {
             program_type_loads(ProgramType::SchedClassifier, "tc (sched_cls)")?;
@@ -150,15 +165,23 @@ pub fn select(choice: Choice, verdicts: &[Verdict]) -> anyhow::Result<Strategy> 
                     .iter()
                     .map(|v| format!("{}: {}", v.strategy, v.reason))
                     .collect();
-                anyhow::anyhow!("no hook strategy works on this kernel:\n  {}", why.join("\n  "))
+                anyhow::anyhow!(
+                    "no hook strategy works on this kernel:\n  {}",
+                    why.join("\n  ")
+                )
             }),
     }
 }
 
 /// Loads and attaches the programs of `strategy`.
-pub fn start(strategy: Strategy, facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSource> {
+pub fn start(
+    strategy: Strategy,
+    facts: &KernelFacts,
+    kernel_log: bool,
+) -> anyhow::Result<EventSource> {
     match strategy {
         Strategy::Tracepoint => tracepoint::start(facts, kernel_log),
+        Strategy::Kprobe => kprobe::start(facts, kernel_log),
         other => bail!("strategy {other} is not implemented in this build"),
     }
 }
@@ -168,16 +191,32 @@ mod tests {
     use super::*;
 
     fn v(strategy: Strategy, usable: bool) -> Verdict {
-        Verdict { strategy, usable, reason: format!("{strategy} reason") }
+        Verdict {
+            strategy,
+            usable,
+            reason: format!("{strategy} reason"),
+        }
     }
 
     #[test]
     fn auto_takes_the_best_usable_tier() {
-        let vs = [v(Strategy::Fexit, false), v(Strategy::Kprobe, false), v(Strategy::Tracepoint, true), v(Strategy::Tc, true)];
+        let vs = [
+            v(Strategy::Fexit, false),
+            v(Strategy::Kprobe, false),
+            v(Strategy::Tracepoint, true),
+            v(Strategy::Tc, true),
+        ];
         assert_eq!(select(Choice::Auto, &vs).unwrap(), Strategy::Tracepoint);
-        let e = select(Choice::Only(Strategy::Kprobe), &vs).unwrap_err().to_string();
+        let e = select(Choice::Only(Strategy::Kprobe), &vs)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kprobe reason"), "{e}");
-        let none = [v(Strategy::Fexit, false), v(Strategy::Kprobe, false), v(Strategy::Tracepoint, false), v(Strategy::Tc, false)];
+        let none = [
+            v(Strategy::Fexit, false),
+            v(Strategy::Kprobe, false),
+            v(Strategy::Tracepoint, false),
+            v(Strategy::Tc, false),
+        ];
         let e = select(Choice::Auto, &none).unwrap_err().to_string();
         assert!(e.contains("tracepoint: tracepoint reason"), "{e}");
     }
@@ -186,6 +225,11 @@ mod tests {
     fn choice_parses() {
         assert_eq!("auto".parse::<Choice>().unwrap(), Choice::Auto);
         assert_eq!("tc".parse::<Choice>().unwrap(), Choice::Only(Strategy::Tc));
-        assert!("xdp".parse::<Choice>().unwrap_err().contains("unknown strategy `xdp`"));
+        assert!(
+            "xdp"
+                .parse::<Choice>()
+                .unwrap_err()
+                .contains("unknown strategy `xdp`")
+        );
     }
 }

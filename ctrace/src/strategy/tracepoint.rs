@@ -14,9 +14,9 @@ use crate::{
     strategy::Strategy,
 };
 
-const CATEGORY: &str = "skb";
-const EVENT: &str = "kfree_skb";
-const PROGRAM: &str = "ctrace_kfree_skb";
+pub const CATEGORY: &str = "skb";
+pub const EVENT: &str = "kfree_skb";
+pub const PROGRAM: &str = "ctrace_kfree_skb";
 
 /// Where the tracepoint record and the kernel structs keep what we read,
 /// on this kernel. The reason field moved between 6.1 (offset 28,
@@ -51,12 +51,19 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
             .map(|v| v as u32)
             .with_context(|| format!("no NETFILTER_DROP drop reason ({btf_err:#})"))?,
     };
-    let off = |path: &str| btf.member_offset(path);
-    let net_inum = off("net.ns")? + off("ns_common.inum")?;
     Ok(KernelLayout {
         tp_skbaddr: skbaddr.offset,
         tp_reason: reason.offset,
         netfilter_drop,
+        ..skb_layout(btf)?
+    })
+}
+
+/// sk_buff, net_device, sock and net offsets: what decoding a packet and
+/// finding its namespace takes, whichever hook hands us the skb.
+pub fn skb_layout(btf: &crate::kernel::btf::Btf) -> anyhow::Result<KernelLayout> {
+    let off = |path: &str| btf.member_offset(path);
+    Ok(KernelLayout {
         skb_nfct: off("sk_buff._nfct")?,
         skb_head: off("sk_buff.head")?,
         skb_network_header: off("sk_buff.network_header")?,
@@ -64,8 +71,9 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
         skb_sk: off("sk_buff.sk")?,
         dev_net: off("net_device.nd_net")? + off("possible_net_t.net")?,
         sk_net: off("sock.__sk_common")? + off("sock_common.skc_net")? + off("possible_net_t.net")?,
-        net_inum,
-        _pad: 0,
+        net_inum: off("net.ns")? + off("ns_common.inum")?,
+        tier: u32::from(ctrace_common::tier::TRACEPOINT),
+        ..KernelLayout::default()
     })
 }
 
@@ -86,7 +94,11 @@ pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSourc
     let mut ebpf = EbpfLoader::new()
         .override_global("LAYOUT", &layout, true)
         // aya-log's level gate: 0 silences every log site in the programs.
-        .override_global("AYA_LOG_LEVEL", &(if kernel_log { 0xffu8 } else { 0u8 }), false)
+        .override_global(
+            "AYA_LOG_LEVEL",
+            &(if kernel_log { 0xffu8 } else { 0u8 }),
+            false,
+        )
         .load(object)
         .context("loading the eBPF object")?;
     let logger = crate::source::kernel_logger(&mut ebpf, kernel_log);

@@ -1,0 +1,396 @@
+//! `cargo xtask vm-test`: ctrace's end-to-end suite on other kernels.
+//!
+//! This machine's kernel cannot run every hook strategy (no kprobes,
+//! fentry forbidden by lockdown) and is one kernel among the many ctrace
+//! meets in the field. So the suite also runs inside throwaway VMs booted
+//! on Debian's own cloud kernels, for x86_64 and arm64 (the routers):
+//!
+//! 1. host packages: qemu, cpio, busybox-static (apt, idempotent);
+//! 2. the matrix: the newest package of every cloud kernel series apt
+//!    offers per architecture, resolved at run time (names change);
+//! 3. static musl builds of ctrace and of the e2e test executable;
+//! 4. per kernel: the package's vmlinuz and the conntrack/nf_tables/veth
+//!    modules (dependencies from each module's own `.modinfo`), packed
+//!    with busybox and the binaries into an initramfs whose /init runs the
+//!    suite once per strategy and prints markers on the serial console;
+//! 5. qemu (TCG: KVM does not work here), console streamed and logged,
+//!    a timeout per VM, then a table kernel x arch x strategy.
+//!
+//! Everything downloaded or built is cached under `$CTRACE_CACHE` (default
+//! `~/.cache/ctrace/vm`): kernels per arch and version, the extracted
+//! modules, and initramfs images keyed by a hash of their inputs.
+mod apt;
+mod initramfs;
+mod kernel;
+mod modinfo;
+mod qemu;
+mod report;
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+
+use crate::{Tools, path_with, setup, step, workspace_root};
+
+/// Options shared by `vm-test` and the VM part of `test`.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Kernel to test, repeatable: a series (`6.1`, `6.12`), a Debian kernel
+    /// ABI (`6.1.0-56`, `6.12.117+deb12`) or a package version
+    /// (`6.1.192-2`). Default: the newest kernel of every cloud series apt
+    /// offers.
+    #[arg(long = "kernel", value_name = "NAME")]
+    pub kernels: Vec<String>,
+    /// Guest architecture, repeatable. Default: both.
+    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    pub arches: Vec<Arch>,
+    /// Strategies to run the suite with, one run each (space or comma
+    /// separated). `auto` lets ctrace pick.
+    #[arg(
+        long,
+        env = "CTRACE_VM_STRATEGIES",
+        default_value = "auto tracepoint kprobe"
+    )]
+    pub strategies: String,
+    /// Wall-clock limit per VM, in seconds; qemu is killed after it.
+    #[arg(
+        long = "vm-timeout",
+        env = "CTRACE_VM_TIMEOUT",
+        default_value_t = 1200,
+        value_name = "SECS"
+    )]
+    pub vm_timeout: u64,
+    /// Limit for one run of the suite inside a VM, in seconds, so that a
+    /// hang in one strategy still leaves the others their results.
+    #[arg(
+        long = "run-timeout",
+        env = "CTRACE_VM_RUN_TIMEOUT",
+        default_value_t = 600,
+        value_name = "SECS"
+    )]
+    pub run_timeout: u64,
+    /// Set the VMs' nf_conntrack_max (default: the kernel's own, 65536 for
+    /// 2 GiB of guest memory).
+    #[arg(long = "ct-max", env = "CTRACE_VM_CT_MAX", value_name = "N")]
+    pub ct_max: Option<u64>,
+    /// Guest memory in MiB. Full conntrack tables need room.
+    #[arg(
+        long = "vm-memory",
+        env = "CTRACE_VM_MEMORY",
+        default_value_t = 2048,
+        value_name = "MIB"
+    )]
+    pub memory: u32,
+    /// Only resolve and print the matrix; boot nothing.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Arch {
+    #[value(name = "x86_64")]
+    X86_64,
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+    /// Debian's name for it (package names, apt's architecture).
+    pub fn deb(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+    pub fn musl_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        }
+    }
+    /// The host package that provides this architecture's qemu.
+    fn qemu_package(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86",
+            Arch::Aarch64 => "qemu-system-arm",
+        }
+    }
+}
+
+/// Root of everything this module caches.
+fn cache_dir() -> PathBuf {
+    env::var_os("CTRACE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ctrace/vm")))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/ctrace/vm"))
+}
+
+/// The static binaries that go into one architecture's VMs.
+struct Binaries {
+    ctrace: PathBuf,
+    e2e: PathBuf,
+    busybox: PathBuf,
+}
+
+pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let strategies: Vec<String> = args
+        .strategies
+        .split([' ', ','])
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if strategies.is_empty() {
+        bail!("--strategies is empty");
+    }
+    if let Some(f) = filter
+        && (f.is_empty() || f.contains(char::is_whitespace))
+    {
+        // It travels on the kernel command line, split at whitespace.
+        bail!("test filter `{f}`: must be one word inside a VM");
+    }
+    let cache = cache_dir();
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let mut arches = args.arches.clone();
+    if arches.is_empty() {
+        arches = vec![Arch::X86_64, Arch::Aarch64];
+    }
+    arches.sort();
+    arches.dedup();
+
+    step(&format!("vm-test: cache {}", cache.display()));
+    let host = apt::Host::new();
+    for pkg in ["cpio", "busybox-static"]
+        .into_iter()
+        .chain(arches.iter().map(|a| a.qemu_package()))
+    {
+        host.ensure_installed(pkg)?;
+    }
+
+    // The matrix first: a missing kernel should fail before minutes of builds.
+    let mut matrix = vec![];
+    for &arch in &arches {
+        let apt = apt::Apt::for_arch(&host, arch, &cache)?;
+        matrix.extend(kernel::resolve(&apt, arch, &args.kernels, &cache)?);
+    }
+    step("vm-test matrix:");
+    for k in &matrix {
+        eprintln!(
+            "    {:<8} {:<6} {} ({})",
+            k.arch.name(),
+            k.series,
+            k.version,
+            k.package
+        );
+    }
+    eprintln!("    strategies: {}", strategies.join(" "));
+    if args.list {
+        return Ok(());
+    }
+
+    let mut outcomes = vec![];
+    for &arch in &arches {
+        let kernels: Vec<_> = matrix.iter().filter(|k| k.arch == arch).collect();
+        if kernels.is_empty() {
+            continue;
+        }
+        let apt = apt::Apt::for_arch(&host, arch, &cache)?;
+        let bins = Binaries {
+            ctrace: crate::build(Some(arch.musl_target()))?,
+            e2e: build_e2e(arch.musl_target())?,
+            busybox: apt::busybox(&host, &apt, arch, &cache)?,
+        };
+        for k in kernels {
+            let vm_started = Instant::now();
+            let outcome = kernel::prepare(&host, &apt, k, &cache)
+                .and_then(|prepared| {
+                    let image = initramfs::build(&cache, arch, &prepared, &bins)?;
+                    let boot = qemu::Boot {
+                        arch,
+                        kernel: &prepared.vmlinuz,
+                        initrd: &image,
+                        append: cmdline(arch, &strategies, filter, args),
+                        memory_mib: args.memory,
+                        timeout: Duration::from_secs(args.vm_timeout),
+                        log: cache
+                            .join("logs")
+                            .join(format!("{}-{}.log", arch.name(), k.version)),
+                        label: format!("{} {}", k.version, arch.name()),
+                    };
+                    qemu::run(&boot)
+                })
+                .map(|console| {
+                    report::parse(
+                        &console.lines,
+                        console.timed_out,
+                        console.status_note.clone(),
+                    )
+                })
+                .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
+            outcomes.push(report::VmReport {
+                kernel: (*k).clone(),
+                strategies: strategies.clone(),
+                wall: vm_started.elapsed(),
+                outcome,
+            });
+        }
+    }
+    let ok = report::print(&outcomes, started.elapsed());
+    if !ok {
+        bail!(
+            "some VM runs failed (table above; console logs in {})",
+            cache.join("logs").display()
+        );
+    }
+    Ok(())
+}
+
+/// The guest's kernel command line. The suite's parameters ride along as
+/// dotted `ctrace.*` words: the kernel keeps them in /proc/cmdline for
+/// /init and does not pass dotted words on as init's arguments, and the
+/// initramfs stays independent of them (one image serves every setting).
+fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArgs) -> String {
+    let console = match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Aarch64 => "ttyAMA0",
+    };
+    // panic=-1 reboots at once on a panic, and -no-reboot turns that into
+    // qemu exiting: a crashed guest costs seconds, not the whole timeout.
+    let mut s = format!(
+        "console={console} panic=-1 quiet ctrace.strategies={} ctrace.run_timeout={}",
+        strategies.join(","),
+        args.run_timeout
+    );
+    if let Some(n) = args.ct_max {
+        s.push_str(&format!(" ctrace.ct_max={n}"));
+    }
+    if let Some(f) = filter {
+        s.push_str(&format!(" ctrace.filter={f}"));
+    }
+    s
+}
+
+/// The environment `build()` gives cargo: bpf-linker on PATH, and
+/// RUSTC_BOOTSTRAP for `-Z build-std` on the pinned stable toolchain.
+fn cargo_env<'a>(cmd: &'a mut Command, tools: &Tools) -> &'a mut Command {
+    cmd.env("PATH", path_with(&tools.bin))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
+}
+
+/// Builds the e2e test executable for `target` and returns its path,
+/// taken from cargo's own report (the file name carries a hash).
+fn build_e2e(target: &str) -> anyhow::Result<PathBuf> {
+    let tools = setup()?;
+    step(&format!("building the e2e test executable for {target}"));
+    let started = Instant::now();
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "test",
+        "--package",
+        "ctrace-tests",
+        "--test",
+        "e2e",
+        "--no-run",
+        "--release",
+        "--target",
+        target,
+    ])
+    // JSON on stdout for us, human diagnostics on stderr for people.
+    .arg("--message-format=json-render-diagnostics")
+    .current_dir(workspace_root())
+    // The test executable runs CTRACE_BIN for all tracing, so it needs
+    // no eBPF object of its own.
+    .env("AYA_BUILD_SKIP", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    cargo_env(&mut cmd, &tools);
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}", out.status);
+    }
+    let exe = test_executable(&String::from_utf8_lossy(&out.stdout), "e2e")
+        .context("cargo reported no e2e test executable")?;
+    step(&format!(
+        "built {} in {:.0}s",
+        exe.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(exe)
+}
+
+/// The executable of test target `name` in cargo's JSON messages: the
+/// `compiler-artifact` whose profile says `test: true`.
+fn test_executable(json_lines: &str, name: &str) -> Option<PathBuf> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["profile"]["test"] == true
+                && m["target"]["name"] == name
+        })
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+}
+
+/// Writes `bytes` to `path` through a temporary file, so that an
+/// interrupted run never leaves a truncated file that looks cached.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("partial");
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_test_executable_in_cargo_json() {
+        let json = r#"{"reason":"compiler-artifact","target":{"name":"ctrace","kind":["lib"]},"profile":{"test":false},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"e2e","kind":["test"]},"profile":{"test":true},"executable":"/t/e2e-0123"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            test_executable(json, "e2e"),
+            Some(PathBuf::from("/t/e2e-0123"))
+        );
+        assert_eq!(test_executable(json, "other"), None);
+    }
+
+    #[test]
+    fn cmdline_carries_the_suite_parameters() {
+        let args = VmArgs {
+            kernels: vec![],
+            arches: vec![],
+            strategies: String::new(),
+            vm_timeout: 1,
+            run_timeout: 300,
+            ct_max: Some(4096),
+            memory: 2048,
+            list: false,
+        };
+        let s = cmdline(
+            Arch::Aarch64,
+            &["auto".into(), "kprobe".into()],
+            Some("ipv6"),
+            &args,
+        );
+        assert_eq!(
+            s,
+            "console=ttyAMA0 panic=-1 quiet ctrace.strategies=auto,kprobe ctrace.run_timeout=300 \
+             ctrace.ct_max=4096 ctrace.filter=ipv6"
+        );
+    }
+}

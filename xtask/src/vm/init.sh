@@ -1,0 +1,70 @@
+#!/bin/busybox sh
+# PID 1 of a ctrace test VM (see xtask/src/vm.rs). Sets up the little a
+# kernel needs to run ctrace's end-to-end suite, runs it once per strategy
+# and powers off. Everything it prints goes to the serial console, where the
+# host reads the CTRACE-VM-* markers. No `set -e`: a failing step is
+# reported and the rest still runs, so one problem does not hide the others.
+bb=/bin/busybox
+
+# No /dev/console node in the archive (building it would need mknod), so
+# the kernel may have started us without one: mount devtmpfs, then reopen.
+$bb mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+$bb mount -t proc proc /proc
+# --install finds its own path through /proc/self/exe.
+$bb --install -s /bin
+export PATH=/bin HOME=/ TERM=dumb
+
+mount -t sysfs sys /sys
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+# ctrace reads the kfree_skb record layout from tracefs; debugfs and bpffs
+# are what a distribution mounts too.
+mount -t tracefs tracefs /sys/kernel/tracing || echo "CTRACE-VM-NOTE tracefs could not be mounted"
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+ip link set lo up
+
+echo "CTRACE-VM-KERNEL release=$(uname -r) machine=$(uname -m) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+
+while read -r m; do
+    insmod "/lib/modules/$m.ko" || echo "CTRACE-VM-NOTE insmod $m failed"
+done </etc/ctrace-vm/modules
+
+# Parameters from the host, as ctrace.* words on the kernel command line.
+strategies=auto
+run_timeout=600
+ct_max=
+filter=
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+        ctrace.strategies=*) strategies=$(echo "${w#*=}" | tr , ' ') ;;
+        ctrace.run_timeout=*) run_timeout=${w#*=} ;;
+        ctrace.ct_max=*) ct_max=${w#*=} ;;
+        ctrace.filter=*) filter=${w#*=} ;;
+    esac
+done
+
+max=/proc/sys/net/netfilter/nf_conntrack_max
+if [ -n "$ct_max" ]; then
+    echo "$ct_max" >$max || echo "CTRACE-VM-NOTE could not set nf_conntrack_max"
+fi
+echo "CTRACE-VM-CONNTRACK max=$(cat $max 2>/dev/null || echo none)"
+
+echo "CTRACE-VM-PROBE-BEGIN"
+/bin/ctrace probe
+echo "CTRACE-VM-PROBE-END exit=$?"
+
+for s in $strategies; do
+    echo "CTRACE-VM-BEGIN strategy=$s"
+    start=$(date +%s)
+    # busybox timeout kills a hung run so the next strategy still runs.
+    CTRACE_BIN=/bin/ctrace CTRACE_TEST_STRATEGY=$s \
+        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never $filter
+    rc=$?
+    echo "CTRACE-VM-RESULT strategy=$s exit=$rc secs=$(($(date +%s) - start))"
+done
+
+echo "CTRACE-VM-DONE"
+sync
+poweroff -f

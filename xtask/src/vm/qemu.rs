@@ -1,0 +1,202 @@
+//! Booting one VM and collecting its serial console.
+//!
+//! KVM does not work on this machine kind ("KVM internal error"), so both
+//! architectures run under TCG. The console is streamed to stdout with a
+//! prefix (CI logs show the suite's own output) and to a log file, and the
+//! guest gets a wall-clock limit after which qemu is killed.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read, Write as _},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::Arch;
+use crate::step;
+
+pub struct Boot<'a> {
+    pub arch: Arch,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub append: String,
+    pub memory_mib: u32,
+    pub timeout: Duration,
+    pub log: PathBuf,
+    /// Prefix of every console line we echo.
+    pub label: String,
+}
+
+pub struct Console {
+    pub lines: Vec<String>,
+    pub timed_out: bool,
+    /// How qemu ended, when that is worth saying (killed, error status).
+    pub status_note: Option<String>,
+}
+
+/// After /init says it is done, qemu should exit within seconds.
+const POWEROFF_GRACE: Duration = Duration::from_secs(60);
+
+pub fn run(b: &Boot) -> anyhow::Result<Console> {
+    let mut cmd = match b.arch {
+        Arch::X86_64 => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-accel", "tcg", "-cpu", "max"]);
+            c
+        }
+        Arch::Aarch64 => {
+            let mut c = Command::new("qemu-system-aarch64");
+            // Debian's arm64 vmlinuz is a gzip'd Image; qemu's arm loader
+            // inflates that itself. pauth-impdef: TCG's architected
+            // pointer-authentication hash (QARMA) is slow to emulate and
+            // the guest does not care which algorithm signs its pointers.
+            c.args([
+                "-machine",
+                "virt",
+                "-cpu",
+                "max,pauth-impdef=on",
+                "-accel",
+                "tcg",
+            ]);
+            c
+        }
+    };
+    cmd.args([
+        "-m",
+        &b.memory_mib.to_string(),
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+    ])
+    // No NIC: the suite builds its own veth networks, and the default
+    // NIC would need option ROMs that --no-install-recommends omits.
+    .args(["-nic", "none"])
+    .arg("-kernel")
+    .arg(b.kernel)
+    .arg("-initrd")
+    .arg(b.initrd)
+    .arg("-append")
+    .arg(&b.append)
+    // Not the terminal: with a tty on stdin, -nographic would take it
+    // raw and Ctrl-C would go to the guest instead of stopping us.
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe. If xtask dies for any reason
+    // (Ctrl-C reaches qemu directly, being in our process group; SIGTERM
+    // or SIGKILL to xtask does not), the kernel kills qemu with it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    if let Some(d) = b.log.parent() {
+        fs::create_dir_all(d)?;
+    }
+    let mut log =
+        fs::File::create(&b.log).with_context(|| format!("creating {}", b.log.display()))?;
+    step(&format!(
+        "booting {} (console log: {}, limit {}s)",
+        b.label,
+        b.log.display(),
+        b.timeout.as_secs()
+    ));
+    writeln!(log, "# {cmd:?}")?;
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+
+    let (tx, rx) = mpsc::channel();
+    forward_lines(child.stdout.take().expect("piped"), tx.clone());
+    forward_lines(child.stderr.take().expect("piped"), tx);
+
+    let started = Instant::now();
+    let deadline = started + b.timeout;
+    let mut done_at = None;
+    let mut lines = vec![];
+    let mut timed_out = false;
+    loop {
+        let limit = done_at.map_or(deadline, |d: Instant| (d + POWEROFF_GRACE).min(deadline));
+        let now = Instant::now();
+        if now >= limit {
+            timed_out = done_at.is_none();
+            let what = if timed_out {
+                "timed out"
+            } else {
+                "did not power off after the suite"
+            };
+            let note = format!(
+                "{} {what} after {:.0}s; killing qemu",
+                b.label,
+                now.duration_since(started).as_secs_f64()
+            );
+            step(&note);
+            writeln!(log, "# {note}")?;
+            kill(&mut child);
+            break;
+        }
+        match rx.recv_timeout((limit - now).min(Duration::from_secs(1))) {
+            Ok(line) => {
+                writeln!(log, "{line}")?;
+                println!("[{}] {line}", b.label);
+                if line.contains("CTRACE-VM-DONE") {
+                    done_at = Some(Instant::now());
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Both pipes closed: qemu is gone.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait()?;
+    let wall = started.elapsed();
+    writeln!(log, "# qemu: {status}, {:.0}s", wall.as_secs_f64())?;
+    step(&format!(
+        "{}: qemu exited ({status}) after {:.0}s",
+        b.label,
+        wall.as_secs_f64()
+    ));
+    let status_note = (!status.success()).then(|| format!("qemu {status}"));
+    Ok(Console {
+        lines,
+        timed_out,
+        status_note,
+    })
+}
+
+/// Sends each line of `r` to `tx`, carriage returns and all oddities
+/// stripped, from a thread of its own.
+fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = vec![];
+        // Raw bytes: the guest console is not guaranteed to be UTF-8.
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
+            if tx.send(line).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+}
+
+const PR_SET_PDEATHSIG: i32 = 1;
+const SIGKILL: u64 = 9;
+
+unsafe extern "C" {
+    fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+}

@@ -1,0 +1,302 @@
+//! Reading a VM's console (the CTRACE-VM-* markers of /init and libtest's
+//! own lines) and printing the matrix's results.
+use std::time::Duration;
+
+use super::kernel::Kernel;
+
+/// One run of the suite with one strategy.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub strategy: String,
+    /// None: the VM never reported the end of this run.
+    pub exit: Option<i32>,
+    pub secs: Option<u64>,
+    /// libtest's "test result: …" line.
+    pub summary: Option<String>,
+    pub passed: u32,
+    pub failed: u32,
+    pub failed_tests: Vec<String>,
+}
+
+impl Run {
+    fn verdict(&self) -> &'static str {
+        match self.exit {
+            Some(0) => "PASS",
+            // 128 + SIGKILL from /init's `timeout -s KILL`.
+            Some(137) => "HUNG",
+            Some(_) => "FAIL",
+            None => "NO RESULT",
+        }
+    }
+}
+
+/// Everything one VM told us.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The guest's `uname -r` and friends.
+    pub kernel_line: Option<String>,
+    pub conntrack_max: Option<String>,
+    /// `ctrace probe`'s output.
+    pub probe: Vec<String>,
+    pub runs: Vec<Run>,
+    /// /init's CTRACE-VM-NOTEs, and what went wrong with the VM itself.
+    pub notes: Vec<String>,
+    pub done: bool,
+}
+
+impl Outcome {
+    pub fn failed_to_start(why: String) -> Outcome {
+        Outcome {
+            notes: vec![format!("VM not run: {why}")],
+            ..Outcome::default()
+        }
+    }
+}
+
+pub struct VmReport {
+    pub kernel: Kernel,
+    pub strategies: Vec<String>,
+    pub wall: Duration,
+    pub outcome: Outcome,
+}
+
+impl VmReport {
+    /// The run of `strategy`, or a placeholder if the VM never got to it.
+    fn run(&self, strategy: &str) -> Option<&Run> {
+        self.outcome.runs.iter().find(|r| r.strategy == strategy)
+    }
+
+    fn ok(&self) -> bool {
+        self.strategies
+            .iter()
+            .all(|s| self.run(s).is_some_and(|r| r.exit == Some(0)))
+    }
+}
+
+/// The payload of a CTRACE-VM marker anywhere in `line` (kernel messages
+/// may share a line with it on the console).
+fn marker<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(name)?;
+    let rest = &line[at + name.len()..];
+    (rest.is_empty() || rest.starts_with(' ')).then(|| rest.trim())
+}
+
+/// `key=value` from a marker's payload.
+fn field<'a>(payload: &'a str, key: &str) -> Option<&'a str> {
+    payload
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// "… 7 passed; 1 failed; …" -> the number before `what`.
+fn count(summary: &str, what: &str) -> u32 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            let mut w = part.split_whitespace().rev();
+            (w.next()? == what).then_some(())?;
+            w.next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+pub fn parse(lines: &[String], timed_out: bool, status_note: Option<String>) -> Outcome {
+    let mut o = Outcome::default();
+    let mut in_probe = false;
+    let mut current: Option<Run> = None;
+    for line in lines {
+        if let Some(p) = marker(line, "CTRACE-VM-KERNEL") {
+            o.kernel_line = Some(p.to_string());
+        } else if let Some(p) = marker(line, "CTRACE-VM-CONNTRACK") {
+            o.conntrack_max = field(p, "max").map(str::to_string);
+        } else if let Some(p) = marker(line, "CTRACE-VM-NOTE") {
+            o.notes.push(p.to_string());
+        } else if marker(line, "CTRACE-VM-PROBE-BEGIN").is_some() {
+            in_probe = true;
+        } else if let Some(p) = marker(line, "CTRACE-VM-PROBE-END") {
+            in_probe = false;
+            if field(p, "exit") != Some("0") {
+                o.notes.push(format!("ctrace probe: {p}"));
+            }
+        } else if in_probe {
+            o.probe.push(line.clone());
+        } else if let Some(p) = marker(line, "CTRACE-VM-BEGIN") {
+            o.runs.extend(current.take());
+            current = Some(Run {
+                strategy: field(p, "strategy").unwrap_or("?").to_string(),
+                ..Run::default()
+            });
+        } else if let Some(p) = marker(line, "CTRACE-VM-RESULT") {
+            let mut run = current.take().unwrap_or_default();
+            run.strategy = field(p, "strategy").unwrap_or(&run.strategy).to_string();
+            run.exit = field(p, "exit").and_then(|e| e.parse().ok());
+            run.secs = field(p, "secs").and_then(|e| e.parse().ok());
+            o.runs.push(run);
+        } else if marker(line, "CTRACE-VM-DONE").is_some() {
+            o.done = true;
+        } else if let Some(run) = current.as_mut() {
+            if let Some(at) = line.find("test result: ") {
+                let s = line[at..].to_string();
+                run.passed = count(&s, "passed");
+                run.failed = count(&s, "failed");
+                run.summary = Some(s);
+            } else if let Some(name) = line
+                .strip_prefix("test ")
+                .and_then(|l| l.strip_suffix(" ... FAILED"))
+            {
+                run.failed_tests.push(name.to_string());
+            }
+        }
+    }
+    // A run that began and never ended: the VM died or was killed in it.
+    o.runs.extend(current.take());
+    if timed_out {
+        o.notes
+            .push("the VM hit its time limit and was killed".into());
+    }
+    if !o.done {
+        o.notes
+            .push("the VM did not finish the suite (see its console log)".into());
+    }
+    o.notes.extend(status_note);
+    o
+}
+
+fn mins(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+/// Prints the results table; true if every requested run passed.
+pub fn print(reports: &[VmReport], total: Duration) -> bool {
+    let rule = "-".repeat(96);
+    println!("\n{rule}\nctrace VM matrix: kernel x arch x strategy\n{rule}");
+    println!(
+        "{:<24} {:<8} {:<11} {:<10} {:<28} {:>8}",
+        "kernel", "arch", "strategy", "result", "tests", "time"
+    );
+    for r in reports {
+        let kernel = format!("{} ({})", r.kernel.version, r.kernel.series);
+        for s in &r.strategies {
+            let (verdict, tests, time) = match r.run(s) {
+                Some(run) => (
+                    run.verdict(),
+                    match &run.summary {
+                        Some(_) => format!("{} passed, {} failed", run.passed, run.failed),
+                        None => "no libtest summary".into(),
+                    },
+                    run.secs
+                        .map(|s| mins(Duration::from_secs(s)))
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                None => ("NO RESULT", "-".into(), "-".into()),
+            };
+            println!(
+                "{kernel:<24} {:<8} {s:<11} {verdict:<10} {tests:<28} {time:>8}",
+                r.kernel.arch.name()
+            );
+        }
+    }
+    println!("{rule}");
+
+    for r in reports {
+        let o = &r.outcome;
+        println!(
+            "\n{} {} ({}): VM wall time {}, nf_conntrack_max {}",
+            r.kernel.arch.name(),
+            r.kernel.version,
+            r.kernel.package,
+            mins(r.wall),
+            o.conntrack_max.as_deref().unwrap_or("unknown")
+        );
+        if let Some(k) = &o.kernel_line {
+            println!("  guest: {k}");
+        }
+        if !o.probe.is_empty() {
+            println!("  ctrace probe:");
+            for l in &o.probe {
+                println!("    {l}");
+            }
+        }
+        for run in &o.runs {
+            let summary = run.summary.as_deref().unwrap_or("(no libtest summary)");
+            println!(
+                "  [{}] exit {}: {summary}",
+                run.strategy,
+                run.exit.map_or("none".into(), |e| e.to_string())
+            );
+            for t in &run.failed_tests {
+                println!("    failed: {t}");
+            }
+        }
+        for n in &o.notes {
+            println!("  note: {n}");
+        }
+    }
+    let ok = reports.iter().all(VmReport::ok);
+    println!(
+        "\ntotal wall time {} ({} VMs): {}",
+        mins(total),
+        reports.len(),
+        if ok { "all passed" } else { "FAILURES" }
+    );
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_markers_and_libtest_lines() {
+        let console = lines(
+            "[    1.0] Run /init as init process
+CTRACE-VM-KERNEL release=6.1.0-56-cloud-amd64 machine=x86_64 cpus=2 mem_kb=2000000
+CTRACE-VM-CONNTRACK max=65536
+CTRACE-VM-PROBE-BEGIN
+kernel 6.1.0-56-cloud-amd64
+auto picks: tracepoint
+CTRACE-VM-PROBE-END exit=0
+CTRACE-VM-BEGIN strategy=auto
+running 8 tests
+test a ... ok
+test b ... FAILED
+test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.1s
+CTRACE-VM-RESULT strategy=auto exit=101 secs=95
+CTRACE-VM-BEGIN strategy=kprobe
+running 8 tests",
+        );
+        let o = parse(&console, true, Some("qemu killed".into()));
+        assert_eq!(o.conntrack_max.as_deref(), Some("65536"));
+        assert_eq!(
+            o.probe,
+            ["kernel 6.1.0-56-cloud-amd64", "auto picks: tracepoint"]
+        );
+        assert_eq!(o.runs.len(), 2);
+        let r = &o.runs[0];
+        assert_eq!(
+            (r.strategy.as_str(), r.exit, r.secs, r.passed, r.failed),
+            ("auto", Some(101), Some(95), 7, 1)
+        );
+        assert_eq!(r.failed_tests, ["b"]);
+        assert_eq!(
+            (o.runs[1].strategy.as_str(), o.runs[1].exit),
+            ("kprobe", None)
+        );
+        assert!(!o.done);
+        assert_eq!(o.notes.len(), 3);
+    }
+
+    #[test]
+    fn counts_in_a_summary() {
+        let s = "test result: ok. 8 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1s";
+        assert_eq!(
+            (count(s, "passed"), count(s, "failed"), count(s, "ignored")),
+            (8, 0, 1)
+        );
+    }
+}
