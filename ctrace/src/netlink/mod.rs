@@ -785,7 +785,7 @@ impl NlSocket {
             }
         }
         let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
+            tv_sec: RECV_TIMEOUT.as_secs() as _,
             tv_usec: 0,
         };
         // SAFETY: passes a pointer to a live timeval and its exact size.
