@@ -76,6 +76,14 @@ pub struct WatchArgs {
     /// Forward the eBPF programs' own log (aya-log) to stderr.
     #[arg(long)]
     pub kernel_log: bool,
+    /// How often to re-read every table to show who occupies it, where no
+    /// kprobe tier keeps that current from insert/delete events. A dump of
+    /// a full 262,144-entry table costs about a second of kernel time.
+    #[arg(long, default_value = "10s", value_parser = parse_interval, value_name = "DURATION")]
+    pub occupancy_every: Duration,
+    /// Do not break tables down by occupier at all.
+    #[arg(long)]
+    pub no_occupancy: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -43,6 +43,17 @@ impl Proto {
         }
     }
 
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => wire::IPPROTO_TCP,
+            Proto::Udp => wire::IPPROTO_UDP,
+            Proto::Icmp => wire::IPPROTO_ICMP,
+            Proto::Icmpv6 => wire::IPPROTO_ICMPV6,
+            Proto::Sctp => wire::IPPROTO_SCTP,
+            Proto::Other(n) => n,
+        }
+    }
+
     pub fn has_ports(self) -> bool {
         matches!(self, Proto::Tcp | Proto::Udp | Proto::Sctp)
     }
@@ -92,6 +103,14 @@ impl Flow {
         })
     }
 
+    pub fn family_number(&self) -> u8 {
+        if self.src.is_ipv4() {
+            wire::AF_INET
+        } else {
+            wire::AF_INET6
+        }
+    }
+
     pub fn family(&self) -> &'static str {
         if self.src.is_ipv4() { "ipv4" } else { "ipv6" }
     }
@@ -137,6 +156,10 @@ pub struct EntryEvent {
     pub mono_ns: u64,
     pub change: EntryChange,
     pub flow: Flow,
+    /// The tuple's port fields as the kernel holds them; for ICMP the echo
+    /// id and type<<8|code, which `flow` does not show but which tell
+    /// entries apart.
+    pub raw_ports: (u16, u16),
     pub status: u32,
     pub timeout_jiffies: u32,
     pub tcp_state: u8,
@@ -238,6 +261,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
         mono_ns: raw.ts_ns,
         change,
         flow,
+        raw_ports: (raw.key.sport, raw.key.dport),
         status: raw.ct_status,
         timeout_jiffies: raw.ct_timeout_jiffies,
         tcp_state: raw.ct_tcp_state,

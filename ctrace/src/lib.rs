@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod lab;
 pub mod netlink;
 pub mod netns;
+pub mod occupancy;
 pub mod services;
 pub mod sink;
 pub mod source;

@@ -127,6 +127,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let facts = KernelFacts::gather();
     let cfg = WatchConfig {
         strategy: args.strategy,
+        occupancy_every: (!args.no_occupancy).then_some(args.occupancy_every),
         interval: args.interval,
         catalog,
         netns: NetnsFilter::new(args.netns.clone()),
@@ -171,6 +172,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         strategy: strategy::Strategy::Tracepoint,
         counters: Default::default(),
         tables: monitor.views(&[]),
+        occupancy: vec![],
         groups: vec![],
         evictions: vec![],
         top_flows: vec![],

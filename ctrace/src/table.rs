@@ -282,6 +282,16 @@ impl TableMonitor {
         self.names.get(&inode).and_then(|n| n.as_deref())
     }
 
+    /// The namespace's ctnetlink socket, for dumps.
+    pub fn socket(&mut self, inode: u64) -> Option<&mut CtSocket> {
+        self.tables.get_mut(&inode).map(|t| &mut t.sock)
+    }
+
+    /// Namespaces whose tables can be read.
+    pub fn inodes(&self) -> Vec<u64> {
+        self.tables.keys().copied().collect()
+    }
+
     pub fn sample(&mut self, inode: u64) {
         let Some(t) = self.tables.get_mut(&inode) else {
             return;

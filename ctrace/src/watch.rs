@@ -19,6 +19,8 @@ use crate::{
     cause::{self, Seen},
     event::{EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
+    netlink::ctnetlink::CtDumpEntry,
+    occupancy::{Breakdown, OccupancyTracker},
     services::Catalog,
     sink::{Sink, Snapshot},
     source::{Counters, EventSource},
@@ -28,6 +30,9 @@ use crate::{
 
 pub struct WatchConfig {
     pub strategy: Choice,
+    /// How often to re-dump tables for occupancy when no event tier keeps
+    /// it current; None turns occupancy off.
+    pub occupancy_every: Option<Duration>,
     pub interval: Duration,
     pub catalog: Catalog,
     pub netns: NetnsFilter,
@@ -42,6 +47,17 @@ pub struct Outcome {
     pub evictions: Vec<EvictionGroup>,
     pub tables: Vec<TableView>,
     pub flows: Vec<FlowEntry>,
+    pub occupancy: Vec<(u64, &'static str, Breakdown)>,
+}
+
+/// Who holds the entries: a baseline dump, then kept by insert/delete
+/// events on tiers that have them, else re-dumped periodically.
+struct Occupancy {
+    tracker: OccupancyTracker,
+    every: Duration,
+    last_dump: Option<Instant>,
+    lost_at_dump: u64,
+    hz: u32,
 }
 
 pub struct Watcher {
@@ -52,6 +68,7 @@ pub struct Watcher {
     interval: Duration,
     pending: Vec<KernelEvent>,
     started: Instant,
+    occupancy: Option<Occupancy>,
 }
 
 /// SIGINT/SIGTERM, caught from the moment this is made: install it before
@@ -103,6 +120,13 @@ impl Watcher {
             .with_context(|| format!("starting the {chosen} strategy"))?;
         let mut monitor = TableMonitor::new(cfg.netns);
         monitor.discover();
+        let occupancy = cfg.occupancy_every.map(|every| Occupancy {
+            tracker: OccupancyTracker::new(cfg.catalog.clone()),
+            every,
+            last_dump: None,
+            lost_at_dump: 0,
+            hz: facts.hz.max(1),
+        });
         log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
         Ok(Watcher {
             source,
@@ -112,6 +136,7 @@ impl Watcher {
             interval: cfg.interval,
             pending: Vec::new(),
             started: Instant::now(),
+            occupancy,
         })
     }
 
@@ -197,6 +222,88 @@ impl Watcher {
             let service = self.catalog.lookup(e.flow.proto, e.flow.dst.port());
             self.agg.evicted(&e.flow, service);
         }
+        let Some(occ) = self.occupancy.as_mut() else {
+            return;
+        };
+        let (family, proto) = (e.flow.family_number(), e.flow.proto.number());
+        let (sport, dport) = e.raw_ports;
+        match e.change {
+            EntryChange::Inserted => occ.tracker.insert(
+                e.flow.netns,
+                &CtDumpEntry {
+                    family,
+                    proto,
+                    src: e.flow.src.ip(),
+                    dst: e.flow.dst.ip(),
+                    sport,
+                    dport,
+                    tcp_state: (e.flow.proto == crate::event::Proto::Tcp).then_some(e.tcp_state),
+                    status: e.status,
+                    timeout_secs: e.timeout_jiffies / occ.hz,
+                    id: 0,
+                    zone: 0,
+                    mark: 0,
+                },
+            ),
+            EntryChange::Evicted | EntryChange::Deleted => occ.tracker.remove(
+                e.flow.netns,
+                family,
+                proto,
+                e.flow.src.ip(),
+                e.flow.dst.ip(),
+                sport,
+                dport,
+                0,
+            ),
+            EntryChange::InsertFailed => {}
+        }
+    }
+
+    /// Re-dumps tables when occupancy is due: on every period for tiers
+    /// without entry events, and for event tiers only at start and after
+    /// lost events (which may have been inserts or deletes).
+    fn refresh_occupancy(&mut self, lost_events: u64) {
+        let events_tier = self.exact();
+        let Some(occ) = self.occupancy.as_mut() else {
+            return;
+        };
+        let due = match occ.last_dump {
+            None => true,
+            Some(at) => {
+                at.elapsed() >= occ.every && (!events_tier || lost_events > occ.lost_at_dump)
+            }
+        };
+        if !due {
+            return;
+        }
+        for inode in self.monitor.inodes() {
+            let Some(sock) = self.monitor.socket(inode) else {
+                continue;
+            };
+            if let Err(e) = occ.tracker.baseline(inode, sock) {
+                log::debug!("netns {inode}: occupancy dump failed: {e:#}");
+            }
+        }
+        occ.last_dump = Some(Instant::now());
+        occ.lost_at_dump = lost_events;
+    }
+
+    fn occupancy_views(&self, tables: &[TableView]) -> Vec<(u64, &'static str, Breakdown)> {
+        let Some(occ) = self.occupancy.as_ref() else {
+            return vec![];
+        };
+        tables
+            .iter()
+            .filter_map(|t| {
+                let b = occ.tracker.breakdown(t.inode)?;
+                let source = match occ.tracker.source(t.inode)? {
+                    "events" => "events",
+                    _ if self.exact() => "dump+events",
+                    _ => "periodic_dump",
+                };
+                Some((t.inode, source, b))
+            })
+            .collect()
     }
 
     fn attribute(
@@ -262,12 +369,16 @@ impl Watcher {
         }
         self.agg.update_counts(&counts, &clock);
         let counters = self.source.counters()?;
+        self.refresh_occupancy(counters.lost_events);
+        let tables = self.monitor.views(&self.agg.netns_with_drops());
+        let occupancy = self.occupancy_views(&tables);
         let snap = Snapshot {
             time: SystemTime::now(),
             elapsed: self.started.elapsed(),
             strategy: self.source.strategy(),
             counters,
-            tables: self.monitor.views(&self.agg.netns_with_drops()),
+            tables,
+            occupancy,
             groups: self.agg.groups(),
             evictions: self.agg.evictions(),
             top_flows: self.agg.top_flows(10),
@@ -281,12 +392,14 @@ impl Watcher {
 
     /// The state right now, without waiting for a tick.
     pub fn outcome(&self) -> anyhow::Result<Outcome> {
+        let tables = self.monitor.views(&self.agg.netns_with_drops());
         Ok(Outcome {
             strategy: self.source.strategy(),
             counters: self.source.counters()?,
             groups: self.agg.groups(),
             evictions: self.agg.evictions(),
-            tables: self.monitor.views(&self.agg.netns_with_drops()),
+            occupancy: self.occupancy_views(&tables),
+            tables,
             flows: self.agg.flows().cloned().collect(),
         })
     }

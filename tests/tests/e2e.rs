@@ -482,3 +482,77 @@ fn probe_explains_every_tier_and_auto_takes_the_best() {
         assert_eq!(v["auto"], "tracepoint");
     }
 }
+
+/// 70% unanswered DNS, 20% established etcd-peer, 10% established other.
+fn mix_entry(i: u64) -> ctrace::netlink::ctnetlink::CtEntry {
+    use ctrace::netlink::ctnetlink::{
+        IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED,
+    };
+    let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);
+    let base = traffic::synthetic_entry(i, dst);
+    match i % 10 {
+        0..=6 => traffic::unreplied_dns_entry(i, dst),
+        7..=8 => ctrace::netlink::ctnetlink::CtEntry {
+            proto: 6,
+            dport: 2380,
+            tcp_state: Some(TCP_CONNTRACK_ESTABLISHED),
+            status: IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED,
+            ..base
+        },
+        _ => ctrace::netlink::ctnetlink::CtEntry {
+            proto: 6,
+            dport: 9999,
+            tcp_state: Some(TCP_CONNTRACK_ESTABLISHED),
+            status: IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED,
+            ..base
+        },
+    }
+}
+
+#[test]
+fn occupancy_matches_a_known_mix() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&[
+        "--netns",
+        &router.to_string(),
+        "--occupancy-every",
+        "1s",
+        "--interval",
+        "500ms",
+    ]);
+    // Filled while ctrace runs: the kprobe tier follows the inserts, the
+    // tracepoint tier re-dumps.
+    const N: u64 = 20_000;
+    let fill = traffic::fill_table_with(&topo.router, N, mix_entry, |_| {}).unwrap();
+    assert_eq!(fill.created, N);
+    std::thread::sleep(Duration::from_millis(2500));
+    let records = tracer.stop();
+    let s = final_summary(&records);
+    let occ = s["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["inode"] == router)
+        .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
+    let total = occ["total"].as_u64().unwrap();
+    // The router's own healthy traffic is nil here: the table is the mix.
+    assert!(total.abs_diff(N) <= N / 100, "total {total} vs {N}: {occ}");
+    let share = |k: &str| occ["by_service"][k].as_u64().unwrap_or(0) as f64 / N as f64;
+    for (service, want) in [("dns", 0.7), ("etcd-peer", 0.2), ("other", 0.1)] {
+        assert!(
+            (share(service) - want).abs() <= 0.01,
+            "{service}: {:.3} vs {want}: {occ}",
+            share(service)
+        );
+    }
+    let unreplied = occ["unreplied"].as_u64().unwrap() as f64 / N as f64;
+    assert!(
+        (unreplied - 0.7).abs() <= 0.01,
+        "unreplied {unreplied}: {occ}"
+    );
+    assert!(occ["source"].is_string(), "{occ}");
+}

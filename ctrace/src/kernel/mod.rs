@@ -15,6 +15,8 @@ pub struct KernelFacts {
     pub btf: Result<Btf, String>,
     pub tracefs: Result<PathBuf, String>,
     pub release: String,
+    /// CONFIG_HZ, to turn conntrack's jiffies into seconds.
+    pub hz: u32,
 }
 
 impl KernelFacts {
@@ -22,7 +24,9 @@ impl KernelFacts {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
+        let hz = config_hz(&release).unwrap_or(DEFAULT_HZ);
         KernelFacts {
+            hz,
             btf: Btf::vmlinux().map_err(|e| format!("{e:#}")),
             tracefs: tracefs::mounted_root().ok_or_else(|| {
                 "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".to_string()
@@ -30,6 +34,18 @@ impl KernelFacts {
             release,
         }
     }
+}
+
+/// When the kernel's config cannot be read: Debian's and most distributions'
+/// value. Only remaining-timeout buckets of kprobe-tier inserts use it.
+const DEFAULT_HZ: u32 = 250;
+
+/// CONFIG_HZ from /boot/config-RELEASE, where distributions install it.
+fn config_hz(release: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/boot/config-{release}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Gives this process a private mount namespace with tracefs mounted, when

@@ -102,6 +102,16 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             })
         })
         .collect();
+    let occupancy: Vec<Value> = s
+        .occupancy
+        .iter()
+        .map(|(inode, source, b)| {
+            let mut v = crate::occupancy::breakdown_json(b);
+            v["inode"] = json!(inode);
+            v["source"] = json!(source);
+            v
+        })
+        .collect();
     json!({
         "type": "summary",
         "time": rfc3339(s.time),
@@ -114,6 +124,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "netns": netns,
         "drops": drops,
         "evictions": evictions,
+        "occupancy": occupancy,
         "evicted_total": s.counters.evictions,
     })
 }

@@ -81,6 +81,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
             ),
         );
         w(&mut o, format!("  dropped: {causes}"));
+        if let Some((_, source, b)) = s.occupancy.iter().find(|(i, _, _)| *i == t.inode) {
+            w(&mut o, format!("  occupied by ({source}):"));
+            for line in crate::occupancy::render_top(b, 4) {
+                w(&mut o, format!("    {line}"));
+            }
+        }
         w(
             &mut o,
             format!(

@@ -22,6 +22,8 @@ pub struct Snapshot<'a> {
     pub strategy: Strategy,
     pub counters: Counters,
     pub tables: Vec<TableView>,
+    /// Per namespace: how the breakdown is kept, and the breakdown.
+    pub occupancy: Vec<(u64, &'static str, crate::occupancy::Breakdown)>,
     pub groups: Vec<DropGroup>,
     pub evictions: Vec<EvictionGroup>,
     pub top_flows: Vec<&'a FlowEntry>,
