@@ -32,7 +32,27 @@ pub fn object() -> anyhow::Result<&'static [u8]> {
 /// Forwards the programs' aya-log records to the `log` crate.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-pub fn kernel_logger(ebpf: &mut Ebpf, enabled: bool) -> Option<KernelLogger> {
+/// Loads the object with this kernel's layout; every tier starts here and
+/// then loads and attaches its own programs.
+pub fn load(
+    layout: &ctrace_common::KernelLayout,
+    kernel_log: bool,
+) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
+    let mut ebpf = aya::EbpfLoader::new()
+        .override_global("LAYOUT", layout, true)
+        // aya-log's level gate: 0 silences every log site in the programs.
+        .override_global(
+            "AYA_LOG_LEVEL",
+            &(if kernel_log { 0xffu8 } else { 0u8 }),
+            false,
+        )
+        .load(object()?)
+        .context("loading the eBPF object")?;
+    let logger = kernel_logger(&mut ebpf, kernel_log);
+    Ok((ebpf, logger))
+}
+
+fn kernel_logger(ebpf: &mut Ebpf, enabled: bool) -> Option<KernelLogger> {
     if !enabled {
         return None;
     }

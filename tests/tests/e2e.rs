@@ -472,6 +472,14 @@ fn probe_explains_every_tier_and_auto_takes_the_best() {
             .unwrap()
             .to_string()
     };
+    if std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists() {
+        // Distro kernels: conntrack is a module, fexit cannot attach to it
+        // with aya; auto must fall back and say why.
+        let fexit = tiers.iter().find(|t| t["strategy"] == "fexit").unwrap();
+        assert_eq!(fexit["usable"], false);
+        assert!(reason("fexit").contains("module"), "{}", reason("fexit"));
+        assert_ne!(v["auto"], "fexit");
+    }
     if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         // This host: no kprobes, fentry forbidden: auto must fall to tracepoint and say why.
         assert!(

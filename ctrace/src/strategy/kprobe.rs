@@ -12,10 +12,7 @@
 use std::{collections::HashSet, fs, path::Path};
 
 use anyhow::{Context as _, bail};
-use aya::{
-    EbpfLoader,
-    programs::{KProbe, ProgramType, TracePoint},
-};
+use aya::programs::{KProbe, ProgramType};
 use ctrace_common::KernelLayout;
 
 use super::program_type_loads;
@@ -138,17 +135,7 @@ pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSourc
     let (layout, with_tracepoint) = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
     let syms = kallsyms()?;
-    let object = crate::source::object()?;
-    let mut ebpf = EbpfLoader::new()
-        .override_global("LAYOUT", &layout, true)
-        .override_global(
-            "AYA_LOG_LEVEL",
-            &(if kernel_log { 0xffu8 } else { 0u8 }),
-            false,
-        )
-        .load(object)
-        .context("loading the eBPF object")?;
-    let logger = crate::source::kernel_logger(&mut ebpf, kernel_log);
+    let (mut ebpf, logger) = crate::source::load(&layout, kernel_log)?;
     for (name, function, required) in PROBES {
         if !syms.contains(*function) {
             if *required {
@@ -172,16 +159,7 @@ pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSourc
         }
     }
     if with_tracepoint {
-        let program: &mut TracePoint = ebpf
-            .program_mut(tracepoint::PROGRAM)
-            .context("the eBPF object has no kfree_skb program")?
-            .try_into()?;
-        program
-            .load()
-            .context("the verifier rejected the kfree_skb program")?;
-        program
-            .attach(tracepoint::CATEGORY, tracepoint::EVENT)
-            .context("attaching to skb:kfree_skb")?;
+        tracepoint::attach(&mut ebpf)?;
     }
     EventSource::new(ebpf, Strategy::Kprobe, logger)
 }

@@ -4,7 +4,7 @@
 //! fentry and has no kprobes). It sees drops after the fact, so the cause is
 //! inferred in user space (see `cause`).
 use anyhow::{Context as _, bail};
-use aya::{EbpfLoader, programs::ProgramType, programs::TracePoint};
+use aya::programs::{ProgramType, TracePoint};
 use ctrace_common::KernelLayout;
 
 use super::program_type_loads;
@@ -14,9 +14,9 @@ use crate::{
     strategy::Strategy,
 };
 
-pub const CATEGORY: &str = "skb";
-pub const EVENT: &str = "kfree_skb";
-pub const PROGRAM: &str = "ctrace_kfree_skb";
+const CATEGORY: &str = "skb";
+const EVENT: &str = "kfree_skb";
+const PROGRAM: &str = "ctrace_kfree_skb";
 
 /// Where the tracepoint record and the kernel structs keep what we read,
 /// on this kernel. The reason field moved between 6.1 (offset 28,
@@ -90,18 +90,13 @@ pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
 pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSource> {
     let layout = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
-    let object = crate::source::object()?;
-    let mut ebpf = EbpfLoader::new()
-        .override_global("LAYOUT", &layout, true)
-        // aya-log's level gate: 0 silences every log site in the programs.
-        .override_global(
-            "AYA_LOG_LEVEL",
-            &(if kernel_log { 0xffu8 } else { 0u8 }),
-            false,
-        )
-        .load(object)
-        .context("loading the eBPF object")?;
-    let logger = crate::source::kernel_logger(&mut ebpf, kernel_log);
+    let (mut ebpf, logger) = crate::source::load(&layout, kernel_log)?;
+    attach(&mut ebpf)?;
+    EventSource::new(ebpf, Strategy::Tracepoint, logger)
+}
+
+/// Loads and attaches the kfree_skb program (the kprobe tier uses it too).
+pub fn attach(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
     let program: &mut TracePoint = ebpf
         .program_mut(PROGRAM)
         .context("the eBPF object has no kfree_skb program")?
@@ -112,5 +107,5 @@ pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSourc
     program
         .attach(CATEGORY, EVENT)
         .context("attaching to skb:kfree_skb")?;
-    EventSource::new(ebpf, Strategy::Tracepoint, logger)
+    Ok(())
 }
