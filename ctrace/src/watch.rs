@@ -259,33 +259,39 @@ impl Watcher {
         }
     }
 
-    /// Re-dumps tables when occupancy is due: on every period for tiers
-    /// without entry events, and for event tiers only at start and after
-    /// lost events (which may have been inserts or deletes).
-    fn refresh_occupancy(&mut self, lost_events: u64) {
+    /// Re-dumps tables when occupancy is due: every period (and for the
+    /// final report) on tiers without entry events; on event tiers only for
+    /// namespaces not yet baselined, and after lost events (which may have
+    /// been inserts or deletes).
+    fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
         let events_tier = self.exact();
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
-        let due = match occ.last_dump {
+        let all_due = match occ.last_dump {
             None => true,
+            Some(_) if is_final => !events_tier,
             Some(at) => {
                 at.elapsed() >= occ.every && (!events_tier || lost_events > occ.lost_at_dump)
             }
         };
-        if !due {
-            return;
-        }
+        let mut dumped = false;
         for inode in self.monitor.inodes() {
+            if !all_due && occ.tracker.source(inode).is_some() {
+                continue;
+            }
             let Some(sock) = self.monitor.socket(inode) else {
                 continue;
             };
             if let Err(e) = occ.tracker.baseline(inode, sock) {
                 log::debug!("netns {inode}: occupancy dump failed: {e:#}");
             }
+            dumped = true;
         }
-        occ.last_dump = Some(Instant::now());
-        occ.lost_at_dump = lost_events;
+        if all_due || (dumped && occ.last_dump.is_none()) {
+            occ.last_dump = Some(Instant::now());
+            occ.lost_at_dump = lost_events;
+        }
     }
 
     fn occupancy_views(&self, tables: &[TableView]) -> Vec<(u64, &'static str, Breakdown)> {
@@ -369,7 +375,7 @@ impl Watcher {
         }
         self.agg.update_counts(&counts, &clock);
         let counters = self.source.counters()?;
-        self.refresh_occupancy(counters.lost_events);
+        self.refresh_occupancy(counters.lost_events, is_final);
         let tables = self.monitor.views(&self.agg.netns_with_drops());
         let occupancy = self.occupancy_views(&tables);
         let snap = Snapshot {

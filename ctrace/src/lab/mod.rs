@@ -271,7 +271,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     let facts = KernelFacts::gather();
     let cfg = WatchConfig {
         strategy: args.strategy,
-        occupancy_every: Some(Duration::from_secs(2)),
+        occupancy_every: Some(Duration::from_secs(5)),
         interval: Duration::from_secs(1),
         catalog: Catalog::with_defaults(),
         netns: NetnsFilter::new(vec![topo.router.inode().to_string()]),
