@@ -564,3 +564,57 @@ fn occupancy_matches_a_known_mix() {
     );
     assert!(occ["source"].is_string(), "{occ}");
 }
+
+#[test]
+fn lab_passes_and_restores_nf_conntrack_max() {
+    if !privileged() {
+        return;
+    }
+    let before = global_max();
+    let mut cmd = std::process::Command::new(ctrace_bin());
+    cmd.args(["lab", "--max", "2048", "--flows", "2"]);
+    if let Some(s) = ctrace_tests::strategy() {
+        cmd.args(["--strategy", &s]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "lab failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PASS"), "{stdout}");
+    assert_eq!(
+        global_max(),
+        before,
+        "a finished lab must restore nf_conntrack_max"
+    );
+
+    // Interrupted halfway: still restored.
+    let mut child = std::process::Command::new(ctrace_bin())
+        .args(["lab", "--max", "2048", "--flows", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    // Wait until the lab has lowered the limit and filled the table.
+    while std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0
+        && !line.contains("incident phase")
+    {
+        line.clear();
+    }
+    assert_eq!(
+        global_max(),
+        2048,
+        "the lab should run with the lowered limit"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait().unwrap();
+    assert_eq!(
+        global_max(),
+        before,
+        "an interrupted lab must restore nf_conntrack_max"
+    );
+}

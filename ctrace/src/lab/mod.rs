@@ -40,7 +40,19 @@ use traffic::{Attempt, Listeners, Planned};
 
 pub const NF_CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
-/// Sets a sysctl and puts the old value back when dropped.
+/// Sysctls changed and not yet restored, for the panic hook: release
+/// builds abort on panic, so Drop alone would not run.
+static TO_RESTORE: std::sync::Mutex<Vec<(&'static str, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn restore(path: &'static str, old: &str) {
+    if let Err(e) = fs::write(path, old) {
+        eprintln!("ctrace: could not restore {path} to {old}: {e}");
+    }
+}
+
+/// Sets a sysctl and puts the old value back when dropped, on Ctrl-C and
+/// SIGTERM (which end the run normally), and on a panic.
 pub struct SysctlGuard {
     path: &'static str,
     old: String,
@@ -48,22 +60,34 @@ pub struct SysctlGuard {
 
 impl SysctlGuard {
     pub fn set(path: &'static str, value: &str) -> anyhow::Result<SysctlGuard> {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if let Ok(list) = TO_RESTORE.lock() {
+                    for (path, old) in list.iter() {
+                        restore(path, old);
+                    }
+                }
+                previous(info);
+            }));
+        });
         let old = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        let old = old.trim().to_string();
+        TO_RESTORE
+            .lock()
+            .map_err(|_| anyhow::anyhow!("restore list poisoned"))?
+            .push((path, old.clone()));
         fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
-        Ok(SysctlGuard {
-            path,
-            old: old.trim().to_string(),
-        })
+        Ok(SysctlGuard { path, old })
     }
 }
 
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
-        if let Err(e) = fs::write(self.path, &self.old) {
-            eprintln!(
-                "ctrace: could not restore {} to {}: {e}",
-                self.path, self.old
-            );
+        restore(self.path, &self.old);
+        if let Ok(mut list) = TO_RESTORE.lock() {
+            list.retain(|(p, _)| *p != self.path);
         }
     }
 }
