@@ -44,11 +44,22 @@ pub struct VmArgs {
     /// Kernel to test, repeatable: a series (`6.1`, `6.12`), a Debian kernel
     /// ABI (`6.1.0-56`, `6.12.117+deb12`) or a package version
     /// (`6.1.192-2`). Default: the newest kernel of every cloud series apt
-    /// offers.
-    #[arg(long = "kernel", value_name = "NAME")]
+    /// offers. (The environment variable takes a comma-separated list.)
+    #[arg(
+        long = "kernel",
+        env = "CTRACE_VM_KERNELS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
     pub kernels: Vec<String>,
     /// Guest architecture, repeatable. Default: both.
-    #[arg(long = "arch", value_enum, value_name = "ARCH")]
+    #[arg(
+        long = "arch",
+        env = "CTRACE_VM_ARCHES",
+        value_delimiter = ',',
+        value_enum,
+        value_name = "ARCH"
+    )]
     pub arches: Vec<Arch>,
     /// Strategies to run the suite with, one run each (space or comma
     /// separated). `auto` lets ctrace pick.
@@ -207,10 +218,31 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
             continue;
         }
         let apt = apt::Apt::for_arch(&host, arch, &cache)?;
-        let bins = Binaries {
-            ctrace: crate::build(Some(arch.musl_target()))?,
-            e2e: build_e2e(arch.musl_target())?,
-            busybox: apt::busybox(&host, &apt, arch, &cache)?,
+        let bins = (|| {
+            Ok::<_, anyhow::Error>(Binaries {
+                ctrace: crate::build(Some(arch.musl_target()))?,
+                e2e: build_e2e(arch.musl_target())?,
+                busybox: apt::busybox(&host, &apt, arch, &cache)?,
+            })
+        })();
+        let bins = match bins {
+            Ok(b) => b,
+            // Report it with the other architecture's results, not instead.
+            Err(e) => {
+                step(&format!("{}: {e:#}", arch.name()));
+                for k in kernels {
+                    outcomes.push(report::VmReport {
+                        kernel: k.clone(),
+                        strategies: strategies.clone(),
+                        wall: Duration::ZERO,
+                        outcome: report::Outcome::failed_to_start(format!(
+                            "building the {} binaries failed: {e:#}",
+                            arch.name()
+                        )),
+                    });
+                }
+                continue;
+            }
         };
         for k in kernels {
             let vm_started = Instant::now();
@@ -232,11 +264,10 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
                     qemu::run(&boot)
                 })
                 .map(|console| {
-                    report::parse(
-                        &console.lines,
-                        console.timed_out,
-                        console.status_note.clone(),
-                    )
+                    let mut o =
+                        report::parse(&console.lines, console.timed_out, console.status_note);
+                    o.qemu = Some(console.wall);
+                    o
                 })
                 .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
             outcomes.push(report::VmReport {
@@ -311,9 +342,13 @@ fn build_e2e(target: &str) -> anyhow::Result<PathBuf> {
     // JSON on stdout for us, human diagnostics on stderr for people.
     .arg("--message-format=json-render-diagnostics")
     .current_dir(workspace_root())
-    // The test executable runs CTRACE_BIN for all tracing, so it needs
-    // no eBPF object of its own.
-    .env("AYA_BUILD_SKIP", "1")
+    // Same environment as build(), AYA_BUILD_SKIP unset too, although the
+    // test executable never loads the eBPF object it then embeds (it runs
+    // CTRACE_BIN): ctrace's build script reruns whenever AYA_BUILD_SKIP
+    // flips, and both ctrace builds for this target would then be redone
+    // on every run (~1 min per architecture). The object is built once,
+    // by build(), either way.
+    .env_remove("AYA_BUILD_SKIP")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     cargo_env(&mut cmd, &tools);

@@ -6,7 +6,8 @@
 //! host) are looked up and downloaded with a private apt state (lists and
 //! caches under the VM cache), so the system's apt setup stays untouched.
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -21,6 +22,8 @@ use crate::{output, run, step};
 pub struct Host {
     /// `apt-get update` runs at most once per xtask run.
     updated: Cell<bool>,
+    /// Packages already checked in this run (said once, not per use).
+    ensured: RefCell<BTreeSet<String>>,
     deb_arch: String,
 }
 
@@ -31,6 +34,7 @@ impl Host {
             .unwrap_or_else(|_| "amd64".into());
         Host {
             updated: Cell::new(false),
+            ensured: RefCell::default(),
             deb_arch,
         }
     }
@@ -42,6 +46,9 @@ impl Host {
 
     /// Installs `pkg` unless it is there already; says which.
     pub fn ensure_installed(&self, pkg: &str) -> anyhow::Result<()> {
+        if !self.ensured.borrow_mut().insert(pkg.to_string()) {
+            return Ok(());
+        }
         if self.is_installed(pkg) {
             step(&format!("{pkg}: present"));
             return Ok(());

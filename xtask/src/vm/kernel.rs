@@ -195,7 +195,9 @@ pub fn resolve(
             }
         }
     }
-    picked.dedup_by(|a, b| a.package == b.package);
+    // `--kernel 6.1 --kernel 6.1.0-56` may name one package twice.
+    let mut seen = BTreeSet::new();
+    picked.retain(|k| seen.insert(k.package.clone()));
     Ok(picked)
 }
 

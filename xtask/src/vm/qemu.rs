@@ -9,7 +9,7 @@ use std::{
     io::{BufRead as _, BufReader, Read, Write as _},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -36,6 +36,8 @@ pub struct Console {
     pub timed_out: bool,
     /// How qemu ended, when that is worth saying (killed, error status).
     pub status_note: Option<String>,
+    /// From qemu's start to its exit.
+    pub wall: Duration,
 }
 
 /// After /init says it is done, qemu should exit within seconds.
@@ -89,7 +91,9 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
     .stderr(Stdio::piped());
     // SAFETY: prctl is async-signal-safe. If xtask dies for any reason
     // (Ctrl-C reaches qemu directly, being in our process group; SIGTERM
-    // or SIGKILL to xtask does not), the kernel kills qemu with it.
+    // or SIGKILL to xtask does not), the kernel kills qemu with it. (The
+    // signal follows the spawning thread: this one, which is xtask's main
+    // thread and lives as long as xtask.)
     unsafe {
         cmd.pre_exec(|| {
             if prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 {
@@ -139,7 +143,7 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             );
             step(&note);
             writeln!(log, "# {note}")?;
-            kill(&mut child);
+            let _ = child.kill();
             break;
         }
         match rx.recv_timeout((limit - now).min(Duration::from_secs(1))) {
@@ -169,20 +173,19 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
         lines,
         timed_out,
         status_note,
+        wall,
     })
 }
 
-/// Sends each line of `r` to `tx`, carriage returns and all oddities
-/// stripped, from a thread of its own.
+/// Sends each line of `r` to `tx`, cleaned for logs, from a thread of
+/// its own.
 fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     std::thread::spawn(move || {
         let mut r = BufReader::new(r);
         let mut buf = vec![];
         // Raw bytes: the guest console is not guaranteed to be UTF-8.
         while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
-            if tx.send(line).is_err() {
+            if tx.send(clean(&String::from_utf8_lossy(&buf))).is_err() {
                 break;
             }
             buf.clear();
@@ -190,13 +193,48 @@ fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     });
 }
 
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-}
-
 const PR_SET_PDEATHSIG: i32 = 1;
 const SIGKILL: u64 = 9;
 
 unsafe extern "C" {
     fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+}
+
+/// `line` without terminal control sequences (the firmware clears the
+/// screen, libtest may colour) and other control characters, which only
+/// garble logs.
+fn clean(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // CSI (ESC [ parameters… final byte in @..~) or a two-byte
+            // escape such as ESC c (reset).
+            '\x1b' => {
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clean_strips_terminal_controls() {
+        assert_eq!(
+            super::clean("Booting from ROM..\x1bc\x1b[?7l\x1b[2JCTRACE-VM-KERNEL x\r\n"),
+            "Booting from ROM..CTRACE-VM-KERNEL x"
+        );
+        assert_eq!(super::clean("\x1b[31mFAILED\x1b[0m\tok"), "FAILED\tok");
+    }
 }

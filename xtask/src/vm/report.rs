@@ -22,8 +22,8 @@ impl Run {
     fn verdict(&self) -> &'static str {
         match self.exit {
             Some(0) => "PASS",
-            // 128 + SIGKILL from /init's `timeout -s KILL`.
-            Some(137) => "HUNG",
+            // 128 + SIGKILL: /init's `timeout -s KILL` (run limit), or the OOM killer.
+            Some(137) => "KILLED",
             Some(_) => "FAIL",
             None => "NO RESULT",
         }
@@ -42,6 +42,8 @@ pub struct Outcome {
     /// /init's CTRACE-VM-NOTEs, and what went wrong with the VM itself.
     pub notes: Vec<String>,
     pub done: bool,
+    /// How long qemu ran (the rest of a VM's wall time is preparing it).
+    pub qemu: Option<Duration>,
 }
 
 impl Outcome {
@@ -61,15 +63,18 @@ pub struct VmReport {
 }
 
 impl VmReport {
-    /// The run of `strategy`, or a placeholder if the VM never got to it.
-    fn run(&self, strategy: &str) -> Option<&Run> {
-        self.outcome.runs.iter().find(|r| r.strategy == strategy)
+    /// The `i`th requested run, if the VM got to it. /init runs the
+    /// strategies in the order given, so position is identity (a strategy
+    /// may be listed twice, e.g. to look for flakiness).
+    fn run(&self, i: usize) -> Option<&Run> {
+        self.outcome
+            .runs
+            .get(i)
+            .filter(|r| Some(&r.strategy) == self.strategies.get(i))
     }
 
     fn ok(&self) -> bool {
-        self.strategies
-            .iter()
-            .all(|s| self.run(s).is_some_and(|r| r.exit == Some(0)))
+        (0..self.strategies.len()).all(|i| self.run(i).is_some_and(|r| r.exit == Some(0)))
     }
 }
 
@@ -169,16 +174,29 @@ fn mins(d: Duration) -> String {
 
 /// Prints the results table; true if every requested run passed.
 pub fn print(reports: &[VmReport], total: Duration) -> bool {
-    let rule = "-".repeat(96);
+    let label = |r: &VmReport| format!("{} ({})", r.kernel.version, r.kernel.series);
+    let kw = reports
+        .iter()
+        .map(|r| label(r).len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let sw = reports
+        .iter()
+        .flat_map(|r| r.strategies.iter().map(String::len))
+        .max()
+        .unwrap_or(0)
+        .max(8);
+    let rule = "-".repeat(kw + sw + 64);
     println!("\n{rule}\nctrace VM matrix: kernel x arch x strategy\n{rule}");
     println!(
-        "{:<24} {:<8} {:<11} {:<10} {:<28} {:>8}",
+        "{:<kw$}  {:<8} {:<sw$}  {:<10} {:<26} {:>8}",
         "kernel", "arch", "strategy", "result", "tests", "time"
     );
     for r in reports {
-        let kernel = format!("{} ({})", r.kernel.version, r.kernel.series);
-        for s in &r.strategies {
-            let (verdict, tests, time) = match r.run(s) {
+        let kernel = label(r);
+        for (i, s) in r.strategies.iter().enumerate() {
+            let (verdict, tests, time) = match r.run(i) {
                 Some(run) => (
                     run.verdict(),
                     match &run.summary {
@@ -192,7 +210,7 @@ pub fn print(reports: &[VmReport], total: Duration) -> bool {
                 None => ("NO RESULT", "-".into(), "-".into()),
             };
             println!(
-                "{kernel:<24} {:<8} {s:<11} {verdict:<10} {tests:<28} {time:>8}",
+                "{kernel:<kw$}  {:<8} {s:<sw$}  {verdict:<10} {tests:<26} {time:>8}",
                 r.kernel.arch.name()
             );
         }
@@ -202,11 +220,12 @@ pub fn print(reports: &[VmReport], total: Duration) -> bool {
     for r in reports {
         let o = &r.outcome;
         println!(
-            "\n{} {} ({}): VM wall time {}, nf_conntrack_max {}",
+            "\n{} {} ({}): VM wall time {} (qemu {}), nf_conntrack_max {}",
             r.kernel.arch.name(),
             r.kernel.version,
             r.kernel.package,
             mins(r.wall),
+            o.qemu.map_or("-".into(), mins),
             o.conntrack_max.as_deref().unwrap_or("unknown")
         );
         if let Some(k) = &o.kernel_line {
@@ -234,10 +253,13 @@ pub fn print(reports: &[VmReport], total: Duration) -> bool {
         }
     }
     let ok = reports.iter().all(VmReport::ok);
+    let in_vms: Duration = reports.iter().map(|r| r.wall).sum();
     println!(
-        "\ntotal wall time {} ({} VMs): {}",
+        "\ntotal wall time {} ({} VMs {}, builds and setup {}): {}",
         mins(total),
         reports.len(),
+        mins(in_vms),
+        mins(total.saturating_sub(in_vms)),
         if ok { "all passed" } else { "FAILURES" }
     );
     ok
