@@ -196,26 +196,12 @@ pub fn synthetic_entry(i: u64, dst: IpAddr) -> CtEntry {
         0x0a80_0000u32 + (i / 50_000) as u32 + 1,
     ));
     let sport = 1024 + (i % 50_000) as u16;
-    let (proto, dport, tcp_state) = match i % 10 {
-        0..=6 => (17u8, 53u16, None),
-        7..=8 => (6u8, 2380u16, Some(ctnetlink::TCP_CONNTRACK_ESTABLISHED)),
-        _ => (6u8, 443u16, Some(ctnetlink::TCP_CONNTRACK_ESTABLISHED)),
+    let (proto, dport) = match i % 10 {
+        0..=6 => (17u8, 53u16),
+        7..=8 => (6u8, 2380u16),
+        _ => (6u8, 443u16),
     };
-    CtEntry {
-        family: if dst.is_ipv4() {
-            libc::AF_INET as u8
-        } else {
-            libc::AF_INET6 as u8
-        },
-        proto,
-        src,
-        dst,
-        sport,
-        dport,
-        tcp_state,
-        status: ctnetlink::IPS_ASSURED | ctnetlink::IPS_SEEN_REPLY | ctnetlink::IPS_CONFIRMED,
-        timeout_secs: 3600,
-    }
+    CtEntry::assured(proto, src, sport, dst, dport, 3600)
 }
 
 /// Entries nobody answered (no SEEN_REPLY, not ASSURED): exactly what
