@@ -268,6 +268,14 @@ fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The environment every build of ours gives cargo: bpf-linker on PATH, and
+/// RUSTC_BOOTSTRAP for `-Z build-std=core` on the pinned stable toolchain.
+fn cargo_env<'a>(cmd: &'a mut Command, tools: &Tools) -> &'a mut Command {
+    cmd.env("PATH", path_with(&tools.bin))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
+}
+
 fn path_with(bin: &Path) -> OsString {
     let mut paths = vec![bin.to_path_buf()];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
@@ -312,11 +320,8 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         "ctrace",
     ])
     .current_dir(&root)
-    .env("PATH", path_with(&tools.bin))
-    // -Z build-std=core for the eBPF crate on a stable toolchain.
-    .env("RUSTC_BOOTSTRAP", "1")
-    .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
     .env_remove("AYA_BUILD_SKIP");
+    cargo_env(&mut cmd, &tools);
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }

@@ -36,7 +36,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use crate::{Tools, path_with, setup, step, workspace_root};
+use crate::{cargo_env, setup, step, workspace_root};
 
 /// Options shared by `vm-test` and the VM part of `test`.
 #[derive(Args, Debug, Clone)]
@@ -311,14 +311,6 @@ fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArg
         s.push_str(&format!(" ctrace.filter={f}"));
     }
     s
-}
-
-/// The environment `build()` gives cargo: bpf-linker on PATH, and
-/// RUSTC_BOOTSTRAP for `-Z build-std` on the pinned stable toolchain.
-fn cargo_env<'a>(cmd: &'a mut Command, tools: &Tools) -> &'a mut Command {
-    cmd.env("PATH", path_with(&tools.bin))
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
 }
 
 /// Builds the e2e test executable for `target` and returns its path,
