@@ -11,8 +11,18 @@ fn main() -> anyhow::Result<()> {
         fs::write(out.join("ctrace-ebpf"), [])?;
         return Ok(());
     }
-    let toolchain = env::var("CTRACE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.99.1".into());
+    // The object is built by the toolchain building user space unless told
+    // otherwise: bpf-linker has to match that toolchain's LLVM either way.
     println!("cargo::rerun-if-env-changed=CTRACE_EBPF_TOOLCHAIN");
+    println!("cargo::rerun-if-env-changed=RUSTUP_TOOLCHAIN");
+    let toolchain = env::var("CTRACE_EBPF_TOOLCHAIN")
+        .or_else(|_| env::var("RUSTUP_TOOLCHAIN"))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no toolchain for the eBPF object: build with `cargo xtask build`, \
+                 or set CTRACE_EBPF_TOOLCHAIN (or use rustup's `cargo +TOOLCHAIN`)"
+            )
+        })?;
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../ctrace-ebpf");
     let root = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(

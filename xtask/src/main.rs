@@ -1,10 +1,15 @@
 //! `cargo xtask`: the project's own build and test tooling.
 //!
 //! Everything a fresh machine lacks is installed here, idempotently: the
-//! pinned toolchain's rust-src (via rust-toolchain.toml), and bpf-linker
-//! built against that toolchain's own libLLVM (bitcode from LLVM N cannot
-//! be read by a linker built on LLVM N-1, and no prebuilt binary can be
-//! downloaded here).
+//! pinned toolchain with rust-src, and bpf-linker built against that
+//! toolchain's own libLLVM (bitcode from LLVM N cannot be read by a linker
+//! built on LLVM N-1, and no prebuilt binary can be downloaded here).
+//!
+//! xtask itself builds with whatever toolchain `cargo` finds (the
+//! machine's default), and runs every other cargo command on the pinned
+//! one. A rust-toolchain.toml would make rustup demand the pinned toolchain
+//! before xtask could install it, and rustup's auto-install is often off
+//! (RUSTUP_AUTO_INSTALL=0), so `cargo xtask` on a fresh machine would fail.
 use std::{
     env,
     ffi::OsString,
@@ -119,14 +124,32 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// The toolchain pinned in rust-toolchain.toml.
+/// The toolchain pinned in the workspace manifest,
+/// `[workspace.metadata.ctrace] toolchain = "…"`.
 fn toolchain() -> anyhow::Result<String> {
-    let text = fs::read_to_string(workspace_root().join("rust-toolchain.toml"))?;
+    let manifest = workspace_root().join("Cargo.toml");
+    let text = fs::read_to_string(&manifest)?;
     text.lines()
-        .find_map(|l| l.trim().strip_prefix("channel"))
+        .skip_while(|l| l.trim() != "[workspace.metadata.ctrace]")
+        .find_map(|l| l.trim().strip_prefix("toolchain"))
         .and_then(|l| l.split('"').nth(1))
         .map(str::to_string)
-        .context("no channel in rust-toolchain.toml")
+        .with_context(|| {
+            format!(
+                "no toolchain under [workspace.metadata.ctrace] in {}",
+                manifest.display()
+            )
+        })
+}
+
+/// `cargo` on the pinned toolchain. RUSTUP_TOOLCHAIN rather than `+tc`:
+/// it reaches every rustc and cargo the build starts in turn (build
+/// scripts, aya-build's nested cargo), and it overrides the variable
+/// rustup set for xtask itself.
+fn cargo(tc: &str) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env("RUSTUP_TOOLCHAIN", tc);
+    cmd
 }
 
 /// Where bpf-linker for this toolchain lives. Outside the work tree, so a
@@ -145,10 +168,9 @@ struct Tools {
     bin: PathBuf,
 }
 
-fn setup() -> anyhow::Result<Tools> {
+/// Installs the pinned toolchain and the components we use, if missing.
+fn ensure_toolchain() -> anyhow::Result<String> {
     let tc = toolchain()?;
-    // rustup installs the pinned toolchain and its components (rust-src)
-    // on first use of any cargo command here; make it explicit and visible.
     let have = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if have.lines().any(|l| l.starts_with(&tc)) {
         step(&format!("toolchain {tc}: present"));
@@ -177,7 +199,11 @@ fn setup() -> anyhow::Result<Tools> {
         step("rust-src: installing");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
     }
+    Ok(tc)
+}
 
+fn setup() -> anyhow::Result<Tools> {
+    let tc = ensure_toolchain()?;
     let dir = tools_dir(&tc);
     let linker = dir.join("bin/bpf-linker");
     if linker.exists() {
@@ -268,10 +294,12 @@ fn install_bpf_linker(tc: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The environment every build of ours gives cargo: bpf-linker on PATH, and
-/// RUSTC_BOOTSTRAP for `-Z build-std=core` on the pinned stable toolchain.
+/// The environment every build of ours gives cargo: the pinned toolchain,
+/// bpf-linker on PATH, and RUSTC_BOOTSTRAP for `-Z build-std=core` on that
+/// stable toolchain.
 fn cargo_env<'a>(cmd: &'a mut Command, tools: &Tools) -> &'a mut Command {
-    cmd.env("PATH", path_with(&tools.bin))
+    cmd.env("RUSTUP_TOOLCHAIN", &tools.toolchain)
+        .env("PATH", path_with(&tools.bin))
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CTRACE_EBPF_TOOLCHAIN", &tools.toolchain)
 }
@@ -353,7 +381,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         step("not root: the end-to-end tests will say they cannot run and skip");
     }
     step("running unit and end-to-end tests");
-    let mut cmd = Command::new("cargo");
+    let mut cmd = cargo(&toolchain()?);
     cmd.arg("test")
         .current_dir(&root)
         // Unit tests need no eBPF object; the end-to-end tests run the
@@ -371,11 +399,12 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn lint() -> anyhow::Result<()> {
+    let tc = ensure_toolchain()?;
     let root = workspace_root();
-    run(Command::new("cargo")
+    run(cargo(&tc)
         .args(["fmt", "--all", "--check"])
         .current_dir(&root))?;
-    run(Command::new("cargo")
+    run(cargo(&tc)
         .args(["clippy", "--all-targets", "--", "-D", "warnings"])
         .current_dir(&root)
         .env("AYA_BUILD_SKIP", "1"))

@@ -149,12 +149,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// ctrace agrees with the ground truth, and the incident happened. A
+    /// connection that got through (early_drop found a victim, the GC freed
+    /// a slot) is not ctrace's error: it is judged by what it reported.
     pub fn passed(&self) -> bool {
         self.healthy_ok
-            && self
-                .rows
-                .iter()
-                .all(|r| r.failed == r.attempts && r.ctrace_flows == r.failed)
+            && self.rows.iter().any(|r| r.failed > 0)
+            && self.rows.iter().all(|r| r.ctrace_flows == r.failed)
             && self.ctrace_packets == self.conntrack_drops
     }
 
@@ -200,6 +201,16 @@ impl Report {
             self.fill_time.as_secs_f64(),
             self.lost_events
         );
+        let through: u64 = self.rows.iter().map(|r| r.attempts - r.failed).sum();
+        if through > 0 {
+            o += &format!(
+                "  {through} incident connection(s) got through: the table had room for them \
+                 (evictions, expiries)\n"
+            );
+        }
+        if self.rows.iter().all(|r| r.failed == 0) {
+            o += "  NO CONNECTION FAILED: the incident was not reproduced\n";
+        }
         o += if self.passed() {
             "  PASS\n"
         } else {
@@ -241,6 +252,13 @@ fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
     let healthy = traffic::attempt_all(&topo.clients, &healthy_plan, Duration::from_secs(3))?;
 
     let mut ct = CtSocket::open(Some(&topo.router))?;
+    // The healthy phase leaves entries early_drop may evict (its DNS
+    // exchange never becomes ASSURED, closed TCP flows can be dropped
+    // early), and each eviction would let one incident flow through.
+    // Start the incident from a table of the fill's ASSURED entries only,
+    // as on a router whose table is full of long-lived connections.
+    std::thread::sleep(Duration::from_millis(200));
+    ct.flush()?;
     let before_fill = ct.stats()?;
     let want = max.saturating_sub(before_fill.entries) + 16;
     eprintln!(
@@ -372,5 +390,48 @@ fn judge(truth: &Truth, outcome: &Outcome) -> Report {
         lost_events: outcome.counters.lost_events,
         fill_entries: truth.fill.created,
         fill_time: truth.fill.elapsed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(rows: &[(u64, u64, u64)], ctrace_packets: u64, conntrack_drops: u64) -> Report {
+        Report {
+            rows: rows
+                .iter()
+                .enumerate()
+                .map(|(i, &(attempts, failed, ctrace_flows))| Row {
+                    service: format!("s{i}"),
+                    attempts,
+                    failed,
+                    ctrace_flows,
+                    ctrace_packets: 0,
+                })
+                .collect(),
+            healthy_ok: true,
+            conntrack_drops,
+            ctrace_packets,
+            lost_events: 0,
+            fill_entries: 0,
+            fill_time: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn verdict_judges_ctrace_against_truth() {
+        assert!(report(&[(2, 2, 2), (2, 2, 2)], 8, 8).passed());
+        // A flow let through by an eviction is fine if ctrace agrees.
+        let r = report(&[(2, 1, 1), (2, 2, 2)], 6, 6);
+        assert!(r.passed());
+        assert!(r.render().contains("1 incident connection(s) got through"));
+        // ctrace missing a failed flow, or miscounting packets, is not.
+        assert!(!report(&[(2, 2, 1), (2, 2, 2)], 8, 8).passed());
+        assert!(!report(&[(2, 2, 2), (2, 2, 2)], 7, 8).passed());
+        // Nothing failed: no incident, nothing judged.
+        let r = report(&[(2, 0, 0), (2, 0, 0)], 0, 0);
+        assert!(!r.passed());
+        assert!(r.render().contains("NO CONNECTION FAILED"));
     }
 }

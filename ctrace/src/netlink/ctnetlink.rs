@@ -684,6 +684,16 @@ impl CtSocket {
         Ok(seen)
     }
 
+    /// Empties the namespace's table (IPCTNL_MSG_CT_DELETE without a
+    /// tuple, every family), as `conntrack -F` does.
+    pub fn flush(&mut self) -> Result<()> {
+        let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_DELETE), 0);
+        msg.header(&nfgenmsg(libc::AF_UNSPEC as u8, 0));
+        self.0
+            .request_ack(msg)
+            .context("flushing the conntrack table")
+    }
+
     /// Deletes the entry whose original tuple is `entry`'s (default zone),
     /// IPCTNL_MSG_CT_DELETE. Fails with ENOENT ([`NlError`]) when there is
     /// none.
