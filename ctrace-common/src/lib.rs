@@ -52,6 +52,20 @@ pub struct FlowStats {
     pub _pad: [u8; 6],
 }
 
+/// Key of the in-kernel eviction aggregate (kprobe tier): whose entries
+/// early_drop threw out, by namespace, protocol and the entry's original
+/// destination port (the service). Counted in the kernel, so a burst of
+/// entry events that overflows the ring buffer cannot lose an eviction.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct EvictKey {
+    pub netns: u32,
+    /// Host byte order.
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+
 /// What happened. The tracepoint tier only reports `DROP`; the kprobe tier
 /// sees conntrack's own decisions and reports the rest.
 pub mod kind {
@@ -104,7 +118,8 @@ pub struct Event {
 
 /// Indices of the per-CPU counter array `COUNTERS`.
 pub mod counter {
-    /// Ring buffer reservations that failed: events user space never saw.
+    /// Ring buffer reservations that failed, in either ring: events user
+    /// space never saw.
     pub const LOST_EVENTS: u32 = 0;
     /// kfree_skb calls with reason NETFILTER_DROP.
     pub const NETFILTER_DROPS: u32 = 1;
@@ -167,6 +182,7 @@ mod pod {
     // SAFETY: all of these are repr(C), made only of integers, with explicit
     // padding, so every byte pattern is a valid value.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::EvictKey {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
@@ -184,6 +200,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<FlowStats>(), 8 * 3 + 8);
+        assert_eq!(size_of::<EvictKey>(), 4 + 2 + 1 + 1);
         assert_eq!(
             size_of::<Event>(),
             8 + size_of::<FlowKey>() + 4 + 4 + 4 + 4 + 4

@@ -5,7 +5,8 @@
 //!   packet path (ctnetlink creating entries) are not packet drops and are
 //!   ignored. The packet is reported from `nf_conntrack_in`'s return, and
 //!   the kfree_skb tracepoint skips it so it is not counted twice.
-//! * Evictions: `nf_ct_delete` called while `early_drop` runs.
+//! * Evictions: `nf_ct_delete` called while `early_drop` runs, counted in
+//!   the kernel per (netns, protocol, port) and also sent as entry events.
 //! * Inserts: `__nf_conntrack_confirm` returning NF_ACCEPT, and
 //!   `nf_conntrack_hash_check_insert` (ctnetlink) returning 0.
 //! * Deletes: every other `nf_ct_delete` (timeouts, kills, flushes).
@@ -14,16 +15,22 @@
 //! scratch slot: conntrack runs these paths with bottom halves disabled, so
 //! nothing else runs them on the same CPU in between.
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
     macros::{kprobe, kretprobe, map},
-    maps::PerCpuArray,
+    maps::{LruPerCpuHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
 use ctrace_common::{
-    AF_INET, AF_INET6, EVENT_F_TABLE_FULL, Event, FlowKey, KernelLayout, counter, kind,
+    AF_INET, AF_INET6, EVENT_F_TABLE_FULL, Event, EvictKey, FlowKey, KernelLayout, counter, kind,
 };
 
-use crate::{LAYOUT, bump, read, record_drop, submit};
+use crate::{ENTRIES, LAYOUT, bump, read, record_drop, submit};
+
+/// Evictions per (netns, protocol, port). Per-CPU and LRU like the flow
+/// map; user space sums the CPUs and carries totals forward.
+#[map]
+static EVICTED: LruPerCpuHashMap<EvictKey, u64> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -145,8 +152,35 @@ pub fn ctrace_ct_delete(ctx: ProbeContext) -> u32 {
         (kind::DELETE, counter::DELETES)
     };
     bump(c);
-    report_entry(ct, what);
+    if let Some(key) = report_entry(ct, what)
+        && evicted
+    {
+        count_eviction(&key);
+    }
     0
+}
+
+#[inline(always)]
+fn count_eviction(flow: &FlowKey) {
+    let key = EvictKey {
+        netns: flow.netns,
+        dport: flow.dport,
+        family: flow.family,
+        proto: flow.proto,
+    };
+    match EVICTED.get_ptr_mut(&key) {
+        // This CPU's slot: no other CPU writes it.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            if EVICTED.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+                // Another CPU created the key first: our slot exists now.
+                match EVICTED.get_ptr_mut(&key) {
+                    Some(n) => unsafe { *n += 1 },
+                    None => bump(counter::FLOW_MAP_ERRORS),
+                }
+            }
+        }
+    }
 }
 
 #[kprobe]
@@ -199,39 +233,44 @@ pub fn ctrace_ct_hash_insert_ret(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// Sends one entry's original tuple, netns, status, timeout and TCP state.
+/// Sends one entry's original tuple, netns, status, timeout and TCP state;
+/// returns the tuple when it could be read.
 #[inline(always)]
-fn report_entry(ct: u64, what: u8) {
+fn report_entry(ct: u64, what: u8) -> Option<FlowKey> {
     if ct == 0 {
-        return;
+        return None;
     }
     let layout = LAYOUT.load();
     let Ok(key) = entry_key(&layout, ct) else {
         bump(counter::UNDECODED);
-        return;
+        return None;
     };
     let status: u64 = unsafe { read(ct, layout.ct_status) }.unwrap_or(0);
     let timeout: u32 = unsafe { read(ct, layout.ct_timeout) }.unwrap_or(0);
     let tcp_state: u8 = unsafe { read(ct, layout.ct_tcp_state) }.unwrap_or(0);
     // nf_conn.timeout is absolute, in 32-bit jiffies.
     let now = unsafe { bpf_jiffies64() } as u32;
-    submit(&Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        key,
-        kind: what,
-        tier: layout.tier as u8,
-        tcp_flags: 0,
-        flags: 0,
-        reason: 0,
-        ct_status: status as u32,
-        ct_timeout_jiffies: timeout.wrapping_sub(now),
-        ct_tcp_state: if key.proto == ctrace_common::IPPROTO_TCP {
-            tcp_state
-        } else {
-            0
+    submit(
+        &ENTRIES,
+        &Event {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            key,
+            kind: what,
+            tier: layout.tier as u8,
+            tcp_flags: 0,
+            flags: 0,
+            reason: 0,
+            ct_status: status as u32,
+            ct_timeout_jiffies: timeout.wrapping_sub(now),
+            ct_tcp_state: if key.proto == ctrace_common::IPPROTO_TCP {
+                tcp_state
+            } else {
+                0
+            },
+            _pad: [0; 3],
         },
-        _pad: [0; 3],
-    });
+    );
+    Some(key)
 }
 
 #[inline(always)]

@@ -31,10 +31,17 @@ mod conntrack;
 #[unsafe(no_mangle)]
 static LAYOUT: Global<KernelLayout> = Global::new(unsafe { core::mem::zeroed() });
 
-/// First packets of dropped flows. 256 KiB holds ~4000 events, enough for a
+/// First packets of dropped flows. 256 KiB holds ~3600 events, enough for a
 /// burst of new flows between two user-space polls.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Entry events of the kprobe tier (inserts, deletes, evictions), which
+/// keep the occupancy view current. Their own ring: filling or flushing a
+/// table sends one per entry, and such a flood must not crowd out the drop
+/// events beside it. When it overflows, user space re-dumps the table.
+#[map]
+static ENTRIES: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 /// Per-flow packet counts. Per-CPU so that counting needs no atomics (the
 /// key is shared, each CPU owns its value; user space sums them), LRU so that
@@ -229,7 +236,7 @@ fn emit<C: EbpfContext>(
         ct_tcp_state: 0,
         _pad: [0; 3],
     };
-    if submit(&event) {
+    if submit(&EVENTS, &event) {
         debug!(
             ctx,
             "new dropped flow proto={} dport={}", key.proto, key.dport
@@ -240,8 +247,8 @@ fn emit<C: EbpfContext>(
 /// Queues an event for user space; a full ring buffer is counted, never
 /// silent.
 #[inline(always)]
-pub(crate) fn submit(event: &Event) -> bool {
-    match EVENTS.reserve::<Event>(0) {
+pub(crate) fn submit(ring: &RingBuf, event: &Event) -> bool {
+    match ring.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(*event);
             entry.submit(0);

@@ -14,7 +14,7 @@ use std::{
 use crate::{
     cause::Cause,
     event::{Clock, Flow, Proto},
-    source::FlowCount,
+    source::{EvictedKey, FlowCount},
     strategy::Strategy,
 };
 
@@ -71,10 +71,19 @@ pub struct EvictionGroup {
     pub entries: u64,
 }
 
+/// Running eviction total of one kernel map key. The map is LRU: a key it
+/// dropped and re-created restarts from zero, and what was read before is
+/// carried forward.
+struct EvictionCount {
+    service: Option<String>,
+    last: u64,
+    total: u64,
+}
+
 #[derive(Default)]
 pub struct Aggregator {
     flows: HashMap<Flow, FlowEntry>,
-    evictions: BTreeMap<(u64, Option<String>, Proto), u64>,
+    evictions: HashMap<EvictedKey, EvictionCount>,
 }
 
 impl Aggregator {
@@ -186,22 +195,37 @@ impl Aggregator {
         v
     }
 
-    pub fn evicted(&mut self, flow: &Flow, service: Option<&str>) {
-        *self
-            .evictions
-            .entry((flow.netns, service.map(str::to_string), flow.proto))
-            .or_default() += 1;
+    /// Folds in the kernel's eviction counts; `service` names a port.
+    pub fn update_evictions(
+        &mut self,
+        counts: &[(EvictedKey, u64)],
+        service: impl Fn(Proto, u16) -> Option<String>,
+    ) {
+        for (key, n) in counts {
+            let e = self.evictions.entry(*key).or_insert_with(|| EvictionCount {
+                service: service(key.proto, key.dport),
+                last: 0,
+                total: 0,
+            });
+            e.total += if *n >= e.last { n - e.last } else { *n };
+            e.last = *n;
+        }
     }
 
+    /// Per (netns, service, proto) eviction totals, biggest first.
     pub fn evictions(&self) -> Vec<EvictionGroup> {
-        let mut v: Vec<EvictionGroup> = self
-            .evictions
-            .iter()
-            .map(|((netns, service, proto), n)| EvictionGroup {
-                netns: *netns,
-                service: service.clone(),
-                proto: *proto,
-                entries: *n,
+        let mut by: BTreeMap<(u64, Option<&str>, Proto), u64> = BTreeMap::new();
+        for (k, e) in &self.evictions {
+            *by.entry((k.netns, e.service.as_deref(), k.proto))
+                .or_default() += e.total;
+        }
+        let mut v: Vec<EvictionGroup> = by
+            .into_iter()
+            .map(|((netns, service, proto), entries)| EvictionGroup {
+                netns,
+                service: service.map(str::to_string),
+                proto,
+                entries,
             })
             .collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.entries));
@@ -295,5 +319,24 @@ mod tests {
         a.update_counts(&HashMap::from([(f, count(2, 500))]), &Clock::new());
         assert_eq!(a.flows().next().unwrap().packets(), 5);
         assert_eq!(a.flow_count(), 1);
+    }
+
+    #[test]
+    fn evictions_group_by_service_and_survive_the_lru() {
+        let mut a = Aggregator::new();
+        let key = |dport| EvictedKey {
+            netns: 7,
+            proto: Proto::Udp,
+            dport,
+        };
+        let name = |_: Proto, port: u16| (port == 53).then(|| "dns".to_string());
+        a.update_evictions(&[(key(53), 3), (key(5353), 1)], name);
+        a.update_evictions(&[(key(53), 5)], name);
+        // The map dropped the key and counted afresh: 5 read before, 2 now.
+        a.update_evictions(&[(key(53), 2)], name);
+        let v = a.evictions();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].service.as_deref(), v[0].entries), (Some("dns"), 7));
+        assert_eq!((v[1].service.as_deref(), v[1].entries), (None, 1));
     }
 }

@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use ctrace_common::{FlowKey, FlowStats, counter};
+use ctrace_common::{EvictKey, FlowKey, FlowStats, counter};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -90,10 +90,22 @@ pub struct FlowCount {
     pub table_full: bool,
 }
 
+/// The kernel's eviction count for one (netns, protocol, port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EvictedKey {
+    pub netns: u64,
+    pub proto: crate::event::Proto,
+    pub dport: u16,
+}
+
 pub struct EventSource {
     strategy: Strategy,
-    ring: AsyncFd<RingBuf<MapData>>,
+    /// Drops (EVENTS) and entry changes (ENTRIES), kept apart in the kernel
+    /// so that a flood of the latter cannot crowd out the former.
+    drops: AsyncFd<RingBuf<MapData>>,
+    entries: AsyncFd<RingBuf<MapData>>,
     flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    evicted: PerCpuHashMap<MapData, EvictKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     clock: Clock,
     undecodable: u64,
@@ -112,16 +124,24 @@ impl EventSource {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
-        let ring = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)?;
+        let ring = |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+            let ring = RingBuf::try_from(take(ebpf, name)?)?;
+            // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd,
+            // so the fd stays open and the same for the AsyncFd's lifetime.
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering ring buffer {name} with tokio: {e}"))
+        };
+        let drops = ring(&mut ebpf, "EVENTS")?;
+        let entries = ring(&mut ebpf, "ENTRIES")?;
         let flows = PerCpuHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
+        let evicted = PerCpuHashMap::try_from(take(&mut ebpf, "EVICTED")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(EventSource {
             strategy,
-            // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd,
-            // so the fd stays open and the same for the AsyncFd's lifetime.
-            ring: unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?,
+            drops,
+            entries,
             flows,
+            evicted,
             counters,
             clock: Clock::new(),
             undecodable: 0,
@@ -138,21 +158,25 @@ impl EventSource {
         self.clock
     }
 
-    /// Waits until the ring buffer has something, or `readable` is polled
+    /// Waits until a ring buffer has something, or `readable` is polled
     /// again by a select with a timer.
     pub async fn readable(&mut self) -> anyhow::Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
+        let mut guard = tokio::select! {
+            g = self.drops.readable_mut() => g?,
+            g = self.entries.readable_mut() => g?,
+        };
         guard.clear_ready();
         Ok(())
     }
 
-    /// Moves every pending event into `out`.
+    /// Moves every pending event of both rings into `out`, drops first.
     pub fn drain(&mut self, out: &mut Vec<KernelEvent>) {
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match event::decode(&item, &self.clock) {
-                Some(e) => out.push(e),
-                None => self.undecodable += 1,
+        for ring in [self.drops.get_mut(), self.entries.get_mut()] {
+            while let Some(item) = ring.next() {
+                match event::decode(&item, &self.clock) {
+                    Some(e) => out.push(e),
+                    None => self.undecodable += 1,
+                }
             }
         }
         if let Some(l) = self.logger.as_mut() {
@@ -179,6 +203,24 @@ impl EventSource {
             deletes: sum(counter::DELETES)?,
             alloc_failures: sum(counter::ALLOC_FAILURES)?,
         })
+    }
+
+    /// Current eviction counts from the kernel's LRU map (kprobe tier;
+    /// empty elsewhere).
+    pub fn evicted_counts(&self) -> Vec<(EvictedKey, u64)> {
+        self.evicted
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, per_cpu)| {
+                let n: u64 = per_cpu.iter().sum();
+                let key = EvictedKey {
+                    netns: u64::from(k.netns),
+                    proto: crate::event::Proto::from_number(k.proto),
+                    dport: k.dport,
+                };
+                (n > 0).then_some((key, n))
+            })
+            .collect()
     }
 
     /// Current per-flow counts from the kernel's LRU map.

@@ -19,10 +19,14 @@ use crate::{
 /// Samples kept per namespace: enough for rates, time-to-full and for
 /// finding the sample that precedes any pending drop.
 const HISTORY: usize = 64;
-/// A drop's baseline sample must be older than the drop by this much: the
-/// kernel bumps the `drop` counter a moment before it frees the skb, and a
-/// sample taken inside that moment would already include the drop.
-const BASELINE_GUARD_NS: u64 = 2_000_000;
+/// A drop's baseline sample should be older than the drop by this much: the
+/// kernel bumps the `drop` counter before it frees the skb, and a sample
+/// taken in between already includes the drop, which then looks like a rule
+/// drop. The gap is microseconds, but an interrupt or a stalled vCPU can
+/// stretch it (2 ms was seen not to be enough in a TCG VM). A wider window
+/// only matters when table-full and rule drops mix within it, where the
+/// counters cannot tell them apart anyway.
+const BASELINE_GUARD_NS: u64 = 50_000_000;
 /// Growth of the count over this window feeds the time-to-full estimate.
 const TREND_WINDOW_NS: u64 = 10_000_000_000;
 
@@ -30,6 +34,16 @@ const TREND_WINDOW_NS: u64 = 10_000_000_000;
 pub struct Sample {
     pub mono_ns: u64,
     pub stats: CtStats,
+}
+
+/// The sample a drop at `mono_ns` is measured from: the newest one at
+/// least BASELINE_GUARD_NS older, else the oldest one before the drop.
+fn baseline(history: &VecDeque<Sample>, mono_ns: u64) -> Option<&Sample> {
+    history
+        .iter()
+        .rev()
+        .find(|s| s.mono_ns + BASELINE_GUARD_NS <= mono_ns)
+        .or_else(|| history.iter().find(|s| s.mono_ns < mono_ns))
 }
 
 /// The statistics as (name, value) pairs, in the order conntrack -S prints them.
@@ -326,15 +340,12 @@ impl TableMonitor {
     }
 
     /// Counter movement across a drop at `mono_ns`: from the last sample
-    /// safely before it to the newest sample.
+    /// safely before it (or, when every sample is recent, the oldest one
+    /// before it: the widest window there is) to the newest sample.
     pub fn evidence(&self, inode: u64, mono_ns: u64) -> Option<Evidence> {
         let t = self.tables.get(&inode)?;
         let after = t.latest()?;
-        let before = t
-            .history
-            .iter()
-            .rev()
-            .find(|s| s.mono_ns + BASELINE_GUARD_NS <= mono_ns);
+        let before = baseline(&t.history, mono_ns);
         Some(Evidence {
             drop_delta: before.map_or(0, |b| after.stats.drop.saturating_sub(b.stats.drop)),
             invalid_delta: before
@@ -362,5 +373,28 @@ impl TableMonitor {
 
     pub fn unreadable(&self) -> &BTreeMap<u64, String> {
         &self.unreadable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_keeps_clear_of_the_drop() {
+        const MS: u64 = 1_000_000;
+        let h: VecDeque<Sample> = [0, 900, 990, 1000]
+            .into_iter()
+            .map(|ms| Sample {
+                mono_ns: ms * MS,
+                stats: CtStats::default(),
+            })
+            .collect();
+        // A sample 2 ms before the drop may already hold its increment.
+        assert_eq!(baseline(&h, 992 * MS).unwrap().mono_ns, 900 * MS);
+        assert_eq!(baseline(&h, 2000 * MS).unwrap().mono_ns, 1000 * MS);
+        // Only recent samples: the oldest before the drop, the widest window.
+        assert_eq!(baseline(&h, 10 * MS).unwrap().mono_ns, 0);
+        assert!(baseline(&h, 0).is_none());
     }
 }

@@ -218,10 +218,6 @@ impl Watcher {
     }
 
     fn entry_changed(&mut self, e: &EntryEvent) {
-        if e.change == EntryChange::Evicted {
-            let service = self.catalog.lookup(e.flow.proto, e.flow.dst.port());
-            self.agg.evicted(&e.flow, service);
-        }
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
@@ -374,6 +370,12 @@ impl Watcher {
             )?;
         }
         self.agg.update_counts(&counts, &clock);
+        let mut evicted = self.source.evicted_counts();
+        evicted.retain(|(k, _)| self.monitor.wants(k.netns));
+        let catalog = &self.catalog;
+        self.agg.update_evictions(&evicted, |proto, port| {
+            catalog.lookup(proto, port).map(str::to_string)
+        });
         let counters = self.source.counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
         let tables = self.monitor.views(&self.agg.netns_with_drops());

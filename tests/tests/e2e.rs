@@ -453,7 +453,7 @@ fn unreplied_entries_are_evicted_not_dropped() {
         assert_eq!(
             evicted,
             after.early_drop - stats.early_drop,
-            "evictions: {}",
+            "evictions: {}; final summary: {s}",
             s["evictions"]
         );
     }

@@ -90,6 +90,10 @@ pub struct VmArgs {
     /// 2 GiB of guest memory).
     #[arg(long = "ct-max", env = "CTRACE_VM_CT_MAX", value_name = "N")]
     pub ct_max: Option<u64>,
+    /// RUST_LOG for ctrace inside the VMs (e.g. `debug`), to see why a run
+    /// failed; a failing test prints ctrace's stderr.
+    #[arg(long = "ctrace-log", env = "CTRACE_VM_LOG", value_name = "FILTER")]
+    pub ctrace_log: Option<String>,
     /// Guest memory in MiB. Full conntrack tables need room.
     #[arg(
         long = "vm-memory",
@@ -307,6 +311,9 @@ fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArg
     if let Some(n) = args.ct_max {
         s.push_str(&format!(" ctrace.ct_max={n}"));
     }
+    if let Some(l) = &args.ctrace_log {
+        s.push_str(&format!(" ctrace.log={l}"));
+    }
     if let Some(f) = filter {
         s.push_str(&format!(" ctrace.filter={f}"));
     }
@@ -405,6 +412,7 @@ mod tests {
             vm_timeout: 1,
             run_timeout: 300,
             ct_max: Some(4096),
+            ctrace_log: Some("debug".into()),
             memory: 2048,
             list: false,
         };
@@ -417,7 +425,7 @@ mod tests {
         assert_eq!(
             s,
             "console=ttyAMA0 panic=-1 quiet ctrace.strategies=auto,kprobe ctrace.run_timeout=300 \
-             ctrace.ct_max=4096 ctrace.filter=ipv6"
+             ctrace.ct_max=4096 ctrace.log=debug ctrace.filter=ipv6"
         );
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! Host packages are installed one per `apt-get install` call: a combined
 //! call failed here with a resolver error while single ones worked.
-//! Packages of another architecture (arm64 kernels and busybox on an amd64
-//! host) are looked up and downloaded with a private apt state (lists and
-//! caches under the VM cache), so the system's apt setup stays untouched.
+//! Kernels (and busybox for a foreign architecture) are looked up and
+//! downloaded with a private apt state per architecture (lists and caches
+//! under the VM cache), so the system's apt setup stays untouched, and so
+//! the lists the matrix is chosen from are fresh: a machine image's own
+//! lists can be months old and miss the newer kernel series (seen here:
+//! the host's amd64 lists offered 6.1 only, the fresh arm64 ones 6.12 too).
 use std::{
     cell::{Cell, RefCell},
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -86,32 +90,24 @@ impl Host {
 }
 
 /// apt as seen for one Debian architecture.
-pub struct Apt<'h> {
-    host: &'h Host,
-    /// Options that point apt at a private state for a foreign
-    /// architecture; empty for the host's own.
+pub struct Apt {
+    /// Another architecture than the host's.
+    foreign: bool,
+    /// Options that point apt at the private state.
     opts: Vec<String>,
     lists: PathBuf,
     /// Whether this run already refreshed the private lists.
     updated: Cell<bool>,
 }
 
-impl<'h> Apt<'h> {
-    pub fn for_arch(host: &'h Host, arch: Arch, cache: &Path) -> anyhow::Result<Apt<'h>> {
-        if arch.deb() == host.deb_arch {
-            return Ok(Apt {
-                host,
-                opts: vec![],
-                lists: "/var/lib/apt/lists".into(),
-                updated: Cell::new(false),
-            });
-        }
+impl Apt {
+    pub fn for_arch(host: &Host, arch: Arch, cache: &Path) -> anyhow::Result<Apt> {
         let root = cache.join(format!("apt-{}", arch.deb()));
         let lists = root.join("lists");
         fs::create_dir_all(lists.join("partial"))?;
         fs::create_dir_all(root.join("cache/archives/partial"))?;
         // An empty dpkg status: the host's installed packages are of no
-        // interest to lookups for another architecture.
+        // interest to lookups of kernels to boot elsewhere.
         let status = root.join("status");
         if !status.exists() {
             fs::write(&status, "")?;
@@ -133,40 +129,30 @@ impl<'h> Apt<'h> {
         .flat_map(|o| ["-o".to_string(), o])
         .collect();
         Ok(Apt {
-            host,
+            foreign: arch.deb() != host.deb_arch,
             opts,
             lists,
             updated: Cell::new(false),
         })
     }
 
-    fn is_private(&self) -> bool {
-        !self.opts.is_empty()
-    }
-
     fn cmd(&self, prog: &str) -> Command {
         let mut c = Command::new(prog);
         c.args(&self.opts);
-        if !self.is_private() {
-            c.args(["-o", "APT::Sandbox::User=root"]);
-        }
         c
     }
 
-    /// Fetches package lists if there are none yet.
+    /// Fetches package lists if there are none, or if they are more than a
+    /// day old: the newest kernel of each series is what the matrix tests.
     pub fn ensure_lists(&self) -> anyhow::Result<()> {
-        if !lists_present(&self.lists) {
-            self.update()
-        } else {
-            Ok(())
+        match lists_age(&self.lists) {
+            Some(age) if age < LISTS_MAX_AGE => Ok(()),
+            _ => self.update(),
         }
     }
 
     /// Refreshes package lists, at most once per run.
     pub fn update(&self) -> anyhow::Result<()> {
-        if !self.is_private() {
-            return self.host.update();
-        }
         if !self.updated.replace(true) {
             step(&format!(
                 "apt-get update (private lists in {})",
@@ -245,14 +231,23 @@ impl<'h> Apt<'h> {
     }
 }
 
+const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// Whether an apt lists directory holds any package index.
 fn lists_present(lists: &Path) -> bool {
+    lists_age(lists).is_some()
+}
+
+/// How long ago the newest package index in `lists` was written; None
+/// when there is none.
+fn lists_age(lists: &Path) -> Option<Duration> {
     fs::read_dir(lists)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
-        })
-        .unwrap_or(false)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()
+        .map(|t| t.elapsed().unwrap_or_default())
 }
 
 /// Debian version order (epochs, tildes and all), as dpkg defines it.
@@ -267,7 +262,7 @@ pub fn version_gt(a: &str, b: &str) -> anyhow::Result<bool> {
 /// A static busybox for `arch`: the host's own from busybox-static when the
 /// architectures match, else the package for `arch`, downloaded and cached.
 pub fn busybox(host: &Host, apt: &Apt, arch: Arch, cache: &Path) -> anyhow::Result<PathBuf> {
-    if !apt.is_private() {
+    if !apt.foreign {
         host.ensure_installed("busybox-static")?;
         return Ok(PathBuf::from("/bin/busybox"));
     }
