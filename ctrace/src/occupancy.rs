@@ -305,31 +305,11 @@ impl OccupancyTracker {
         }
     }
 
-    /// Removes an entry by its original tuple and zone; unknown entries and
-    /// namespaces without a baseline are ignored. ICMP takes the identifier
-    /// and type/code as [`CtDumpEntry`] carries them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn remove(
-        &mut self,
-        inode: u64,
-        family: u8,
-        proto: u8,
-        src: IpAddr,
-        dst: IpAddr,
-        sport: u16,
-        dport: u16,
-        zone: u16,
-    ) {
-        let key = Key {
-            family,
-            proto,
-            src,
-            dst,
-            sport,
-            dport,
-            zone,
-        };
-        let fp = self.keys.hash_one(&key);
+    /// Removes an entry by its original tuple and zone (the rest of `e` is
+    /// not looked at); unknown entries and namespaces without a baseline are
+    /// ignored.
+    pub fn remove(&mut self, inode: u64, e: &CtDumpEntry) {
+        let fp = fingerprint(&self.keys, e);
         if let Some(t) = self.tables.get_mut(&inode) {
             t.records.remove(&fp);
             t.source = Source::Events;
@@ -812,9 +792,18 @@ mod tests {
             120,
         );
 
+        // The tuple and zone a delete names; the rest does not matter.
+        let key = |proto: u8, sport: u16, zone: u16| CtDumpEntry {
+            proto,
+            sport,
+            zone,
+            status: 0,
+            ..syn
+        };
+
         // No baseline yet: events are ignored, the dump will cover them.
         t.insert(5, &syn);
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 0);
+        t.remove(5, &key(IPPROTO_TCP, 40000, 0));
         assert!(t.breakdown(5).is_none());
         assert_eq!(t.source(5), None);
 
@@ -849,14 +838,14 @@ mod tests {
         assert_eq!(t.breakdown(5).unwrap().total, 3);
 
         // Unknown deletes are harmless; a delete needs the exact key.
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40001, 2380, 0);
-        t.remove(5, AF_INET, IPPROTO_UDP, a, b, 40000, 2380, 0);
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 9);
-        t.remove(6, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 0);
+        t.remove(5, &key(IPPROTO_TCP, 40001, 0));
+        t.remove(5, &key(IPPROTO_UDP, 40000, 0));
+        t.remove(5, &key(IPPROTO_TCP, 40000, 9));
+        t.remove(6, &key(IPPROTO_TCP, 40000, 0));
         assert_eq!(t.breakdown(5).unwrap().total, 3);
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 0);
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 0); // twice
-        t.remove(5, AF_INET, IPPROTO_TCP, a, b, 40000, 2380, 3);
+        t.remove(5, &key(IPPROTO_TCP, 40000, 0));
+        t.remove(5, &key(IPPROTO_TCP, 40000, 0)); // twice
+        t.remove(5, &key(IPPROTO_TCP, 40000, 3));
         let bd = t.breakdown(5).unwrap();
         assert_eq!(bd.total, 1);
         assert_eq!(
@@ -1174,16 +1163,7 @@ mod tests {
             crate::netlink::NlError::errno_of(&again),
             Some(libc::ENOENT)
         );
-        t.remove(
-            ns.inode(),
-            gone.family,
-            gone.proto,
-            gone.src,
-            gone.dst,
-            gone.sport,
-            gone.dport,
-            gone.zone,
-        );
+        t.remove(ns.inode(), &gone);
         let came = entry(
             IPPROTO_TCP,
             v4(10, 30, 0, 1),

@@ -221,36 +221,24 @@ impl Watcher {
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
-        let (family, proto) = (e.flow.family_number(), e.flow.proto.number());
         let (sport, dport) = e.raw_ports;
+        let entry = CtDumpEntry {
+            family: e.flow.family_number(),
+            proto: e.flow.proto.number(),
+            src: e.flow.src.ip(),
+            dst: e.flow.dst.ip(),
+            sport,
+            dport,
+            tcp_state: (e.flow.proto == crate::event::Proto::Tcp).then_some(e.tcp_state),
+            status: e.status,
+            timeout_secs: e.timeout_jiffies / occ.hz,
+            id: 0,
+            zone: 0,
+            mark: 0,
+        };
         match e.change {
-            EntryChange::Inserted => occ.tracker.insert(
-                e.flow.netns,
-                &CtDumpEntry {
-                    family,
-                    proto,
-                    src: e.flow.src.ip(),
-                    dst: e.flow.dst.ip(),
-                    sport,
-                    dport,
-                    tcp_state: (e.flow.proto == crate::event::Proto::Tcp).then_some(e.tcp_state),
-                    status: e.status,
-                    timeout_secs: e.timeout_jiffies / occ.hz,
-                    id: 0,
-                    zone: 0,
-                    mark: 0,
-                },
-            ),
-            EntryChange::Evicted | EntryChange::Deleted => occ.tracker.remove(
-                e.flow.netns,
-                family,
-                proto,
-                e.flow.src.ip(),
-                e.flow.dst.ip(),
-                sport,
-                dport,
-                0,
-            ),
+            EntryChange::Inserted => occ.tracker.insert(e.flow.netns, &entry),
+            EntryChange::Evicted | EntryChange::Deleted => occ.tracker.remove(e.flow.netns, &entry),
             EntryChange::InsertFailed => {}
         }
     }
