@@ -47,39 +47,105 @@ pub struct FlowStats {
     pub last_ns: u64,
     /// OR of the TCP flags of every dropped packet of this flow.
     pub tcp_flags: u8,
-    /// `EVENT_F_*` bits of the first packet.
+    /// `class::*` bits of the first packet.
     pub flags: u8,
     pub _pad: [u8; 6],
 }
 
 /// Key of the in-kernel eviction aggregate (kprobe tier): whose entries
-/// early_drop threw out, by namespace, protocol and the entry's original
-/// destination port (the service). Counted in the kernel, so a burst of
-/// entry events that overflows the ring buffer cannot lose an eviction.
+/// conntrack threw out early, by namespace, protocol, the entry's original
+/// destination port (the service) and who evicted it. Counted in the
+/// kernel, so a burst of entry events that overflows the ring buffer cannot
+/// lose an eviction.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct EvictKey {
     pub netns: u32,
     /// Host byte order.
     pub dport: u16,
-    pub family: u8,
+    /// `evicted_by::*`.
+    pub by: u8,
     pub proto: u8,
+}
+
+/// Who evicted an entry before its time.
+pub mod evicted_by {
+    /// `early_drop()`, making room for a new flow in a full table.
+    pub const EARLY_DROP: u8 = 1;
+    /// The garbage collector, which above 95% fill also reaps entries that
+    /// have not expired. No kernel statistic counts these.
+    pub const GC: u8 = 2;
+}
+
+/// What the kernel side could see of one dropped packet, as bits. The
+/// cause is decided in user space from these and conntrack's counters
+/// (`ctrace::ledger`); the kernel only sorts packets by evidence.
+pub mod class {
+    /// The skb carried a conntrack entry (`skb->_nfct != 0`).
+    pub const HAS_CT: u8 = 1 << 0;
+    /// Exact tiers: conntrack failed to allocate an entry for this packet
+    /// (the table was full).
+    pub const ALLOC_FAILED: u8 = 1 << 1;
+    /// Exact tiers: a protocol tracker returned NF_DROP (raises `invalid`
+    /// and `drop`).
+    pub const TRACKER_DROP: u8 = 1 << 2;
+    /// Exact tiers: confirming the entry failed (clash resolution lost;
+    /// raises `insert_failed` and `drop`).
+    pub const CLASH: u8 = 1 << 3;
+    /// kfree_skb's `location` lies in `nft_do_chain`: an nftables rule or
+    /// policy dropped it (kernels that free nft drops there, 6.7 and later).
+    pub const AT_NFT_CHAIN: u8 = 1 << 4;
+    /// kfree_skb's `location` lies in `nf_hook_slow`: a hook's NF_DROP
+    /// verdict (conntrack's drops, iptables' and older kernels' nft drops).
+    pub const AT_HOOK_SLOW: u8 = 1 << 5;
+}
+
+/// Key of the in-kernel drop totals: what user space's per-service totals
+/// are made of. Bounded by namespaces x services x protocols x classes, not
+/// by flows, so a storm of distinct flows cannot grow it.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct TotalKey {
+    pub netns: u32,
+    /// Index into user space's service catalog (`SERVICES` map), 0 for a
+    /// port no service claims.
+    pub service: u16,
+    pub proto: u8,
+    /// `class::*` bits.
+    pub class: u8,
+}
+
+/// Per-CPU value of the drop totals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TotalCount {
+    pub packets: u64,
+    /// Flows whose first packet (as the flow map saw it) was counted here.
+    pub flows: u64,
+}
+
+/// Key of the `SERVICES` map: which catalog entry owns a destination port.
+#[inline(always)]
+pub const fn service_key(proto: u8, dport: u16) -> u32 {
+    ((proto as u32) << 16) | dport as u32
 }
 
 /// What happened. The tracepoint tier only reports `DROP`; the kprobe tier
 /// sees conntrack's own decisions and reports the rest.
 pub mod kind {
     /// A packet was dropped by netfilter (reason NETFILTER_DROP, or conntrack
-    /// failed to allocate its entry: then `EVENT_F_TABLE_FULL`).
+    /// failed to allocate its entry: then `class::ALLOC_FAILED`).
     pub const DROP: u8 = 1;
     /// `early_drop` evicted this entry to make room for a new one.
     pub const EVICT: u8 = 2;
     /// An entry entered the table (confirmed, or created over ctnetlink).
     pub const INSERT: u8 = 3;
-    /// An entry left the table (expired, killed, deleted), not by early_drop.
+    /// An entry left the table (expired, killed, deleted), not evicted.
     pub const DELETE: u8 = 4;
     /// Confirming an entry failed (`insert_failed`): its packet was dropped.
     pub const INSERT_FAILED: u8 = 5;
+    /// The garbage collector evicted this entry before it expired.
+    pub const GC_EVICT: u8 = 6;
 }
 
 /// Which hook produced an event.
@@ -88,11 +154,6 @@ pub mod tier {
     pub const KPROBE: u8 = 2;
 }
 
-/// The skb carried a conntrack entry (`skb->_nfct != 0`) when it was dropped.
-pub const EVENT_F_HAS_CT: u8 = 1 << 0;
-/// Seen at the source: conntrack's allocation failed because the table was
-/// full. No inference involved.
-pub const EVENT_F_TABLE_FULL: u8 = 1 << 1;
 
 /// One record in the ring buffer. Sent once per new flow, not per packet.
 #[repr(C)]
@@ -104,6 +165,7 @@ pub struct Event {
     pub kind: u8,
     pub tier: u8,
     pub tcp_flags: u8,
+    /// Drops: `class::*` bits.
     pub flags: u8,
     /// The kernel's drop reason as numbered by the running kernel.
     pub reason: u32,
@@ -113,7 +175,9 @@ pub struct Event {
     pub ct_timeout_jiffies: u32,
     /// For entry events: TCP conntrack state (TCP_CONNTRACK_*), 0 otherwise.
     pub ct_tcp_state: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// For entry events: the entry's conntrack zone (0 without zones).
+    pub ct_zone: u16,
 }
 
 /// Indices of the per-CPU counter array `COUNTERS`.
@@ -133,7 +197,14 @@ pub mod counter {
     pub const DELETES: u32 = 6;
     /// Allocations that failed inside nf_conntrack_in: table-full drops.
     pub const ALLOC_FAILURES: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Dropped packets the totals map had no room for (more namespaces x
+    /// services than it holds). Shown, so a cap is never a silent loss.
+    pub const TOTALS_FULL: u32 = 8;
+    /// Entries the garbage collector evicted before they expired.
+    pub const GC_EVICTIONS: u32 = 9;
+    /// kretprobe state that was found stale (a missed return) and reset.
+    pub const STALE_STATE: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Where things are in the running kernel, read from BTF and tracefs by user
@@ -174,7 +245,25 @@ pub struct KernelLayout {
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
     pub tuple_protonum: u32,
-    pub _pad: u32,
+    /// `skb:kfree_skb` record: offset of `location`, 0 when absent.
+    pub tp_location: u32,
+    /// struct nf_conn -> zone.id, 0 when the kernel has no zones.
+    pub ct_zone: u32,
+    /// `test_flags::*`: switches that exist only so tests can prove the
+    /// self-check catches a blind exact tier.
+    pub test_flags: u32,
+    /// [start, end) of `nf_hook_slow` and `nft_do_chain` in kernel text, 0
+    /// when unknown: where kfree_skb's `location` says a packet was freed.
+    pub hook_slow_start: u64,
+    pub hook_slow_end: u64,
+    pub nft_chain_start: u64,
+    pub nft_chain_end: u64,
+}
+
+pub mod test_flags {
+    /// Ignore conntrack's allocation failures, as a kprobe that attached
+    /// but never fires would.
+    pub const BLIND_ALLOC: u32 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -183,6 +272,8 @@ mod pod {
     // padding, so every byte pattern is a valid value.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::EvictKey {}
+    unsafe impl aya::Pod for super::TotalKey {}
+    unsafe impl aya::Pod for super::TotalCount {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
@@ -206,6 +297,9 @@ mod tests {
             8 + size_of::<FlowKey>() + 4 + 4 + 4 + 4 + 4
         );
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<KernelLayout>(), 24 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 26 * 4 + 4 * 8);
+        assert_eq!(size_of::<KernelLayout>() % 8, 0);
+        assert_eq!(size_of::<TotalKey>(), 8);
+        assert_eq!(size_of::<TotalCount>(), 16);
     }
 }

@@ -1,71 +1,240 @@
 //! The kprobe tier: conntrack's own decisions, seen where they are made.
 //!
-//! * Table full, exactly: `__nf_conntrack_alloc` returning an error while
-//!   `nf_conntrack_in` handles a packet. Allocation failures outside the
-//!   packet path (ctnetlink creating entries) are not packet drops and are
-//!   ignored. The packet is reported from `nf_conntrack_in`'s return, and
-//!   the kfree_skb tracepoint skips it so it is not counted twice.
-//! * Evictions: `nf_ct_delete` called while `early_drop` runs, counted in
-//!   the kernel per (netns, protocol, port) and also sent as entry events.
+//! * Table full, exactly: `nf_conntrack_in` returning NF_DROP after
+//!   `__nf_conntrack_alloc` failed inside it. NF_DROP without a failed
+//!   allocation is a protocol tracker's verdict (`invalid` and `drop` both
+//!   rise). Allocation failures outside the packet path (ctnetlink creating
+//!   entries) are no packet's drop and are ignored.
+//! * Clash: `__nf_conntrack_confirm` returning NF_DROP (`insert_failed`).
+//! * The verdict is handed to the kfree_skb tracepoint, keyed by the skb, so
+//!   each dropped packet is counted once, where it is freed, together with
+//!   the location evidence there. Without the tracepoint the packet is
+//!   counted at the return probe.
+//! * Evictions: `nf_ct_delete` called inside `early_drop`, or inside
+//!   `gc_worker` for an entry that has not expired yet (the collector's own
+//!   early eviction above 95% fill, which no kernel statistic counts).
 //! * Inserts: `__nf_conntrack_confirm` returning NF_ACCEPT, and
 //!   `nf_conntrack_hash_check_insert` (ctnetlink) returning 0.
 //! * Deletes: every other `nf_ct_delete` (timeouts, kills, flushes).
 //!
-//! State between an entry probe and its return probe lives in a per-CPU
-//! scratch slot: conntrack runs these paths with bottom halves disabled, so
-//! nothing else runs them on the same CPU in between.
+//! State between an entry probe and its return probe is kept per task and
+//! per nesting depth, never per CPU: softirqs nest inside a task's own
+//! LOCAL_OUT processing, and LOCAL_OUT runs with bottom halves enabled, so
+//! the task can migrate between entry and return. The idle task (pid 0)
+//! cannot migrate, and is told apart by CPU. A frame older than
+//! `STALE_NS` is a return that was missed (kretprobe instances run out under
+//! load), and is discarded rather than trusted.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, generated::bpf_jiffies64},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_jiffies64,
+    },
     macros::{kprobe, kretprobe, map},
-    maps::{LruPerCpuHashMap, PerCpuArray},
+    maps::{LruHashMap, LruPerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use ctrace_common::{
-    AF_INET, AF_INET6, EVENT_F_TABLE_FULL, Event, EvictKey, FlowKey, KernelLayout, counter, kind,
+    AF_INET, AF_INET6, Event, EvictKey, FlowKey, KernelLayout, class, counter, evicted_by, kind,
+    test_flags,
 };
 
 use crate::{ENTRIES, LAYOUT, bump, read, record_drop, submit};
 
-/// Evictions per (netns, protocol, port). Per-CPU and LRU like the flow
-/// map; user space sums the CPUs and carries totals forward.
+/// Evictions per (netns, protocol, port, evictor). Per-CPU and LRU like the
+/// flow map; user space sums the CPUs and carries totals forward.
 #[map]
 static EVICTED: LruPerCpuHashMap<EvictKey, u64> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
+/// The functions whose calls are tracked from entry to return.
+mod func {
+    pub const CT_IN: u32 = 1;
+    pub const EARLY_DROP: u32 = 2;
+    pub const CONFIRM: u32 = 3;
+    pub const HASH_INSERT: u32 = 4;
+    pub const GC_WORKER: u32 = 5;
+}
+
+/// One call in progress: a task (or an idle CPU), a function, and how deep
+/// that function is nested on it.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Scratch {
-    /// The skb nf_conntrack_in is handling, 0 outside it.
-    skb: u64,
-    /// Allocation failed during this nf_conntrack_in.
-    alloc_failed: u64,
-    /// Depth of early_drop on this CPU.
-    in_early_drop: u64,
-    /// The entry __nf_conntrack_confirm / hash_check_insert works on.
-    confirm_ct: u64,
-    insert_ct: u64,
-    /// The last skb reported as a table-full drop, for kfree_skb to skip.
-    reported_skb: u64,
+pub struct FrameKey {
+    task: u64,
+    func: u32,
+    depth: u32,
 }
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Frame {
+    /// The function's first argument (skb or entry).
+    arg: u64,
+    /// Something seen during the call (an allocation failure).
+    flag: u64,
+    ts_ns: u64,
+}
+
+/// A frame this old belongs to a call whose return probe never ran. The
+/// tracked calls take microseconds, gc_worker at most a few milliseconds.
+const STALE_NS: u64 = 1_000_000_000;
 
 #[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static DEPTHS: LruHashMap<FrameKey, u32> = LruHashMap::with_max_entries(8192, 0);
+
+#[map]
+static FRAMES: LruHashMap<FrameKey, Frame> = LruHashMap::with_max_entries(8192, 0);
+
+/// Verdicts of nf_conntrack_in/confirm for skbs about to be freed: the
+/// kfree_skb tracepoint takes the class from here. Keyed by skb address
+/// with a timestamp, so a mark whose packet was not freed as a netfilter
+/// drop (OVS and act_ct call conntrack directly) cannot taint a later skb
+/// at the same address.
+#[map]
+static VERDICTS: LruHashMap<u64, Frame> = LruHashMap::with_max_entries(4096, 0);
+
+/// A verdict is consumed by the free that follows it on the same path;
+/// one older than this is left over.
+const VERDICT_TTL_NS: u64 = 50_000_000;
 
 #[inline(always)]
-fn scratch() -> Option<&'static mut Scratch> {
-    // SAFETY: per-CPU slot, used only with preemption/BHs off on this CPU.
-    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+fn task() -> u64 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if tid == 0 {
+        (1u64 << 32) | u64::from(unsafe { bpf_get_smp_processor_id() })
+    } else {
+        u64::from(tid)
+    }
 }
 
-/// Whether `skb` was already reported by the kprobe tier (and forget it).
 #[inline(always)]
-pub fn take_reported_skb(skb: u64) -> bool {
-    match scratch() {
-        Some(s) if s.reported_skb == skb && skb != 0 => {
-            s.reported_skb = 0;
-            true
+fn depth_key(task: u64, func: u32) -> FrameKey {
+    FrameKey {
+        task,
+        func,
+        depth: 0,
+    }
+}
+
+/// Records a call's entry; returns nothing, the return probe pops it.
+#[inline(always)]
+fn enter(func: u32, arg: u64) {
+    let t = task();
+    let dk = depth_key(t, func);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut depth = unsafe { DEPTHS.get(&dk) }.copied().unwrap_or(0);
+    if depth > 0 {
+        // Is the caller's frame real, or left by a missed return?
+        let below = FrameKey {
+            task: t,
+            func,
+            depth,
+        };
+        let stale = match unsafe { FRAMES.get(&below) } {
+            Some(f) => now.saturating_sub(f.ts_ns) > STALE_NS,
+            None => true,
+        };
+        if stale {
+            bump(counter::STALE_STATE);
+            depth = 0;
         }
-        _ => false,
+    }
+    if depth >= 8 {
+        bump(counter::STALE_STATE);
+        depth = 0;
+    }
+    depth += 1;
+    let _ = DEPTHS.insert(&dk, &depth, 0);
+    // Overwrites whatever a missed return left at this depth.
+    let _ = FRAMES.insert(
+        &FrameKey {
+            task: t,
+            func,
+            depth,
+        },
+        &Frame {
+            arg,
+            flag: 0,
+            ts_ns: now,
+        },
+        0,
+    );
+}
+
+/// The innermost call of `func` on this task, if one is in progress.
+#[inline(always)]
+fn top(func: u32) -> Option<*mut Frame> {
+    let t = task();
+    let depth = unsafe { DEPTHS.get(&depth_key(t, func)) }.copied()?;
+    if depth == 0 {
+        return None;
+    }
+    let f = FRAMES.get_ptr_mut(&FrameKey {
+        task: t,
+        func,
+        depth,
+    })?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(unsafe { (*f).ts_ns }) > STALE_NS {
+        return None;
+    }
+    Some(f)
+}
+
+/// Pops the innermost call of `func` at its return.
+#[inline(always)]
+fn leave(func: u32) -> Option<Frame> {
+    let t = task();
+    let dk = depth_key(t, func);
+    let depth = unsafe { DEPTHS.get(&dk) }.copied().unwrap_or(0);
+    if depth == 0 {
+        return None;
+    }
+    let _ = DEPTHS.insert(&dk, &(depth - 1), 0);
+    let fk = FrameKey {
+        task: t,
+        func,
+        depth,
+    };
+    let frame = unsafe { FRAMES.get(&fk) }.copied();
+    let _ = FRAMES.remove(&fk);
+    frame
+}
+
+/// The class conntrack's verdict gave `skb`, for the kfree_skb tracepoint
+/// (and forgets it); 0 when there is none, or it is left over.
+#[inline(always)]
+pub fn take_verdict(skb: u64) -> u8 {
+    if skb == 0 {
+        return 0;
+    }
+    let Some(v) = (unsafe { VERDICTS.get(&skb) }).copied() else {
+        return 0;
+    };
+    let _ = VERDICTS.remove(&skb);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(v.ts_ns) > VERDICT_TTL_NS {
+        return 0;
+    }
+    v.flag as u8
+}
+
+/// Hands a drop's class to the free that follows, or counts the packet
+/// here when no kfree_skb tracepoint is attached.
+#[inline(always)]
+fn report_verdict<C: aya_ebpf::EbpfContext>(ctx: &C, skb: u64, class: u8) {
+    let layout = LAYOUT.load();
+    if layout.tp_reason != 0 {
+        let v = Frame {
+            arg: skb,
+            flag: u64::from(class),
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        let _ = VERDICTS.insert(&skb, &v, 0);
+        return;
+    }
+    if record_drop(ctx, &layout, skb, layout.netfilter_drop, class).is_err() {
+        bump(counter::UNDECODED);
     }
 }
 
@@ -75,97 +244,119 @@ fn is_err(ptr: u64) -> bool {
     ptr >= (-4095i64) as u64
 }
 
+/// NF_DROP, in the low byte of a netfilter verdict.
+#[inline(always)]
+fn is_nf_drop(verdict: u32) -> bool {
+    verdict & 0xff == 0
+}
+
 #[kprobe]
 pub fn ctrace_ct_in(ctx: ProbeContext) -> u32 {
     let skb: u64 = ctx.arg(0).unwrap_or(0);
-    if let Some(s) = scratch() {
-        s.skb = skb;
-        s.alloc_failed = 0;
-    }
+    enter(func::CT_IN, skb);
     0
 }
 
 #[kretprobe]
 pub fn ctrace_ct_alloc_ret(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
-    if let Some(s) = scratch()
-        && s.skb != 0
-        && is_err(ret)
-    {
-        s.alloc_failed = 1;
+    if !is_err(ret) {
+        return 0;
+    }
+    if LAYOUT.load().test_flags & test_flags::BLIND_ALLOC != 0 {
+        return 0;
+    }
+    // Outside nf_conntrack_in (ctnetlink) there is no packet to blame.
+    if let Some(f) = top(func::CT_IN) {
+        unsafe { (*f).flag = 1 };
     }
     0
 }
 
 #[kretprobe]
 pub fn ctrace_ct_in_ret(ctx: RetProbeContext) -> u32 {
-    let Some(s) = scratch() else { return 0 };
-    let skb = s.skb;
-    let failed = s.alloc_failed != 0;
-    s.skb = 0;
-    s.alloc_failed = 0;
-    if !failed || skb == 0 {
+    let verdict: u32 = ctx.ret();
+    let Some(frame) = leave(func::CT_IN) else {
+        return 0;
+    };
+    if frame.arg == 0 || !is_nf_drop(verdict) {
         return 0;
     }
-    bump(counter::ALLOC_FAILURES);
-    s.reported_skb = skb;
-    let layout = LAYOUT.load();
-    if record_drop(
-        &ctx,
-        &layout,
-        skb,
-        layout.netfilter_drop,
-        EVENT_F_TABLE_FULL,
-    )
-    .is_err()
-    {
-        bump(counter::UNDECODED);
-    }
+    let class = if frame.flag != 0 {
+        bump(counter::ALLOC_FAILURES);
+        class::ALLOC_FAILED
+    } else {
+        class::TRACKER_DROP
+    };
+    report_verdict(&ctx, frame.arg, class);
     0
 }
 
 #[kprobe]
 pub fn ctrace_early_drop(_ctx: ProbeContext) -> u32 {
-    if let Some(s) = scratch() {
-        s.in_early_drop += 1;
-    }
+    enter(func::EARLY_DROP, 0);
     0
 }
 
 #[kretprobe]
 pub fn ctrace_early_drop_ret(_ctx: RetProbeContext) -> u32 {
-    if let Some(s) = scratch()
-        && s.in_early_drop > 0
-    {
-        s.in_early_drop -= 1;
-    }
+    let _ = leave(func::EARLY_DROP);
+    0
+}
+
+#[kprobe]
+pub fn ctrace_gc_worker(_ctx: ProbeContext) -> u32 {
+    enter(func::GC_WORKER, 0);
+    0
+}
+
+#[kretprobe]
+pub fn ctrace_gc_worker_ret(_ctx: RetProbeContext) -> u32 {
+    let _ = leave(func::GC_WORKER);
     0
 }
 
 #[kprobe]
 pub fn ctrace_ct_delete(ctx: ProbeContext) -> u32 {
     let ct: u64 = ctx.arg(0).unwrap_or(0);
-    let evicted = scratch().is_some_and(|s| s.in_early_drop > 0);
-    let (what, c) = if evicted {
-        (kind::EVICT, counter::EVICTIONS)
+    let by = if top(func::EARLY_DROP).is_some() {
+        evicted_by::EARLY_DROP
+    } else if top(func::GC_WORKER).is_some() && !expired(ct) {
+        evicted_by::GC
     } else {
-        (kind::DELETE, counter::DELETES)
+        0
+    };
+    let (what, c) = match by {
+        evicted_by::EARLY_DROP => (kind::EVICT, counter::EVICTIONS),
+        evicted_by::GC => (kind::GC_EVICT, counter::GC_EVICTIONS),
+        _ => (kind::DELETE, counter::DELETES),
     };
     bump(c);
     if let Some(key) = report_entry(ct, what)
-        && evicted
+        && by != 0
     {
-        count_eviction(&key);
+        count_eviction(&key, by);
     }
     0
 }
 
+/// Whether the entry's timeout has passed (`nf_ct_is_expired`).
 #[inline(always)]
-fn count_eviction(flow: &FlowKey) {
+fn expired(ct: u64) -> bool {
+    let layout = LAYOUT.load();
+    let Ok(timeout) = (unsafe { read::<u32>(ct, layout.ct_timeout) }) else {
+        return true;
+    };
+    let now = unsafe { bpf_jiffies64() } as u32;
+    (timeout.wrapping_sub(now) as i32) <= 0
+}
+
+#[inline(always)]
+fn count_eviction(flow: &FlowKey, by: u8) {
     let key = EvictKey {
         netns: flow.netns,
         dport: flow.dport,
-        family: flow.family,
+        by,
         proto: flow.proto,
     };
     match EVICTED.get_ptr_mut(&key) {
@@ -186,27 +377,27 @@ fn count_eviction(flow: &FlowKey) {
 #[kprobe]
 pub fn ctrace_ct_confirm(ctx: ProbeContext) -> u32 {
     let skb: u64 = ctx.arg(0).unwrap_or(0);
-    let layout = LAYOUT.load();
-    let nfct: u64 = unsafe { read(skb, layout.skb_nfct) }.unwrap_or(0);
-    if let Some(s) = scratch() {
-        // The low bits of _nfct carry ctinfo.
-        s.confirm_ct = nfct & !7;
-    }
+    enter(func::CONFIRM, skb);
     0
 }
 
 #[kretprobe]
 pub fn ctrace_ct_confirm_ret(ctx: RetProbeContext) -> u32 {
     let verdict: u32 = ctx.ret();
-    let Some(s) = scratch() else { return 0 };
-    let ct = s.confirm_ct;
-    s.confirm_ct = 0;
-    // NF_ACCEPT = 1, NF_DROP = 0.
-    if verdict == 1 {
+    let Some(frame) = leave(func::CONFIRM) else {
+        return 0;
+    };
+    let skb = frame.arg;
+    let layout = LAYOUT.load();
+    let nfct: u64 = unsafe { read(skb, layout.skb_nfct) }.unwrap_or(0);
+    // The low bits of _nfct carry ctinfo.
+    let ct = nfct & !7;
+    if is_nf_drop(verdict) {
+        report_entry(ct, kind::INSERT_FAILED);
+        report_verdict(&ctx, skb, class::CLASH);
+    } else {
         bump(counter::INSERTS);
         report_entry(ct, kind::INSERT);
-    } else {
-        report_entry(ct, kind::INSERT_FAILED);
     }
     0
 }
@@ -214,21 +405,19 @@ pub fn ctrace_ct_confirm_ret(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn ctrace_ct_hash_insert(ctx: ProbeContext) -> u32 {
     let ct: u64 = ctx.arg(0).unwrap_or(0);
-    if let Some(s) = scratch() {
-        s.insert_ct = ct;
-    }
+    enter(func::HASH_INSERT, ct);
     0
 }
 
 #[kretprobe]
 pub fn ctrace_ct_hash_insert_ret(ctx: RetProbeContext) -> u32 {
     let ret: i32 = ctx.ret();
-    let Some(s) = scratch() else { return 0 };
-    let ct = s.insert_ct;
-    s.insert_ct = 0;
+    let Some(frame) = leave(func::HASH_INSERT) else {
+        return 0;
+    };
     if ret == 0 {
         bump(counter::INSERTS);
-        report_entry(ct, kind::INSERT);
+        report_entry(frame.arg, kind::INSERT);
     }
     0
 }
@@ -248,6 +437,11 @@ fn report_entry(ct: u64, what: u8) -> Option<FlowKey> {
     let status: u64 = unsafe { read(ct, layout.ct_status) }.unwrap_or(0);
     let timeout: u32 = unsafe { read(ct, layout.ct_timeout) }.unwrap_or(0);
     let tcp_state: u8 = unsafe { read(ct, layout.ct_tcp_state) }.unwrap_or(0);
+    let zone: u16 = if layout.ct_zone != 0 {
+        unsafe { read(ct, layout.ct_zone) }.unwrap_or(0)
+    } else {
+        0
+    };
     // nf_conn.timeout is absolute, in 32-bit jiffies.
     let now = unsafe { bpf_jiffies64() } as u32;
     submit(
@@ -267,7 +461,8 @@ fn report_entry(ct: u64, what: u8) -> Option<FlowKey> {
             } else {
                 0
             },
-            _pad: [0; 3],
+            _pad: 0,
+            ct_zone: zone,
         },
     );
     Some(key)

@@ -2,8 +2,11 @@
 //!
 //! The tracepoint tier hooks `skb:kfree_skb`, keeps only packets freed with
 //! reason NETFILTER_DROP, and decodes the flow they belong to. Per-packet
-//! work ends in the kernel: a flow-keyed LRU map counts packets, and only the
-//! first packet of a flow is sent to user space through the ring buffer.
+//! work ends in the kernel: per-(netns, service, proto, evidence) totals
+//! count every packet, a flow-keyed LRU map adds per-flow detail, and only
+//! the first packet of a flow is sent to user space through the ring buffer.
+//! Totals are what users act on, so they depend on neither the ring buffer
+//! nor the LRU: a flood loses detail, never a count.
 //!
 //! No kernel layout is compiled in: every offset comes from `LAYOUT`, which
 //! user space fills from BTF and tracefs before loading.
@@ -15,13 +18,14 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
 use ctrace_common::{
-    AF_INET, AF_INET6, EVENT_F_HAS_CT, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, KernelLayout, counter, kind,
+    AF_INET, AF_INET6, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, KernelLayout, TotalCount, TotalKey, class, counter, kind,
+    service_key,
 };
 
 mod conntrack;
@@ -43,12 +47,23 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 static ENTRIES: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
-/// Per-flow packet counts. Per-CPU so that counting needs no atomics (the
-/// key is shared, each CPU owns its value; user space sums them), LRU so that
-/// a flood of distinct flows evicts old ones instead of failing inserts. User
-/// space keeps running totals, so an evicted flow's count is not lost.
+/// Per-flow packet counts: detail, not totals. Per-CPU so that counting
+/// needs no atomics (the key is shared, each CPU owns its value; user space
+/// sums them), LRU so that a flood of distinct flows evicts old ones instead
+/// of failing inserts.
 #[map]
 static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Every dropped packet, counted by (netns, service, proto, evidence class).
+/// Not LRU: an evicted key would lose counts. The key space is small and
+/// bounded; a packet that finds the map full is counted in TOTALS_FULL.
+#[map]
+static TOTALS: PerCpuHashMap<TotalKey, TotalCount> = PerCpuHashMap::with_max_entries(8192, 0);
+
+/// (proto << 16 | port) -> service index, filled by user space from its
+/// catalog before attaching; sized by user space to the catalog.
+#[map]
+static SERVICES: HashMap<u32, u16> = HashMap::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -80,11 +95,18 @@ pub fn ctrace_kfree_skb(ctx: TracePointContext) -> u32 {
         bump(counter::UNDECODED);
         return 0;
     };
-    if conntrack::take_reported_skb(skb) {
-        // The kprobe tier already reported this packet, with certainty.
-        return 0;
+    // The kprobe tier may have seen why conntrack dropped it.
+    let mut class = conntrack::take_verdict(skb);
+    if layout.tp_location != 0
+        && let Ok(at) = unsafe { ctx.read_at::<u64>(layout.tp_location as usize) }
+    {
+        if at >= layout.nft_chain_start && at < layout.nft_chain_end {
+            class |= class::AT_NFT_CHAIN;
+        } else if at >= layout.hook_slow_start && at < layout.hook_slow_end {
+            class |= class::AT_HOOK_SLOW;
+        }
     }
-    match record_drop(&ctx, &layout, skb, reason, 0) {
+    match record_drop(&ctx, &layout, skb, reason, class) {
         Ok(()) => {}
         Err(()) => bump(counter::UNDECODED),
     }
@@ -111,14 +133,15 @@ fn netns_of(layout: &KernelLayout, skb: u64) -> u32 {
     unsafe { read(net, layout.net_inum) }.unwrap_or(0)
 }
 
-/// Decodes the packet in `skb` into a flow key and counts it as dropped.
+/// Decodes the packet in `skb` into a flow key and counts it as dropped,
+/// with the evidence `class` bits the caller saw.
 #[inline(always)]
 pub(crate) fn record_drop<C: EbpfContext>(
     ctx: &C,
     layout: &KernelLayout,
     skb: u64,
     reason: u32,
-    extra_flags: u8,
+    class: u8,
 ) -> Result<(), ()> {
     let head: u64 = unsafe { read(skb, layout.skb_head) }.map_err(|_| ())?;
     let nh: u16 = unsafe { read(skb, layout.skb_network_header) }.map_err(|_| ())?;
@@ -180,7 +203,7 @@ pub(crate) fn record_drop<C: EbpfContext>(
     key.netns = netns_of(layout, skb);
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let flags = extra_flags | if nfct != 0 { EVENT_F_HAS_CT } else { 0 };
+    let flags = class | if nfct != 0 { class::HAS_CT } else { 0 };
     let fresh = FlowStats {
         packets: 1,
         first_ns: now,
@@ -192,9 +215,11 @@ pub(crate) fn record_drop<C: EbpfContext>(
     // BPF_NOEXIST makes "first packet of this flow" a single atomic decision,
     // so one event per flow even when CPUs race on the same flow.
     if FLOWS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+        count_total(&key, flags, 1);
         emit(ctx, layout, &key, now, tcp_flags, flags, reason);
         return Ok(());
     }
+    count_total(&key, flags, 0);
     match FLOWS.get_ptr_mut(&key) {
         // This CPU's slot; the first packet seen on this CPU starts it.
         Some(stats) => unsafe {
@@ -211,6 +236,50 @@ pub(crate) fn record_drop<C: EbpfContext>(
         None => bump(counter::FLOW_MAP_ERRORS),
     }
     Ok(())
+}
+
+/// Adds one packet (and `new_flows`) to the totals of its service.
+#[inline(always)]
+fn count_total(flow: &FlowKey, class: u8, new_flows: u64) {
+    let service = if flow.proto == IPPROTO_TCP
+        || flow.proto == IPPROTO_UDP
+        || flow.proto == IPPROTO_SCTP
+    {
+        let k = service_key(flow.proto, flow.dport);
+        unsafe { SERVICES.get(&k) }.copied().unwrap_or(0)
+    } else {
+        0
+    };
+    let key = TotalKey {
+        netns: flow.netns,
+        service,
+        proto: flow.proto,
+        class,
+    };
+    if let Some(t) = TOTALS.get_ptr_mut(&key) {
+        // This CPU's slot: no other CPU writes it.
+        unsafe {
+            (*t).packets += 1;
+            (*t).flows += new_flows;
+        }
+        return;
+    }
+    let fresh = TotalCount {
+        packets: 1,
+        flows: new_flows,
+    };
+    if TOTALS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Another CPU created the key first (our slot exists now), or the map
+    // is full.
+    match TOTALS.get_ptr_mut(&key) {
+        Some(t) => unsafe {
+            (*t).packets += 1;
+            (*t).flows += new_flows;
+        },
+        None => bump(counter::TOTALS_FULL),
+    }
 }
 
 #[inline(always)]
@@ -234,7 +303,8 @@ fn emit<C: EbpfContext>(
         ct_status: 0,
         ct_timeout_jiffies: 0,
         ct_tcp_state: 0,
-        _pad: [0; 3],
+        _pad: 0,
+        ct_zone: 0,
     };
     if submit(&EVENTS, &event) {
         debug!(

@@ -1,11 +1,13 @@
-//! Aggregation: dropped flows, their packet counts and the per-service
-//! totals that answer "whose connections are failing".
+//! Per-flow detail: which flows were dropped, with their packet counts,
+//! for "who exactly" and the top flows. Bounded: at most `cap` flows are
+//! kept, the least recently seen forgotten first. The per-service totals
+//! users act on do not live here but in the ledger (`ledger.rs`), which
+//! a forgotten flow cannot change.
 //!
-//! A flow is counted once however many of its packets were dropped: a SYN
-//! sent four times is one flow and four packets. Packet counts come from the
-//! kernel's per-flow map; user space carries them forward, so a flow that
-//! the kernel's LRU evicts (and counts afresh if it comes back) keeps its
-//! total.
+//! A flow is one flow however many of its packets were dropped: a SYN sent
+//! four times is one flow and four packets. Packet counts come from the
+//! kernel's per-flow map; a flow the kernel's LRU evicted (and counts
+//! afresh when it comes back) keeps what was read before.
 use std::{
     collections::{BTreeMap, HashMap},
     time::SystemTime,
@@ -14,8 +16,8 @@ use std::{
 use crate::{
     cause::Cause,
     event::{Clock, Flow, Proto},
-    source::{EvictedKey, FlowCount},
-    strategy::Strategy,
+    source::{EvictedKey, Evictor, FlowCount},
+    tier::Strategy,
 };
 
 /// A dropped flow at first sighting, attributed.
@@ -34,6 +36,8 @@ pub struct DropRecord {
 pub struct FlowEntry {
     pub first: DropRecord,
     pub last_seen: SystemTime,
+    /// When ctrace last heard of the flow, for forgetting the oldest.
+    touched: u64,
     pub tcp_flags: u8,
     /// Packets counted by earlier incarnations of this flow in the kernel map.
     carried: u64,
@@ -50,26 +54,19 @@ impl FlowEntry {
     }
 }
 
-/// Totals for one (service, cause, protocol).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DropGroup {
-    pub netns: u64,
-    pub service: Option<String>,
-    pub cause: Cause,
-    pub proto: Proto,
-    pub flows: u64,
-    pub packets: u64,
-}
-
-/// Entries early_drop evicted, per (netns, service, proto): whose
-/// connections made room for new ones.
+/// Entries evicted before their time, per (netns, service, proto, who):
+/// whose connections made room for new ones.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EvictionGroup {
     pub netns: u64,
     pub service: Option<String>,
     pub proto: Proto,
+    pub by: Evictor,
     pub entries: u64,
 }
+
+/// Default number of flows kept in detail.
+pub const DEFAULT_MAX_FLOWS: usize = 10_000;
 
 /// Running eviction total of one kernel map key. The map is LRU: a key it
 /// dropped and re-created restarts from zero, and what was read before is
@@ -80,15 +77,55 @@ struct EvictionCount {
     total: u64,
 }
 
-#[derive(Default)]
 pub struct Aggregator {
     flows: HashMap<Flow, FlowEntry>,
+    cap: usize,
+    clock: u64,
+    /// Flows dropped from the detail to stay within `cap`.
+    forgotten: u64,
     evictions: HashMap<EvictedKey, EvictionCount>,
 }
 
 impl Aggregator {
-    pub fn new() -> Self {
-        Self::default()
+    /// Keeps at most `cap` flows in detail.
+    pub fn new(cap: usize) -> Self {
+        Aggregator {
+            flows: HashMap::new(),
+            cap: cap.max(1),
+            clock: 0,
+            forgotten: 0,
+            evictions: HashMap::new(),
+        }
+    }
+
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Forgets the least recently seen flows once the detail has grown an
+    /// eighth past its cap: amortized, so a flood costs O(log n) a flow.
+    fn trim(&mut self) {
+        if self.flows.len() <= self.cap + self.cap / 8 {
+            return;
+        }
+        let mut ages: Vec<u64> = self.flows.values().map(|e| e.touched).collect();
+        let excess = self.flows.len() - self.cap;
+        let (_, cutoff, _) = ages.select_nth_unstable(excess - 1);
+        let cutoff = *cutoff;
+        let before = self.flows.len();
+        self.flows.retain(|_, e| e.touched > cutoff);
+        self.forgotten += (before - self.flows.len()) as u64;
+    }
+
+    /// Forgets flows of namespaces that no longer exist.
+    pub fn retain_netns(&mut self, alive: impl Fn(u64) -> bool) {
+        self.flows.retain(|f, _| alive(f.netns));
+        self.evictions.retain(|k, _| alive(k.netns));
     }
 
     pub fn is_known(&self, flow: &Flow) -> bool {
@@ -99,8 +136,10 @@ impl Aggregator {
     /// known (the kernel evicted and re-created it), in which case its
     /// count so far is carried forward and nothing new is reported.
     pub fn observe(&mut self, rec: DropRecord, mono_ns: u64) -> bool {
+        let now = self.tick();
         match self.flows.get_mut(&rec.flow) {
             Some(e) => {
+                e.touched = now;
                 if mono_ns > e.current_first_ns {
                     e.carried += e.current;
                     e.current = 0;
@@ -113,6 +152,7 @@ impl Aggregator {
                 self.flows.insert(
                     rec.flow,
                     FlowEntry {
+                        touched: now,
                         last_seen: rec.time,
                         tcp_flags: rec.tcp_flags,
                         carried: 0,
@@ -121,6 +161,7 @@ impl Aggregator {
                         first: rec,
                     },
                 );
+                self.trim();
                 true
             }
         }
@@ -132,6 +173,10 @@ impl Aggregator {
             let Some(e) = self.flows.get_mut(flow) else {
                 continue;
             };
+            if c.last_ns > 0 && clock.wall(c.last_ns) > e.last_seen {
+                self.clock += 1;
+                e.touched = self.clock;
+            }
             if c.first_ns > e.current_first_ns {
                 // A newer incarnation than the one we counted.
                 e.carried += e.current;
@@ -149,38 +194,6 @@ impl Aggregator {
 
     pub fn flow_count(&self) -> usize {
         self.flows.len()
-    }
-
-    /// Per (netns, service, cause, proto) totals, biggest first.
-    pub fn groups(&self) -> Vec<DropGroup> {
-        type Key<'a> = (u64, Option<&'a str>, Cause, Proto);
-        let mut by: BTreeMap<Key<'_>, (u64, u64)> = BTreeMap::new();
-        for e in self.flows.values() {
-            let k = (
-                e.first.flow.netns,
-                e.first.service.as_deref(),
-                e.first.cause,
-                e.first.flow.proto,
-            );
-            let v = by.entry(k).or_default();
-            v.0 += 1;
-            v.1 += e.packets();
-        }
-        let mut groups: Vec<DropGroup> = by
-            .into_iter()
-            .map(
-                |((netns, service, cause, proto), (flows, packets))| DropGroup {
-                    netns,
-                    service: service.map(str::to_string),
-                    cause,
-                    proto,
-                    flows,
-                    packets,
-                },
-            )
-            .collect();
-        groups.sort_by(|a, b| b.flows.cmp(&a.flows).then(b.packets.cmp(&a.packets)));
-        groups
     }
 
     /// The flows with the most dropped packets.
@@ -212,31 +225,24 @@ impl Aggregator {
         }
     }
 
-    /// Per (netns, service, proto) eviction totals, biggest first.
+    /// Per (netns, service, proto, evictor) eviction totals, biggest first.
     pub fn evictions(&self) -> Vec<EvictionGroup> {
-        let mut by: BTreeMap<(u64, Option<&str>, Proto), u64> = BTreeMap::new();
+        let mut by: BTreeMap<(u64, Option<&str>, Proto, Evictor), u64> = BTreeMap::new();
         for (k, e) in &self.evictions {
-            *by.entry((k.netns, e.service.as_deref(), k.proto))
+            *by.entry((k.netns, e.service.as_deref(), k.proto, k.by))
                 .or_default() += e.total;
         }
         let mut v: Vec<EvictionGroup> = by
             .into_iter()
-            .map(|((netns, service, proto), entries)| EvictionGroup {
+            .map(|((netns, service, proto, by), entries)| EvictionGroup {
                 netns,
                 service: service.map(str::to_string),
                 proto,
+                by,
                 entries,
             })
             .collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.entries));
-        v
-    }
-
-    /// Namespaces that have drops.
-    pub fn netns_with_drops(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.flows.keys().map(|f| f.netns).collect();
-        v.sort_unstable();
-        v.dedup();
         v
     }
 }
@@ -273,44 +279,36 @@ mod tests {
             first_ns,
             last_ns: first_ns + 10,
             tcp_flags: 2,
-            has_ct: false,
-            table_full: false,
+            class: 0,
         }
     }
 
     #[test]
     fn retransmitted_syn_is_one_flow_four_packets() {
-        let mut a = Aggregator::new();
+        let mut a = Aggregator::new(10);
         let f = flow(40000, 2380, Proto::Tcp);
         assert!(a.observe(rec(f, Some("etcd-peer")), 100));
         a.update_counts(&HashMap::from([(f, count(4, 100))]), &Clock::new());
-        let g = a.groups();
-        assert_eq!(g.len(), 1);
-        assert_eq!((g[0].flows, g[0].packets), (1, 4));
-        assert_eq!(g[0].service.as_deref(), Some("etcd-peer"));
+        let top = a.top_flows(10);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].packets(), 4);
     }
 
     #[test]
-    fn groups_split_by_service_and_proto() {
-        let mut a = Aggregator::new();
-        for p in 0..3 {
-            a.observe(rec(flow(40000 + p, 22, Proto::Tcp), Some("ssh")), 1);
+    fn detail_is_bounded_and_keeps_the_recent_flows() {
+        let mut a = Aggregator::new(100);
+        for p in 0..10_000u16 {
+            a.observe(rec(flow(p, 22, Proto::Tcp), Some("ssh")), u64::from(p));
+            assert!(a.flow_count() <= 100 + 100 / 8);
         }
-        a.observe(rec(flow(50000, 53, Proto::Udp), Some("dns")), 1);
-        a.observe(rec(flow(50001, 9999, Proto::Tcp), None), 1);
-        let g = a.groups();
-        assert_eq!(g[0].service.as_deref(), Some("ssh"));
-        assert_eq!(g[0].flows, 3);
-        assert_eq!(g.iter().map(|g| g.flows).sum::<u64>(), 5);
-        assert!(
-            g.iter()
-                .any(|g| g.service.is_none() && g.proto == Proto::Tcp)
-        );
+        assert_eq!(a.forgotten() + a.flow_count() as u64, 10_000);
+        assert!(a.is_known(&flow(9_999, 22, Proto::Tcp)));
+        assert!(!a.is_known(&flow(0, 22, Proto::Tcp)));
     }
 
     #[test]
     fn evicted_flow_keeps_its_count() {
-        let mut a = Aggregator::new();
+        let mut a = Aggregator::new(10);
         let f = flow(40000, 4420, Proto::Tcp);
         a.observe(rec(f, Some("nvme-tcp")), 100);
         a.update_counts(&HashMap::from([(f, count(3, 100))]), &Clock::new());
@@ -323,11 +321,12 @@ mod tests {
 
     #[test]
     fn evictions_group_by_service_and_survive_the_lru() {
-        let mut a = Aggregator::new();
+        let mut a = Aggregator::new(10);
         let key = |dport| EvictedKey {
             netns: 7,
             proto: Proto::Udp,
             dport,
+            by: Evictor::EarlyDrop,
         };
         let name = |_: Proto, port: u16| (port == 53).then(|| "dns".to_string());
         a.update_evictions(&[(key(53), 3), (key(5353), 1)], name);

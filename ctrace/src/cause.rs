@@ -1,24 +1,7 @@
-//! Why a packet was dropped.
-//!
-//! At `kfree_skb` a table-full drop, a rule's drop and a `ct state invalid
-//! drop` all look alike: reason NETFILTER_DROP. What tells them apart is the
-//! evidence around the drop:
-//!
-//! * the skb carried a conntrack entry (`_nfct != 0`): conntrack had already
-//!   tracked the packet, so the table was not what stopped it: **rule**;
-//! * no entry, and conntrack's own per-netns `drop` counter rose across the
-//!   drop: **table_full** (that counter only moves when conntrack fails to
-//!   allocate or confirm an entry). When no sample precedes the drop (a
-//!   namespace first seen through it), a count at the max decides instead;
-//! * no entry, and the `invalid` counter rose: **invalid**;
-//! * no entry and no conntrack counter moved: a rule dropped it before
-//!   conntrack saw it (raw table, notrack): **rule**;
-//! * the namespace's counters could not be read: **unknown**.
-//!
-//! Limits: the counters are per namespace, not per packet. An invalid-state
-//! drop in the same window as table-full drops is labelled table_full. The
-//! exact tiers (kprobe/fexit, issue 3) see the failed allocation itself and
-//! need none of this.
+//! Why a packet was dropped: the causes ctrace names, and the evidence
+//! strings that say what decided each one. The decision itself is made per
+//! interval by the ledger (`ledger.rs`), from the kernel side's evidence
+//! classes and conntrack's own counters.
 use std::fmt;
 
 use serde::Serialize;
@@ -26,9 +9,15 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
+    /// conntrack could not allocate an entry: the table was full.
     TableFull,
+    /// Confirming the entry failed (clash resolution lost, `insert_failed`).
+    Clash,
+    /// conntrack's protocol tracker judged the packet invalid and dropped it.
     Invalid,
+    /// A rule (nftables, iptables) dropped it.
     Rule,
+    /// The evidence cannot tell.
     Unknown,
 }
 
@@ -36,10 +25,16 @@ impl Cause {
     pub fn name(self) -> &'static str {
         match self {
             Cause::TableFull => "table_full",
+            Cause::Clash => "clash",
             Cause::Invalid => "invalid",
             Cause::Rule => "rule",
             Cause::Unknown => "unknown",
         }
+    }
+
+    /// Causes that raise conntrack's own `drop` statistic.
+    pub fn counted_by_conntrack(self) -> bool {
+        matches!(self, Cause::TableFull | Cause::Clash | Cause::Invalid)
     }
 }
 
@@ -49,143 +44,38 @@ impl fmt::Display for Cause {
     }
 }
 
-/// What conntrack's counters did in one namespace around a drop: the
-/// difference between a sample taken before the drop and one after it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Evidence {
-    pub drop_delta: u64,
-    pub invalid_delta: u64,
-    /// Entry count and max at the later sample.
-    pub entries: u64,
-    pub max: u64,
-    /// Whether a sample before the drop existed. Without one only the
-    /// count-versus-max test can be made.
-    pub has_baseline: bool,
-}
-
-/// What the kernel side saw of the drop itself.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Seen {
-    /// The skb carried a conntrack entry.
-    pub has_ct: bool,
-    /// The kprobe tier saw conntrack's allocation fail for this packet.
-    pub alloc_failed: bool,
-    /// The tier watches allocations, so a drop without `alloc_failed` was
-    /// certainly not a full table.
-    pub exact: bool,
-}
-
-/// The cause, and the evidence that decided it (shown in JSON as `evidence`).
-pub fn classify(seen: Seen, evidence: Option<&Evidence>) -> (Cause, &'static str) {
-    if seen.alloc_failed {
-        return (Cause::TableFull, "conntrack_allocation_failed");
-    }
-    if seen.has_ct {
-        return (Cause::Rule, "packet_had_conntrack_entry");
-    }
-    if seen.exact {
-        return match evidence {
-            Some(ev) if ev.has_baseline && ev.invalid_delta > 0 => {
-                (Cause::Invalid, "conntrack_invalid_counter_rose")
-            }
-            _ => (Cause::Rule, "conntrack_allocation_did_not_fail"),
-        };
-    }
-    let Some(ev) = evidence else {
-        return (Cause::Unknown, "no_conntrack_counters");
-    };
-    if !ev.has_baseline {
-        // First sight of this namespace: only its fill level can speak.
-        if ev.max > 0 && ev.entries >= ev.max {
-            return (Cause::TableFull, "count_at_max");
-        }
-        return (Cause::Unknown, "no_counter_baseline");
-    }
-    if ev.drop_delta > 0 {
-        return (Cause::TableFull, "conntrack_drop_counter_rose");
-    }
-    if ev.invalid_delta > 0 {
-        return (Cause::Invalid, "conntrack_invalid_counter_rose");
-    }
-    (Cause::Rule, "no_conntrack_counter_moved")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ev(drop_delta: u64, invalid_delta: u64, entries: u64, max: u64) -> Evidence {
-        Evidence {
-            drop_delta,
-            invalid_delta,
-            entries,
-            max,
-            has_baseline: true,
-        }
-    }
-
-    fn inferred(has_ct: bool) -> Seen {
-        Seen {
-            has_ct,
-            ..Seen::default()
-        }
-    }
-
-    #[test]
-    fn tracked_packets_are_rule_drops_even_in_a_full_table() {
-        assert_eq!(
-            classify(inferred(true), Some(&ev(5, 0, 100, 100))).0,
-            Cause::Rule
-        );
-    }
-
-    #[test]
-    fn exact_tier_needs_no_counters() {
-        let full = Seen {
-            alloc_failed: true,
-            exact: true,
-            has_ct: false,
-        };
-        assert_eq!(
-            classify(full, None),
-            (Cause::TableFull, "conntrack_allocation_failed")
-        );
-        // Exact tier, allocation fine: not the table, whatever the counters say.
-        let other = Seen {
-            exact: true,
-            ..Seen::default()
-        };
-        assert_eq!(classify(other, Some(&ev(9, 0, 100, 100))).0, Cause::Rule);
-        assert_eq!(classify(other, Some(&ev(0, 1, 10, 100))).0, Cause::Invalid);
-    }
-
-    #[test]
-    fn full_table_or_rising_drop_counter_means_table_full() {
-        assert_eq!(
-            classify(inferred(false), Some(&ev(3, 0, 99, 100))),
-            (Cause::TableFull, "conntrack_drop_counter_rose")
-        );
-    }
-
-    #[test]
-    fn not_full_and_quiet_counters_mean_a_rule() {
-        assert_eq!(
-            classify(inferred(false), Some(&ev(0, 0, 10, 100))).0,
-            Cause::Rule
-        );
-        assert_eq!(
-            classify(inferred(false), Some(&ev(0, 2, 10, 100))).0,
-            Cause::Invalid
-        );
-    }
-
-    #[test]
-    fn missing_evidence_is_unknown_not_guessed() {
-        assert_eq!(classify(inferred(false), None).0, Cause::Unknown);
-        let mut e = ev(4, 0, 10, 100);
-        e.has_baseline = false;
-        assert_eq!(classify(inferred(false), Some(&e)).0, Cause::Unknown);
-        e.entries = 100;
-        assert_eq!(classify(inferred(false), Some(&e)).0, Cause::TableFull);
-    }
+/// Every evidence string, documented in the README's evidence table.
+pub mod evidence {
+    /// Exact tiers: the allocation failed inside nf_conntrack_in.
+    pub const ALLOC_FAILED: &str = "conntrack_allocation_failed";
+    /// Exact tiers: nf_conntrack_in returned NF_DROP without a failed
+    /// allocation, and `invalid` rose.
+    pub const TRACKER_DROPPED: &str = "conntrack_tracker_dropped";
+    /// Exact tiers: __nf_conntrack_confirm returned NF_DROP.
+    pub const CONFIRM_FAILED: &str = "conntrack_confirm_failed";
+    /// The packet was freed inside nft_do_chain.
+    pub const FREED_IN_NFT: &str = "freed_in_nft_do_chain";
+    /// Tracked packet, `insert_failed` and `drop` rose with it.
+    pub const INSERT_FAILED_ROSE: &str = "insert_failed_counter_rose";
+    /// Tracked packet, no clash: something after conntrack dropped it.
+    pub const HAD_ENTRY: &str = "packet_had_conntrack_entry";
+    /// Untracked packet, `drop` rose with it.
+    pub const DROP_ROSE: &str = "conntrack_drop_counter_rose";
+    /// Untracked packet, `drop` and `invalid` rose with it in a table with
+    /// room.
+    pub const DROP_AND_INVALID_ROSE: &str = "conntrack_drop_and_invalid_counters_rose";
+    /// Untracked packet, only `invalid` rose.
+    pub const INVALID_ROSE: &str = "conntrack_invalid_counter_rose";
+    /// Untracked packet, no counter moved: dropped before conntrack.
+    pub const NO_COUNTER_MOVED: &str = "no_conntrack_counter_moved";
+    /// Exact tiers: conntrack's verdict was not a drop.
+    pub const NOT_CONNTRACK: &str = "conntrack_did_not_drop";
+    /// Exact tier whose claims the counters did not back, or whose counters
+    /// rose with no claim: the cause was inferred from the counters instead.
+    pub const EXACT_DISAGREES: &str = "inferred_exact_tier_disagrees";
+    /// Namespace first seen through this drop: its fill level decided.
+    pub const COUNT_AT_MAX: &str = "count_at_max";
+    pub const NO_BASELINE: &str = "no_counter_baseline";
+    /// The namespace's statistics cannot be read.
+    pub const NO_COUNTERS: &str = "no_conntrack_counters";
 }

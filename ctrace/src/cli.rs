@@ -84,6 +84,24 @@ pub struct WatchArgs {
     /// Do not break tables down by occupier at all.
     #[arg(long)]
     pub no_occupancy: bool,
+    /// Keep at most this many dropped flows in detail (top flows, drop
+    /// records); the least recently seen are forgotten first. Per-service
+    /// totals are kept in the kernel and never lose a packet to this cap.
+    #[arg(long, default_value_t = crate::aggregate::DEFAULT_MAX_FLOWS, value_name = "N",
+          value_parser = parse_max_flows)]
+    pub max_flows: usize,
+    /// Test only: make the exact tier ignore conntrack's allocation
+    /// failures, as a probe that attached but never fires would, to prove
+    /// the self-check catches it.
+    #[arg(long, hide = true)]
+    pub test_blind_alloc: bool,
+}
+
+fn parse_max_flows(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a flow count from 1 to 1000000")),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

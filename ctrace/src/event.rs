@@ -144,6 +144,8 @@ impl Tier {
 pub enum EntryChange {
     /// early_drop threw it out to make room.
     Evicted,
+    /// The garbage collector reaped it before it expired (above 95% fill).
+    GcEvicted,
     Inserted,
     Deleted,
     InsertFailed,
@@ -163,6 +165,7 @@ pub struct EntryEvent {
     pub status: u32,
     pub timeout_jiffies: u32,
     pub tcp_state: u8,
+    pub zone: u16,
     pub tier: Tier,
 }
 
@@ -181,15 +184,16 @@ pub struct DropEvent {
     pub mono_ns: u64,
     pub flow: Flow,
     pub tcp_flags: u8,
-    /// The skb had a conntrack entry: something dropped a tracked packet.
-    pub has_ct: bool,
-    /// Seen failing to allocate its conntrack entry: table full, certainly.
-    pub table_full: bool,
+    /// What the kernel side saw of it (`ctrace_common::class` bits); the
+    /// ledger turns the class into a cause.
+    pub class: u8,
     pub reason: u32,
     pub tier: Tier,
 }
 
 /// Kernel timestamps are CLOCK_MONOTONIC; output wants wall-clock time.
+/// The offset is taken when made: re-make it periodically, since the wall
+/// clock may be set (NTP on a router without an RTC) while ctrace runs.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     boot_wall: SystemTime,
@@ -244,8 +248,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
                 mono_ns: raw.ts_ns,
                 flow,
                 tcp_flags: raw.tcp_flags,
-                has_ct: raw.flags & wire::EVENT_F_HAS_CT != 0,
-                table_full: raw.flags & wire::EVENT_F_TABLE_FULL != 0,
+                class: raw.flags,
                 reason: raw.reason,
                 tier,
             }));
@@ -254,6 +257,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
         wire::kind::INSERT => EntryChange::Inserted,
         wire::kind::DELETE => EntryChange::Deleted,
         wire::kind::INSERT_FAILED => EntryChange::InsertFailed,
+        wire::kind::GC_EVICT => EntryChange::GcEvicted,
         _ => return None,
     };
     Some(KernelEvent::Entry(EntryEvent {
@@ -265,6 +269,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
         status: raw.ct_status,
         timeout_jiffies: raw.ct_timeout_jiffies,
         tcp_state: raw.ct_tcp_state,
+        zone: raw.ct_zone,
         tier,
     }))
 }
@@ -323,13 +328,12 @@ mod tests {
         let Some(KernelEvent::Drop(e)) = decode(&bytes_of(&raw), &Clock::new()) else {
             panic!("not a drop")
         };
-        assert!(!e.table_full);
+        assert_eq!(e.class, 0);
         assert_eq!(e.flow.src.to_string(), "10.10.0.3:40000");
         assert_eq!(e.flow.dst.to_string(), "10.10.1.2:2380");
         assert_eq!(e.flow.proto, Proto::Tcp);
         assert_eq!(e.flow.family(), "ipv4");
         assert_eq!(e.flow.netns, 4026532000);
-        assert!(!e.has_ct);
         assert_eq!(tcp_flags_str(e.tcp_flags), "SYN");
     }
 

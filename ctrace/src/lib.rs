@@ -1,15 +1,17 @@
 //! ctrace: conntrack pressure tracer.
 //!
-//! Data flows one way: kernel programs (`strategy`) -> decoded events
-//! (`event`) -> cause and service attribution (`cause`, `services`) ->
-//! aggregation (`aggregate`) -> sinks (`sink`). Table pressure (`table`)
-//! is sampled beside it over ctnetlink.
+//! Data flows one way: kernel programs (`strategy`, described by their
+//! capabilities in `tier`) -> the event source (`source`) -> decoded events
+//! (`event`) -> settled totals and causes (`ledger`, `cause`, `services`)
+//! -> per-flow detail (`aggregate`) -> sinks (`sink`). Table pressure
+//! (`table`) is sampled beside it over ctnetlink.
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
 pub mod event;
 pub mod kernel;
 pub mod lab;
+pub mod ledger;
 pub mod netlink;
 pub mod netns;
 pub mod occupancy;
@@ -18,4 +20,12 @@ pub mod sink;
 pub mod source;
 pub mod strategy;
 pub mod table;
+pub mod tier;
 pub mod watch;
+
+/// ctrace's memory bound (README, "Memory"): a fixed base (binary, BTF,
+/// kernel maps' user-space side, ring buffers), plus occupancy's compact
+/// record per table entry, plus the bounded flow detail.
+pub const MEMORY_BASE_MIB: f64 = 40.0;
+pub const MEMORY_PER_TABLE_ENTRY_BYTES: f64 = 48.0;
+pub const MEMORY_PER_FLOW_BYTES: f64 = 400.0;

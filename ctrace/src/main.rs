@@ -122,16 +122,37 @@ pub fn stdout_sinks(json: bool) -> Vec<Box<dyn Sink>> {
     }
 }
 
+/// Everything the user gave, checked before anything is loaded: a bad
+/// part is a usage error (exit code 2) that names it.
+fn validated(args: &WatchArgs) -> anyhow::Result<(Catalog, NetnsFilter)> {
+    let catalog = catalog(args)?;
+    catalog.kernel_index()?;
+    let netns = NetnsFilter::new(args.netns.clone()).resolve()?;
+    Ok((catalog, netns))
+}
+
 async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let catalog = catalog(&args)?;
+    let (catalog, netns) = match validated(&args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ctrace: {e:#}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
     let facts = KernelFacts::gather();
     let cfg = WatchConfig {
         strategy: args.strategy,
         occupancy_every: (!args.no_occupancy).then_some(args.occupancy_every),
         interval: args.interval,
         catalog,
-        netns: NetnsFilter::new(args.netns.clone()),
+        netns,
         kernel_log: args.kernel_log,
+        max_flows: args.max_flows,
+        test_flags: if args.test_blind_alloc {
+            ctrace_common::test_flags::BLIND_ALLOC
+        } else {
+            0
+        },
     };
     let mut watcher = match Watcher::start(cfg, &facts) {
         Ok(w) => w,
@@ -170,12 +191,15 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         time: std::time::SystemTime::now(),
         elapsed: started.elapsed(),
         strategy: strategy::Strategy::Tracepoint,
+        caps: None,
         counters: Default::default(),
         tables: monitor.views(&[]),
         occupancy: vec![],
         groups: vec![],
         evictions: vec![],
+        agreement: vec![],
         top_flows: vec![],
+        flows_forgotten: 0,
         is_final: true,
     };
     if args.json {

@@ -176,11 +176,93 @@ impl Catalog {
     pub fn specs(&self) -> &[ServiceSpec] {
         &self.specs
     }
+
+    /// The catalog as the kernel's totals use it: service names by index
+    /// (index 0 is "no service"), and every (proto, port) a service claims
+    /// with the index of the spec that wins it. Errors when the catalog
+    /// claims more ports than the kernel map is allowed to hold.
+    pub fn kernel_index(&self) -> anyhow::Result<KernelIndex> {
+        let mut names: Vec<String> = vec![String::new()];
+        let mut ports = std::collections::BTreeMap::new();
+        for spec in &self.specs {
+            for r in &spec.ranges {
+                for proto in &r.protos {
+                    for port in r.first..=r.last {
+                        let key = ctrace_common::service_key(proto.number(), port);
+                        if ports.contains_key(&key) {
+                            continue;
+                        }
+                        let name = self.lookup(*proto, port).expect("the spec claims it");
+                        let id = match names.iter().position(|n| n == name) {
+                            Some(i) => i,
+                            None => {
+                                names.push(name.to_string());
+                                names.len() - 1
+                            }
+                        };
+                        ports.insert(key, id as u16);
+                    }
+                }
+                if ports.len() > MAX_KERNEL_PORTS {
+                    bail!(
+                        "the service catalog claims more than {MAX_KERNEL_PORTS} (protocol, port) \
+                         pairs; narrow its port ranges"
+                    );
+                }
+            }
+        }
+        Ok(KernelIndex {
+            names,
+            ports: ports.into_iter().collect(),
+        })
+    }
+}
+
+/// How many (protocol, port) pairs the kernel's service map may hold: the
+/// map is preallocated, ~64 bytes an entry.
+pub const MAX_KERNEL_PORTS: usize = 16384;
+
+#[derive(Clone, Debug, Default)]
+pub struct KernelIndex {
+    /// Index 0 is the empty name: no service.
+    pub names: Vec<String>,
+    pub ports: Vec<(u32, u16)>,
+}
+
+impl KernelIndex {
+    pub fn name(&self, index: u16) -> Option<&str> {
+        match index {
+            0 => None,
+            i => self.names.get(usize::from(i)).map(String::as_str),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_index_follows_lookup() {
+        let mut c = Catalog::with_defaults();
+        c.add("myssh=tcp/22,udp/9000-9001".parse().unwrap());
+        let idx = c.kernel_index().unwrap();
+        let get = |proto: Proto, port| {
+            let k = ctrace_common::service_key(proto.number(), port);
+            idx.ports
+                .iter()
+                .find(|(key, _)| *key == k)
+                .and_then(|(_, i)| idx.name(*i))
+        };
+        assert_eq!(get(Proto::Tcp, 22), Some("myssh"));
+        assert_eq!(get(Proto::Udp, 9001), Some("myssh"));
+        assert_eq!(get(Proto::Udp, 53), Some("dns"));
+        assert_eq!(get(Proto::Tcp, 9001), None);
+        assert_eq!(idx.name(0), None);
+        let mut huge = Catalog::with_defaults();
+        huge.add("all=tcp+udp/1-65535".parse().unwrap());
+        assert!(huge.kernel_index().unwrap_err().to_string().contains("narrow"));
+    }
 
     #[test]
     fn defaults_cover_the_incident() {

@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use ctrace_common::{EvictKey, FlowKey, FlowStats, counter};
+use ctrace_common::{EvictKey, FlowKey, FlowStats, TotalCount, TotalKey, counter, evicted_by};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent},
-    strategy::Strategy,
+    services::KernelIndex,
+    tier::Tier,
 };
 
 /// The programs, built by ctrace/build.rs for the target architecture.
@@ -32,14 +33,29 @@ pub fn object() -> anyhow::Result<&'static [u8]> {
 /// Forwards the programs' aya-log records to the `log` crate.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// Loads the object with this kernel's layout; every tier starts here and
-/// then loads and attaches its own programs.
+/// What every tier's programs are loaded with.
+pub struct LoadOptions<'a> {
+    pub services: &'a KernelIndex,
+    pub kernel_log: bool,
+    /// `ctrace_common::test_flags`; 0 outside tests.
+    pub test_flags: u32,
+}
+
+/// Loads the object with this kernel's layout and fills the service map;
+/// every tier starts here and then loads and attaches its own programs.
 pub fn load(
     layout: &ctrace_common::KernelLayout,
-    kernel_log: bool,
+    opts: &LoadOptions<'_>,
 ) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
+    let layout = ctrace_common::KernelLayout {
+        test_flags: opts.test_flags,
+        ..*layout
+    };
+    let kernel_log = opts.kernel_log;
+    let services = u32::try_from(opts.services.ports.len().max(1)).context("service map size")?;
     let mut ebpf = aya::EbpfLoader::new()
-        .override_global("LAYOUT", layout, true)
+        .map_max_entries("SERVICES", services)
+        .override_global("LAYOUT", &layout, true)
         // aya-log's level gate: 0 silences every log site in the programs.
         .override_global(
             "AYA_LOG_LEVEL",
@@ -48,6 +64,16 @@ pub fn load(
         )
         .load(object()?)
         .context("loading the eBPF object")?;
+    {
+        let map = ebpf
+            .map_mut("SERVICES")
+            .context("map SERVICES missing from the eBPF object")?;
+        let mut map: BpfHashMap<_, u32, u16> = BpfHashMap::try_from(map)?;
+        for (key, index) in &opts.services.ports {
+            map.insert(key, index, 0)
+                .context("filling the kernel's service map")?;
+        }
+    }
     let logger = kernel_logger(&mut ebpf, kernel_log);
     Ok((ebpf, logger))
 }
@@ -74,9 +100,14 @@ pub struct Counters {
     pub flow_map_errors: u64,
     /// Kprobe tier only: conntrack's own decisions.
     pub evictions: u64,
+    pub gc_evictions: u64,
     pub inserts: u64,
     pub deletes: u64,
     pub alloc_failures: u64,
+    /// Packets the kernel's totals map had no room for.
+    pub totals_full: u64,
+    /// Entry/return state found stale (a missed kretprobe) and reset.
+    pub stale_state: u64,
 }
 
 /// A flow's packet count as the kernel map holds it now.
@@ -86,25 +117,47 @@ pub struct FlowCount {
     pub first_ns: u64,
     pub last_ns: u64,
     pub tcp_flags: u8,
-    pub has_ct: bool,
-    pub table_full: bool,
+    /// `ctrace_common::class` bits of the flow's first packet.
+    pub class: u8,
 }
 
-/// The kernel's eviction count for one (netns, protocol, port).
+/// Who evicted an entry early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evictor {
+    EarlyDrop,
+    Gc,
+}
+
+/// The kernel's eviction count for one (netns, protocol, port, evictor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EvictedKey {
     pub netns: u64,
     pub proto: crate::event::Proto,
     pub dport: u16,
+    pub by: Evictor,
+}
+
+/// One row of the kernel's drop totals, summed over CPUs: cumulative since
+/// ctrace started, never reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTotal {
+    pub netns: u64,
+    pub service: u16,
+    pub proto: crate::event::Proto,
+    pub class: u8,
+    pub packets: u64,
+    pub flows: u64,
 }
 
 pub struct EventSource {
-    strategy: Strategy,
+    tier: Tier,
     /// Drops (EVENTS) and entry changes (ENTRIES), kept apart in the kernel
     /// so that a flood of the latter cannot crowd out the former.
     drops: AsyncFd<RingBuf<MapData>>,
     entries: AsyncFd<RingBuf<MapData>>,
     flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    totals: PerCpuHashMap<MapData, TotalKey, TotalCount>,
     evicted: PerCpuHashMap<MapData, EvictKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     clock: Clock,
@@ -115,11 +168,7 @@ pub struct EventSource {
 }
 
 impl EventSource {
-    pub fn new(
-        mut ebpf: Ebpf,
-        strategy: Strategy,
-        logger: Option<KernelLogger>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(mut ebpf: Ebpf, tier: Tier, logger: Option<KernelLogger>) -> anyhow::Result<Self> {
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
@@ -134,13 +183,15 @@ impl EventSource {
         let drops = ring(&mut ebpf, "EVENTS")?;
         let entries = ring(&mut ebpf, "ENTRIES")?;
         let flows = PerCpuHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
+        let totals = PerCpuHashMap::try_from(take(&mut ebpf, "TOTALS")?)?;
         let evicted = PerCpuHashMap::try_from(take(&mut ebpf, "EVICTED")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         Ok(EventSource {
-            strategy,
+            tier,
             drops,
             entries,
             flows,
+            totals,
             evicted,
             counters,
             clock: Clock::new(),
@@ -150,12 +201,18 @@ impl EventSource {
         })
     }
 
-    pub fn strategy(&self) -> Strategy {
-        self.strategy
+    pub fn tier(&self) -> Tier {
+        self.tier
     }
 
     pub fn clock(&self) -> Clock {
         self.clock
+    }
+
+    /// Re-reads the wall clock's offset from the monotonic one: a router
+    /// without an RTC starts before NTP has set the time.
+    pub fn resync_clock(&mut self) {
+        self.clock = Clock::new();
     }
 
     /// Waits until a ring buffer has something, or `readable` is polled
@@ -199,10 +256,45 @@ impl EventSource {
             undecoded: sum(counter::UNDECODED)? + self.undecodable,
             flow_map_errors: sum(counter::FLOW_MAP_ERRORS)?,
             evictions: sum(counter::EVICTIONS)?,
+            gc_evictions: sum(counter::GC_EVICTIONS)?,
             inserts: sum(counter::INSERTS)?,
             deletes: sum(counter::DELETES)?,
             alloc_failures: sum(counter::ALLOC_FAILURES)?,
+            totals_full: sum(counter::TOTALS_FULL)?,
+            stale_state: sum(counter::STALE_STATE)?,
         })
+    }
+
+    /// The kernel's drop totals, every row.
+    pub fn totals(&self) -> Vec<KernelTotal> {
+        self.totals
+            .iter()
+            // A key removed between key and value lookups reappears at the
+            // next read with its count intact: counts are never reset.
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| KernelTotal {
+                netns: u64::from(k.netns),
+                service: k.service,
+                proto: crate::event::Proto::from_number(k.proto),
+                class: k.class,
+                packets: per_cpu.iter().map(|c| c.packets).sum(),
+                flows: per_cpu.iter().map(|c| c.flows).sum(),
+            })
+            .collect()
+    }
+
+    /// Drops the kernel's rows of namespaces that no longer exist, so that
+    /// a host that churns namespaces (pods) does not fill the map.
+    pub fn forget_netns(&mut self, gone: &[u64]) {
+        let keys: Vec<TotalKey> = self
+            .totals
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&u64::from(k.netns)))
+            .collect();
+        for k in keys {
+            let _ = self.totals.remove(&k);
+        }
     }
 
     /// Current eviction counts from the kernel's LRU map (kprobe tier;
@@ -217,6 +309,11 @@ impl EventSource {
                     netns: u64::from(k.netns),
                     proto: crate::event::Proto::from_number(k.proto),
                     dport: k.dport,
+                    by: if k.by == evicted_by::GC {
+                        Evictor::Gc
+                    } else {
+                        Evictor::EarlyDrop
+                    },
                 };
                 (n > 0).then_some((key, n))
             })
@@ -239,16 +336,16 @@ impl EventSource {
                 first_ns: u64::MAX,
                 last_ns: 0,
                 tcp_flags: 0,
-                has_ct: false,
-                table_full: false,
+                class: 0,
             };
             for s in per_cpu.iter().filter(|s| s.packets > 0) {
                 c.packets += s.packets;
-                c.first_ns = c.first_ns.min(s.first_ns);
+                if s.first_ns < c.first_ns {
+                    c.first_ns = s.first_ns;
+                    c.class = s.flags;
+                }
                 c.last_ns = c.last_ns.max(s.last_ns);
                 c.tcp_flags |= s.tcp_flags;
-                c.has_ct |= s.flags & ctrace_common::EVENT_F_HAS_CT != 0;
-                c.table_full |= s.flags & ctrace_common::EVENT_F_TABLE_FULL != 0;
             }
             if c.packets > 0 {
                 out.insert(flow, c);

@@ -10,7 +10,6 @@ use std::{
 };
 
 use crate::{
-    cause::Evidence,
     event::monotonic_ns,
     netlink::ctnetlink::{CtSocket, CtStats},
     netns::{self, NetNs},
@@ -19,14 +18,6 @@ use crate::{
 /// Samples kept per namespace: enough for rates, time-to-full and for
 /// finding the sample that precedes any pending drop.
 const HISTORY: usize = 64;
-/// A drop's baseline sample should be older than the drop by this much: the
-/// kernel bumps the `drop` counter before it frees the skb, and a sample
-/// taken in between already includes the drop, which then looks like a rule
-/// drop. The gap is microseconds, but an interrupt or a stalled vCPU can
-/// stretch it (2 ms was seen not to be enough in a TCG VM). A wider window
-/// only matters when table-full and rule drops mix within it, where the
-/// counters cannot tell them apart anyway.
-const BASELINE_GUARD_NS: u64 = 50_000_000;
 /// Growth of the count over this window feeds the time-to-full estimate.
 const TREND_WINDOW_NS: u64 = 10_000_000_000;
 
@@ -34,16 +25,6 @@ const TREND_WINDOW_NS: u64 = 10_000_000_000;
 pub struct Sample {
     pub mono_ns: u64,
     pub stats: CtStats,
-}
-
-/// The sample a drop at `mono_ns` is measured from: the newest one at
-/// least BASELINE_GUARD_NS older, else the oldest one before the drop.
-fn baseline(history: &VecDeque<Sample>, mono_ns: u64) -> Option<&Sample> {
-    history
-        .iter()
-        .rev()
-        .find(|s| s.mono_ns + BASELINE_GUARD_NS <= mono_ns)
-        .or_else(|| history.iter().find(|s| s.mono_ns < mono_ns))
 }
 
 /// The statistics as (name, value) pairs, in the order conntrack -S prints them.
@@ -180,6 +161,39 @@ impl NetnsFilter {
         self.specs.is_empty()
     }
 
+    /// Checks every spec against the namespaces that exist now, and turns
+    /// paths into inode numbers: a typo must fail before anything is
+    /// loaded, not watch nothing.
+    pub fn resolve(self) -> anyhow::Result<NetnsFilter> {
+        if self.specs.is_empty() {
+            return Ok(self);
+        }
+        let known = netns::discover()?;
+        let mut specs = Vec::new();
+        for s in self.specs {
+            if let Ok(inode) = s.parse::<u64>() {
+                if !known.iter().any(|i| i.inode == inode) {
+                    anyhow::bail!(
+                        "--netns {s}: no network namespace has inode {s} (`ctrace status` lists them)"
+                    );
+                }
+                specs.push(s);
+            } else if s.contains('/') {
+                let ns = NetNs::open(std::path::Path::new(&s))
+                    .map_err(|e| anyhow::anyhow!("--netns {s}: not a network namespace: {e:#}"))?;
+                specs.push(ns.inode().to_string());
+            } else {
+                if !known.iter().any(|i| i.name.as_deref() == Some(s.as_str())) {
+                    anyhow::bail!(
+                        "--netns {s}: no namespace named `{s}` in /run/netns (`ip netns list`)"
+                    );
+                }
+                specs.push(s);
+            }
+        }
+        Ok(NetnsFilter { specs })
+    }
+
     pub fn matches(&self, info: &netns::NetNsInfo) -> bool {
         self.specs.is_empty()
             || self.specs.iter().any(|s| {
@@ -306,10 +320,9 @@ impl TableMonitor {
         self.tables.keys().copied().collect()
     }
 
-    pub fn sample(&mut self, inode: u64) {
-        let Some(t) = self.tables.get_mut(&inode) else {
-            return;
-        };
+    /// Reads the namespace's statistics now; None when it cannot.
+    pub fn sample(&mut self, inode: u64) -> Option<CtStats> {
+        let t = self.tables.get_mut(&inode)?;
         match t.sock.stats() {
             Ok(stats) => {
                 if t.history.len() == HISTORY {
@@ -319,8 +332,12 @@ impl TableMonitor {
                     mono_ns: monotonic_ns(),
                     stats,
                 });
+                Some(stats)
             }
-            Err(e) => log::debug!("netns {inode}: reading conntrack stats: {e:#}"),
+            Err(e) => {
+                log::debug!("netns {inode}: reading conntrack stats: {e:#}");
+                None
+            }
         }
     }
 
@@ -331,29 +348,9 @@ impl TableMonitor {
         }
     }
 
-    /// The newest sample of a namespace, if it was taken after `mono_ns`.
-    pub fn sampled_after(&self, inode: u64, mono_ns: u64) -> bool {
-        self.tables
-            .get(&inode)
-            .and_then(Table::latest)
-            .is_some_and(|s| s.mono_ns > mono_ns)
-    }
-
-    /// Counter movement across a drop at `mono_ns`: from the last sample
-    /// safely before it (or, when every sample is recent, the oldest one
-    /// before it: the widest window there is) to the newest sample.
-    pub fn evidence(&self, inode: u64, mono_ns: u64) -> Option<Evidence> {
-        let t = self.tables.get(&inode)?;
-        let after = t.latest()?;
-        let before = baseline(&t.history, mono_ns);
-        Some(Evidence {
-            drop_delta: before.map_or(0, |b| after.stats.drop.saturating_sub(b.stats.drop)),
-            invalid_delta: before
-                .map_or(0, |b| after.stats.invalid.saturating_sub(b.stats.invalid)),
-            entries: after.stats.entries,
-            max: after.stats.max,
-            has_baseline: before.is_some(),
-        })
+    /// The newest statistics of a namespace.
+    pub fn latest(&self, inode: u64) -> Option<CtStats> {
+        self.tables.get(&inode)?.latest().map(|s| s.stats)
     }
 
     /// Namespaces whose conntrack is in use (anything counted at all), plus
@@ -373,28 +370,5 @@ impl TableMonitor {
 
     pub fn unreadable(&self) -> &BTreeMap<u64, String> {
         &self.unreadable
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn baseline_keeps_clear_of_the_drop() {
-        const MS: u64 = 1_000_000;
-        let h: VecDeque<Sample> = [0, 900, 990, 1000]
-            .into_iter()
-            .map(|ms| Sample {
-                mono_ns: ms * MS,
-                stats: CtStats::default(),
-            })
-            .collect();
-        // A sample 2 ms before the drop may already hold its increment.
-        assert_eq!(baseline(&h, 992 * MS).unwrap().mono_ns, 900 * MS);
-        assert_eq!(baseline(&h, 2000 * MS).unwrap().mono_ns, 1000 * MS);
-        // Only recent samples: the oldest before the drop, the widest window.
-        assert_eq!(baseline(&h, 10 * MS).unwrap().mono_ns, 0);
-        assert!(baseline(&h, 0).is_none());
     }
 }

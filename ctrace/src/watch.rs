@@ -1,12 +1,15 @@
-//! The tracing pipeline: kernel -> decode -> attribute -> aggregate -> sinks.
+//! The tracing pipeline: kernel -> decode -> settle (ledger) -> label ->
+//! aggregate -> sinks.
 //!
 //! One task drives it. Ring-buffer readiness wakes it for new flows; a
-//! timer drives table sampling and summaries. A drop is attributed as soon
-//! as the namespace's conntrack counters have been sampled after it, which
-//! the pipeline does right away, so first sightings reach the sinks within
-//! a netlink round trip.
+//! timer drives table sampling and summaries. Each settlement reads the
+//! kernel's drop totals and, right after, the counters of the namespaces
+//! they moved in; the ledger turns both into per-service, per-cause totals,
+//! and the flows announced since are labelled with the cause their class
+//! got. First sightings reach the sinks within a settlement (at most
+//! `SETTLE_EVERY` after they were drained).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     future::Future,
     pin::pin,
     time::{Duration, Instant, SystemTime},
@@ -15,18 +18,26 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    aggregate::{Aggregator, DropGroup, DropRecord, EvictionGroup, FlowEntry},
-    cause::{self, Seen},
-    event::{EntryChange, EntryEvent, Flow, KernelEvent},
+    aggregate::{Aggregator, DropRecord, EvictionGroup, FlowEntry},
+    cause::{Cause, evidence},
+    event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
+    ledger::{Agreement, DropGroup, Ledger},
     netlink::ctnetlink::CtDumpEntry,
     occupancy::{Breakdown, OccupancyTracker},
-    services::Catalog,
+    services::{Catalog, KernelIndex},
     sink::{Sink, Snapshot},
-    source::{Counters, EventSource},
-    strategy::{self, Choice, Strategy},
+    source::{Counters, EventSource, LoadOptions},
+    strategy::{self, Choice},
     table::{NetnsFilter, TableMonitor, TableView},
+    tier::{Strategy, Tier},
 };
+
+/// Settlements read every row of the kernel's totals; under a flood the
+/// ring wakes the pipeline far more often than that is worth.
+const SETTLE_EVERY: Duration = Duration::from_millis(25);
+/// How often the wall clock's offset is re-read.
+const CLOCK_RESYNC: Duration = Duration::from_secs(60);
 
 pub struct WatchConfig {
     pub strategy: Choice,
@@ -37,6 +48,10 @@ pub struct WatchConfig {
     pub catalog: Catalog,
     pub netns: NetnsFilter,
     pub kernel_log: bool,
+    /// Flows kept in detail.
+    pub max_flows: usize,
+    /// `ctrace_common::test_flags`.
+    pub test_flags: u32,
 }
 
 /// What a finished run saw, for callers that judge it (the lab, tests).
@@ -45,6 +60,7 @@ pub struct Outcome {
     pub counters: Counters,
     pub groups: Vec<DropGroup>,
     pub evictions: Vec<EvictionGroup>,
+    pub agreement: Vec<Agreement>,
     pub tables: Vec<TableView>,
     pub flows: Vec<FlowEntry>,
     pub occupancy: Vec<(u64, &'static str, Breakdown)>,
@@ -62,11 +78,18 @@ struct Occupancy {
 
 pub struct Watcher {
     source: EventSource,
+    tier: Tier,
     monitor: TableMonitor,
+    ledger: Ledger,
     agg: Aggregator,
     catalog: Catalog,
     interval: Duration,
-    pending: Vec<KernelEvent>,
+    /// Drained drop events waiting for the settlement that labels them.
+    pending: Vec<DropEvent>,
+    last_settle: Option<Instant>,
+    /// Kernel flow-map entries older than this were already considered.
+    late_cutoff_ns: u64,
+    last_clock_sync: Instant,
     started: Instant,
     occupancy: Option<Occupancy>,
 }
@@ -106,6 +129,7 @@ impl Watcher {
     /// Probes the kernel, picks and attaches a strategy, and takes the
     /// first sample of every table, which later drops are measured against.
     pub fn start(cfg: WatchConfig, facts: &KernelFacts) -> anyhow::Result<Watcher> {
+        let index: KernelIndex = cfg.catalog.kernel_index()?;
         let verdicts = strategy::probe(facts);
         for v in &verdicts {
             log::debug!(
@@ -116,10 +140,21 @@ impl Watcher {
             );
         }
         let chosen = strategy::select(cfg.strategy, &verdicts)?;
-        let source = strategy::start(chosen, facts, cfg.kernel_log)
+        let opts = LoadOptions {
+            services: &index,
+            kernel_log: cfg.kernel_log,
+            test_flags: cfg.test_flags,
+        };
+        let source = strategy::start(chosen, facts, &opts)
             .with_context(|| format!("starting the {chosen} strategy"))?;
+        let tier = source.tier();
+        log::debug!("tier capabilities: {:?}", tier.caps);
         let mut monitor = TableMonitor::new(cfg.netns);
         monitor.discover();
+        let mut ledger = Ledger::new(tier.caps, index.names.clone());
+        for inode in monitor.inodes() {
+            ledger.baseline(inode, monitor.latest(inode));
+        }
         let occupancy = cfg.occupancy_every.map(|every| Occupancy {
             tracker: OccupancyTracker::new(cfg.catalog.clone()),
             every,
@@ -130,11 +165,16 @@ impl Watcher {
         log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
         Ok(Watcher {
             source,
+            tier,
             monitor,
-            agg: Aggregator::new(),
+            ledger,
+            agg: Aggregator::new(cfg.max_flows),
             catalog: cfg.catalog,
             interval: cfg.interval,
             pending: Vec::new(),
+            last_settle: None,
+            late_cutoff_ns: 0,
+            last_clock_sync: Instant::now(),
             started: Instant::now(),
             occupancy,
         })
@@ -144,8 +184,13 @@ impl Watcher {
         &mut self.monitor
     }
 
+    /// Starts the ledger of a namespace the caller added to the monitor.
+    pub fn baseline(&mut self, inode: u64) {
+        self.ledger.baseline(inode, self.monitor.latest(inode));
+    }
+
     pub fn strategy(&self) -> Strategy {
-        self.source.strategy()
+        self.tier.strategy
     }
 
     /// Runs until `stop` resolves, then drains what is left and reports
@@ -169,7 +214,7 @@ impl Watcher {
                 Wake::Stop => break,
                 Wake::Events(r) => {
                     r?;
-                    self.process_events(sinks)?;
+                    self.process_events(sinks, false)?;
                 }
                 Wake::Tick => self.periodic(sinks, false)?,
             }
@@ -178,43 +223,62 @@ impl Watcher {
         self.outcome()
     }
 
-    fn process_events(&mut self, sinks: &mut [Box<dyn Sink>]) -> anyhow::Result<()> {
-        self.source.drain(&mut self.pending);
-        let monitor = &self.monitor;
-        self.pending.retain(|e| monitor.wants(flow_of(e).netns));
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let namespaces: BTreeSet<u64> = self.pending.iter().map(|e| flow_of(e).netns).collect();
-        if namespaces.iter().any(|ns| !self.monitor.knows(*ns)) {
-            self.monitor.discover();
-        }
-        // A sample after the drops is the other half of their evidence.
-        for ns in &namespaces {
-            self.monitor.sample(*ns);
-        }
-        let pending = std::mem::take(&mut self.pending);
-        let exact = self.exact();
-        for e in pending {
+    /// Drains both rings; entry events update occupancy at once, drop
+    /// events wait for the next settlement (now, if one is due or `force`).
+    fn process_events(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
+        let mut events = Vec::new();
+        self.source.drain(&mut events);
+        for e in events {
             match e {
-                KernelEvent::Drop(d) => {
-                    let seen = Seen {
-                        has_ct: d.has_ct,
-                        alloc_failed: d.table_full,
-                        exact,
-                    };
-                    self.attribute(sinks, d.flow, seen, d.tcp_flags, d.time, d.mono_ns)?;
+                KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => self.pending.push(d),
+                KernelEvent::Drop(_) => {}
+                KernelEvent::Entry(e) if self.monitor.wants(e.flow.netns) => {
+                    self.entry_changed(&e)
                 }
-                KernelEvent::Entry(e) => self.entry_changed(&e),
+                KernelEvent::Entry(_) => {}
             }
+        }
+        let due = self
+            .last_settle
+            .is_none_or(|at| at.elapsed() >= SETTLE_EVERY);
+        if force || (due && !self.pending.is_empty()) {
+            self.settle(sinks, force)?;
         }
         Ok(())
     }
 
-    /// Tiers that watch conntrack's allocations know every table-full drop
-    /// for certain, so they need no inference for the others either.
-    fn exact(&self) -> bool {
-        self.source.strategy() == Strategy::Kprobe
+    /// Reads the kernel's totals, then the counters of every namespace
+    /// they moved in (all of them when `all`), settles the ledger, and
+    /// labels and reports the flows announced since the last settlement.
+    fn settle(&mut self, sinks: &mut [Box<dyn Sink>], all: bool) -> anyhow::Result<()> {
+        self.last_settle = Some(Instant::now());
+        let rows = self.source.totals();
+        let mut moved: BTreeSet<u64> = rows
+            .iter()
+            .map(|r| r.netns)
+            .filter(|ns| self.monitor.wants(*ns))
+            .collect();
+        moved.extend(self.pending.iter().map(|d| d.flow.netns));
+        if moved.iter().any(|ns| !self.monitor.knows(*ns)) {
+            self.monitor.discover();
+        }
+        if all {
+            moved.extend(self.monitor.inodes());
+        }
+        for ns in moved {
+            if !self.monitor.wants(ns) {
+                continue;
+            }
+            // Rows first, counters right after: see ledger.rs.
+            let stats = self.monitor.sample(ns);
+            let ns_rows: Vec<_> = rows.iter().filter(|r| r.netns == ns).copied().collect();
+            self.ledger.settle(ns, &ns_rows, stats);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for d in pending {
+            self.report(sinks, d.flow, d.class, d.tcp_flags, d.time, d.mono_ns)?;
+        }
+        Ok(())
     }
 
     fn entry_changed(&mut self, e: &EntryEvent) {
@@ -233,12 +297,14 @@ impl Watcher {
             status: e.status,
             timeout_secs: e.timeout_jiffies / occ.hz,
             id: 0,
-            zone: 0,
+            zone: e.zone,
             mark: 0,
         };
         match e.change {
             EntryChange::Inserted => occ.tracker.insert(e.flow.netns, &entry),
-            EntryChange::Evicted | EntryChange::Deleted => occ.tracker.remove(e.flow.netns, &entry),
+            EntryChange::Evicted | EntryChange::GcEvicted | EntryChange::Deleted => {
+                occ.tracker.remove(e.flow.netns, &entry)
+            }
             EntryChange::InsertFailed => {}
         }
     }
@@ -248,7 +314,7 @@ impl Watcher {
     /// namespaces not yet baselined, and after lost events (which may have
     /// been inserts or deletes).
     fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
-        let events_tier = self.exact();
+        let events_tier = self.tier.caps.entry_events;
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
@@ -288,7 +354,7 @@ impl Watcher {
                 let b = occ.tracker.breakdown(t.inode)?;
                 let source = match occ.tracker.source(t.inode)? {
                     "events" => "events",
-                    _ if self.exact() => "dump+events",
+                    _ if self.tier.caps.entry_events => "dump+events",
                     _ => "periodic_dump",
                 };
                 Some((t.inode, source, b))
@@ -296,17 +362,21 @@ impl Watcher {
             .collect()
     }
 
-    fn attribute(
+    /// Labels a flow with the cause its class got in the latest settlement
+    /// and reports it if it is new to the detail.
+    fn report(
         &mut self,
         sinks: &mut [Box<dyn Sink>],
         flow: Flow,
-        seen: Seen,
+        class: u8,
         tcp_flags: u8,
         time: SystemTime,
         mono_ns: u64,
     ) -> anyhow::Result<()> {
-        let evidence = self.monitor.evidence(flow.netns, mono_ns);
-        let (cause, why) = cause::classify(seen, evidence.as_ref());
+        let (cause, why) = self
+            .ledger
+            .label(flow.netns, class)
+            .unwrap_or((Cause::Unknown, evidence::NO_BASELINE));
         let rec = DropRecord {
             time,
             flow,
@@ -317,7 +387,7 @@ impl Watcher {
             cause,
             evidence: why,
             tcp_flags,
-            strategy: self.source.strategy(),
+            strategy: self.tier.strategy,
         };
         if self.agg.observe(rec.clone(), mono_ns) {
             for s in sinks.iter_mut() {
@@ -328,30 +398,32 @@ impl Watcher {
     }
 
     fn periodic(&mut self, sinks: &mut [Box<dyn Sink>], is_final: bool) -> anyhow::Result<()> {
-        self.process_events(sinks)?;
-        self.monitor.discover();
-        self.monitor.sample_all();
+        if self.last_clock_sync.elapsed() >= CLOCK_RESYNC {
+            self.source.resync_clock();
+            self.last_clock_sync = Instant::now();
+        }
+        self.forget_vanished();
+        self.process_events(sinks, true)?;
         let counts = self.source.flow_counts();
         // Flows the map holds but no event announced: their event was lost
-        // (ring buffer full). They still count, attributed now.
+        // (ring buffer full). Their packets are in the totals already; the
+        // detail learns of them now.
         let clock = self.source.clock();
+        let cutoff = self.late_cutoff_ns;
         let mut late: Vec<(Flow, crate::source::FlowCount)> = counts
             .iter()
-            .filter(|(f, _)| !self.agg.is_known(f) && self.monitor.wants(f.netns))
+            .filter(|(f, c)| {
+                c.first_ns > cutoff && !self.agg.is_known(f) && self.monitor.wants(f.netns)
+            })
             .map(|(f, c)| (*f, *c))
             .collect();
+        self.late_cutoff_ns = counts.values().map(|c| c.first_ns).max().unwrap_or(cutoff);
         late.sort_by_key(|(_, c)| c.first_ns);
-        let exact = self.exact();
         for (flow, c) in late {
-            let seen = Seen {
-                has_ct: c.has_ct,
-                alloc_failed: c.table_full,
-                exact,
-            };
-            self.attribute(
+            self.report(
                 sinks,
                 flow,
-                seen,
+                c.class,
                 c.tcp_flags,
                 clock.wall(c.first_ns),
                 c.first_ns,
@@ -366,18 +438,21 @@ impl Watcher {
         });
         let counters = self.source.counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
-        let tables = self.monitor.views(&self.agg.netns_with_drops());
+        let tables = self.monitor.views(&self.ledger.netns_with_drops());
         let occupancy = self.occupancy_views(&tables);
         let snap = Snapshot {
             time: SystemTime::now(),
             elapsed: self.started.elapsed(),
-            strategy: self.source.strategy(),
+            strategy: self.tier.strategy,
+            caps: Some(self.tier.caps),
             counters,
             tables,
             occupancy,
-            groups: self.agg.groups(),
+            groups: self.ledger.groups(),
             evictions: self.agg.evictions(),
+            agreement: self.ledger.agreement(),
             top_flows: self.agg.top_flows(10),
+            flows_forgotten: self.agg.forgotten(),
             is_final,
         };
         for s in sinks.iter_mut() {
@@ -386,24 +461,42 @@ impl Watcher {
         Ok(())
     }
 
+    /// Forgets namespaces that vanished: their kernel rows, ledger,
+    /// flows and occupancy.
+    fn forget_vanished(&mut self) {
+        let before: Vec<u64> = self.monitor.inodes();
+        self.monitor.discover();
+        let alive: HashMap<u64, ()> = self.monitor.inodes().into_iter().map(|i| (i, ())).collect();
+        let gone: Vec<u64> = before
+            .into_iter()
+            .filter(|i| !alive.contains_key(i))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        log::info!("namespaces gone: {gone:?}");
+        self.source.forget_netns(&gone);
+        self.ledger.retain(|ns| !gone.contains(&ns));
+        self.agg.retain_netns(|ns| !gone.contains(&ns));
+        if let Some(occ) = self.occupancy.as_mut() {
+            for ns in &gone {
+                occ.tracker.forget(*ns);
+            }
+        }
+    }
+
     /// The state right now, without waiting for a tick.
     pub fn outcome(&self) -> anyhow::Result<Outcome> {
-        let tables = self.monitor.views(&self.agg.netns_with_drops());
+        let tables = self.monitor.views(&self.ledger.netns_with_drops());
         Ok(Outcome {
-            strategy: self.source.strategy(),
+            strategy: self.tier.strategy,
             counters: self.source.counters()?,
-            groups: self.agg.groups(),
+            groups: self.ledger.groups(),
             evictions: self.agg.evictions(),
+            agreement: self.ledger.agreement(),
             occupancy: self.occupancy_views(&tables),
             tables,
             flows: self.agg.flows().cloned().collect(),
         })
-    }
-}
-
-fn flow_of(e: &KernelEvent) -> &Flow {
-    match e {
-        KernelEvent::Drop(d) => &d.flow,
-        KernelEvent::Entry(e) => &e.flow,
     }
 }

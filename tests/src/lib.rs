@@ -183,3 +183,19 @@ pub fn ctrace_programs() -> Vec<String> {
         .filter(|n| n.starts_with("ctrace_"))
         .collect()
 }
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
+pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The self-check of one namespace from a summary.
+pub fn agreement(summary: &Value, netns: u64) -> Option<&Value> {
+    summary["agreement"]
+        .as_array()?
+        .iter()
+        .find(|a| a["netns"].as_u64() == Some(netns))
+}

@@ -641,3 +641,105 @@ fn lab_passes_and_restores_nf_conntrack_max() {
         "an interrupted lab must restore nf_conntrack_max"
     );
 }
+
+/// SYNs the flood sends: CTRACE_TEST_FLOOD (the VM matrix sends fewer, TCG
+/// is slow), else 600,000.
+fn flood_count() -> u64 {
+    std::env::var("CTRACE_TEST_FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600_000)
+}
+
+/// The documented memory bound (README, "Memory") for a table of
+/// `entries` and the default flow cap, in MiB.
+fn memory_bound_mib(entries: u64) -> f64 {
+    ctrace::MEMORY_BASE_MIB
+        + entries as f64 * ctrace::MEMORY_PER_TABLE_ENTRY_BYTES / (1024.0 * 1024.0)
+        + ctrace::aggregate::DEFAULT_MAX_FLOWS as f64 * ctrace::MEMORY_PER_FLOW_BYTES
+            / (1024.0 * 1024.0)
+}
+
+#[test]
+fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
+    if !privileged() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    let entries = CtSocket::open(Some(&lab.topo.router))
+        .unwrap()
+        .stats()
+        .unwrap()
+        .entries;
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss_before = ctrace_tests::status_kib(tracer.pid(), "VmRSS").unwrap_or(0);
+    let before = conntrack_drops(&lab.topo.router);
+    let flood = traffic::syn_flood(
+        &lab.topo.clients,
+        ctrace::lab::topology::CLIENTS_V4[0],
+        ctrace::lab::topology::SERVER_V4,
+        flood_count(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let kernel = conntrack_drops(&lab.topo.router) - before;
+    let rss_after = ctrace_tests::status_kib(tracer.pid(), "VmRSS").unwrap_or(0);
+    let peak = ctrace_tests::status_kib(tracer.pid(), "VmHWM").unwrap_or(0);
+    let records = tracer.stop();
+    let s = final_summary(&records);
+    let got = totals(s, router);
+    let table_full: u64 = got
+        .iter()
+        .filter(|((_, c), _)| c == "table_full")
+        .map(|(_, v)| v.1)
+        .sum();
+    let agreement = ctrace_tests::agreement(s, router).cloned();
+    let bound = memory_bound_mib(entries);
+    eprintln!(
+        "flood: {} SYNs with distinct tuples in {:.2}s ({:.0}/s); kernel drop delta {kernel}; \
+         ctrace table_full {table_full}; lost events {}; RSS {:.1} -> {:.1} MiB, peak {:.1} MiB \
+         (bound {bound:.1} MiB for {entries} entries); agreement {agreement:?}",
+        flood.sent,
+        flood.elapsed.as_secs_f64(),
+        flood.sent as f64 / flood.elapsed.as_secs_f64(),
+        s["lost_events"],
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        peak as f64 / 1024.0,
+    );
+    assert!(kernel > 0, "the flood caused no conntrack drop");
+    assert_eq!(
+        table_full, kernel,
+        "ctrace's table-full packets vs conntrack's drop delta; summary: {got:?}"
+    );
+    assert!(
+        got.keys().all(|(_, c)| c == "table_full"),
+        "a table-full drop was labelled with another cause: {got:?}"
+    );
+    for (service, _, _) in LAB_SERVICES {
+        if service == "dns" {
+            continue; // the flood is TCP; dns/tcp is in FLOOD_PORTS as port 53
+        }
+        assert!(
+            got.contains_key(&(service.to_string(), "table_full".to_string())),
+            "{service} missing from the totals: {got:?}"
+        );
+    }
+    assert!(
+        got.contains_key(&("other".to_string(), "table_full".to_string())),
+        "port 9999 belongs to no service: {got:?}"
+    );
+    let a = agreement.expect("no agreement for the router");
+    assert_eq!(a["attributed"].as_u64(), Some(kernel), "{a}");
+    assert_eq!(a["kernel"].as_u64(), Some(kernel), "{a}");
+    assert!(
+        (peak as f64 / 1024.0) <= bound && bound <= 64.0,
+        "peak RSS {:.1} MiB over the documented bound {bound:.1} MiB",
+        peak as f64 / 1024.0
+    );
+    let top = s["top_flows"].as_array().expect("top_flows");
+    assert!(!top.is_empty(), "the final summary lists no top flows");
+    assert_eq!(top[0]["cause"], "table_full", "{}", top[0]);
+}

@@ -752,7 +752,7 @@ impl Btf {
 
     /// BTF does not record pointer width; like libbpf, take it from `long`,
     /// which is pointer-sized on every Linux ABI.
-    fn pointer_size(&self) -> u32 {
+    pub fn pointer_size(&self) -> u32 {
         ["long unsigned int", "long int"]
             .iter()
             .flat_map(|name| self.ids_named(name))

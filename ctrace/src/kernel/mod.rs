@@ -2,6 +2,7 @@
 //! struct layouts, tracefs for tracepoint records, capabilities for what we
 //! may do. Nothing here keys on a version number.
 pub mod btf;
+pub mod kallsyms;
 pub mod privileges;
 pub mod tracefs;
 

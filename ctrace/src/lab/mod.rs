@@ -318,9 +318,12 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         catalog: Catalog::with_defaults(),
         netns: NetnsFilter::new(vec![topo.router.inode().to_string()]),
         kernel_log: false,
+        max_flows: crate::aggregate::DEFAULT_MAX_FLOWS,
+        test_flags: 0,
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     watcher.monitor_mut().watch(&topo.router, "lab-router")?;
+    watcher.baseline(topo.router.inode());
     eprintln!(
         "lab: tracing the router (netns {}) with strategy {}",
         topo.router.inode(),

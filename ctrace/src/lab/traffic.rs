@@ -268,3 +268,158 @@ pub fn fill_table_with(
         refused_full,
     })
 }
+
+/// What a SYN flood sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Flood {
+    pub sent: u64,
+    pub elapsed: Duration,
+}
+
+/// Destination ports of the flood: the lab's services plus one nobody
+/// claims, so that totals split by service.
+pub const FLOOD_PORTS: [u16; 10] = [22, 2379, 2380, 4420, 53, 6443, 10250, 80, 443, 9999];
+
+/// Sends `count` TCP SYNs from `src` to `dst` inside `ns`, each with a
+/// tuple of its own (source port x destination port, 645,120 distinct), as
+/// fast as one raw socket with `sendmmsg` goes. Every SYN would open a new
+/// flow: into a full table, every one is a table-full drop.
+pub fn syn_flood(
+    ns: &NetNs,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    count: u64,
+) -> anyhow::Result<Flood> {
+    const SPORTS: u64 = 65536 - 1024;
+    anyhow::ensure!(
+        count <= SPORTS * FLOOD_PORTS.len() as u64,
+        "a flood of {count} SYNs would repeat tuples"
+    );
+    ns.run(move || -> anyhow::Result<Flood> {
+        // IPPROTO_RAW implies IP_HDRINCL: we write the IP header; the kernel
+        // fills in its checksum and total length.
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
+            .context("opening a raw socket")?;
+        let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
+        const BATCH: usize = 256;
+        let mut packets = vec![[0u8; 40]; BATCH];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < count {
+            let n = ((count - sent) as usize).min(BATCH);
+            for (j, p) in packets.iter_mut().take(n).enumerate() {
+                let i = sent + j as u64;
+                let dport = FLOOD_PORTS[(i % FLOOD_PORTS.len() as u64) as usize];
+                let sport = 1024 + ((i / FLOOD_PORTS.len() as u64) % SPORTS) as u16;
+                *p = syn_packet(src, dst, sport, dport, i as u32);
+            }
+            let mut iov: Vec<libc::iovec> = packets[..n]
+                .iter_mut()
+                .map(|p| libc::iovec {
+                    iov_base: p.as_mut_ptr().cast(),
+                    iov_len: p.len(),
+                })
+                .collect();
+            // SAFETY: mmsghdr is plain data; every pointer set below points
+            // into `iov` and `to`, which outlive the sendmmsg call.
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+                    m.msg_hdr.msg_namelen = to.len();
+                    m.msg_hdr.msg_iov = v;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: valid socket, valid array of `n` messages.
+            let r = unsafe {
+                libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, 0)
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock
+                {
+                    std::thread::yield_now();
+                    continue;
+                }
+                return Err(e).context("sendmmsg");
+            }
+            sent += r as u64;
+        }
+        Ok(Flood {
+            sent,
+            elapsed: started.elapsed(),
+        })
+    })?
+}
+
+/// One IPv4 TCP SYN, 40 bytes, with a correct TCP checksum (conntrack
+/// checks it in PRE_ROUTING).
+fn syn_packet(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+) -> [u8; 40] {
+    let mut p = [0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[6] = 0x40; // DF
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let t = &mut p[20..40];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02; // SYN
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut sum: u32 = 0;
+    for chunk in [&src.octets()[..], &dst.octets()[..]] {
+        for w in chunk.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+    }
+    sum += 6 + 20;
+    for w in p[20..40].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[36..38].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p
+}
+
+#[cfg(test)]
+mod flood_tests {
+    use super::*;
+
+    #[test]
+    fn syn_checksum_verifies() {
+        let src = std::net::Ipv4Addr::new(10, 10, 0, 2);
+        let dst = std::net::Ipv4Addr::new(10, 10, 1, 2);
+        let p = syn_packet(src, dst, 40000, 2380, 7);
+        // Summing the pseudo-header and segment including the checksum
+        // gives 0xffff.
+        let mut sum: u32 = 0;
+        for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        sum += 6 + 20;
+        for w in p[20..].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff);
+        assert_eq!(p[33], 0x02);
+    }
+}

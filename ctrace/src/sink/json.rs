@@ -99,7 +99,20 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
                 "service": e.service,
                 "proto": e.proto.name(),
                 "entries": e.entries,
+                "by": e.by,
             })
+        })
+        .collect();
+    let top_flows: Vec<Value> = s
+        .top_flows
+        .iter()
+        .map(|f| {
+            let mut v = drop_json(&f.first);
+            v["type"] = json!("flow");
+            v["packets"] = json!(f.packets());
+            v["last_seen"] = json!(rfc3339(f.last_seen));
+            v["tcp_flags"] = json!(tcp_flags_str(f.tcp_flags));
+            v
         })
         .collect();
     let occupancy: Vec<Value> = s
@@ -126,6 +139,13 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "evictions": evictions,
         "occupancy": occupancy,
         "evicted_total": s.counters.evictions,
+        "gc_evicted_total": s.counters.gc_evictions,
+        "agreement": s.agreement,
+        "top_flows": top_flows,
+        "flows_forgotten": s.flows_forgotten,
+        "totals_map_full": s.counters.totals_full,
+        "stale_probe_state": s.counters.stale_state,
+        "capabilities": s.caps,
     })
 }
 

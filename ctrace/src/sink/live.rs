@@ -3,7 +3,7 @@
 //! a router every dependency costs flash.
 use std::{collections::BTreeMap, io::Write};
 
-use super::{Sink, Snapshot, netns_label, rfc3339, ttf_text};
+use super::{Sink, Snapshot, agreement_text, netns_label, rfc3339, ttf_text};
 use crate::{aggregate::DropRecord, cause::Cause, event::tcp_flags_str};
 
 const TOP: usize = 10;
@@ -81,6 +81,9 @@ pub fn render(s: &Snapshot<'_>) -> String {
             ),
         );
         w(&mut o, format!("  dropped: {causes}"));
+        if let Some(a) = s.agreement.iter().find(|a| a.netns == t.inode) {
+            w(&mut o, format!("  {}", agreement_text(a)));
+        }
         if let Some((_, source, b)) = s.occupancy.iter().find(|(i, _, _)| *i == t.inode) {
             w(&mut o, format!("  occupied by ({source}):"));
             for line in crate::occupancy::render_top(b, 4) {
@@ -126,16 +129,20 @@ pub fn render(s: &Snapshot<'_>) -> String {
         w(&mut o, String::new());
         w(
             &mut o,
-            "EVICTED BY early_drop (whose entries made room)".into(),
+            "EVICTED EARLY (whose entries made room: early_drop, or the GC above 95% fill)".into(),
         );
         for e in s.evictions.iter().take(TOP) {
             w(
                 &mut o,
                 format!(
-                    "  {:<16} {:<7} {:>8} entries",
+                    "  {:<16} {:<7} {:>8} entries  by {}",
                     e.service.as_deref().unwrap_or("other"),
                     e.proto.name(),
-                    e.entries
+                    e.entries,
+                    match e.by {
+                        crate::source::Evictor::EarlyDrop => "early_drop",
+                        crate::source::Evictor::Gc => "gc",
+                    }
                 ),
             );
         }
@@ -169,10 +176,24 @@ pub fn render(s: &Snapshot<'_>) -> String {
     w(
         &mut o,
         format!(
-            "events lost: {}   netfilter drops seen: {}   undecoded: {}",
-            s.counters.lost_events, s.counters.netfilter_drops, s.counters.undecoded
+            "events lost: {} (totals unaffected)   netfilter drops seen: {}   undecoded: {}   \
+             flows forgotten from detail: {}",
+            s.counters.lost_events,
+            s.counters.netfilter_drops,
+            s.counters.undecoded,
+            s.flows_forgotten
         ),
     );
+    if s.counters.totals_full > 0 {
+        w(
+            &mut o,
+            format!(
+                "WARNING: {} dropped packets found the kernel's totals map full \
+                 (too many namespaces x services); they are in no service's total",
+                s.counters.totals_full
+            ),
+        );
+    }
     o
 }
 

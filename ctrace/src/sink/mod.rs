@@ -9,10 +9,11 @@ pub mod plain;
 use std::time::{Duration, SystemTime};
 
 use crate::{
-    aggregate::{DropGroup, DropRecord, EvictionGroup, FlowEntry},
+    aggregate::{DropRecord, EvictionGroup, FlowEntry},
+    ledger::{Agreement, DropGroup, Trust},
     source::Counters,
-    strategy::Strategy,
     table::{TableView, TimeToFull},
+    tier::{Capabilities, Strategy},
 };
 
 /// Everything a periodic or final report shows.
@@ -20,14 +21,43 @@ pub struct Snapshot<'a> {
     pub time: SystemTime,
     pub elapsed: Duration,
     pub strategy: Strategy,
+    /// None where nothing is traced (`ctrace status`).
+    pub caps: Option<Capabilities>,
     pub counters: Counters,
     pub tables: Vec<TableView>,
     /// Per namespace: how the breakdown is kept, and the breakdown.
     pub occupancy: Vec<(u64, &'static str, crate::occupancy::Breakdown)>,
     pub groups: Vec<DropGroup>,
     pub evictions: Vec<EvictionGroup>,
+    /// The self-check, per namespace.
+    pub agreement: Vec<Agreement>,
     pub top_flows: Vec<&'a FlowEntry>,
+    /// Flows dropped from the bounded detail (totals keep them).
+    pub flows_forgotten: u64,
     pub is_final: bool,
+}
+
+/// The self-check in words, for the live view and plain lines.
+pub fn agreement_text(a: &Agreement) -> String {
+    let ratio = a
+        .ratio
+        .map_or_else(|| "-".to_string(), |r| format!("{r:.3}"));
+    let trust = match a.trust {
+        Trust::Exact => "exact tier, counters agree",
+        Trust::Disagrees => {
+            "EXACT TIER DISAGREES with conntrack's counters: causes inferred until it agrees"
+        }
+        Trust::Inferred => "causes inferred from conntrack's counters",
+        Trust::NoCounters => "conntrack's counters unreadable",
+    };
+    let mut t = format!(
+        "self-check: {} of conntrack's {} drops attributed (ratio {ratio}); {trust}",
+        a.attributed, a.kernel
+    );
+    if a.unseen > 0 {
+        t += &format!("; {} never seen by ctrace", a.unseen);
+    }
+    t
 }
 
 pub trait Sink {

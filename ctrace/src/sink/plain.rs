@@ -75,12 +75,24 @@ impl<W: Write> Sink for PlainSink<W> {
             for e in &s.evictions {
                 writeln!(
                     self.out,
-                    "{} FINAL evicted netns={} service={} proto={} entries={}",
+                    "{} FINAL evicted netns={} service={} proto={} entries={} by={}",
                     rfc3339(s.time),
                     e.netns,
                     e.service.as_deref().unwrap_or("other"),
                     e.proto,
-                    e.entries
+                    e.entries,
+                    serde_json::to_value(e.by).unwrap_or_default().as_str().unwrap_or("?")
+                )?;
+            }
+        }
+        for a in &s.agreement {
+            if s.is_final || a.trust == crate::ledger::Trust::Disagrees {
+                writeln!(
+                    self.out,
+                    "{} {what} netns={} {}",
+                    rfc3339(s.time),
+                    a.netns,
+                    super::agreement_text(a)
                 )?;
             }
         }

@@ -9,7 +9,7 @@
 //! The kfree_skb tracepoint is attached too when it can be, for drops that
 //! are not the table's (rules, invalid state); the programs make sure a
 //! table-full packet is reported once.
-use std::{collections::HashSet, fs, path::Path};
+use std::{collections::HashSet, path::Path};
 
 use anyhow::{Context as _, bail};
 use aya::programs::{KProbe, ProgramType};
@@ -17,9 +17,14 @@ use ctrace_common::KernelLayout;
 
 use super::program_type_loads;
 use crate::{
-    kernel::{KernelFacts, btf::Btf},
-    source::EventSource,
-    strategy::{Strategy, tracepoint},
+    kernel::{
+        KernelFacts,
+        btf::Btf,
+        kallsyms::{Kallsyms, available_filter_functions},
+    },
+    source::{EventSource, LoadOptions},
+    strategy::tracepoint,
+    tier::{Capabilities, DropSight, Strategy, Tier},
 };
 
 /// (program, kernel function, required). Without the required ones the tier
@@ -30,6 +35,8 @@ const PROBES: &[(&str, &str, bool)] = &[
     ("ctrace_ct_alloc_ret", "__nf_conntrack_alloc", true),
     ("ctrace_early_drop", "early_drop", false),
     ("ctrace_early_drop_ret", "early_drop", false),
+    ("ctrace_gc_worker", "gc_worker", false),
+    ("ctrace_gc_worker_ret", "gc_worker", false),
     ("ctrace_ct_delete", "nf_ct_delete", false),
     ("ctrace_ct_confirm", "__nf_conntrack_confirm", false),
     ("ctrace_ct_confirm_ret", "__nf_conntrack_confirm", false),
@@ -45,17 +52,66 @@ const PROBES: &[(&str, &str, bool)] = &[
     ),
 ];
 
+/// Functions whose probes, together, keep occupancy current by events.
+const ENTRY_EVENT_FUNCTIONS: &[&str] = &[
+    "nf_ct_delete",
+    "__nf_conntrack_confirm",
+    "nf_conntrack_hash_check_insert",
+];
+
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
-/// Functions the kernel can probe right now: conntrack's are only there
-/// once the module is loaded.
-fn kallsyms() -> anyhow::Result<HashSet<String>> {
-    let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .map(|s| s.split('.').next().unwrap_or(s).to_string())
-        .collect())
+/// Which functions can be probed so that the probe fires for every call.
+/// A function must exist under its exact name: a compiler clone
+/// (`.isra.0`, `.constprop.0`) means some or all callers call the clone, and
+/// a probe on the original would attach and never fire. Where tracefs lists
+/// `available_filter_functions`, the function must be there too (it is
+/// absent when inlined everywhere or marked notrace).
+struct Probeable {
+    syms: Kallsyms,
+    ftrace: Option<HashSet<String>>,
+}
+
+impl Probeable {
+    fn read(facts: &KernelFacts) -> anyhow::Result<Probeable> {
+        Ok(Probeable {
+            syms: Kallsyms::read()?,
+            ftrace: facts
+                .tracefs
+                .as_ref()
+                .ok()
+                .and_then(|t| available_filter_functions(t)),
+        })
+    }
+
+    /// Ok, or why a probe on `function` would not see every call.
+    fn check(&self, function: &str) -> Result<(), String> {
+        if !self.syms.has(function) {
+            let clones = self.syms.clones(function);
+            return Err(if clones.is_empty() {
+                format!("{function} is not in /proc/kallsyms (nf_conntrack not loaded, or inlined)")
+            } else {
+                format!(
+                    "{function} exists only as compiler clones ({}); a probe on it would never fire",
+                    clones.join(", ")
+                )
+            });
+        }
+        if !self.syms.clones(function).is_empty() {
+            return Err(format!(
+                "{function} also has compiler clones ({}); calls to them would be missed",
+                self.syms.clones(function).join(", ")
+            ));
+        }
+        if let Some(ftrace) = &self.ftrace
+            && !ftrace.contains(function)
+        {
+            return Err(format!(
+                "{function} is not in available_filter_functions (inlined or notrace)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where struct nf_conn is described: the module's BTF when conntrack is a
@@ -72,6 +128,14 @@ pub fn conntrack_btf(vmlinux: &Btf) -> anyhow::Result<Btf> {
 /// fields only when the tracepoint is usable), plus struct nf_conn.
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<(KernelLayout, bool)> {
     let vmlinux = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The programs read pointers as 64-bit values.
+    if vmlinux.pointer_size() != 8 {
+        bail!(
+            "this kernel has {}-byte pointers; the kprobe programs read 64-bit pointers \
+             and would misread every struct (32-bit kernels are not supported by this tier)",
+            vmlinux.pointer_size()
+        );
+    }
     let (mut l, with_tracepoint) = match tracepoint::layout(facts) {
         Ok(l) => (l, true),
         Err(e) => {
@@ -87,6 +151,9 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<(KernelLayout, bool)> {
     l.ct_status = off("nf_conn.status")?;
     l.ct_timeout = off("nf_conn.timeout")?;
     l.ct_tcp_state = off("nf_conn.proto")? + off("ip_ct_tcp.state")?;
+    // Only with CONFIG_NF_CONNTRACK_ZONES; entries are then keyed by zone
+    // too (OVS/OVN), and occupancy must match dumps that carry it.
+    l.ct_zone = off("nf_conn.zone").map_or(0, |z| z + off("nf_conntrack_zone.id").unwrap_or(0));
     l.tuple_src_u3 = off("nf_conntrack_tuple.src")? + off("nf_conntrack_man.u3")?;
     l.tuple_src_port = off("nf_conntrack_tuple.src")? + off("nf_conntrack_man.u")?;
     l.tuple_l3num = off("nf_conntrack_tuple.src")? + off("nf_conntrack_man.l3num")?;
@@ -100,48 +167,50 @@ pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
     if !Path::new(KPROBE_PMU).exists() {
         bail!("no kprobe PMU in /sys/bus/event_source/devices (CONFIG_KPROBES off)");
     }
-    let syms = kallsyms()?;
-    let missing: Vec<&str> = PROBES
-        .iter()
-        .filter(|(_, f, required)| *required && !syms.contains(*f))
-        .map(|(_, f, _)| *f)
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "conntrack functions not in /proc/kallsyms: {} (nf_conntrack not loaded?)",
-            missing.join(", ")
-        );
+    let probeable = Probeable::read(facts)?;
+    let mut required_missing = Vec::new();
+    for (_, f, required) in PROBES {
+        if *required && let Err(why) = probeable.check(f) {
+            required_missing.push(why);
+        }
     }
-    let (_, with_tp) = layout(facts)?;
+    required_missing.dedup();
+    if !required_missing.is_empty() {
+        bail!("{}", required_missing.join("; "));
+    }
+    let (l, with_tp) = layout(facts)?;
     program_type_loads(ProgramType::KProbe, "kprobe")?;
-    let absent: Vec<&str> = PROBES
+    let mut absent: Vec<String> = PROBES
         .iter()
-        .filter(|(_, f, _)| !syms.contains(*f))
-        .map(|(_, f, _)| *f)
+        .filter_map(|(_, f, _)| probeable.check(f).err())
         .collect();
+    absent.dedup();
     let mut why = String::from(
         "kretprobe on __nf_conntrack_alloc inside nf_conntrack_in: table-full drops are certain",
     );
     if !absent.is_empty() {
-        why += &format!("; not probeable here (inlined?): {}", absent.join(", "));
+        why += &format!("; without: {}", absent.join("; "));
     }
-    if !with_tp {
-        why += "; no kfree_skb tracepoint, so only table-full drops are seen";
+    if with_tp {
+        why += tracepoint::location_note(&l);
+    } else {
+        why += "; no kfree_skb tracepoint, so only conntrack's own drops are seen";
     }
     Ok(why)
 }
 
-pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSource> {
+pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
     let (layout, with_tracepoint) = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
-    let syms = kallsyms()?;
-    let (mut ebpf, logger) = crate::source::load(&layout, kernel_log)?;
+    let probeable = Probeable::read(facts)?;
+    let (mut ebpf, logger) = crate::source::load(&layout, opts)?;
+    let mut attached: HashSet<&str> = HashSet::new();
     for (name, function, required) in PROBES {
-        if !syms.contains(*function) {
+        if let Err(why) = probeable.check(function) {
             if *required {
-                bail!("{function} is not in /proc/kallsyms");
+                bail!("{why}");
             }
-            log::warn!("{function} cannot be probed on this kernel; {name} skipped");
+            log::warn!("{why}; {name} skipped");
             continue;
         }
         let program: &mut KProbe = ebpf
@@ -151,15 +220,42 @@ pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSourc
         program
             .load()
             .with_context(|| format!("the verifier rejected {name}"))?;
-        if let Err(e) = program.attach(function, 0) {
-            if *required {
+        match program.attach(function, 0) {
+            Ok(_) => {
+                attached.insert(name);
+            }
+            Err(e) if *required => {
                 return Err(e).with_context(|| format!("attaching {name} to {function}"));
             }
-            log::warn!("attaching {name} to {function}: {e}");
+            Err(e) => log::warn!("attaching {name} to {function}: {e}"),
         }
     }
     if with_tracepoint {
         tracepoint::attach(&mut ebpf)?;
     }
-    EventSource::new(ebpf, Strategy::Kprobe, logger)
+    let all_attached = |functions: &[&str]| {
+        PROBES
+            .iter()
+            .filter(|(_, f, _)| functions.contains(f))
+            .all(|(name, _, _)| attached.contains(name))
+    };
+    let entry_events = all_attached(ENTRY_EVENT_FUNCTIONS);
+    if !entry_events {
+        log::warn!(
+            "not every insert/delete probe attached: occupancy is kept by periodic dumps instead"
+        );
+    }
+    let tier = Tier {
+        strategy: Strategy::Kprobe,
+        caps: Capabilities {
+            exact_verdicts: true,
+            entry_events,
+            drop_location: with_tracepoint && tracepoint::capabilities(&layout).drop_location,
+            gc_evictions: all_attached(&["gc_worker", "nf_ct_delete"]),
+            fd_scoped_cleanup: true,
+            needs_btf: true,
+            drops: DropSight::Direct,
+        },
+    };
+    EventSource::new(ebpf, tier, logger)
 }

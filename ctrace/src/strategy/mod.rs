@@ -10,46 +10,16 @@
 pub mod kprobe;
 pub mod tracepoint;
 
-use std::{fmt, str::FromStr};
+use std::str::FromStr;
 
 use anyhow::{Context as _, bail};
 use aya::{programs::ProgramType, sys::is_program_supported};
 
 use crate::kernel::KernelFacts;
-pub use crate::source::EventSource;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Strategy {
-    Fexit,
-    Kprobe,
-    Tracepoint,
-    Tc,
-}
-
-impl Strategy {
-    /// In order of preference.
-    pub const ALL: [Strategy; 4] = [
-        Strategy::Fexit,
-        Strategy::Kprobe,
-        Strategy::Tracepoint,
-        Strategy::Tc,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Fexit => "fexit",
-            Strategy::Kprobe => "kprobe",
-            Strategy::Tracepoint => "tracepoint",
-            Strategy::Tc => "tc",
-        }
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::{
+    source::{EventSource, LoadOptions},
+    tier::Strategy,
+};
 
 /// `--strategy`: a tier, or `auto` for the best one that works here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,11 +147,11 @@ pub fn select(choice: Choice, verdicts: &[Verdict]) -> anyhow::Result<Strategy> 
 pub fn start(
     strategy: Strategy,
     facts: &KernelFacts,
-    kernel_log: bool,
+    opts: &LoadOptions<'_>,
 ) -> anyhow::Result<EventSource> {
     match strategy {
-        Strategy::Tracepoint => tracepoint::start(facts, kernel_log),
-        Strategy::Kprobe => kprobe::start(facts, kernel_log),
+        Strategy::Tracepoint => tracepoint::start(facts, opts),
+        Strategy::Kprobe => kprobe::start(facts, opts),
         other => bail!("strategy {other} is not implemented in this build"),
     }
 }

@@ -9,10 +9,24 @@ use ctrace_common::KernelLayout;
 
 use super::program_type_loads;
 use crate::{
-    kernel::{KernelFacts, tracefs::EventFormat},
-    source::EventSource,
-    strategy::Strategy,
+    kernel::{KernelFacts, kallsyms::Kallsyms, tracefs::EventFormat},
+    source::{EventSource, LoadOptions},
+    tier::{Capabilities, DropSight, Strategy, Tier},
 };
+
+/// What this tier sees: drops at their free, causes from counters and,
+/// where the kernel records it, the free's location.
+pub fn capabilities(layout: &KernelLayout) -> Capabilities {
+    Capabilities {
+        exact_verdicts: false,
+        entry_events: false,
+        drop_location: layout.tp_location != 0 && layout.nft_chain_end != 0,
+        gc_evictions: false,
+        fd_scoped_cleanup: true,
+        needs_btf: true,
+        drops: DropSight::Direct,
+    }
+}
 
 const CATEGORY: &str = "skb";
 const EVENT: &str = "kfree_skb";
@@ -51,12 +65,33 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
             .map(|v| v as u32)
             .with_context(|| format!("no NETFILTER_DROP drop reason ({btf_err:#})"))?,
     };
-    Ok(KernelLayout {
+    let mut layout = KernelLayout {
         tp_skbaddr: skbaddr.offset,
         tp_reason: reason.offset,
         netfilter_drop,
         ..skb_layout(btf)?
-    })
+    };
+    add_location(&mut layout, &format);
+    Ok(layout)
+}
+
+/// Where kfree_skb was called from tells who dropped: `nft_do_chain` (an
+/// nftables rule or policy, on kernels that free nft drops there) or
+/// `nf_hook_slow` (a hook's NF_DROP: conntrack, iptables, older nft).
+/// Needs the record's `location` and readable symbol addresses; without
+/// either, the evidence is simply not used.
+fn add_location(layout: &mut KernelLayout, format: &EventFormat) {
+    let Some(location) = format.field("location").filter(|f| f.size == 8) else {
+        return;
+    };
+    let Ok(syms) = Kallsyms::read() else { return };
+    let (Some(hook), Some(nft)) = (syms.range("nf_hook_slow"), syms.range("nft_do_chain")) else {
+        log::debug!("no drop-location evidence: nf_hook_slow or nft_do_chain has no address");
+        return;
+    };
+    layout.tp_location = location.offset;
+    (layout.hook_slow_start, layout.hook_slow_end) = hook;
+    (layout.nft_chain_start, layout.nft_chain_end) = nft;
 }
 
 /// sk_buff, net_device, sock and net offsets: what decoding a packet and
@@ -82,17 +117,31 @@ pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
     program_type_loads(ProgramType::TracePoint, "tracepoint")?;
     Ok(format!(
         "skb:kfree_skb has reason at offset {} (NETFILTER_DROP = {}); sk_buff layout from BTF; \
-         cause of each drop is inferred from conntrack's counters",
-        l.tp_reason, l.netfilter_drop
+         cause of each drop is inferred from conntrack's counters{}",
+        l.tp_reason,
+        l.netfilter_drop,
+        location_note(&l)
     ))
 }
 
-pub fn start(facts: &KernelFacts, kernel_log: bool) -> anyhow::Result<EventSource> {
+pub fn location_note(l: &KernelLayout) -> &'static str {
+    if l.tp_location != 0 {
+        "; kfree_skb's location tells drops in nft_do_chain (nftables rules) from nf_hook_slow"
+    } else {
+        "; no drop-location evidence (no `location` field or no symbol addresses)"
+    }
+}
+
+pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
     let layout = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
-    let (mut ebpf, logger) = crate::source::load(&layout, kernel_log)?;
+    let (mut ebpf, logger) = crate::source::load(&layout, opts)?;
     attach(&mut ebpf)?;
-    EventSource::new(ebpf, Strategy::Tracepoint, logger)
+    let tier = Tier {
+        strategy: Strategy::Tracepoint,
+        caps: capabilities(&layout),
+    };
+    EventSource::new(ebpf, tier, logger)
 }
 
 /// Loads and attaches the kfree_skb program (the kprobe tier uses it too).

@@ -1,0 +1,82 @@
+//! What a hook tier can see, as capabilities. Everything downstream of the
+//! event source (attribution, occupancy, output) asks these questions and
+//! never which tier is running, so a new tier (tc, fexit) plugs in by
+//! stating what it sees.
+use std::fmt;
+
+use serde::Serialize;
+
+/// A tier's name, for output only: code decides by [`Capabilities`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Fexit,
+    Kprobe,
+    Tracepoint,
+    Tc,
+}
+
+impl Strategy {
+    /// In order of preference.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Fexit,
+        Strategy::Kprobe,
+        Strategy::Tracepoint,
+        Strategy::Tc,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Fexit => "fexit",
+            Strategy::Kprobe => "kprobe",
+            Strategy::Tracepoint => "tracepoint",
+            Strategy::Tc => "tc",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a tier learns that a packet was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropSight {
+    /// At the free of the packet itself (kfree_skb).
+    Direct,
+    /// By correlating what enters and leaves (tc: a new flow that never
+    /// left).
+    Correlated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Sees conntrack's own verdict per packet (allocation failed, tracker
+    /// dropped, confirm failed), so causes need no inference while the
+    /// kernel's counters agree.
+    pub exact_verdicts: bool,
+    /// Reports entry inserts, deletes and evictions as events, so occupancy
+    /// is kept current without re-dumping the table. False when the probes
+    /// for them could not all attach.
+    pub entry_events: bool,
+    /// Sees where a packet was freed (kfree_skb's `location`), which tells
+    /// an nftables rule's drop from conntrack's on kernels that free nft
+    /// drops inside `nft_do_chain`.
+    pub drop_location: bool,
+    /// Counts the garbage collector's early evictions.
+    pub gc_evictions: bool,
+    /// Its hooks go away with ctrace's file descriptors, however it exits.
+    pub fd_scoped_cleanup: bool,
+    /// Needs kernel BTF to find struct layouts.
+    pub needs_btf: bool,
+    pub drops: DropSight,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tier {
+    pub strategy: Strategy,
+    pub caps: Capabilities,
+}
