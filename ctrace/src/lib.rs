@@ -23,9 +23,10 @@ pub mod table;
 pub mod tier;
 pub mod watch;
 
-/// ctrace's memory bound (README, "Memory"): a fixed base (binary, BTF,
-/// kernel maps' user-space side, ring buffers), plus occupancy's compact
-/// record per table entry, plus the bounded flow detail.
-pub const MEMORY_BASE_MIB: f64 = 40.0;
-pub const MEMORY_PER_TABLE_ENTRY_BYTES: f64 = 48.0;
+/// ctrace's memory bound (README, "Memory"): a fixed base (binary, parsed
+/// BTF at start-up, ring buffers, per-CPU map reads), plus occupancy's
+/// compact record per table entry twice over (a periodic re-dump builds the
+/// new breakdown beside the old), plus the bounded flow detail.
+pub const MEMORY_BASE_MIB: f64 = 24.0;
+pub const MEMORY_PER_TABLE_ENTRY_BYTES: f64 = 96.0;
 pub const MEMORY_PER_FLOW_BYTES: f64 = 400.0;

@@ -161,6 +161,8 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
+    drop(facts);
+    kernel::return_freed_memory();
     let mut shutdown = Shutdown::install()?;
     eprintln!(
         "ctrace: tracing with strategy {} (Ctrl-C to stop)",

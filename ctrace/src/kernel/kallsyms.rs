@@ -1,12 +1,20 @@
 //! Kernel symbols: which functions exist (and can be probed), and where
 //! they lie in kernel text. Read from `/proc/kallsyms` and tracefs's
 //! `available_filter_functions`, never assumed from a version number.
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::Path,
+};
 
 use anyhow::Context as _;
 
+/// The symbols asked for: /proc/kallsyms holds ~200,000 lines, and a router
+/// has no memory to spare for all their names.
 pub struct Kallsyms {
-    /// Text symbols by exact name (clones keep their `.isra.0` suffix).
+    /// Wanted text symbols and their clones by exact name (clones keep
+    /// their `.isra.0` suffix).
     text: HashMap<String, u64>,
     /// Every text symbol address, sorted: a function ends where the next
     /// symbol starts.
@@ -14,15 +22,18 @@ pub struct Kallsyms {
 }
 
 impl Kallsyms {
-    pub fn read() -> anyhow::Result<Kallsyms> {
-        let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-        Ok(Self::parse(&text))
+    /// Reads the symbols named in `wanted` (and their clones).
+    pub fn read(wanted: &[&str]) -> anyhow::Result<Kallsyms> {
+        let f = fs::File::open("/proc/kallsyms").context("reading /proc/kallsyms")?;
+        let lines = BufReader::new(f).lines().map_while(Result::ok);
+        Ok(Self::parse(lines, wanted))
     }
 
-    pub fn parse(text: &str) -> Kallsyms {
+    pub fn parse<S: AsRef<str>>(lines: impl Iterator<Item = S>, wanted: &[&str]) -> Kallsyms {
         let mut syms = HashMap::new();
         let mut starts = Vec::new();
-        for line in text.lines() {
+        for line in lines {
+            let line = line.as_ref();
             let mut f = line.split_whitespace();
             let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
                 continue;
@@ -31,7 +42,10 @@ impl Kallsyms {
                 continue;
             }
             let addr = u64::from_str_radix(addr, 16).unwrap_or(0);
-            syms.entry(name.to_string()).or_insert(addr);
+            let base = name.split('.').next().unwrap_or(name);
+            if wanted.contains(&base) {
+                syms.entry(name.to_string()).or_insert(addr);
+            }
             if addr != 0 {
                 starts.push(addr);
             }
@@ -76,14 +90,21 @@ impl Kallsyms {
     }
 }
 
-/// Functions ftrace (and so kprobes at their entry) can attach to; None when
-/// tracefs or the function tracer is absent.
-pub fn available_filter_functions(tracefs: &Path) -> Option<std::collections::HashSet<String>> {
-    let text = fs::read_to_string(tracefs.join("available_filter_functions")).ok()?;
+/// Which of `wanted` ftrace (and so kprobes at their entry) can attach to;
+/// None when tracefs or the function tracer is absent.
+pub fn available_filter_functions(
+    tracefs: &Path,
+    wanted: &[&str],
+) -> Option<std::collections::HashSet<String>> {
+    let f = fs::File::open(tracefs.join("available_filter_functions")).ok()?;
     Some(
-        text.lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_string)
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| {
+                let name = l.split_whitespace().next()?;
+                wanted.contains(&name).then(|| name.to_string())
+            })
             .collect(),
     )
 }
@@ -103,7 +124,10 @@ ffffffff81300000 D some_data
 
     #[test]
     fn ranges_end_at_the_next_text_symbol() {
-        let k = Kallsyms::parse(TEXT);
+        let k = Kallsyms::parse(
+            TEXT.lines(),
+            &["nf_hook_slow", "early_drop", "__nf_conntrack_alloc", "some_data"],
+        );
         assert_eq!(
             k.range("nf_hook_slow"),
             Some((0xffffffff81100000, 0xffffffff81100200))
@@ -120,7 +144,10 @@ ffffffff81300000 D some_data
 
     #[test]
     fn hidden_addresses_give_no_range() {
-        let k = Kallsyms::parse("0000000000000000 T nf_hook_slow\n0000000000000000 T x\n");
+        let k = Kallsyms::parse(
+            "0000000000000000 T nf_hook_slow\n0000000000000000 T x\n".lines(),
+            &["nf_hook_slow"],
+        );
         assert!(k.has("nf_hook_slow"));
         assert!(k.range("nf_hook_slow").is_none());
     }

@@ -85,3 +85,14 @@ pub fn ensure_tracefs_privately() -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("{e:#}"))
 }
+
+/// Hands memory freed after start-up (parsed BTF, ours and aya's: tens of
+/// MiB on a distribution kernel) back to the system. glibc keeps freed heap
+/// otherwise; musl (the router builds) returns it by itself.
+pub fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -322,6 +322,8 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         test_flags: 0,
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
+    drop(facts);
+    crate::kernel::return_freed_memory();
     watcher.monitor_mut().watch(&topo.router, "lab-router")?;
     watcher.baseline(topo.router.inode());
     eprintln!(

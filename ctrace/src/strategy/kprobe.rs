@@ -74,13 +74,14 @@ struct Probeable {
 
 impl Probeable {
     fn read(facts: &KernelFacts) -> anyhow::Result<Probeable> {
+        let functions: Vec<&str> = PROBES.iter().map(|p| p.1).collect();
         Ok(Probeable {
-            syms: Kallsyms::read()?,
+            syms: Kallsyms::read(&functions)?,
             ftrace: facts
                 .tracefs
                 .as_ref()
                 .ok()
-                .and_then(|t| available_filter_functions(t)),
+                .and_then(|t| available_filter_functions(t, &functions)),
         })
     }
 

@@ -92,7 +92,6 @@ fn probe_one(strategy: Strategy, facts: &KernelFacts) -> anyhow::Result<String> 
     match strategy {
         Strategy::Fexit => {
             let vmlinux = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-            program_type_loads(ProgramType::Tracing, "fentry/fexit (tracing)")?;
             if std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists() {
                 bail!(
                     "nf_conntrack is a module: its functions are in /sys/kernel/btf/nf_conntrack, \
@@ -102,7 +101,12 @@ fn probe_one(strategy: Strategy, facts: &KernelFacts) -> anyhow::Result<String> 
             if !vmlinux.has_func("__nf_conntrack_alloc") {
                 bail!("__nf_conntrack_alloc is not in vmlinux BTF");
             }
-            bail!("the kernel could run it, but this build has no fexit programs yet")
+            // Probing the tracing program type makes aya parse the kernel's
+            // BTF on its own (tens of MiB), for a tier this build lacks.
+            bail!(
+                "__nf_conntrack_alloc is in vmlinux BTF, but this build has no fexit programs yet \
+                 (tracing program type not probed)"
+            )
         }
         Strategy::Kprobe => kprobe::probe(facts),
         Strategy::Tracepoint => tracepoint::probe(facts),

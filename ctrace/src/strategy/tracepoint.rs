@@ -84,7 +84,9 @@ fn add_location(layout: &mut KernelLayout, format: &EventFormat) {
     let Some(location) = format.field("location").filter(|f| f.size == 8) else {
         return;
     };
-    let Ok(syms) = Kallsyms::read() else { return };
+    let Ok(syms) = Kallsyms::read(&["nf_hook_slow", "nft_do_chain"]) else {
+        return;
+    };
     let (Some(hook), Some(nft)) = (syms.range("nf_hook_slow"), syms.range("nft_do_chain")) else {
         log::debug!("no drop-location evidence: nf_hook_slow or nft_do_chain has no address");
         return;
