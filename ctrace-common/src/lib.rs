@@ -154,7 +154,6 @@ pub mod tier {
     pub const KPROBE: u8 = 2;
 }
 
-
 /// One record in the ring buffer. Sent once per new flow, not per packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

@@ -241,15 +241,13 @@ pub(crate) fn record_drop<C: EbpfContext>(
 /// Adds one packet (and `new_flows`) to the totals of its service.
 #[inline(always)]
 fn count_total(flow: &FlowKey, class: u8, new_flows: u64) {
-    let service = if flow.proto == IPPROTO_TCP
-        || flow.proto == IPPROTO_UDP
-        || flow.proto == IPPROTO_SCTP
-    {
-        let k = service_key(flow.proto, flow.dport);
-        unsafe { SERVICES.get(&k) }.copied().unwrap_or(0)
-    } else {
-        0
-    };
+    let service =
+        if flow.proto == IPPROTO_TCP || flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_SCTP {
+            let k = service_key(flow.proto, flow.dport);
+            unsafe { SERVICES.get(&k) }.copied().unwrap_or(0)
+        } else {
+            0
+        };
     let key = TotalKey {
         netns: flow.netns,
         service,

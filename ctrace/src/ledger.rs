@@ -249,14 +249,16 @@ impl Ledger {
             .flat_map(|(netns, n)| {
                 n.groups
                     .iter()
-                    .map(move |(&(service, cause, proto), &(flows, packets))| DropGroup {
-                        netns: *netns,
-                        service: self.service_name(service),
-                        cause,
-                        proto,
-                        flows,
-                        packets,
-                    })
+                    .map(
+                        move |(&(service, cause, proto), &(flows, packets))| DropGroup {
+                            netns: *netns,
+                            service: self.service_name(service),
+                            cause,
+                            proto,
+                            flows,
+                            packets,
+                        },
+                    )
             })
             .collect();
         v.sort_by(|a, b| b.flows.cmp(&a.flows).then(b.packets.cmp(&a.packets)));
@@ -396,7 +398,13 @@ fn attribute(
         let n = left.min(credit.drop).min(credit.insert_failed);
         credit.drop -= n;
         credit.insert_failed -= n;
-        push(&mut out, Cause::Clash, evidence::INSERT_FAILED_ROSE, n, true);
+        push(
+            &mut out,
+            Cause::Clash,
+            evidence::INSERT_FAILED_ROSE,
+            n,
+            true,
+        );
         push(&mut out, Cause::Rule, evidence::HAD_ENTRY, left - n, false);
         return out;
     }
@@ -499,8 +507,16 @@ mod tests {
         let mut l = ledger(false);
         // The counter ran ahead of the packets read (still being freed):
         // the credit carries over to the next settlement.
-        l.settle(7, &[row(1, class::AT_HOOK_SLOW, 900, 900)], Some(stats(100, 1000, 0, 0)));
-        l.settle(7, &[row(1, class::AT_HOOK_SLOW, 1000, 1000)], Some(stats(100, 1000, 0, 0)));
+        l.settle(
+            7,
+            &[row(1, class::AT_HOOK_SLOW, 900, 900)],
+            Some(stats(100, 1000, 0, 0)),
+        );
+        l.settle(
+            7,
+            &[row(1, class::AT_HOOK_SLOW, 1000, 1000)],
+            Some(stats(100, 1000, 0, 0)),
+        );
         assert_eq!(
             got(&l),
             BTreeMap::from([((Some("ssh".into()), Cause::TableFull), (1000, 1000))])
@@ -515,7 +531,10 @@ mod tests {
         let mut l = ledger(false);
         l.settle(
             7,
-            &[row(1, class::AT_HOOK_SLOW, 10, 10), row(0, class::AT_NFT_CHAIN, 5, 5)],
+            &[
+                row(1, class::AT_HOOK_SLOW, 10, 10),
+                row(0, class::AT_NFT_CHAIN, 5, 5),
+            ],
             Some(stats(100, 10, 0, 0)),
         );
         let g = got(&l);
@@ -580,7 +599,9 @@ mod tests {
         let a = l.agreement()[0];
         assert_eq!(a.trust, Trust::Disagrees);
         assert_eq!(
-            l.label(7, class::TRACKER_DROP | class::AT_HOOK_SLOW).unwrap().1,
+            l.label(7, class::TRACKER_DROP | class::AT_HOOK_SLOW)
+                .unwrap()
+                .1,
             evidence::EXACT_DISAGREES
         );
         // Agreeing again.
@@ -598,9 +619,29 @@ mod tests {
     #[test]
     fn first_sight_without_baseline_uses_the_fill_level() {
         let mut l = Ledger::new(caps(false), vec![String::new()]);
-        l.settle(9, &[KernelTotal { netns: 9, ..row(0, 0, 3, 3) }], Some(stats(100, 50, 0, 0)));
-        assert_eq!(l.label(9, 0), Some((Cause::TableFull, evidence::COUNT_AT_MAX)));
-        l.settle(10, &[KernelTotal { netns: 10, ..row(0, 0, 3, 3) }], None);
-        assert_eq!(l.label(10, 0), Some((Cause::Unknown, evidence::NO_COUNTERS)));
+        l.settle(
+            9,
+            &[KernelTotal {
+                netns: 9,
+                ..row(0, 0, 3, 3)
+            }],
+            Some(stats(100, 50, 0, 0)),
+        );
+        assert_eq!(
+            l.label(9, 0),
+            Some((Cause::TableFull, evidence::COUNT_AT_MAX))
+        );
+        l.settle(
+            10,
+            &[KernelTotal {
+                netns: 10,
+                ..row(0, 0, 3, 3)
+            }],
+            None,
+        );
+        assert_eq!(
+            l.label(10, 0),
+            Some((Cause::Unknown, evidence::NO_COUNTERS))
+        );
     }
 }

@@ -261,7 +261,12 @@ mod tests {
         assert_eq!(idx.name(0), None);
         let mut huge = Catalog::with_defaults();
         huge.add("all=tcp+udp/1-65535".parse().unwrap());
-        assert!(huge.kernel_index().unwrap_err().to_string().contains("narrow"));
+        assert!(
+            huge.kernel_index()
+                .unwrap_err()
+                .to_string()
+                .contains("narrow")
+        );
     }
 
     #[test]

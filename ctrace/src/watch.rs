@@ -232,9 +232,7 @@ impl Watcher {
             match e {
                 KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => self.pending.push(d),
                 KernelEvent::Drop(_) => {}
-                KernelEvent::Entry(e) if self.monitor.wants(e.flow.netns) => {
-                    self.entry_changed(&e)
-                }
+                KernelEvent::Entry(e) if self.monitor.wants(e.flow.netns) => self.entry_changed(&e),
                 KernelEvent::Entry(_) => {}
             }
         }

@@ -358,9 +358,18 @@ fn missing_privileges_are_explained() {
         return;
     }
     use std::os::unix::process::CommandExt as _;
-    // As `nobody`, with no capabilities at all.
+    // As `nobody`, with no capabilities at all. The checkout may sit under
+    // a directory nobody cannot enter (/root is 0700): run a copy from a
+    // place anyone can reach.
+    let dir = std::env::temp_dir().join(format!("ctrace-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("ctrace");
+    std::fs::copy(ctrace_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = unsafe {
-        std::process::Command::new(ctrace_bin())
+        std::process::Command::new(&bin)
             .args(["watch", "--duration", "1"])
             .pre_exec(|| {
                 if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
@@ -371,6 +380,7 @@ fn missing_privileges_are_explained() {
             .output()
             .unwrap()
     };
+    let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");
@@ -742,4 +752,178 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
     let top = s["top_flows"].as_array().expect("top_flows");
     assert!(!top.is_empty(), "the final summary lists no top flows");
     assert_eq!(top[0]["cause"], "table_full", "{}", top[0]);
+}
+
+/// Whether the final summary's tier has a capability; says SKIPPED if not.
+fn tier_can(summary: &serde_json::Value, capability: &str, test: &str) -> bool {
+    let can = summary["capabilities"][capability] == true;
+    if !can {
+        eprintln!(
+            "SKIPPED {test}: strategy {} on this kernel lacks `{capability}` ({})",
+            summary["strategy"], summary["capabilities"]
+        );
+    }
+    can
+}
+
+#[test]
+fn nft_rule_drops_in_a_full_table_are_rules_by_location() {
+    if !privileged() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    // Dropped before conntrack: no entry, no counter moves, while the
+    // table-full drops beside it raise `drop`. Only where the packet was
+    // freed tells them apart.
+    nftables::drop_tcp_dport_before_conntrack(&lab.topo.router, 9).unwrap();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let before = conntrack_drops(&lab.topo.router);
+    let mut plan: Vec<_> = incident_plan(3)
+        .into_iter()
+        .filter(|p| p.service == "ssh" && p.dst.is_ipv4())
+        .collect();
+    let ssh = plan.len() as u64;
+    for i in 0..3usize {
+        let c = ctrace::lab::topology::CLIENTS_V4[i];
+        plan.push(traffic::Planned {
+            service: "discard".into(),
+            proto: ctrace::event::Proto::Tcp,
+            src: IpAddr::V4(c),
+            dst: std::net::SocketAddr::new(IpAddr::V4(ctrace::lab::topology::SERVER_V4), 9),
+        });
+    }
+    let attempts =
+        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let conntrack = conntrack_drops(&lab.topo.router) - before;
+    let records = tracer.stop();
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let s = final_summary(&records);
+    if !tier_can(
+        s,
+        "drop_location",
+        "nft_rule_drops_in_a_full_table_are_rules_by_location",
+    ) {
+        return;
+    }
+    let got = totals(s, router);
+    assert_eq!(
+        got.get(&("other".into(), "rule".into())).map(|v| v.0),
+        Some(3),
+        "the raw-chain drops to port 9 are rules: {got:?}"
+    );
+    assert!(
+        !got.contains_key(&("other".into(), "table_full".into())),
+        "an nft rule drop was blamed on the table: {got:?}"
+    );
+    assert_eq!(
+        got.get(&("ssh".into(), "table_full".into())).map(|v| v.0),
+        Some(ssh),
+        "{got:?}"
+    );
+    let table_full: u64 = got
+        .iter()
+        .filter(|((_, c), _)| c == "table_full")
+        .map(|(_, v)| v.1)
+        .sum();
+    assert_eq!(table_full, conntrack, "{got:?}");
+    let d = drops(&records);
+    let rule = d
+        .iter()
+        .find(|r| r["dst"].as_str().is_some_and(|x| x.ends_with(":9")))
+        .expect("a drop record for port 9");
+    assert_eq!(rule["cause"], "rule", "{rule}");
+    assert_eq!(rule["evidence"], "freed_in_nft_do_chain", "{rule}");
+}
+
+#[test]
+fn blind_exact_tier_is_caught_by_the_self_check() {
+    if !privileged() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    let tracer = Tracer::start(&[
+        "--netns",
+        &router.to_string(),
+        "--interval",
+        "500ms",
+        "--test-blind-alloc",
+    ]);
+    let before = conntrack_drops(&lab.topo.router);
+    let plan: Vec<_> = incident_plan(2)
+        .into_iter()
+        .filter(|p| p.service == "etcd-peer")
+        .collect();
+    let attempts =
+        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let conntrack = conntrack_drops(&lab.topo.router) - before;
+    let records = tracer.stop();
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let s = final_summary(&records);
+    if !tier_can(
+        s,
+        "exact_verdicts",
+        "blind_exact_tier_is_caught_by_the_self_check",
+    ) {
+        return;
+    }
+    let a = ctrace_tests::agreement(s, router).expect("agreement for the router");
+    assert_eq!(a["trust"], "disagrees", "{a}");
+    let got = totals(s, router);
+    assert_eq!(
+        got.get(&("etcd-peer".into(), "table_full".into())),
+        Some(&(plan.len() as u64, conntrack)),
+        "inferred from the counters instead: {got:?}"
+    );
+    for r in drops(&records) {
+        assert_eq!(r["evidence"], "inferred_exact_tier_disagrees", "{r}");
+    }
+}
+
+#[test]
+fn bad_netns_and_services_file_fail_before_anything_is_loaded() {
+    if !privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ctrace-badinput-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("services.conf");
+    std::fs::write(&file, "# mine\nmetrics=tcp/9100\nbroken line here\n").unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["watch", "--netns", "nosuch-typo"],
+            "no namespace named `nosuch-typo`",
+        ),
+        (
+            &["watch", "--netns", "4294967295"],
+            "no network namespace has inode",
+        ),
+        (
+            &["watch", "--netns", "/nonexistent/ns"],
+            "not a network namespace",
+        ),
+        (&["watch", "--services-file", &file], "services.conf:3"),
+    ];
+    for (args, expect) in cases {
+        let out = std::process::Command::new(ctrace_bin())
+            .args(args)
+            .args(["--duration", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected `{expect}` in: {err}"
+        );
+        assert!(
+            !err.contains("tracing with strategy"),
+            "{args:?}: validated only after loading: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

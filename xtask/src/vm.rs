@@ -94,6 +94,15 @@ pub struct VmArgs {
     /// failed; a failing test prints ctrace's stderr.
     #[arg(long = "ctrace-log", env = "CTRACE_VM_LOG", value_name = "FILTER")]
     pub ctrace_log: Option<String>,
+    /// SYNs the flood test sends in each VM (TCG is ~20x slower than the
+    /// host, where it sends 600,000).
+    #[arg(
+        long = "flood",
+        env = "CTRACE_VM_FLOOD",
+        default_value_t = 40_000,
+        value_name = "N"
+    )]
+    pub flood: u64,
     /// Guest memory in MiB. Full conntrack tables need room.
     #[arg(
         long = "vm-memory",
@@ -304,9 +313,10 @@ fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArg
     // panic=-1 reboots at once on a panic, and -no-reboot turns that into
     // qemu exiting: a crashed guest costs seconds, not the whole timeout.
     let mut s = format!(
-        "console={console} panic=-1 quiet ctrace.strategies={} ctrace.run_timeout={}",
+        "console={console} panic=-1 quiet ctrace.strategies={} ctrace.run_timeout={} ctrace.flood={}",
         strategies.join(","),
-        args.run_timeout
+        args.run_timeout,
+        args.flood
     );
     if let Some(n) = args.ct_max {
         s.push_str(&format!(" ctrace.ct_max={n}"));
@@ -414,6 +424,7 @@ mod tests {
             ct_max: Some(4096),
             ctrace_log: Some("debug".into()),
             memory: 2048,
+            flood: 1000,
             list: false,
         };
         let s = cmdline(
@@ -425,7 +436,7 @@ mod tests {
         assert_eq!(
             s,
             "console=ttyAMA0 panic=-1 quiet ctrace.strategies=auto,kprobe ctrace.run_timeout=300 \
-             ctrace.ct_max=4096 ctrace.log=debug ctrace.filter=ipv6"
+             ctrace.flood=1000 ctrace.ct_max=4096 ctrace.log=debug ctrace.filter=ipv6"
         );
     }
 }

@@ -52,10 +52,7 @@ impl Kallsyms {
         }
         starts.sort_unstable();
         starts.dedup();
-        Kallsyms {
-            text: syms,
-            starts,
-        }
+        Kallsyms { text: syms, starts }
     }
 
     /// The function exists under exactly this name.
@@ -126,7 +123,12 @@ ffffffff81300000 D some_data
     fn ranges_end_at_the_next_text_symbol() {
         let k = Kallsyms::parse(
             TEXT.lines(),
-            &["nf_hook_slow", "early_drop", "__nf_conntrack_alloc", "some_data"],
+            &[
+                "nf_hook_slow",
+                "early_drop",
+                "__nf_conntrack_alloc",
+                "some_data",
+            ],
         );
         assert_eq!(
             k.range("nf_hook_slow"),

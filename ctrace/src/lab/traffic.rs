@@ -298,8 +298,12 @@ pub fn syn_flood(
     ns.run(move || -> anyhow::Result<Flood> {
         // IPPROTO_RAW implies IP_HDRINCL: we write the IP header; the kernel
         // fills in its checksum and total length.
-        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
-            .context("opening a raw socket")?;
+        let sock = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .context("opening a raw socket")?;
         let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
         const BATCH: usize = 256;
         let mut packets = vec![[0u8; 40]; BATCH];
@@ -340,7 +344,8 @@ pub fn syn_flood(
             };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock
+                if e.raw_os_error() == Some(libc::ENOBUFS)
+                    || e.kind() == std::io::ErrorKind::WouldBlock
                 {
                     std::thread::yield_now();
                     continue;

@@ -61,6 +61,11 @@ pub const NF_INET_FORWARD: u32 = 2;
 pub const NF_INET_LOCAL_OUT: u32 = 3;
 /// NF_IP_PRI_FILTER: `priority filter` / `priority 0` in nft syntax.
 pub const NF_PRI_FILTER: i32 = 0;
+/// NF_IP_PRI_RAW: before conntrack (-200) sees the packet.
+pub const NF_PRI_RAW: i32 = -300;
+pub const NF_INET_PRE_ROUTING: u32 = 0;
+/// Base chain at the raw priority of prerouting.
+pub const RAW_CHAIN: &str = "raw_prerouting";
 
 // linux/netfilter/nf_tables.h: enum nf_tables_msg_types
 pub const NFT_MSG_NEWTABLE: u8 = 0;
@@ -183,10 +188,25 @@ pub fn enable_conntrack(ns: &NetNs) -> Result<()> {
 /// one for a first SYN, which dies with the packet). Adding the same port
 /// twice is a no-op.
 pub fn drop_tcp_dport(ns: &NetNs, port: u16) -> Result<()> {
-    apply(ns, Some(Rule::DropTcpDport(port))).with_context(|| {
+    apply(ns, Some((FORWARD_CHAIN, Rule::DropTcpDport(port)))).with_context(|| {
         format!(
             "adding a drop rule for TCP port {port} in network namespace {} (nf_tables table \
              inet {TABLE})",
+            ns.inode()
+        )
+    })
+}
+
+/// Adds `meta l4proto tcp tcp dport PORT drop` to a prerouting chain at the
+/// raw priority (-300): the packet is dropped before conntrack sees it, so
+/// it carries no entry and moves no conntrack counter, even in a full
+/// table. On kernels that free nft drops in nft_do_chain, only the drop's
+/// location tells it from a table-full drop.
+pub fn drop_tcp_dport_before_conntrack(ns: &NetNs, port: u16) -> Result<()> {
+    apply(ns, Some((RAW_CHAIN, Rule::DropTcpDport(port)))).with_context(|| {
+        format!(
+            "adding a raw-priority drop rule for TCP port {port} in network namespace {} \
+             (nf_tables table inet {TABLE})",
             ns.inode()
         )
     })
@@ -199,6 +219,7 @@ struct BaseChain {
     hook: u32,
     /// The hook in nft syntax, for error messages.
     hook_name: &'static str,
+    priority: i32,
 }
 
 const CHAINS: [BaseChain; 2] = [
@@ -206,13 +227,23 @@ const CHAINS: [BaseChain; 2] = [
         name: FORWARD_CHAIN,
         hook: NF_INET_FORWARD,
         hook_name: "forward",
+        priority: NF_PRI_FILTER,
     },
     BaseChain {
         name: OUTPUT_CHAIN,
         hook: NF_INET_LOCAL_OUT,
         hook_name: "output",
+        priority: NF_PRI_FILTER,
     },
 ];
+
+/// Made only when a rule needs it.
+const RAW: BaseChain = BaseChain {
+    name: RAW_CHAIN,
+    hook: NF_INET_PRE_ROUTING,
+    hook_name: "prerouting",
+    priority: NF_PRI_RAW,
+};
 
 /// The rules this module knows how to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +385,7 @@ fn chain_msg(m: &mut MsgBuilder, chain: BaseChain) {
         .nested(NFTA_CHAIN_HOOK, |m| {
             // The priority is a signed s32 sent as its two's complement.
             m.be32(NFTA_HOOK_HOOKNUM, chain.hook)
-                .be32(NFTA_HOOK_PRIORITY, NF_PRI_FILTER as u32);
+                .be32(NFTA_HOOK_PRIORITY, chain.priority as u32);
         })
         .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
         .str(NFTA_CHAIN_TYPE, "filter");
@@ -375,16 +406,20 @@ fn rule_msg(m: &mut MsgBuilder, chain: &str, rule: Rule) {
 /// `nft`) are closed the way nft closes them: the batch carries the ruleset
 /// generation it was computed against, the kernel refuses it with ERESTART
 /// if that moved, and we recompute.
-fn apply(ns: &NetNs, extra: Option<Rule>) -> Result<()> {
+fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
     let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(ns))?;
     let mut wanted = vec![
         (FORWARD_CHAIN, Rule::TrackedAccept, Placement::Last),
         (OUTPUT_CHAIN, Rule::TrackedAccept, Placement::Last),
     ];
-    if let Some(rule) = extra {
+    let mut chains = CHAINS.to_vec();
+    if let Some((chain, rule)) = extra {
         // Pushed after the accept rules, so even when those are created in
         // this same transaction it lands in front of them.
-        wanted.push((FORWARD_CHAIN, rule, Placement::First));
+        wanted.push((chain, rule, Placement::First));
+        if chain == RAW_CHAIN {
+            chains.push(RAW);
+        }
     }
     let mut attempt = 0;
     loop {
@@ -399,13 +434,13 @@ fn apply(ns: &NetNs, extra: Option<Rule>) -> Result<()> {
             format!("table inet {TABLE}"),
             table_msg,
         );
-        for chain in CHAINS {
+        for &chain in &chains {
             tx.push(
                 NFT_MSG_NEWCHAIN,
                 NLM_F_CREATE,
                 format!(
-                    "base chain {} (type filter hook {})",
-                    chain.name, chain.hook_name
+                    "base chain {} (type filter hook {} priority {})",
+                    chain.name, chain.hook_name, chain.priority
                 ),
                 |m| chain_msg(m, chain),
             );

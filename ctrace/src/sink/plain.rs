@@ -81,7 +81,10 @@ impl<W: Write> Sink for PlainSink<W> {
                     e.service.as_deref().unwrap_or("other"),
                     e.proto,
                     e.entries,
-                    serde_json::to_value(e.by).unwrap_or_default().as_str().unwrap_or("?")
+                    serde_json::to_value(e.by)
+                        .unwrap_or_default()
+                        .as_str()
+                        .unwrap_or("?")
                 )?;
             }
         }

@@ -42,6 +42,7 @@ for w in $(cat /proc/cmdline); do
         ctrace.run_timeout=*) run_timeout=${w#*=} ;;
         ctrace.ct_max=*) ct_max=${w#*=} ;;
         ctrace.filter=*) filter=${w#*=} ;;
+        ctrace.flood=*) export CTRACE_TEST_FLOOD=${w#*=} ;;
         ctrace.log=*) export RUST_LOG=${w#*=} ;;
     esac
 done
