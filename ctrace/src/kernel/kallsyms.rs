@@ -60,14 +60,17 @@ impl Kallsyms {
         self.text.contains_key(name)
     }
 
-    /// Compiler clones of `name` (`name.isra.0`, `name.constprop.0`): the
-    /// function exists, but callers may call the clone instead.
+    /// Compiler clones of `name` (`name.isra.0`, `name.constprop.0`,
+    /// `name.part.0`): the function exists, but callers may call the clone
+    /// instead. `name.cold` is not one: it is the function's own unlikely
+    /// code, jumped to from inside it, and returns through its frame.
     pub fn clones(&self, name: &str) -> Vec<&str> {
         let prefix = format!("{name}.");
         let mut v: Vec<&str> = self
             .text
             .keys()
             .filter(|k| k.starts_with(&prefix))
+            .filter(|k| !k[prefix.len()..].split('.').any(|part| part == "cold"))
             .map(String::as_str)
             .collect();
         v.sort_unstable();
@@ -116,6 +119,7 @@ ffffffff81100000 T nf_hook_slow
 ffffffff81100200 T nf_hook_slow_list
 ffffffff81200000 t __nf_conntrack_alloc.isra.0 [nf_conntrack]
 ffffffff81200400 t early_drop [nf_conntrack]
+ffffffff81200800 t early_drop.cold [nf_conntrack]
 ffffffff81300000 D some_data
 ";
 
@@ -134,8 +138,12 @@ ffffffff81300000 D some_data
             k.range("nf_hook_slow"),
             Some((0xffffffff81100000, 0xffffffff81100200))
         );
-        assert!(k.range("early_drop").is_none(), "last symbol has no end");
+        assert_eq!(
+            k.range("early_drop"),
+            Some((0xffffffff81200400, 0xffffffff81200800))
+        );
         assert!(k.has("early_drop"));
+        assert!(k.clones("early_drop").is_empty(), ".cold is no clone");
         assert!(!k.has("__nf_conntrack_alloc"));
         assert_eq!(
             k.clones("__nf_conntrack_alloc"),

@@ -16,7 +16,7 @@ pub struct KernelFacts {
     pub btf: Result<Btf, String>,
     pub tracefs: Result<PathBuf, String>,
     pub release: String,
-    /// CONFIG_HZ, to turn conntrack's jiffies into seconds.
+    /// The kernel's tick rate, to turn conntrack's jiffies into seconds.
     pub hz: u32,
 }
 
@@ -25,7 +25,15 @@ impl KernelFacts {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
-        let hz = config_hz(&release).unwrap_or(DEFAULT_HZ);
+        let hz = measure_hz()
+            .or_else(|| config_hz(&release))
+            .unwrap_or_else(|| {
+                log::warn!(
+                    "cannot tell the kernel's HZ (no /proc/timer_list, no /boot/config); \
+                     assuming {DEFAULT_HZ} for remaining timeouts"
+                );
+                DEFAULT_HZ
+            });
         KernelFacts {
             hz,
             btf: Btf::vmlinux().map_err(|e| format!("{e:#}")),
@@ -40,6 +48,52 @@ impl KernelFacts {
 /// When the kernel's config cannot be read: Debian's and most distributions'
 /// value. Only remaining-timeout buckets of kprobe-tier inserts use it.
 const DEFAULT_HZ: u32 = 250;
+
+/// Tick rates Linux is configured with.
+const HZ_CHOICES: [u32; 5] = [100, 250, 300, 1000, 1024];
+
+/// HZ measured: jiffies (from /proc/timer_list) advance over 200 ms of
+/// CLOCK_MONOTONIC, rounded to the nearest configurable rate. Routers ship
+/// no /boot/config.
+fn measure_hz() -> Option<u32> {
+    let read = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let j = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((j, crate::event::monotonic_ns()))
+    };
+    let (j0, t0) = read()?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (j1, t1) = read()?;
+    let rate = j1.checked_sub(j0)? as f64 * 1e9 / t1.checked_sub(t0)?.max(1) as f64;
+    nearest_hz(rate)
+}
+
+fn nearest_hz(rate: f64) -> Option<u32> {
+    let best = HZ_CHOICES.iter().copied().min_by(|a, b| {
+        (f64::from(*a) - rate)
+            .abs()
+            .total_cmp(&(f64::from(*b) - rate).abs())
+    })?;
+    // A rate far from every choice means the reading is off (a stalled VM).
+    ((f64::from(best) - rate).abs() <= f64::from(best) * 0.15).then_some(best)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn measured_rates_round_to_a_configurable_hz() {
+        assert_eq!(super::nearest_hz(243.0), Some(250));
+        assert_eq!(super::nearest_hz(290.0), Some(300));
+        assert_eq!(super::nearest_hz(1010.0), Some(1000));
+        assert_eq!(super::nearest_hz(96.0), Some(100));
+        assert_eq!(super::nearest_hz(600.0), None);
+    }
+}
 
 /// CONFIG_HZ from /boot/config-RELEASE, where distributions install it.
 fn config_hz(release: &str) -> Option<u32> {

@@ -40,21 +40,31 @@ use traffic::{Attempt, Listeners, Planned};
 
 pub const NF_CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
+/// A sysctl to put back: its path (for messages), a handle opened when it
+/// was set, and the old value.
+type Restore = (&'static str, std::sync::Arc<fs::File>, String);
+
 /// Sysctls changed and not yet restored, for the panic hook: release
 /// builds abort on panic, so Drop alone would not run.
-static TO_RESTORE: std::sync::Mutex<Vec<(&'static str, String)>> =
-    std::sync::Mutex::new(Vec::new());
+static TO_RESTORE: std::sync::Mutex<Vec<Restore>> = std::sync::Mutex::new(Vec::new());
 
-fn restore(path: &'static str, old: &str) {
-    if let Err(e) = fs::write(path, old) {
+/// Writes through the handle opened when the sysctl was set: a /proc/sys/net
+/// path resolves in the namespace of whoever opens it, and a panic hook may
+/// run on a thread inside a lab namespace, where nf_conntrack_max is
+/// read-only (and another namespace's anyway).
+fn restore(path: &'static str, file: &fs::File, old: &str) {
+    use std::os::unix::fs::FileExt as _;
+    if let Err(e) = file.write_at(old.as_bytes(), 0) {
         eprintln!("ctrace: could not restore {path} to {old}: {e}");
     }
 }
 
 /// Sets a sysctl and puts the old value back when dropped, on Ctrl-C and
-/// SIGTERM (which end the run normally), and on a panic.
+/// SIGTERM (which end the run normally), and on a panic. Must be made on a
+/// thread in the namespace whose sysctl it is.
 pub struct SysctlGuard {
     path: &'static str,
+    file: std::sync::Arc<fs::File>,
     old: String,
 }
 
@@ -65,8 +75,8 @@ impl SysctlGuard {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
                 if let Ok(list) = TO_RESTORE.lock() {
-                    for (path, old) in list.iter() {
-                        restore(path, old);
+                    for (path, file, old) in list.iter() {
+                        restore(path, file, old);
                     }
                 }
                 previous(info);
@@ -74,20 +84,28 @@ impl SysctlGuard {
         });
         let old = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         let old = old.trim().to_string();
+        let file = std::sync::Arc::new(
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {path} for writing"))?,
+        );
         TO_RESTORE
             .lock()
             .map_err(|_| anyhow::anyhow!("restore list poisoned"))?
-            .push((path, old.clone()));
-        fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
-        Ok(SysctlGuard { path, old })
+            .push((path, file.clone(), old.clone()));
+        use std::os::unix::fs::FileExt as _;
+        file.write_at(value.as_bytes(), 0)
+            .with_context(|| format!("writing {value} to {path}"))?;
+        Ok(SysctlGuard { path, file, old })
     }
 }
 
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
-        restore(self.path, &self.old);
+        restore(self.path, &self.file, &self.old);
         if let Ok(mut list) = TO_RESTORE.lock() {
-            list.retain(|(p, _)| *p != self.path);
+            list.retain(|(p, _, _)| *p != self.path);
         }
     }
 }
