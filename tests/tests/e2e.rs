@@ -927,3 +927,57 @@ fn bad_netns_and_services_file_fail_before_anything_is_loaded() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn clashing_syns_are_clashes_not_rules() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    let before = ct.stats().unwrap();
+    // Twin SYNs race to confirm on two CPUs; TCP allows no clash
+    // resolution, so the loser is dropped. Whether any race is lost is up
+    // to the machine: go again from another source address if none was.
+    for src in ctrace::lab::topology::CLIENTS_V4 {
+        if let Err(e) = traffic::syn_twins(
+            &topo.clients,
+            src,
+            ctrace::lab::topology::SERVER_V4,
+            2380,
+            20_000,
+        ) {
+            eprintln!("SKIPPED clashing_syns_are_clashes_not_rules: {e:#}");
+            let _ = tracer.stop();
+            return;
+        }
+        if ct.stats().unwrap().insert_failed > before.insert_failed {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let after = ct.stats().unwrap();
+    let records = tracer.stop();
+    let (clashes, drops) = (
+        after.insert_failed - before.insert_failed,
+        after.drop - before.drop,
+    );
+    if clashes == 0 {
+        eprintln!("SKIPPED clashing_syns_are_clashes_not_rules: no race was lost on this machine");
+        return;
+    }
+    let got = totals(final_summary(&records), router);
+    eprintln!("clash: insert_failed +{clashes}, drop +{drops}; ctrace: {got:?}");
+    assert_eq!(
+        got.get(&("etcd-peer".into(), "clash".into())).map(|v| v.1),
+        Some(clashes),
+        "clash drops vs conntrack's insert_failed: {got:?}"
+    );
+    assert!(
+        got.keys().all(|(_, c)| c == "clash"),
+        "a clash was labelled with another cause: {got:?}"
+    );
+    assert_eq!(drops, clashes, "conntrack dropped for other reasons too");
+}

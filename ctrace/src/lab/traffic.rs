@@ -295,70 +295,148 @@ pub fn syn_flood(
         count <= SPORTS * FLOOD_PORTS.len() as u64,
         "a flood of {count} SYNs would repeat tuples"
     );
-    ns.run(move || -> anyhow::Result<Flood> {
-        // IPPROTO_RAW implies IP_HDRINCL: we write the IP header; the kernel
-        // fills in its checksum and total length.
-        let sock = Socket::new(
+    let sock = raw_socket(ns)?;
+    let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
+    const BATCH: u64 = 256;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut batch = Vec::with_capacity(BATCH as usize);
+    while sent < count {
+        batch.clear();
+        for i in sent..(sent + BATCH).min(count) {
+            let dport = FLOOD_PORTS[(i % FLOOD_PORTS.len() as u64) as usize];
+            let sport = 1024 + ((i / FLOOD_PORTS.len() as u64) % SPORTS) as u16;
+            batch.push(syn_packet(src, dst, sport, dport, i as u32));
+        }
+        send_all(&sock, &to, &mut batch)?;
+        sent += batch.len() as u64;
+    }
+    Ok(Flood {
+        sent,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// A raw IPv4 socket in `ns`: IPPROTO_RAW implies IP_HDRINCL, we write the
+/// IP header and the kernel fills in its checksum and total length. The
+/// socket stays in `ns` whichever thread uses it.
+fn raw_socket(ns: &NetNs) -> anyhow::Result<Socket> {
+    ns.run(|| {
+        Socket::new(
             Domain::IPV4,
             Type::RAW,
             Some(Protocol::from(libc::IPPROTO_RAW)),
         )
-        .context("opening a raw socket")?;
-        let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
-        const BATCH: usize = 256;
-        let mut packets = vec![[0u8; 40]; BATCH];
-        let started = Instant::now();
-        let mut sent = 0u64;
-        while sent < count {
-            let n = ((count - sent) as usize).min(BATCH);
-            for (j, p) in packets.iter_mut().take(n).enumerate() {
-                let i = sent + j as u64;
-                let dport = FLOOD_PORTS[(i % FLOOD_PORTS.len() as u64) as usize];
-                let sport = 1024 + ((i / FLOOD_PORTS.len() as u64) % SPORTS) as u16;
-                *p = syn_packet(src, dst, sport, dport, i as u32);
-            }
-            let mut iov: Vec<libc::iovec> = packets[..n]
-                .iter_mut()
-                .map(|p| libc::iovec {
-                    iov_base: p.as_mut_ptr().cast(),
-                    iov_len: p.len(),
-                })
-                .collect();
-            // SAFETY: mmsghdr is plain data; every pointer set below points
-            // into `iov` and `to`, which outlive the sendmmsg call.
-            let mut msgs: Vec<libc::mmsghdr> = iov
-                .iter_mut()
-                .map(|v| {
-                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
-                    m.msg_hdr.msg_namelen = to.len();
-                    m.msg_hdr.msg_iov = v;
-                    m.msg_hdr.msg_iovlen = 1;
-                    m
-                })
-                .collect();
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: valid socket, valid array of `n` messages.
-            let r = unsafe {
-                libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, 0)
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOBUFS)
-                    || e.kind() == std::io::ErrorKind::WouldBlock
-                {
-                    std::thread::yield_now();
-                    continue;
-                }
-                return Err(e).context("sendmmsg");
-            }
-            sent += r as u64;
-        }
-        Ok(Flood {
-            sent,
-            elapsed: started.elapsed(),
-        })
     })?
+    .context("opening a raw socket")
+}
+
+/// Sends every packet with `sendmmsg`, retrying what the kernel had no
+/// buffer for.
+fn send_all(sock: &Socket, to: &SockAddr, packets: &mut [[u8; 40]]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut done = 0;
+    while done < packets.len() {
+        let rest = &mut packets[done..];
+        let mut iov: Vec<libc::iovec> = rest
+            .iter_mut()
+            .map(|p| libc::iovec {
+                iov_base: p.as_mut_ptr().cast(),
+                iov_len: p.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: mmsghdr is plain data; the pointers set here point
+                // into `iov` and `to`, which outlive the sendmmsg call.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+                m.msg_hdr.msg_namelen = to.len();
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: valid socket, valid array of msgs.len() messages.
+        let r = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock
+            {
+                std::thread::yield_now();
+                continue;
+            }
+            return Err(e).context("sendmmsg");
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// Sends each of `count` SYNs (distinct tuples to `dport`) twice at once,
+/// from two threads pinned to two CPUs: both copies create an unconfirmed
+/// conntrack entry, and when they race to confirm, the loser finds the
+/// winner's entry. TCP allows no clash resolution, so conntrack drops it
+/// (`insert_failed` and `drop`). How many race is up to the machine; the
+/// caller compares with conntrack's counters. Needs two CPUs.
+pub fn syn_twins(
+    ns: &NetNs,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    count: u16,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(count <= 40_000, "at most 40,000 source ports");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    anyhow::ensure!(
+        cpus >= 2,
+        "racing SYNs needs two CPUs, this machine has {cpus}"
+    );
+    let socks = [raw_socket(ns)?, raw_socket(ns)?];
+    let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
+    const BATCH: u16 = 32;
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = socks
+            .iter()
+            .enumerate()
+            .map(|(cpu, sock)| {
+                let (to, barrier) = (&to, &barrier);
+                s.spawn(move || -> anyhow::Result<()> {
+                    // SAFETY: a zeroed cpu_set_t with one bit set is valid.
+                    unsafe {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut set);
+                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                    }
+                    let mut first = 0u16;
+                    while first < count {
+                        let end = first.saturating_add(BATCH).min(count);
+                        let mut batch: Vec<[u8; 40]> = (first..end)
+                            .map(|i| syn_packet(src, dst, 20_000 + i, dport, u32::from(i)))
+                            .collect();
+                        barrier.wait();
+                        send_all(sock, to, &mut batch)?;
+                        first = end;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a SYN sender panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 /// One IPv4 TCP SYN, 40 bytes, with a correct TCP checksum (conntrack
