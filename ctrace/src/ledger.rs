@@ -67,7 +67,7 @@ pub struct Agreement {
 }
 
 /// Attributed totals of one (netns, service, cause, proto).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DropGroup {
     pub netns: u64,
     pub service: Option<String>,

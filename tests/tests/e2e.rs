@@ -981,3 +981,85 @@ fn clashing_syns_are_clashes_not_rules() {
     );
     assert_eq!(drops, clashes, "conntrack dropped for other reasons too");
 }
+
+#[test]
+fn gc_evictions_above_95_percent_are_counted_apart() {
+    if !privileged() {
+        return;
+    }
+    if ctrace_tests::strategy().as_deref() == Some("tracepoint")
+        || !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists()
+    {
+        eprintln!("SKIPPED gc_evictions_above_95_percent_are_counted_apart: no kprobe tier here");
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);
+    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    let max = ct.stats().unwrap().max;
+    // Unreplied entries with ten minutes to live: none expires during the
+    // test, and nothing asks early_drop for room. Whatever leaves the
+    // table is the collector's early eviction above 95% fill.
+    traffic::fill_table_with(
+        &topo.router,
+        max,
+        |i| traffic::unreplied_dns_entry(i, dst),
+        |_| {},
+    )
+    .unwrap();
+    let full = ct.stats().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut now = full;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        now = ct.stats().unwrap();
+        if now.entries < full.entries {
+            // Let the collector finish its pass.
+            std::thread::sleep(Duration::from_secs(2));
+            now = ct.stats().unwrap();
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let records = tracer.stop();
+    let s = final_summary(&records);
+    if !tier_can(
+        s,
+        "gc_evictions",
+        "gc_evictions_above_95_percent_are_counted_apart",
+    ) {
+        return;
+    }
+    let reaped = full
+        .entries
+        .saturating_sub(ct.stats().unwrap().entries.min(now.entries));
+    if reaped == 0 {
+        eprintln!(
+            "SKIPPED gc_evictions_above_95_percent_are_counted_apart: the collector reaped \
+             nothing in 30 s"
+        );
+        return;
+    }
+    let by_gc: u64 = s["evictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["netns"] == router && e["by"] == "gc")
+        .map(|e| e["entries"].as_u64().unwrap())
+        .sum();
+    let by_early_drop: u64 = s["evictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["netns"] == router && e["by"] == "early_drop")
+        .map(|e| e["entries"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "gc: table {} -> {}, ctrace gc evictions {by_gc}",
+        full.entries, now.entries
+    );
+    assert_eq!(by_early_drop, 0, "{}", s["evictions"]);
+    assert_eq!(by_gc, reaped, "{}", s["evictions"]);
+}

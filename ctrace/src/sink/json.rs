@@ -27,21 +27,15 @@ impl<W: Write> JsonSink<W> {
     }
 }
 
+/// One NDJSON line: the typed record, tagged with its `type`.
+#[derive(serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line<'a> {
+    Drop(&'a DropRecord),
+}
+
 pub fn drop_json(rec: &DropRecord) -> Value {
-    json!({
-        "type": "drop",
-        "time": rfc3339(rec.time),
-        "netns": rec.flow.netns,
-        "cause": rec.cause.name(),
-        "evidence": rec.evidence,
-        "family": rec.flow.family(),
-        "proto": rec.flow.proto.name(),
-        "src": rec.flow.src.to_string(),
-        "dst": rec.flow.dst.to_string(),
-        "service": rec.service,
-        "tcp_flags": tcp_flags_str(rec.tcp_flags),
-        "strategy": rec.strategy.name(),
-    })
+    serde_json::to_value(Line::Drop(rec)).unwrap_or_default()
 }
 
 pub fn summary_json(s: &Snapshot<'_>) -> Value {
@@ -73,33 +67,6 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
                 },
                 "stats": stats,
                 "rates": rates,
-            })
-        })
-        .collect();
-    let drops: Vec<Value> = s
-        .groups
-        .iter()
-        .map(|g| {
-            json!({
-                "netns": g.netns,
-                "service": g.service,
-                "cause": g.cause.name(),
-                "proto": g.proto.name(),
-                "flows": g.flows,
-                "packets": g.packets,
-            })
-        })
-        .collect();
-    let evictions: Vec<Value> = s
-        .evictions
-        .iter()
-        .map(|e| {
-            json!({
-                "netns": e.netns,
-                "service": e.service,
-                "proto": e.proto.name(),
-                "entries": e.entries,
-                "by": e.by,
             })
         })
         .collect();
@@ -135,8 +102,8 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "netfilter_drops": s.counters.netfilter_drops,
         "undecoded": s.counters.undecoded,
         "netns": netns,
-        "drops": drops,
-        "evictions": evictions,
+        "drops": s.groups,
+        "evictions": s.evictions,
         "occupancy": occupancy,
         "evicted_total": s.counters.evictions,
         "gc_evicted_total": s.counters.gc_evictions,
