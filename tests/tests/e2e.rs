@@ -754,6 +754,26 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
     assert_eq!(top[0]["cause"], "table_full", "{}", top[0]);
 }
 
+/// Runs `plan` from the clients, waits for ctrace to settle, and stops it:
+/// the attempts, conntrack's `drop` delta since `before`, and the records.
+fn attempt_and_stop(
+    lab: &FullLab,
+    tracer: Tracer,
+    plan: &[traffic::Planned],
+    before: u64,
+) -> (Vec<traffic::Attempt>, u64, Vec<serde_json::Value>) {
+    let attempts =
+        traffic::attempt_all(&lab.topo.clients, plan, Duration::from_millis(2500)).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let conntrack = conntrack_drops(&lab.topo.router) - before;
+    let records = tracer.stop();
+    assert!(
+        attempts.iter().all(|a| !a.ok),
+        "with a full table every new flow must fail: {attempts:?}"
+    );
+    (attempts, conntrack, records)
+}
+
 /// Whether the final summary's tier has a capability; says SKIPPED if not.
 fn tier_can(summary: &serde_json::Value, capability: &str, test: &str) -> bool {
     let can = summary["capabilities"][capability] == true;
@@ -793,12 +813,7 @@ fn nft_rule_drops_in_a_full_table_are_rules_by_location() {
             dst: std::net::SocketAddr::new(IpAddr::V4(ctrace::lab::topology::SERVER_V4), 9),
         });
     }
-    let attempts =
-        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let conntrack = conntrack_drops(&lab.topo.router) - before;
-    let records = tracer.stop();
-    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let (_, conntrack, records) = attempt_and_stop(&lab, tracer, &plan, before);
     let s = final_summary(&records);
     if !tier_can(
         s,
@@ -856,12 +871,7 @@ fn blind_exact_tier_is_caught_by_the_self_check() {
         .into_iter()
         .filter(|p| p.service == "etcd-peer")
         .collect();
-    let attempts =
-        traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500)).unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let conntrack = conntrack_drops(&lab.topo.router) - before;
-    let records = tracer.stop();
-    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let (_, conntrack, records) = attempt_and_stop(&lab, tracer, &plan, before);
     let s = final_summary(&records);
     if !tier_can(
         s,
@@ -999,18 +1009,31 @@ fn gc_evictions_above_95_percent_are_counted_apart() {
     let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);
     let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
     let max = ct.stats().unwrap().max;
-    // Unreplied entries with ten minutes to live: none expires during the
-    // test, and nothing asks early_drop for room. Whatever leaves the
-    // table is the collector's early eviction above 95% fill.
+    // The collector evicts early only after an allocation failed in a full
+    // table; it then reaps non-ASSURED entries while the count is above
+    // 95%. So: 5% unreplied entries with ten minutes to live (none expires
+    // during the test), then ASSURED ones until conntrack refuses one
+    // because early_drop found nothing to evict near it.
     traffic::fill_table_with(
         &topo.router,
-        max,
+        max / 20,
         |i| traffic::unreplied_dns_entry(i, dst),
         |_| {},
     )
     .unwrap();
+    let first = ct.stats().unwrap();
+    let fill = traffic::fill_table_with(
+        &topo.router,
+        max,
+        |i| traffic::synthetic_entry(i + 10_000_000, dst),
+        |_| {},
+    )
+    .unwrap();
+    assert!(fill.refused_full > 0, "the table never filled: {fill:?}");
     let full = ct.stats().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // The collector runs at least once a minute.
+    const GC_WAIT: Duration = Duration::from_secs(70);
+    let deadline = std::time::Instant::now() + GC_WAIT;
     let mut now = full;
     while std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
@@ -1032,34 +1055,34 @@ fn gc_evictions_above_95_percent_are_counted_apart() {
     ) {
         return;
     }
-    let reaped = full
-        .entries
-        .saturating_sub(ct.stats().unwrap().entries.min(now.entries));
+    let reaped = full.entries.saturating_sub(now.entries);
     if reaped == 0 {
         eprintln!(
             "SKIPPED gc_evictions_above_95_percent_are_counted_apart: the collector reaped \
-             nothing in 30 s"
+             nothing in {}s",
+            GC_WAIT.as_secs()
         );
         return;
     }
-    let by_gc: u64 = s["evictions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["netns"] == router && e["by"] == "gc")
-        .map(|e| e["entries"].as_u64().unwrap())
-        .sum();
-    let by_early_drop: u64 = s["evictions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["netns"] == router && e["by"] == "early_drop")
-        .map(|e| e["entries"].as_u64().unwrap())
-        .sum();
+    let evicted = |by: &str| -> u64 {
+        s["evictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["netns"] == router && e["by"] == by)
+            .map(|e| e["entries"].as_u64().unwrap())
+            .sum()
+    };
+    let (by_gc, by_early_drop) = (evicted("gc"), evicted("early_drop"));
     eprintln!(
-        "gc: table {} -> {}, ctrace gc evictions {by_gc}",
+        "gc: table {} -> {}, ctrace gc evictions {by_gc}, early_drop {by_early_drop}",
         full.entries, now.entries
     );
-    assert_eq!(by_early_drop, 0, "{}", s["evictions"]);
+    assert_eq!(
+        by_early_drop,
+        now.early_drop - first.early_drop,
+        "{}",
+        s["evictions"]
+    );
     assert_eq!(by_gc, reaped, "{}", s["evictions"]);
 }

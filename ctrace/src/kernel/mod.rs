@@ -83,18 +83,6 @@ fn nearest_hz(rate: f64) -> Option<u32> {
     ((f64::from(best) - rate).abs() <= f64::from(best) * 0.15).then_some(best)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn measured_rates_round_to_a_configurable_hz() {
-        assert_eq!(super::nearest_hz(243.0), Some(250));
-        assert_eq!(super::nearest_hz(290.0), Some(300));
-        assert_eq!(super::nearest_hz(1010.0), Some(1000));
-        assert_eq!(super::nearest_hz(96.0), Some(100));
-        assert_eq!(super::nearest_hz(600.0), None);
-    }
-}
-
 /// CONFIG_HZ from /boot/config-RELEASE, where distributions install it.
 fn config_hz(release: &str) -> Option<u32> {
     let text = std::fs::read_to_string(format!("/boot/config-{release}")).ok()?;
@@ -148,5 +136,17 @@ pub fn return_freed_memory() {
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn measured_rates_round_to_a_configurable_hz() {
+        assert_eq!(super::nearest_hz(243.0), Some(250));
+        assert_eq!(super::nearest_hz(290.0), Some(300));
+        assert_eq!(super::nearest_hz(1010.0), Some(1000));
+        assert_eq!(super::nearest_hz(96.0), Some(100));
+        assert_eq!(super::nearest_hz(600.0), None);
     }
 }

@@ -463,21 +463,26 @@ fn syn_packet(
     t[12] = 5 << 4;
     t[13] = 0x02; // SYN
     t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut sum: u32 = 0;
-    for chunk in [&src.octets()[..], &dst.octets()[..]] {
-        for w in chunk.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-    }
-    sum += 6 + 20;
-    for w in p[20..40].chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
+    let sum = tcp_sum(src, dst, &p[20..40]);
+    p[36..38].copy_from_slice(&(!sum).to_be_bytes());
+    p
+}
+
+/// The ones'-complement sum of the IPv4 pseudo-header and a TCP segment:
+/// with the checksum field zero, its complement is the checksum; over a
+/// segment with a correct checksum, it is 0xffff.
+fn tcp_sum(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, segment: &[u8]) -> u16 {
+    let words = |b: &[u8]| -> u32 {
+        b.chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+            .sum()
+    };
+    let mut sum = words(&src.octets()) + words(&dst.octets()) + 6 + segment.len() as u32;
+    sum += words(segment);
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    p[36..38].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p
+    sum as u16
 }
 
 #[cfg(test)]
@@ -489,20 +494,12 @@ mod flood_tests {
         let src = std::net::Ipv4Addr::new(10, 10, 0, 2);
         let dst = std::net::Ipv4Addr::new(10, 10, 1, 2);
         let p = syn_packet(src, dst, 40000, 2380, 7);
-        // Summing the pseudo-header and segment including the checksum
-        // gives 0xffff.
-        let mut sum: u32 = 0;
-        for w in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        sum += 6 + 20;
-        for w in p[20..].chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xffff);
+        assert_eq!(tcp_sum(src, dst, &p[20..]), 0xffff);
+        // RFC 1071's example words, as a check of the sum itself.
+        let mut seg = [0u8; 20];
+        seg[0..8].copy_from_slice(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]);
+        let zero = std::net::Ipv4Addr::UNSPECIFIED;
+        assert_eq!(tcp_sum(zero, zero, &seg), (0xddf2u32 + 6 + 20) as u16);
         assert_eq!(p[33], 0x02);
     }
 }
