@@ -87,6 +87,9 @@ pub struct Watcher {
     /// Drained drop events waiting for the settlement that labels them.
     pending: Vec<DropEvent>,
     last_settle: Option<Instant>,
+    /// Packets in the kernel's totals per namespace at the last settlement:
+    /// only namespaces whose totals moved need their counters read.
+    settled_packets: HashMap<u64, u64>,
     /// Kernel flow-map entries older than this were already considered.
     late_cutoff_ns: u64,
     last_clock_sync: Instant,
@@ -173,6 +176,7 @@ impl Watcher {
             interval: cfg.interval,
             pending: Vec::new(),
             last_settle: None,
+            settled_packets: HashMap::new(),
             late_cutoff_ns: 0,
             last_clock_sync: Instant::now(),
             started: Instant::now(),
@@ -251,11 +255,16 @@ impl Watcher {
     fn settle(&mut self, sinks: &mut [Box<dyn Sink>], all: bool) -> anyhow::Result<()> {
         self.last_settle = Some(Instant::now());
         let rows = self.source.totals();
-        let mut moved: BTreeSet<u64> = rows
+        let mut packets: HashMap<u64, u64> = HashMap::new();
+        for r in &rows {
+            *packets.entry(r.netns).or_default() += r.packets;
+        }
+        let mut moved: BTreeSet<u64> = packets
             .iter()
-            .map(|r| r.netns)
-            .filter(|ns| self.monitor.wants(*ns))
+            .filter(|(ns, n)| self.settled_packets.get(ns) != Some(n) && self.monitor.wants(**ns))
+            .map(|(ns, _)| *ns)
             .collect();
+        self.settled_packets = packets;
         moved.extend(self.pending.iter().map(|d| d.flow.netns));
         if moved.iter().any(|ns| !self.monitor.knows(*ns)) {
             self.monitor.discover();
