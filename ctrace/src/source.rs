@@ -161,6 +161,8 @@ pub struct EventSource {
     evicted: PerCpuHashMap<MapData, EvictKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     clock: Clock,
+    /// Events drained early (to forget a namespace's), handed out next.
+    held: Vec<KernelEvent>,
     undecodable: u64,
     logger: Option<KernelLogger>,
     // Keeps the programs loaded and attached; dropped last.
@@ -195,6 +197,7 @@ impl EventSource {
             evicted,
             counters,
             clock: Clock::new(),
+            held: Vec::new(),
             undecodable: 0,
             logger,
             _ebpf: ebpf,
@@ -203,6 +206,11 @@ impl EventSource {
 
     pub fn tier(&self) -> Tier {
         self.tier
+    }
+
+    /// Whether drop locations tell nft rule drops apart, once probed.
+    pub fn set_drop_location(&mut self, usable: bool) {
+        self.tier.caps.drop_location = usable;
     }
 
     pub fn clock(&self) -> Clock {
@@ -228,6 +236,7 @@ impl EventSource {
 
     /// Moves every pending event of both rings into `out`, drops first.
     pub fn drain(&mut self, out: &mut Vec<KernelEvent>) {
+        out.append(&mut self.held);
         for ring in [self.drops.get_mut(), self.entries.get_mut()] {
             while let Some(item) = ring.next() {
                 match event::decode(&item, &self.clock) {
@@ -283,8 +292,9 @@ impl EventSource {
             .collect()
     }
 
-    /// Drops the kernel's rows of namespaces that no longer exist, so that
-    /// a host that churns namespaces (pods) does not fill the map.
+    /// Drops everything the kernel side holds of namespaces that no longer
+    /// exist (totals rows, flows, queued events), so that a host that
+    /// churns namespaces (pods) does not fill the maps.
     pub fn forget_netns(&mut self, gone: &[u64]) {
         let keys: Vec<TotalKey> = self
             .totals
@@ -295,6 +305,25 @@ impl EventSource {
         for k in keys {
             let _ = self.totals.remove(&k);
         }
+        let flows: Vec<FlowKey> = self
+            .flows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&u64::from(k.netns)))
+            .collect();
+        for k in flows {
+            let _ = self.flows.remove(&k);
+        }
+        let mut queued = Vec::new();
+        self.drain(&mut queued);
+        queued.retain(|e| {
+            let netns = match e {
+                KernelEvent::Drop(d) => d.flow.netns,
+                KernelEvent::Entry(e) => e.flow.netns,
+            };
+            !gone.contains(&netns)
+        });
+        self.held.extend(queued);
     }
 
     /// Current eviction counts from the kernel's LRU map (kprobe tier;

@@ -1086,3 +1086,47 @@ fn gc_evictions_above_95_percent_are_counted_apart() {
     );
     assert_eq!(by_gc, reaped, "{}", s["evictions"]);
 }
+
+#[test]
+fn tracker_drops_are_invalid() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    let before = ct.stats().unwrap();
+    traffic::short_dccp(
+        &topo.clients,
+        ctrace::lab::topology::CLIENTS_V4[0],
+        ctrace::lab::topology::SERVER_V4,
+        5001,
+        50,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let after = ct.stats().unwrap();
+    let records = tracer.stop();
+    let (drops, invalid) = (after.drop - before.drop, after.invalid - before.invalid);
+    if drops == 0 {
+        eprintln!(
+            "SKIPPED tracker_drops_are_invalid: this kernel's DCCP tracker does not drop short \
+             headers (invalid +{invalid}, drop +0)"
+        );
+        return;
+    }
+    let got = totals(final_summary(&records), router);
+    eprintln!("tracker: invalid +{invalid}, drop +{drops}; ctrace: {got:?}");
+    assert_eq!(invalid, drops, "only tracker drops were expected");
+    let labelled: u64 = got
+        .iter()
+        .filter(|((_, c), _)| c == "invalid")
+        .map(|(_, v)| v.1)
+        .sum();
+    assert_eq!(labelled, drops, "tracker drops are `invalid`: {got:?}");
+    assert!(
+        got.keys().all(|(_, c)| c == "invalid"),
+        "a tracker drop was labelled with another cause: {got:?}"
+    );
+}

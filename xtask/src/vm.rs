@@ -111,6 +111,10 @@ pub struct VmArgs {
         value_name = "MIB"
     )]
     pub memory: u32,
+    /// Print what passing tests wrote too (libtest's --show-output): the
+    /// flood's figures, skipped parts.
+    #[arg(long = "show-output", env = "CTRACE_VM_SHOW_OUTPUT")]
+    pub show_output: bool,
     /// Only resolve and print the matrix; boot nothing.
     #[arg(long)]
     pub list: bool,
@@ -327,6 +331,9 @@ fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArg
     if let Some(f) = filter {
         s.push_str(&format!(" ctrace.filter={f}"));
     }
+    if args.show_output {
+        s.push_str(" ctrace.show_output=1");
+    }
     s
 }
 
@@ -425,6 +432,7 @@ mod tests {
             ctrace_log: Some("debug".into()),
             memory: 2048,
             flood: 1000,
+            show_output: false,
             list: false,
         };
         let s = cmdline(

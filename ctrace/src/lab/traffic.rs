@@ -333,16 +333,19 @@ fn raw_socket(ns: &NetNs) -> anyhow::Result<Socket> {
 
 /// Sends every packet with `sendmmsg`, retrying what the kernel had no
 /// buffer for.
-fn send_all(sock: &Socket, to: &SockAddr, packets: &mut [[u8; 40]]) -> anyhow::Result<()> {
+fn send_all<P: AsMut<[u8]>>(sock: &Socket, to: &SockAddr, packets: &mut [P]) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
     let mut done = 0;
     while done < packets.len() {
         let rest = &mut packets[done..];
         let mut iov: Vec<libc::iovec> = rest
             .iter_mut()
-            .map(|p| libc::iovec {
-                iov_base: p.as_mut_ptr().cast(),
-                iov_len: p.len(),
+            .map(|p| {
+                let p = p.as_mut();
+                libc::iovec {
+                    iov_base: p.as_mut_ptr().cast(),
+                    iov_len: p.len(),
+                }
             })
             .collect();
         let mut msgs: Vec<libc::mmsghdr> = iov
@@ -437,6 +440,39 @@ pub fn syn_twins(
         }
         Ok(())
     })
+}
+
+/// Sends `count` DCCP packets whose header is cut short (8 of its 12
+/// bytes: ports and 4 more), each from its own source port. conntrack reads
+/// the ports, creates an entry, and then its DCCP tracker cannot read the
+/// header: on kernels whose tracker answers that with NF_DROP (6.1), each
+/// is a tracker drop, which raises `invalid` and `drop` together. Newer
+/// trackers accept such packets as invalid instead.
+pub fn short_dccp(
+    ns: &NetNs,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    count: u16,
+) -> anyhow::Result<()> {
+    const IPPROTO_DCCP: u8 = 33;
+    let sock = raw_socket(ns)?;
+    let to = SockAddr::from(SocketAddr::new(IpAddr::V4(dst), 0));
+    let mut packets: Vec<[u8; 28]> = (0..count)
+        .map(|i| {
+            let mut p = [0u8; 28];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&28u16.to_be_bytes());
+            p[8] = 64;
+            p[9] = IPPROTO_DCCP;
+            p[12..16].copy_from_slice(&src.octets());
+            p[16..20].copy_from_slice(&dst.octets());
+            p[20..22].copy_from_slice(&(30_000 + i).to_be_bytes());
+            p[22..24].copy_from_slice(&dport.to_be_bytes());
+            p
+        })
+        .collect();
+    send_all(&sock, &to, &mut packets)
 }
 
 /// One IPv4 TCP SYN, 40 bytes, with a correct TCP checksum (conntrack

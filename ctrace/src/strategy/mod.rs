@@ -153,11 +153,16 @@ pub fn start(
     facts: &KernelFacts,
     opts: &LoadOptions<'_>,
 ) -> anyhow::Result<EventSource> {
-    match strategy {
-        Strategy::Tracepoint => tracepoint::start(facts, opts),
-        Strategy::Kprobe => kprobe::start(facts, opts),
+    let mut source = match strategy {
+        Strategy::Tracepoint => tracepoint::start(facts, opts)?,
+        Strategy::Kprobe => kprobe::start(facts, opts)?,
         other => bail!("strategy {other} is not implemented in this build"),
+    };
+    if source.tier().caps.drop_location {
+        let confirmed = tracepoint::kernel_frees_nft_drops_in_nft_do_chain(&mut source);
+        source.set_drop_location(confirmed);
     }
+    Ok(source)
 }
 
 #[cfg(test)]

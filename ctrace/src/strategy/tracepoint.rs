@@ -128,9 +128,60 @@ pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
 
 pub fn location_note(l: &KernelLayout) -> &'static str {
     if l.tp_location != 0 {
-        "; kfree_skb's location tells drops in nft_do_chain (nftables rules) from nf_hook_slow"
+        "; kfree_skb records where a packet was freed (nft_do_chain or nf_hook_slow): \
+         `watch` checks at start whether this kernel frees nftables drops in nft_do_chain"
     } else {
         "; no drop-location evidence (no `location` field or no symbol addresses)"
+    }
+}
+
+/// Probes, with the programs attached, whether this kernel frees an
+/// nftables rule's drop inside `nft_do_chain` (6.7 and later, but that is
+/// found out, not assumed): one SYN to 127.0.0.1:9 in a throwaway
+/// namespace whose raw-priority chain drops it, then a look at the class
+/// the kernel side counted it under. The namespace vanishes with this
+/// function. Any failure (no nf_tables, say) means "no".
+pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool {
+    use crate::{
+        netlink::{nftables, rtnetlink::RtSocket},
+        netns::NetNs,
+    };
+    let probe = || -> anyhow::Result<(u64, u8)> {
+        let ns = NetNs::create()?;
+        RtSocket::open(Some(&ns))?.set_up("lo")?;
+        nftables::drop_tcp_dport_before_conntrack(&ns, 9)?;
+        ns.run(|| {
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+            let _ =
+                std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(150));
+        })?;
+        let classes = source
+            .totals()
+            .iter()
+            .filter(|r| r.netns == ns.inode())
+            .fold(0u8, |acc, r| acc | r.class);
+        Ok((ns.inode(), classes))
+    };
+    match probe() {
+        Ok((inode, classes)) => {
+            source.forget_netns(&[inode]);
+            let in_chain = classes & ctrace_common::class::AT_NFT_CHAIN != 0;
+            log::info!(
+                "drop location: an nftables drop was freed in {}",
+                if in_chain {
+                    "nft_do_chain: rule drops are told apart"
+                } else if classes != 0 {
+                    "nf_hook_slow: this kernel does not tell rule drops by location"
+                } else {
+                    "an unseen place: location evidence unused"
+                }
+            );
+            in_chain
+        }
+        Err(e) => {
+            log::info!("drop location not probed ({e:#}): location evidence unused");
+            false
+        }
     }
 }
 

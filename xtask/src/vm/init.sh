@@ -36,6 +36,7 @@ strategies=auto
 run_timeout=600
 ct_max=
 filter=
+show=
 for w in $(cat /proc/cmdline); do
     case "$w" in
         ctrace.strategies=*) strategies=$(echo "${w#*=}" | tr , ' ') ;;
@@ -43,6 +44,7 @@ for w in $(cat /proc/cmdline); do
         ctrace.ct_max=*) ct_max=${w#*=} ;;
         ctrace.filter=*) filter=${w#*=} ;;
         ctrace.flood=*) export CTRACE_TEST_FLOOD=${w#*=} ;;
+        ctrace.show_output=1) show=--show-output ;;
         ctrace.log=*) export RUST_LOG=${w#*=} ;;
     esac
 done
@@ -62,7 +64,7 @@ for s in $strategies; do
     start=$(date +%s)
     # busybox timeout kills a hung run so the next strategy still runs.
     CTRACE_BIN=/bin/ctrace CTRACE_TEST_STRATEGY=$s \
-        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never $filter
+        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never $show $filter
     rc=$?
     echo "CTRACE-VM-RESULT strategy=$s exit=$rc secs=$(($(date +%s) - start))"
 done
