@@ -93,7 +93,7 @@ pub mod class {
     /// raises `insert_failed` and `drop`).
     pub const CLASH: u8 = 1 << 3;
     /// kfree_skb's `location` lies in `nft_do_chain`: an nftables rule or
-    /// policy dropped it (kernels that free nft drops there, 6.7 and later).
+    /// policy dropped it (kernels that free nft drops there: probed at start).
     pub const AT_NFT_CHAIN: u8 = 1 << 4;
     /// kfree_skb's `location` lies in `nf_hook_slow`: a hook's NF_DROP
     /// verdict (conntrack's drops, iptables' and older kernels' nft drops).

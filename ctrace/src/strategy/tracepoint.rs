@@ -136,10 +136,10 @@ pub fn location_note(l: &KernelLayout) -> &'static str {
 }
 
 /// Probes, with the programs attached, whether this kernel frees an
-/// nftables rule's drop inside `nft_do_chain` (6.7 and later, but that is
-/// found out, not assumed): one SYN to 127.0.0.1:9 in a throwaway
-/// namespace whose raw-priority chain drops it, then a look at the class
-/// the kernel side counted it under. The namespace vanishes with this
+/// nftables rule's drop inside `nft_do_chain` (mainline 6.7 on, and
+/// Debian's 6.1.192 too: found out, not assumed): one SYN to 127.0.0.1:9
+/// in a throwaway namespace whose raw-priority chain drops it, then a look
+/// at the class the kernel side counted it under. The namespace vanishes with this
 /// function. Any failure (no nf_tables, say) means "no".
 pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool {
     use crate::{
