@@ -754,6 +754,16 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
     assert_eq!(top[0]["cause"], "table_full", "{}", top[0]);
 }
 
+/// A lab with room in its router's table, ctrace watching the router, and
+/// a ctnetlink socket there for conntrack's counters.
+fn traced_lab() -> (Topology, u64, Tracer, CtSocket) {
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let ct = CtSocket::open(Some(&topo.router)).unwrap();
+    (topo, router, tracer, ct)
+}
+
 /// Runs `plan` from the clients, waits for ctrace to settle, and stops it:
 /// the attempts, conntrack's `drop` delta since `before`, and the records.
 fn attempt_and_stop(
@@ -944,10 +954,7 @@ fn clashing_syns_are_clashes_not_rules() {
     if !privileged() {
         return;
     }
-    let topo = Topology::build().unwrap();
-    let router = topo.router.inode();
-    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
-    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    let (topo, router, tracer, mut ct) = traced_lab();
     let before = ct.stats().unwrap();
     // Twin SYNs race to confirm on two CPUs; TCP allows no clash
     // resolution, so the loser is dropped. Whether any race is lost is up
@@ -1004,11 +1011,8 @@ fn gc_evictions_above_95_percent_are_counted_apart() {
         eprintln!("SKIPPED gc_evictions_above_95_percent_are_counted_apart: no kprobe tier here");
         return;
     }
-    let topo = Topology::build().unwrap();
-    let router = topo.router.inode();
-    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
+    let (topo, router, tracer, mut ct) = traced_lab();
     let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);
-    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
     let max = ct.stats().unwrap().max;
     // The collector evicts early only after an allocation failed in a full
     // table; it then reaps non-ASSURED entries while the count is above
@@ -1093,10 +1097,7 @@ fn tracker_drops_are_invalid() {
     if !privileged() {
         return;
     }
-    let topo = Topology::build().unwrap();
-    let router = topo.router.inode();
-    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "500ms"]);
-    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    let (topo, router, tracer, mut ct) = traced_lab();
     let before = ct.stats().unwrap();
     traffic::short_dccp(
         &topo.clients,
