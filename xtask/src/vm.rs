@@ -113,7 +113,11 @@ pub struct VmArgs {
     pub memory: u32,
     /// Print what passing tests wrote too (libtest's --show-output): the
     /// flood's figures, skipped parts.
-    #[arg(long = "show-output", env = "CTRACE_VM_SHOW_OUTPUT")]
+    #[arg(
+        long = "show-output",
+        env = "CTRACE_VM_SHOW_OUTPUT",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub show_output: bool,
     /// Only resolve and print the matrix; boot nothing.
     #[arg(long)]
