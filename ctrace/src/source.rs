@@ -296,24 +296,9 @@ impl EventSource {
     /// exist (totals rows, flows, queued events), so that a host that
     /// churns namespaces (pods) does not fill the maps.
     pub fn forget_netns(&mut self, gone: &[u64]) {
-        let keys: Vec<TotalKey> = self
-            .totals
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&u64::from(k.netns)))
-            .collect();
-        for k in keys {
-            let _ = self.totals.remove(&k);
-        }
-        let flows: Vec<FlowKey> = self
-            .flows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| gone.contains(&u64::from(k.netns)))
-            .collect();
-        for k in flows {
-            let _ = self.flows.remove(&k);
-        }
+        let of_gone = |netns: u32| gone.contains(&u64::from(netns));
+        remove_keys(&mut self.totals, |k: &TotalKey| of_gone(k.netns));
+        remove_keys(&mut self.flows, |k: &FlowKey| of_gone(k.netns));
         let mut queued = Vec::new();
         self.drain(&mut queued);
         queued.retain(|e| {
@@ -381,5 +366,21 @@ impl EventSource {
             }
         }
         out
+    }
+}
+
+/// Removes the keys `doomed` picks from a per-CPU hash map. Keys are
+/// collected first: deleting while iterating would restart the walk.
+fn remove_keys<K: aya::Pod, V: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    doomed: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| doomed(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     source::{Counters, EventSource, LoadOptions},
     strategy::{self, Choice},
     table::{NetnsFilter, TableMonitor, TableView},
-    tier::{Strategy, Tier},
+    tier::Strategy,
 };
 
 /// Settlements read every row of the kernel's totals; under a flood the
@@ -78,7 +78,6 @@ struct Occupancy {
 
 pub struct Watcher {
     source: EventSource,
-    tier: Tier,
     monitor: TableMonitor,
     ledger: Ledger,
     agg: Aggregator,
@@ -168,7 +167,6 @@ impl Watcher {
         log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
         Ok(Watcher {
             source,
-            tier,
             monitor,
             ledger,
             agg: Aggregator::new(cfg.max_flows),
@@ -194,7 +192,7 @@ impl Watcher {
     }
 
     pub fn strategy(&self) -> Strategy {
-        self.tier.strategy
+        self.source.tier().strategy
     }
 
     /// Runs until `stop` resolves, then drains what is left and reports
@@ -321,7 +319,7 @@ impl Watcher {
     /// namespaces not yet baselined, and after lost events (which may have
     /// been inserts or deletes).
     fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
-        let events_tier = self.tier.caps.entry_events;
+        let events_tier = self.source.tier().caps.entry_events;
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
@@ -361,7 +359,7 @@ impl Watcher {
                 let b = occ.tracker.breakdown(t.inode)?;
                 let source = match occ.tracker.source(t.inode)? {
                     "events" => "events",
-                    _ if self.tier.caps.entry_events => "dump+events",
+                    _ if self.source.tier().caps.entry_events => "dump+events",
                     _ => "periodic_dump",
                 };
                 Some((t.inode, source, b))
@@ -394,7 +392,7 @@ impl Watcher {
             cause,
             evidence: why,
             tcp_flags,
-            strategy: self.tier.strategy,
+            strategy: self.source.tier().strategy,
         };
         if self.agg.observe(rec.clone(), mono_ns) {
             for s in sinks.iter_mut() {
@@ -450,8 +448,8 @@ impl Watcher {
         let snap = Snapshot {
             time: SystemTime::now(),
             elapsed: self.started.elapsed(),
-            strategy: self.tier.strategy,
-            caps: Some(self.tier.caps),
+            strategy: self.source.tier().strategy,
+            caps: Some(self.source.tier().caps),
             counters,
             tables,
             occupancy,
@@ -496,7 +494,7 @@ impl Watcher {
     pub fn outcome(&self) -> anyhow::Result<Outcome> {
         let tables = self.monitor.views(&self.ledger.netns_with_drops());
         Ok(Outcome {
-            strategy: self.tier.strategy,
+            strategy: self.source.tier().strategy,
             counters: self.source.counters()?,
             groups: self.ledger.groups(),
             evictions: self.agg.evictions(),
