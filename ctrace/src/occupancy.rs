@@ -1093,7 +1093,12 @@ mod tests {
         let start = Instant::now();
         let b = t.breakdown(ns.inode()).unwrap();
         let took_breakdown = start.elapsed();
-        assert_eq!(seen, max);
+        // Above 95% of the maximum the kernel's GC worker early-drops
+        // unassured entries (the UDP and SYN_SENT part of the mix) while
+        // the table is filled and dumped, so the dump sees between what is
+        // left afterwards and what was created.
+        let left = ct.stats().unwrap().entries;
+        assert!(left <= seen && seen <= max, "dump saw {seen}, {left} left of {max}");
         check_mix(&b, max, 0.01);
         // A second baseline refills the same map: no growth.
         let start = Instant::now();
