@@ -98,6 +98,10 @@ pub mod class {
     /// kfree_skb's `location` lies in `nf_hook_slow`: a hook's NF_DROP
     /// verdict (conntrack's drops, iptables' and older kernels' nft drops).
     pub const AT_HOOK_SLOW: u8 = 1 << 5;
+    /// tc tier: the packet opened a flow on ingress and neither left on
+    /// egress nor drew an answer within the window. Dropped on this host,
+    /// by what is for the counters to say.
+    pub const NOT_FORWARDED: u8 = 1 << 6;
 }
 
 /// Key of the in-kernel drop totals: what user space's per-service totals
@@ -203,7 +207,70 @@ pub mod counter {
     pub const GC_EVICTIONS: u32 = 9;
     /// kretprobe state that was found stale (a missed return) and reset.
     pub const STALE_STATE: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// tc tier: packets that opened a flow on ingress (SYN without ACK, or
+    /// a UDP datagram of a tuple with no pending entry).
+    pub const TC_OPENED: u32 = 11;
+    /// tc tier: pending flows that left on egress or drew an answer.
+    pub const TC_PASSED: u32 = 12;
+    /// tc tier: more packets of a pending flow (retransmitted SYNs, more
+    /// datagrams).
+    pub const TC_REPEATED: u32 = 13;
+    /// tc tier: opening packets that found the pending map full: never
+    /// judged, shown as such.
+    pub const TC_PENDING_FULL: u32 = 14;
+    /// tc tier: opening packets whose match key (TCP ISN, UDP digest) a
+    /// different pending flow already holds: never judged.
+    pub const TC_KEY_CLASH: u32 = 15;
+    pub const COUNT: u32 = 16;
+}
+
+/// The tc tier: a packet that opens a flow is held as pending on ingress
+/// until it leaves on egress or draws an answer; user space judges the ones
+/// that did neither within its window as dropped on this host.
+pub mod tc {
+    use super::FlowKey;
+
+    /// What identifies a flow's opening packet on both sides of NAT:
+    /// masquerade and DNAT rewrite addresses and ports, never the TCP
+    /// initial sequence number or the IP ID and payload of a datagram.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct MatchKey {
+        /// TCP: the initial sequence number. UDP: a digest of the IPv4 ID
+        /// (0 on IPv6), the UDP length and the first payload bytes.
+        pub id: u32,
+        pub proto: u8,
+        pub family: u8,
+        pub _pad: [u8; 2],
+    }
+
+    pub mod state {
+        /// Seen on ingress, neither forwarded nor answered yet.
+        pub const PENDING: u8 = 0;
+        /// Left on egress, or the host answered it.
+        pub const PASSED: u8 = 1;
+        /// Judged dropped by user space; later packets still count.
+        pub const JUDGED: u8 = 2;
+    }
+
+    /// One flow opened on ingress. `flow.netns` is 0: a tc program cannot
+    /// see its namespace; user space knows it from `ifindex`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Pending {
+        pub flow: FlowKey,
+        /// Interface the opening packet arrived on.
+        pub ifindex: u32,
+        pub first_ns: u64,
+        pub last_ns: u64,
+        /// Opening packets seen (retransmissions included).
+        pub packets: u32,
+        /// Index into the service catalog, 0 for none.
+        pub service: u16,
+        /// `state::*`.
+        pub state: u8,
+        pub tcp_flags: u8,
+    }
 }
 
 /// Where things are in the running kernel, read from BTF and tracefs by user
@@ -276,6 +343,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::tc::MatchKey {}
+    unsafe impl aya::Pod for super::tc::Pending {}
 }
 
 #[cfg(test)]
@@ -300,5 +369,10 @@ mod tests {
         assert_eq!(size_of::<KernelLayout>() % 8, 0);
         assert_eq!(size_of::<TotalKey>(), 8);
         assert_eq!(size_of::<TotalCount>(), 16);
+        assert_eq!(size_of::<tc::MatchKey>(), 8);
+        assert_eq!(
+            size_of::<tc::Pending>(),
+            size_of::<FlowKey>() + 4 + 8 + 8 + 4 + 2 + 1 + 1
+        );
     }
 }

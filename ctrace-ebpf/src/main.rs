@@ -29,6 +29,7 @@ use ctrace_common::{
 };
 
 mod conntrack;
+mod tc;
 
 // SAFETY: KernelLayout is plain integers; all-zero is a valid value, and
 // user space always overrides it before load.
@@ -63,7 +64,7 @@ static TOTALS: PerCpuHashMap<TotalKey, TotalCount> = PerCpuHashMap::with_max_ent
 /// (proto << 16 | port) -> service index, filled by user space from its
 /// catalog before attaching; sized by user space to the catalog.
 #[map]
-static SERVICES: HashMap<u32, u16> = HashMap::with_max_entries(1, 0);
+pub(crate) static SERVICES: HashMap<u32, u16> = HashMap::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

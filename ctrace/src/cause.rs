@@ -68,6 +68,9 @@ pub mod evidence {
     pub const INVALID_ROSE: &str = "conntrack_invalid_counter_rose";
     /// Untracked packet, no counter moved: dropped before conntrack.
     pub const NO_COUNTER_MOVED: &str = "no_conntrack_counter_moved";
+    /// tc tier: the flow's opening packet neither left nor was answered,
+    /// and no conntrack counter rose for it.
+    pub const NOT_FORWARDED: &str = "not_forwarded_no_counter_moved";
     /// Exact tiers: conntrack's verdict was not a drop.
     pub const NOT_CONNTRACK: &str = "conntrack_did_not_drop";
     /// Exact tier whose claims the counters did not back, or whose counters

@@ -90,6 +90,21 @@ pub struct WatchArgs {
     #[arg(long, default_value_t = crate::aggregate::DEFAULT_MAX_FLOWS, value_name = "N",
           value_parser = parse_max_flows)]
     pub max_flows: usize,
+    /// tc tier: hook only these interfaces (repeatable); default: every
+    /// non-loopback interface of each watched namespace, including ones
+    /// that appear later.
+    #[arg(long = "iface", value_name = "NAME")]
+    pub ifaces: Vec<String>,
+    /// tc tier: how many flows may wait at once for their opening packet to
+    /// leave or be answered. Each takes about 150 bytes of kernel memory;
+    /// opening packets that find it full are counted as not judged.
+    #[arg(long, default_value_t = crate::source::LoadOptions::DEFAULT_PENDING_FLOWS,
+          value_name = "N", value_parser = parse_pending_flows)]
+    pub pending_flows: u32,
+    /// tc tier: how long an opening packet may take to leave the host or be
+    /// answered before it counts as dropped here.
+    #[arg(long, default_value = "1s", value_parser = parse_judge_window, value_name = "DURATION")]
+    pub judge_window: Duration,
     /// Test only: make the exact tier ignore conntrack's allocation
     /// failures, as a probe that attached but never fires would, to prove
     /// the self-check catches it.
@@ -102,6 +117,21 @@ fn parse_max_flows(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
         _ => Err(format!("`{s}` is not a flow count from 1 to 1000000")),
     }
+}
+
+fn parse_pending_flows(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (64..=4_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a flow count from 64 to 4000000")),
+    }
+}
+
+fn parse_judge_window(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_millis(50)..=Duration::from_secs(30)).contains(&d) {
+        return Err(format!("`{s}`: the window must be from 50ms to 30s"));
+    }
+    Ok(d)
 }
 
 #[derive(Args, Debug, Clone)]

@@ -133,6 +133,8 @@ impl fmt::Display for Flow {
 pub enum Tier {
     Tracepoint,
     Kprobe,
+    /// Judged in user space from the tc programs' pending flows.
+    Tc,
 }
 
 impl Tier {

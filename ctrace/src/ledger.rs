@@ -420,7 +420,13 @@ fn attribute(
     // A tracker drop raises `drop` and `invalid`; a full table only `drop`.
     // In a full table, `drop` credit goes to table_full first.
     let mut inferred = 0;
+    // A flow the tc tier saw vanish names table_full only when the table
+    // was full in the same interval; `drop` with room is a tracker's.
+    let correlated = cls & class::NOT_FORWARDED != 0;
     for table_full_turn in if full { [true, false] } else { [false, true] } {
+        if table_full_turn && correlated && !full {
+            continue;
+        }
         let n = if table_full_turn {
             let n = Credit::take(&mut credit.drop, left);
             push(&mut out, Cause::TableFull, full_why, n, true);
@@ -441,6 +447,18 @@ fn attribute(
     let n = Credit::take(&mut credit.invalid, left);
     push(&mut out, Cause::Invalid, evidence::INVALID_ROSE, n, false);
     left -= n;
+    if correlated {
+        // Not forwarded, not answered, and no conntrack counter to say
+        // why: a rule, a full socket backlog, a route. ctrace cannot tell.
+        push(
+            &mut out,
+            Cause::Unknown,
+            evidence::NOT_FORWARDED,
+            left,
+            false,
+        );
+        return out;
+    }
     let why = if caps.exact_verdicts {
         evidence::NOT_CONNTRACK
     } else {

@@ -2,13 +2,14 @@
 //!
 //! Data flows one way: kernel programs (`strategy`, described by their
 //! capabilities in `tier`) -> the event source (`source`) -> decoded events
-//! (`event`) -> settled totals and causes (`ledger`, `cause`, `services`)
+//! (`event`; the tc tier's verdicts in `judge`) -> settled totals and causes (`ledger`, `cause`, `services`)
 //! -> per-flow detail (`aggregate`) -> sinks (`sink`). Table pressure
 //! (`table`) is sampled beside it over ctnetlink.
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
 pub mod event;
+pub mod judge;
 pub mod kernel;
 pub mod lab;
 pub mod ledger;

@@ -148,6 +148,9 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         netns,
         kernel_log: args.kernel_log,
         max_flows: args.max_flows,
+        ifaces: args.ifaces.clone(),
+        pending_flows: args.pending_flows,
+        judge_window: args.judge_window,
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC
         } else {

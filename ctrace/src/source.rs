@@ -2,7 +2,7 @@
 //! tier loaded it. Programs stay attached exactly as long as this value
 //! lives: nothing is pinned, so the kernel detaches them when ctrace exits,
 //! however it exits.
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -14,7 +14,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent},
+    judge::Judge,
     services::KernelIndex,
+    strategy,
     tier::Tier,
 };
 
@@ -39,6 +41,28 @@ pub struct LoadOptions<'a> {
     pub kernel_log: bool,
     /// `ctrace_common::test_flags`; 0 outside tests.
     pub test_flags: u32,
+    /// tc tier: interfaces to hook (empty: every non-loopback one).
+    pub ifaces: Vec<String>,
+    /// tc tier: flows held at once while their fate is open.
+    pub pending_flows: u32,
+    /// tc tier: how long an opening packet may take to leave or be answered.
+    pub judge_window: Duration,
+}
+
+impl<'a> LoadOptions<'a> {
+    pub const DEFAULT_PENDING_FLOWS: u32 = 32768;
+    pub const DEFAULT_JUDGE_WINDOW: Duration = Duration::from_secs(1);
+
+    pub fn new(services: &'a KernelIndex) -> Self {
+        LoadOptions {
+            services,
+            kernel_log: false,
+            test_flags: 0,
+            ifaces: Vec::new(),
+            pending_flows: Self::DEFAULT_PENDING_FLOWS,
+            judge_window: Self::DEFAULT_JUDGE_WINDOW,
+        }
+    }
 }
 
 /// Loads the object with this kernel's layout and fills the service map;
@@ -47,23 +71,30 @@ pub fn load(
     layout: &ctrace_common::KernelLayout,
     opts: &LoadOptions<'_>,
 ) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
+    load_with(layout, opts, |_| {})
+}
+
+/// [`load`], with a tier's own loader settings (map sizes, BTF).
+pub fn load_with(
+    layout: &ctrace_common::KernelLayout,
+    opts: &LoadOptions<'_>,
+    tier_settings: impl FnOnce(&mut aya::EbpfLoader<'_>),
+) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
     let layout = ctrace_common::KernelLayout {
         test_flags: opts.test_flags,
         ..*layout
     };
     let kernel_log = opts.kernel_log;
     let services = u32::try_from(opts.services.ports.len().max(1)).context("service map size")?;
-    let mut ebpf = aya::EbpfLoader::new()
+    // aya-log's level gate: 0 silences every log site in the programs.
+    let log_level: u8 = if kernel_log { 0xff } else { 0 };
+    let mut loader = aya::EbpfLoader::new();
+    loader
         .map_max_entries("SERVICES", services)
         .override_global("LAYOUT", &layout, true)
-        // aya-log's level gate: 0 silences every log site in the programs.
-        .override_global(
-            "AYA_LOG_LEVEL",
-            &(if kernel_log { 0xffu8 } else { 0u8 }),
-            false,
-        )
-        .load(object()?)
-        .context("loading the eBPF object")?;
+        .override_global("AYA_LOG_LEVEL", &log_level, false);
+    tier_settings(&mut loader);
+    let mut ebpf = loader.load(object()?).context("loading the eBPF object")?;
     {
         let map = ebpf
             .map_mut("SERVICES")
@@ -108,6 +139,13 @@ pub struct Counters {
     pub totals_full: u64,
     /// Entry/return state found stale (a missed kretprobe) and reset.
     pub stale_state: u64,
+    /// tc tier: flows opened on ingress, passed, repeated opening packets,
+    /// and opening packets never judged (map full, key clash).
+    pub tc_opened: u64,
+    pub tc_passed: u64,
+    pub tc_repeated: u64,
+    pub tc_pending_full: u64,
+    pub tc_key_clash: u64,
 }
 
 /// A flow's packet count as the kernel map holds it now.
@@ -165,8 +203,21 @@ pub struct EventSource {
     held: Vec<KernelEvent>,
     undecodable: u64,
     logger: Option<KernelLogger>,
+    /// tc tier: where the programs are attached, and the verdicts.
+    tc: Option<(strategy::tc::Hooks, Judge)>,
+    last_sweep: Option<std::time::Instant>,
     // Keeps the programs loaded and attached; dropped last.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+impl Drop for EventSource {
+    fn drop(&mut self) {
+        // clsact filters outlive the process unless removed, and only from
+        // inside their namespace; TCX links just close.
+        if let Some((hooks, _)) = self.tc.as_mut() {
+            hooks.detach_all();
+        }
+    }
 }
 
 impl EventSource {
@@ -200,8 +251,66 @@ impl EventSource {
             held: Vec::new(),
             undecodable: 0,
             logger,
-            _ebpf: ebpf,
+            tc: None,
+            last_sweep: None,
+            ebpf,
         })
+    }
+
+    /// Makes this the tc tier's source: drops come from `judge`'s sweeps.
+    pub fn with_tc(mut self, hooks: strategy::tc::Hooks, judge: Judge) -> Self {
+        self.tc = Some((hooks, judge));
+        self
+    }
+
+    /// The tc tier's hooks, for output.
+    pub fn tc_hooks(&self) -> Option<&strategy::tc::Hooks> {
+        self.tc.as_ref().map(|(h, _)| h)
+    }
+
+    pub fn judge_counts(&self) -> Option<crate::judge::JudgeCounts> {
+        self.tc.as_ref().map(|(_, j)| j.counts())
+    }
+
+    /// Periodic upkeep: the tc tier hooks interfaces that appeared in the
+    /// namespaces `wanted` picks.
+    pub fn maintain(&mut self, wanted: impl Fn(&crate::netns::NetNsInfo) -> bool) {
+        if let Some((hooks, _)) = self.tc.as_mut() {
+            hooks.refresh(&mut self.ebpf, wanted, false);
+        }
+    }
+
+    /// Hooks every interface of the namespaces `wanted` picks now (tc).
+    pub fn attach_now(&mut self, wanted: impl Fn(&crate::netns::NetNsInfo) -> bool) {
+        if let Some((hooks, _)) = self.tc.as_mut() {
+            hooks.refresh(&mut self.ebpf, wanted, true);
+        }
+    }
+
+    /// The tc tier's judging horizon: counters sampled this long ago match
+    /// the drops judged now. Zero for the other tiers.
+    pub fn verdict_delay(&self) -> Duration {
+        self.tc
+            .as_ref()
+            .map(|(_, j)| j.window())
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// tc tier: judges what the pending map holds now; `flush` at exit.
+    pub fn sweep(&mut self, out: &mut Vec<KernelEvent>, flush: bool) {
+        let Some((hooks, judge)) = self.tc.as_mut() else {
+            return;
+        };
+        if !flush
+            && self
+                .last_sweep
+                .is_some_and(|at| at.elapsed() < crate::judge::SWEEP_EVERY)
+        {
+            return;
+        }
+        self.last_sweep = Some(std::time::Instant::now());
+        let now = event::monotonic_ns();
+        judge.sweep(now, &self.clock, |i| hooks.netns_of(i), out, flush);
     }
 
     pub fn tier(&self) -> Tier {
@@ -226,6 +335,11 @@ impl EventSource {
     /// Waits until a ring buffer has something, or `readable` is polled
     /// again by a select with a timer.
     pub async fn readable(&mut self) -> anyhow::Result<()> {
+        if self.tc.is_some() {
+            // Nothing arrives by ring on the tc tier: wake for the sweep.
+            tokio::time::sleep(crate::judge::SWEEP_EVERY).await;
+            return Ok(());
+        }
         let mut guard = tokio::select! {
             g = self.drops.readable_mut() => g?,
             g = self.entries.readable_mut() => g?,
@@ -245,6 +359,7 @@ impl EventSource {
                 }
             }
         }
+        self.sweep(out, false);
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
@@ -271,11 +386,19 @@ impl EventSource {
             alloc_failures: sum(counter::ALLOC_FAILURES)?,
             totals_full: sum(counter::TOTALS_FULL)?,
             stale_state: sum(counter::STALE_STATE)?,
+            tc_opened: sum(counter::TC_OPENED)?,
+            tc_passed: sum(counter::TC_PASSED)?,
+            tc_repeated: sum(counter::TC_REPEATED)?,
+            tc_pending_full: sum(counter::TC_PENDING_FULL)?,
+            tc_key_clash: sum(counter::TC_KEY_CLASH)?,
         })
     }
 
     /// The kernel's drop totals, every row.
     pub fn totals(&self) -> Vec<KernelTotal> {
+        if let Some((_, judge)) = self.tc.as_ref() {
+            return judge.totals();
+        }
         self.totals
             .iter()
             // A key removed between key and value lookups reappears at the
@@ -298,6 +421,9 @@ impl EventSource {
     pub fn forget_netns(&mut self, gone: &[u64]) {
         let of_gone = |netns: u32| gone.contains(&u64::from(netns));
         remove_keys(&mut self.totals, |k: &TotalKey| of_gone(k.netns));
+        if let Some((_, judge)) = self.tc.as_mut() {
+            judge.forget_netns(gone);
+        }
         remove_keys(&mut self.flows, |k: &FlowKey| of_gone(k.netns));
         let mut queued = Vec::new();
         self.drain(&mut queued);
@@ -364,6 +490,9 @@ impl EventSource {
             if c.packets > 0 {
                 out.insert(flow, c);
             }
+        }
+        if let Some((_, judge)) = self.tc.as_ref() {
+            judge.flow_counts(&mut out);
         }
         out
     }

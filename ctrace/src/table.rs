@@ -348,6 +348,17 @@ impl TableMonitor {
         }
     }
 
+    /// The oldest kept statistics of a namespace sampled at or after
+    /// `mono_ns` (CLOCK_MONOTONIC), else the newest.
+    pub fn sampled_since(&self, inode: u64, mono_ns: u64) -> Option<CtStats> {
+        let t = self.tables.get(&inode)?;
+        t.history
+            .iter()
+            .find(|s| s.mono_ns >= mono_ns)
+            .or(t.history.back())
+            .map(|s| s.stats)
+    }
+
     /// The newest statistics of a namespace.
     pub fn latest(&self, inode: u64) -> Option<CtStats> {
         self.tables.get(&inode)?.latest().map(|s| s.stats)

@@ -52,6 +52,10 @@ pub struct WatchConfig {
     pub max_flows: usize,
     /// `ctrace_common::test_flags`.
     pub test_flags: u32,
+    /// tc tier: `--iface`, `--pending-flows`, `--judge-window`.
+    pub ifaces: Vec<String>,
+    pub pending_flows: u32,
+    pub judge_window: Duration,
 }
 
 /// What a finished run saw, for callers that judge it (the lab, tests).
@@ -94,6 +98,8 @@ pub struct Watcher {
     last_clock_sync: Instant,
     started: Instant,
     occupancy: Option<Occupancy>,
+    /// The final sweep judged every pending flow: settle against now.
+    flushed: bool,
 }
 
 /// SIGINT/SIGTERM, caught from the moment this is made: install it before
@@ -143,14 +149,20 @@ impl Watcher {
         }
         let chosen = strategy::select(cfg.strategy, &verdicts)?;
         let opts = LoadOptions {
-            services: &index,
             kernel_log: cfg.kernel_log,
             test_flags: cfg.test_flags,
+            ifaces: cfg.ifaces.clone(),
+            pending_flows: cfg.pending_flows,
+            judge_window: cfg.judge_window,
+            ..LoadOptions::new(&index)
         };
         let source = strategy::start(chosen, facts, &opts)
             .with_context(|| format!("starting the {chosen} strategy"))?;
         let tier = source.tier();
         log::debug!("tier capabilities: {:?}", tier.caps);
+        let mut source = source;
+        let filter = cfg.netns.clone();
+        source.attach_now(|i| filter.matches(i));
         let mut monitor = TableMonitor::new(cfg.netns);
         monitor.discover();
         let mut ledger = Ledger::new(tier.caps, index.names.clone());
@@ -179,6 +191,7 @@ impl Watcher {
             last_clock_sync: Instant::now(),
             started: Instant::now(),
             occupancy,
+            flushed: false,
         })
     }
 
@@ -230,6 +243,11 @@ impl Watcher {
     fn process_events(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
         let mut events = Vec::new();
         self.source.drain(&mut events);
+        if !self.source.verdict_delay().is_zero() {
+            // A correlating tier's verdicts lag the drops by its window:
+            // keep a sample history to settle them against (see `settle`).
+            self.monitor.sample_all();
+        }
         for e in events {
             match e {
                 KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => self.pending.push(d),
@@ -274,8 +292,17 @@ impl Watcher {
             if !self.monitor.wants(ns) {
                 continue;
             }
-            // Rows first, counters right after: see ledger.rs.
-            let stats = self.monitor.sample(ns);
+            // Rows first, counters right after: see ledger.rs. A tier that
+            // judges drops a window after they happen settles them against
+            // the counters of that time; the last settlement flushes all.
+            let delay = self.source.verdict_delay();
+            let stats = if delay.is_zero() || self.flushed {
+                self.monitor.sample(ns)
+            } else {
+                let since = crate::event::monotonic_ns()
+                    .saturating_sub(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
+                self.monitor.sampled_since(ns, since)
+            };
             let ns_rows: Vec<_> = rows.iter().filter(|r| r.netns == ns).copied().collect();
             self.ledger.settle(ns, &ns_rows, stats);
         }
@@ -408,6 +435,18 @@ impl Watcher {
             self.last_clock_sync = Instant::now();
         }
         self.forget_vanished();
+        let filter = self.monitor.filter().clone();
+        self.source.maintain(|i| filter.matches(i));
+        if is_final {
+            self.flushed = true;
+            let mut last = Vec::new();
+            self.source.sweep(&mut last, true);
+            self.pending
+                .extend(last.into_iter().filter_map(|e| match e {
+                    KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => Some(d),
+                    _ => None,
+                }));
+        }
         self.process_events(sinks, true)?;
         let counts = self.source.flow_counts();
         // Flows the map holds but no event announced: their event was lost

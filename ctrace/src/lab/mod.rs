@@ -338,6 +338,9 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         kernel_log: false,
         max_flows: crate::aggregate::DEFAULT_MAX_FLOWS,
         test_flags: 0,
+        ifaces: Vec::new(),
+        pending_flows: crate::source::LoadOptions::DEFAULT_PENDING_FLOWS,
+        judge_window: crate::source::LoadOptions::DEFAULT_JUDGE_WINDOW,
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     drop(facts);

@@ -97,6 +97,21 @@ fn check_ifname(name: &str) -> Result<()> {
     bail!("invalid interface name {name:?}: {why}")
 }
 
+/// One link, as `ip link` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// ARPHRD_* (linux/if_arp.h): what header its packets start with.
+    pub arphrd: u16,
+    pub up: bool,
+}
+
+impl Link {
+    pub const ARPHRD_ETHER: u16 = 1;
+    pub const ARPHRD_LOOPBACK: u16 = 772;
+}
+
 /// An rtnetlink socket bound to one network namespace.
 #[derive(Debug)]
 pub struct RtSocket(NlSocket);
@@ -134,6 +149,35 @@ impl RtSocket {
             Some(i) if i > 0 => Ok(i as u32),
             _ => bail!("looking up link {name}: no RTM_NEWLINK in the answer"),
         }
+    }
+
+    /// Every link of this socket's namespace (`ip link show`).
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let mut msg = MsgBuilder::new(RTM_GETLINK, 0);
+        msg.header(&ifinfomsg(0, 0, 0))
+            .u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS);
+        let mut links = Vec::new();
+        self.0
+            .dump(msg, |reply| {
+                if reply.ty != RTM_NEWLINK {
+                    return Ok(());
+                }
+                let h = reply.header(IFINFOMSG_LEN)?;
+                let index = i32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                let mut name = String::new();
+                if let Some(a) = reply.attrs(IFINFOMSG_LEN)?.find(IFLA_IFNAME)? {
+                    name = a.str()?.to_string();
+                }
+                links.push(Link {
+                    index: u32::try_from(index).unwrap_or(0),
+                    name,
+                    arphrd: u16::from_ne_bytes([h[2], h[3]]),
+                    up: u32::from_ne_bytes([h[8], h[9], h[10], h[11]]) & IFF_UP != 0,
+                });
+                Ok(())
+            })
+            .context("listing links")?;
+        Ok(links)
     }
 
     /// Sets the link administratively up (`ip link set NAME up`).

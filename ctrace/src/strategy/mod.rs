@@ -8,6 +8,7 @@
 //! Every tier loads programs from the same object and fills the same maps,
 //! so everything downstream of [`EventSource`] is tier-agnostic.
 pub mod kprobe;
+pub mod tc;
 pub mod tracepoint;
 
 use std::str::FromStr;
@@ -110,10 +111,7 @@ fn probe_one(strategy: Strategy, facts: &KernelFacts) -> anyhow::Result<String> 
         }
         Strategy::Kprobe => kprobe::probe(facts),
         Strategy::Tracepoint => tracepoint::probe(facts),
-        Strategy::Tc => {
-            program_type_loads(ProgramType::SchedClassifier, "tc (sched_cls)")?;
-            bail!("the kernel could run it, but this build has no tc programs yet")
-        }
+        Strategy::Tc => tc::probe(facts),
     }
 }
 
@@ -156,6 +154,7 @@ pub fn start(
     let mut source = match strategy {
         Strategy::Tracepoint => tracepoint::start(facts, opts)?,
         Strategy::Kprobe => kprobe::start(facts, opts)?,
+        Strategy::Tc => tc::start(facts, opts)?,
         other => bail!("strategy {other} is not implemented in this build"),
     };
     if source.tier().caps.drop_location {

@@ -1,0 +1,441 @@
+//! The tc tier: classifier programs on every watched interface, for kernels
+//! that offer no tracing program types and no BTF (stock OpenWrt). Drops are
+//! seen by correlation: see ctrace-ebpf/src/tc.rs and `judge.rs`.
+//!
+//! Attachment, by probing:
+//! - TCX links (BPF_TCX_INGRESS/EGRESS) where the kernel accepts them. A
+//!   link is a file descriptor: it goes away with ctrace however it exits.
+//! - Otherwise clsact filters through netlink, named after the programs
+//!   (`ctrace_tc_*`). Those outlive a killed process, so every start first
+//!   sweeps away filters of those names, and every exit path ctrace can
+//!   catch removes its own.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttach, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLink},
+    },
+};
+
+use crate::{
+    judge::Judge,
+    kernel::KernelFacts,
+    netlink::rtnetlink::{Link, RtSocket},
+    netns::{self, NetNs},
+    source::{self, EventSource, LoadOptions},
+    tier::{Capabilities, DropSight, Strategy, Tier},
+};
+
+/// Program names: also the names of the clsact filters of netlink mode.
+const INGRESS: &str = "ctrace_tc_ingress";
+const EGRESS: &str = "ctrace_tc_egress";
+const INGRESS_L3: &str = "ctrace_tc_ingress_l3";
+const EGRESS_L3: &str = "ctrace_tc_egress_l3";
+const PROGRAMS: [&str; 4] = [INGRESS, EGRESS, INGRESS_L3, EGRESS_L3];
+
+/// How often interfaces are re-listed, to hook the ones that appeared.
+const RESCAN: Duration = Duration::from_secs(2);
+
+pub const CAPABILITIES: Capabilities = Capabilities {
+    exact_verdicts: false,
+    entry_events: false,
+    drop_location: false,
+    gc_evictions: false,
+    fd_scoped_cleanup: false,
+    needs_btf: false,
+    drops: DropSight::Correlated,
+};
+
+/// How the programs are attached on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "TCX links (removed with ctrace's file descriptors)",
+            AttachMode::Clsact => {
+                "clsact filters named ctrace_tc_* (removed at exit; a killed run's are swept at the next start)"
+            }
+        }
+    }
+}
+
+pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {
+    super::program_type_loads(
+        aya::programs::ProgramType::SchedClassifier,
+        "tc (sched_cls)",
+    )?;
+    let ns = NetNs::create().context("creating a namespace to probe tc attachment in")?;
+    let index = crate::services::KernelIndex::default();
+    let (mut ebpf, _) = load(&LoadOptions::new(&index), 64)?;
+    let (mode, why) = probe_mode(&mut ebpf, &ns)?;
+    Ok(format!(
+        "sched_cls programs load without BTF; attaches as {}{why}",
+        mode.describe()
+    ))
+}
+
+/// Loads the object for the tc tier: no kernel BTF (stock OpenWrt has
+/// none, and the programs need none), and the other tiers' big maps
+/// shrunk to nothing.
+fn load(
+    opts: &LoadOptions<'_>,
+    pending: u32,
+) -> anyhow::Result<(Ebpf, Option<source::KernelLogger>)> {
+    let layout = ctrace_common::KernelLayout::default();
+    let (mut ebpf, logger) = source::load_with(&layout, opts, |loader| {
+        loader
+            // Withheld on purpose: the programs must load on kernels that
+            // have none, so any attempt to use it fails the load here too.
+            .btf_source(|_| {
+                Err(aya::EbpfError::BtfSourceError(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "kernel BTF withheld: the tc tier must not need it",
+                )))
+            })
+            .map_max_entries("PENDING", pending)
+            .map_max_entries("UDP_TUPLES", pending)
+            // Unused here: the smallest sizes the kernel accepts.
+            .map_max_entries("FLOWS", 1)
+            .map_max_entries("EVICTED", 1)
+            .map_max_entries("DEPTHS", 1)
+            .map_max_entries("FRAMES", 1)
+            .map_max_entries("VERDICTS", 1)
+            .map_max_entries("EVENTS", 4096)
+            .map_max_entries("ENTRIES", 4096);
+    })?;
+    for name in PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading tc program {name}"))?;
+    }
+    Ok((ebpf, logger))
+}
+
+/// Attaches to loopback of a throwaway namespace: TCX if the kernel takes
+/// it, else clsact.
+fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String)> {
+    let prog: &mut SchedClassifier = ebpf.program_mut(INGRESS).expect("loaded").try_into()?;
+    let tcx = ns.run(|| {
+        prog.attach(
+            c"lo",
+            TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: LinkOrder::default(),
+            },
+        )
+        .map(|id| prog.detach(id))
+    })?;
+    match tcx {
+        Ok(_) => Ok((AttachMode::Tcx, String::new())),
+        Err(e) => {
+            let clsact = ns.run(|| -> anyhow::Result<()> {
+                tc::qdisc_add_clsact(c"lo").context("adding a clsact qdisc")?;
+                let id = prog
+                    .attach(
+                        c"lo",
+                        TcAttach::Netlink {
+                            parent: TcAttachType::Ingress.into(),
+                            options: NlOptions::default(),
+                        },
+                    )
+                    .context("attaching a clsact filter")?;
+                prog.detach(id)?;
+                Ok(())
+            })?;
+            clsact.with_context(|| format!("TCX refused ({e}), and clsact too"))?;
+            Ok((AttachMode::Clsact, format!("; TCX refused: {e}")))
+        }
+    }
+}
+
+pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
+    let (mut ebpf, logger) = load(opts, opts.pending_flows)?;
+    let probe_ns = NetNs::create().context("creating a namespace to probe tc attachment in")?;
+    let (mode, why) = probe_mode(&mut ebpf, &probe_ns)?;
+    drop(probe_ns);
+    log::info!("tc tier: attaching as {}{why}", mode.describe());
+    let hooks = Hooks {
+        mode,
+        ifaces: opts.ifaces.clone(),
+        attached: BTreeMap::new(),
+        last_scan: None,
+    };
+    let judge = Judge::new(&mut ebpf, opts.judge_window, opts.pending_flows)?;
+    let tier = Tier {
+        strategy: Strategy::Tc,
+        caps: Capabilities {
+            fd_scoped_cleanup: mode == AttachMode::Tcx,
+            ..CAPABILITIES
+        },
+    };
+    EventSource::new(ebpf, tier, logger).map(|s| s.with_tc(hooks, judge))
+}
+
+/// One interface's two attachments.
+struct Attached {
+    name: String,
+    links: Vec<SchedClassifierLink>,
+}
+
+/// Which interfaces of which namespaces carry the programs.
+pub struct Hooks {
+    mode: AttachMode,
+    /// `--iface`: only these names; empty for every non-loopback one.
+    ifaces: Vec<String>,
+    /// netns inode -> ifindex -> links.
+    attached: BTreeMap<u64, BTreeMap<u32, Attached>>,
+    last_scan: Option<Instant>,
+}
+
+impl Hooks {
+    /// Interfaces by (netns, ifindex), for naming a pending flow's
+    /// namespace.
+    pub fn netns_of(&self, ifindex: u32) -> Option<u64> {
+        let mut found = self
+            .attached
+            .iter()
+            .filter(|(_, ifs)| ifs.contains_key(&ifindex))
+            .map(|(ns, _)| *ns);
+        let first = found.next()?;
+        // Two watched namespaces with the same ifindex cannot be told apart
+        // by a tc program; such flows are not attributed.
+        found.next().is_none().then_some(first)
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn interfaces(&self) -> Vec<(u64, String)> {
+        self.attached
+            .iter()
+            .flat_map(|(ns, ifs)| ifs.values().map(move |a| (*ns, a.name.clone())))
+            .collect()
+    }
+
+    /// Hooks every interface of the watched namespaces that is not hooked
+    /// yet, and forgets those that went away. Runs at most every RESCAN
+    /// unless `now`.
+    pub fn refresh(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: impl Fn(&netns::NetNsInfo) -> bool,
+        now: bool,
+    ) {
+        if !now && self.last_scan.is_some_and(|at| at.elapsed() < RESCAN) {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        let found = match netns::discover() {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("tc tier: netns discovery failed: {e:#}");
+                return;
+            }
+        };
+        let mut alive = BTreeSet::new();
+        for info in found.iter().filter(|i| wanted(i)) {
+            alive.insert(info.inode);
+            if let Err(e) = self.refresh_netns(ebpf, info) {
+                log::warn!("tc tier: netns {}: {e:#}", info.inode);
+            }
+        }
+        let gone: Vec<u64> = self
+            .attached
+            .keys()
+            .filter(|ns| !alive.contains(ns))
+            .copied()
+            .collect();
+        for ns in gone {
+            // The devices went with the namespace, and their hooks with
+            // them; the links only need closing.
+            self.attached.remove(&ns);
+        }
+    }
+
+    fn refresh_netns(&mut self, ebpf: &mut Ebpf, info: &netns::NetNsInfo) -> anyhow::Result<()> {
+        let ns = NetNs::open(&info.path)?;
+        let links = RtSocket::open(Some(&ns))?.links()?;
+        let wanted: Vec<&Link> = links
+            .iter()
+            .filter(|l| l.arphrd != Link::ARPHRD_LOOPBACK)
+            .filter(|l| self.ifaces.is_empty() || self.ifaces.contains(&l.name))
+            .collect();
+        let first_visit = !self.attached.contains_key(&info.inode);
+        let have = self.attached.entry(info.inode).or_default();
+        have.retain(|index, a| links.iter().any(|l| l.index == *index && l.name == a.name));
+        if first_visit && self.mode == AttachMode::Clsact {
+            sweep_stale_filters(&ns, &wanted);
+        }
+        for link in wanted {
+            if have.contains_key(&link.index) {
+                continue;
+            }
+            let l2 = link.arphrd == Link::ARPHRD_ETHER;
+            let (ing, eg) = if l2 {
+                (INGRESS, EGRESS)
+            } else {
+                (INGRESS_L3, EGRESS_L3)
+            };
+            let mut links = Vec::new();
+            for (name, dir) in [(ing, TcAttachType::Ingress), (eg, TcAttachType::Egress)] {
+                match attach(ebpf, &ns, self.mode, name, link.index, dir) {
+                    Ok(l) => links.push(l),
+                    Err(e) => log::warn!(
+                        "tc tier: netns {} {}: attaching {name}: {e:#}",
+                        info.inode,
+                        link.name
+                    ),
+                }
+            }
+            if links.len() == 2 {
+                log::info!(
+                    "tc tier: hooked {} (ifindex {}) in netns {}",
+                    link.name,
+                    link.index,
+                    info.inode
+                );
+            }
+            let holder = Attached {
+                name: link.name.clone(),
+                links,
+            };
+            if let Some(old) = have.insert(link.index, holder) {
+                detach_in(&ns, old.links);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every attachment, each inside its own namespace (a clsact
+    /// filter is deleted by ifindex, which only means something there).
+    pub fn detach_all(&mut self) {
+        let attached = std::mem::take(&mut self.attached);
+        let Ok(found) = netns::discover() else {
+            return;
+        };
+        for (inode, ifs) in attached {
+            let links: Vec<SchedClassifierLink> = ifs.into_values().flat_map(|a| a.links).collect();
+            match found
+                .iter()
+                .find(|i| i.inode == inode)
+                .map(|i| NetNs::open(&i.path))
+            {
+                Some(Ok(ns)) => detach_in(&ns, links),
+                // The namespace is gone, and its devices with it.
+                _ => drop(links),
+            }
+        }
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    ns: &NetNs,
+    mode: AttachMode,
+    program: &str,
+    ifindex: u32,
+    dir: TcAttachType,
+) -> anyhow::Result<SchedClassifierLink> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .context("program missing")?
+        .try_into()?;
+    ns.run(|| -> anyhow::Result<SchedClassifierLink> {
+        let how = match mode {
+            AttachMode::Tcx => TcAttach::Tcx {
+                attach_type: dir,
+                // First, so a program before us that ends the packet's
+                // journey (a drop, a redirect) cannot hide it from us.
+                order: LinkOrder::first(),
+            },
+            AttachMode::Clsact => {
+                if let Err(e) = tc::qdisc_add_clsact(ifindex)
+                    && !is_exists(&e)
+                {
+                    return Err(e).context("adding a clsact qdisc");
+                }
+                TcAttach::Netlink {
+                    parent: dir.into(),
+                    options: NlOptions::default(),
+                }
+            }
+        };
+        let id = prog.attach(ifindex, how)?;
+        Ok(prog.take_link(id)?)
+    })?
+}
+
+fn is_exists(e: &tc::TcError) -> bool {
+    format!("{e:?}").contains("EEXIST") || format!("{e}").contains("exists")
+}
+
+/// Drops links from a thread inside their namespace.
+fn detach_in(ns: &NetNs, links: Vec<SchedClassifierLink>) {
+    if let Err(e) = ns.run(move || drop(links)) {
+        log::warn!("tc tier: detaching in netns {}: {e:#}", ns.inode());
+    }
+}
+
+/// A run that was killed leaves its clsact filters behind: remove every
+/// filter with one of ctrace's program names before attaching.
+fn sweep_stale_filters(ns: &NetNs, links: &[&Link]) {
+    let swept = ns.run(|| {
+        let mut n = 0;
+        for link in links {
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                for name in PROGRAMS {
+                    if tc::qdisc_detach_program(link.index, dir.into(), name).is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    });
+    match swept {
+        Ok(0) => {}
+        Ok(n) => log::warn!(
+            "tc tier: removed {n} ctrace filter(s) a previous run left in netns {}",
+            ns.inode()
+        ),
+        Err(e) => log::warn!("tc tier: sweeping old filters: {e:#}"),
+    }
+}
+
+/// ctrace's programs still attached by TCX in `ns`, as "iface direction
+/// program" (tests: a clean exit leaves none).
+pub fn leftover_tcx(ns: &NetNs) -> anyhow::Result<Vec<String>> {
+    let links = RtSocket::open(Some(ns))?.links()?;
+    ns.run(|| {
+        let mut found = Vec::new();
+        for link in &links {
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let Ok((_, progs)) = SchedClassifier::query_tcx(link.index, dir) else {
+                    continue;
+                };
+                for p in progs {
+                    let name = p.name_as_str().unwrap_or_default().to_string();
+                    if name.starts_with("ctrace_tc") {
+                        found.push(format!("{} {dir:?} {name}", link.name));
+                    }
+                }
+            }
+        }
+        found
+    })
+}
