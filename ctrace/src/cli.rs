@@ -105,6 +105,10 @@ pub struct WatchArgs {
     /// answered before it counts as dropped here.
     #[arg(long, default_value = "1s", value_parser = parse_judge_window, value_name = "DURATION")]
     pub judge_window: Duration,
+    /// tc tier: attach by TCX links or clsact filters instead of probing
+    /// (TCX where the kernel takes it, else clsact).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub tc_attach: Option<crate::strategy::tc::AttachMode>,
     /// Test only: make the exact tier ignore conntrack's allocation
     /// failures, as a probe that attached but never fires would, to prove
     /// the self-check catches it.

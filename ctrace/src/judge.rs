@@ -13,7 +13,7 @@
 //!
 //! Memory: the judged set is bounded by the map's capacity.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     time::Duration,
 };
 
@@ -46,6 +46,10 @@ struct Judged {
     service: u16,
     /// Packets already added to the totals.
     counted: u32,
+    /// (sweep time, packets seen by then), newest last: how many packets
+    /// had arrived by a given time, when retransmissions keep `last_ns`
+    /// younger than any horizon (Linux 6.18 retries SYNs every second).
+    seen: VecDeque<(u64, u32)>,
     first_ns: u64,
     last_ns: u64,
     tcp_flags: u8,
@@ -98,18 +102,23 @@ impl Judge {
         self.counts
     }
 
-    /// Reads the map once at monotonic time `now_ns`. Flows judged now are
-    /// appended to `out`; `netns_of` names the namespace of an ifindex.
-    /// `flush`: the last sweep, when every pending flow's packets count.
+    /// Reads the map once at monotonic time `now_ns`, judging what happened
+    /// before `horizon` (at most `now_ns` minus the window): the caller
+    /// passes the time of the counter sample these verdicts settle against,
+    /// so packets and the counter rises they caused are counted together.
+    /// Flows judged now are appended to `out`; `netns_of` names the
+    /// namespace of an ifindex. `flush`: the last sweep, when every pending
+    /// flow and packet counts.
     pub fn sweep(
         &mut self,
         now_ns: u64,
+        horizon: u64,
         clock: &Clock,
         netns_of: impl Fn(u32) -> Option<u64>,
         out: &mut Vec<KernelEvent>,
         flush: bool,
     ) {
-        let horizon = now_ns.saturating_sub(self.window_ns);
+        let horizon = horizon.min(now_ns.saturating_sub(self.window_ns));
         let entries: Vec<(MatchKey, Pending)> = self.map.iter().filter_map(Result::ok).collect();
         self.counts.pending = entries.len() as u64;
         let pressure = self.capacity > 0 && entries.len() as u64 * 2 > u64::from(self.capacity);
@@ -127,14 +136,30 @@ impl Judge {
                 present.insert(key);
                 j.last_ns = p.last_ns;
                 j.tcp_flags |= p.tcp_flags;
-                // Later packets count once they are as old as the window.
-                if (p.last_ns < horizon || flush) && p.packets > j.counted {
+                if j.seen.back().is_none_or(|&(_, n)| n != p.packets) {
+                    j.seen.push_back((now_ns, p.packets));
+                }
+                // Later packets count once they are older than the horizon.
+                let by_horizon = if p.last_ns < horizon || flush {
+                    p.packets
+                } else {
+                    let mut n = j.counted;
+                    while let Some(&(at, seen)) = j.seen.front() {
+                        if at > horizon {
+                            break;
+                        }
+                        n = n.max(seen);
+                        j.seen.pop_front();
+                    }
+                    n
+                };
+                if by_horizon > j.counted {
                     let t = self
                         .totals
                         .entry((j.flow.netns, j.service, j.flow.proto.number()))
                         .or_default();
-                    t.0 += u64::from(p.packets - j.counted);
-                    j.counted = p.packets;
+                    t.0 += u64::from(by_horizon - j.counted);
+                    j.counted = by_horizon;
                 }
                 if quiet {
                     doomed.push(key);
@@ -193,6 +218,7 @@ impl Judge {
                             first_ns: p.first_ns,
                             last_ns: p.last_ns,
                             tcp_flags: p.tcp_flags,
+                            seen: VecDeque::from([(now_ns, p.packets)]),
                         },
                     );
                     present.insert(key);

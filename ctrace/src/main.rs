@@ -151,6 +151,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         ifaces: args.ifaces.clone(),
         pending_flows: args.pending_flows,
         judge_window: args.judge_window,
+        tc_attach: args.tc_attach,
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC
         } else {

@@ -47,6 +47,8 @@ pub struct LoadOptions<'a> {
     pub pending_flows: u32,
     /// tc tier: how long an opening packet may take to leave or be answered.
     pub judge_window: Duration,
+    /// tc tier: TCX or clsact; None to probe.
+    pub tc_attach: Option<strategy::tc::AttachMode>,
 }
 
 impl<'a> LoadOptions<'a> {
@@ -61,6 +63,7 @@ impl<'a> LoadOptions<'a> {
             ifaces: Vec::new(),
             pending_flows: Self::DEFAULT_PENDING_FLOWS,
             judge_window: Self::DEFAULT_JUDGE_WINDOW,
+            tc_attach: None,
         }
     }
 }
@@ -296,21 +299,23 @@ impl EventSource {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// tc tier: judges what the pending map holds now; `flush` at exit.
-    pub fn sweep(&mut self, out: &mut Vec<KernelEvent>, flush: bool) {
+    /// tc tier: whether a sweep is due.
+    pub fn sweep_due(&self) -> bool {
+        self.tc.is_some()
+            && self
+                .last_sweep
+                .is_none_or(|at| at.elapsed() >= crate::judge::SWEEP_EVERY)
+    }
+
+    /// tc tier: judges what the pending map holds, up to `horizon`
+    /// (CLOCK_MONOTONIC); `flush` at exit judges everything.
+    pub fn sweep(&mut self, horizon: u64, out: &mut Vec<KernelEvent>, flush: bool) {
         let Some((hooks, judge)) = self.tc.as_mut() else {
             return;
         };
-        if !flush
-            && self
-                .last_sweep
-                .is_some_and(|at| at.elapsed() < crate::judge::SWEEP_EVERY)
-        {
-            return;
-        }
         self.last_sweep = Some(std::time::Instant::now());
         let now = event::monotonic_ns();
-        judge.sweep(now, &self.clock, |i| hooks.netns_of(i), out, flush);
+        judge.sweep(now, horizon, &self.clock, |i| hooks.netns_of(i), out, flush);
     }
 
     pub fn tier(&self) -> Tier {
@@ -359,7 +364,6 @@ impl EventSource {
                 }
             }
         }
-        self.sweep(out, false);
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }

@@ -348,15 +348,15 @@ impl TableMonitor {
         }
     }
 
-    /// The oldest kept statistics of a namespace sampled at or after
-    /// `mono_ns` (CLOCK_MONOTONIC), else the newest.
-    pub fn sampled_since(&self, inode: u64, mono_ns: u64) -> Option<CtStats> {
+    /// The newest kept sample of a namespace taken at or before `mono_ns`
+    /// (CLOCK_MONOTONIC).
+    pub fn sampled_by(&self, inode: u64, mono_ns: u64) -> Option<Sample> {
         let t = self.tables.get(&inode)?;
         t.history
             .iter()
-            .find(|s| s.mono_ns >= mono_ns)
-            .or(t.history.back())
-            .map(|s| s.stats)
+            .rev()
+            .find(|s| s.mono_ns <= mono_ns)
+            .copied()
     }
 
     /// The newest statistics of a namespace.

@@ -56,6 +56,7 @@ pub struct WatchConfig {
     pub ifaces: Vec<String>,
     pub pending_flows: u32,
     pub judge_window: Duration,
+    pub tc_attach: Option<crate::strategy::tc::AttachMode>,
 }
 
 /// What a finished run saw, for callers that judge it (the lab, tests).
@@ -100,6 +101,9 @@ pub struct Watcher {
     occupancy: Option<Occupancy>,
     /// The final sweep judged every pending flow: settle against now.
     flushed: bool,
+    /// Correlating tiers: the counter sample per namespace that the latest
+    /// sweep's verdicts settle against.
+    verdict_samples: HashMap<u64, crate::table::Sample>,
 }
 
 /// SIGINT/SIGTERM, caught from the moment this is made: install it before
@@ -154,6 +158,7 @@ impl Watcher {
             ifaces: cfg.ifaces.clone(),
             pending_flows: cfg.pending_flows,
             judge_window: cfg.judge_window,
+            tc_attach: cfg.tc_attach,
             ..LoadOptions::new(&index)
         };
         let source = strategy::start(chosen, facts, &opts)
@@ -192,6 +197,7 @@ impl Watcher {
             started: Instant::now(),
             occupancy,
             flushed: false,
+            verdict_samples: HashMap::new(),
         })
     }
 
@@ -243,10 +249,10 @@ impl Watcher {
     fn process_events(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
         let mut events = Vec::new();
         self.source.drain(&mut events);
-        if !self.source.verdict_delay().is_zero() {
-            // A correlating tier's verdicts lag the drops by its window:
-            // keep a sample history to settle them against (see `settle`).
-            self.monitor.sample_all();
+        let correlating = !self.source.verdict_delay().is_zero();
+        let swept = correlating && self.source.sweep_due();
+        if swept {
+            self.sweep(&mut events);
         }
         for e in events {
             match e {
@@ -259,8 +265,15 @@ impl Watcher {
         let due = self
             .last_settle
             .is_none_or(|at| at.elapsed() >= SETTLE_EVERY);
-        if force || (due && !self.pending.is_empty()) {
-            self.settle(sinks, force)?;
+        let settle = if correlating {
+            // Only right after a sweep: credit carried over one settlement
+            // must meet the packets of the next sweep, not an empty tick.
+            swept
+        } else {
+            force || (due && !self.pending.is_empty())
+        };
+        if settle {
+            self.settle(sinks, force || correlating)?;
         }
         Ok(())
     }
@@ -295,15 +308,21 @@ impl Watcher {
             // Rows first, counters right after: see ledger.rs. A tier that
             // judges drops a window after they happen settles them against
             // the counters of that time; the last settlement flushes all.
-            let delay = self.source.verdict_delay();
-            let stats = if delay.is_zero() || self.flushed {
+            let stats = if self.source.verdict_delay().is_zero() || self.flushed {
                 self.monitor.sample(ns)
             } else {
-                let since = crate::event::monotonic_ns()
-                    .saturating_sub(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
-                self.monitor.sampled_since(ns, since)
+                match self.verdict_samples.get(&ns) {
+                    Some(s) => Some(s.stats),
+                    // No sample old enough yet: its verdicts wait too.
+                    None => continue,
+                }
             };
             let ns_rows: Vec<_> = rows.iter().filter(|r| r.netns == ns).copied().collect();
+            log::debug!(
+                "settle netns {ns}: {} packets in totals, drop counter {:?}",
+                ns_rows.iter().map(|r| r.packets).sum::<u64>(),
+                stats.map(|s| s.drop)
+            );
             self.ledger.settle(ns, &ns_rows, stats);
         }
         let pending = std::mem::take(&mut self.pending);
@@ -311,6 +330,35 @@ impl Watcher {
             self.report(sinks, d.flow, d.class, d.tcp_flags, d.time, d.mono_ns)?;
         }
         Ok(())
+    }
+
+    /// A correlating tier's sweep. Its verdicts lag the drops by its
+    /// window, so each namespace settles them against the newest counter
+    /// sample at least a window old, and the sweep judges only what
+    /// happened before the oldest of those samples (less a guard for the
+    /// ingress hook running just before conntrack counts): a packet is
+    /// never counted before the counter rise it caused, and a rise counted
+    /// early waits one settlement for its packet.
+    fn sweep(&mut self, events: &mut Vec<KernelEvent>) {
+        const GUARD_NS: u64 = 20_000_000;
+        self.monitor.sample_all();
+        let now = crate::event::monotonic_ns();
+        let delay = u64::try_from(self.source.verdict_delay().as_nanos()).unwrap_or(u64::MAX);
+        let target = now.saturating_sub(delay);
+        self.verdict_samples = self
+            .monitor
+            .inodes()
+            .into_iter()
+            .filter_map(|ns| Some((ns, self.monitor.sampled_by(ns, target)?)))
+            .collect();
+        let horizon = self
+            .verdict_samples
+            .values()
+            .map(|s| s.mono_ns)
+            .min()
+            .unwrap_or(target)
+            .saturating_sub(GUARD_NS);
+        self.source.sweep(horizon, events, false);
     }
 
     fn entry_changed(&mut self, e: &EntryEvent) {
@@ -440,7 +488,7 @@ impl Watcher {
         if is_final {
             self.flushed = true;
             let mut last = Vec::new();
-            self.source.sweep(&mut last, true);
+            self.source.sweep(u64::MAX, &mut last, true);
             self.pending
                 .extend(last.into_iter().filter_map(|e| match e {
                     KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => Some(d),

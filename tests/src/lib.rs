@@ -59,11 +59,17 @@ pub struct Tracer {
 impl Tracer {
     /// Starts ctrace and waits until it says it is tracing.
     pub fn start(args: &[&str]) -> Tracer {
+        Self::start_with(args, strategy().as_deref(), &[])
+    }
+
+    /// Starts ctrace on `strategy` (None: auto), with extra environment.
+    pub fn start_with(args: &[&str], strategy: Option<&str>, env: &[(&str, &str)]) -> Tracer {
         let mut cmd = Command::new(ctrace_bin());
         cmd.arg("watch").arg("--json").args(args);
-        if let Some(s) = strategy() {
-            cmd.args(["--strategy", &s]);
+        if let Some(s) = strategy {
+            cmd.args(["--strategy", s]);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

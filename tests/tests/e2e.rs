@@ -9,6 +9,9 @@ use ctrace::{
     lab::{LAB_SERVICES, incident_plan, topology::Topology, traffic},
     netlink::{ctnetlink::CtSocket, nftables},
 };
+#[path = "e2e/tc.rs"]
+mod tc;
+
 use ctrace_tests::{Tracer, ctrace_bin, ctrace_programs, drops, final_summary, privileged, totals};
 
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
@@ -514,13 +517,15 @@ fn probe_explains_every_tier_and_auto_takes_the_best() {
         assert_ne!(v["auto"], "fexit");
     }
     if !std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-        // This host: no kprobes, fentry forbidden: auto must fall to tracepoint and say why.
+        // This host: no kprobes, fentry forbidden: auto must fall to
+        // tracepoint and say why; without BTF (OpenWrt) to tc.
         assert!(
             reason("kprobe").contains("CONFIG_KPROBES"),
             "{}",
             reason("kprobe")
         );
-        assert_eq!(v["auto"], "tracepoint");
+        let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+        assert_eq!(v["auto"], if btf { "tracepoint" } else { "tc" });
     }
 }
 

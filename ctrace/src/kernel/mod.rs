@@ -36,7 +36,14 @@ impl KernelFacts {
             });
         KernelFacts {
             hz,
-            btf: Btf::vmlinux().map_err(|e| format!("{e:#}")),
+            btf: if std::env::var_os(WITHHOLD_BTF).is_some_and(|v| v == "1") {
+                Err(format!(
+                    "kernel BTF withheld ({WITHHOLD_BTF}=1), as on a kernel built without \
+                     CONFIG_DEBUG_INFO_BTF (stock OpenWrt)"
+                ))
+            } else {
+                Btf::vmlinux().map_err(|e| format!("{e:#}"))
+            },
             tracefs: tracefs::mounted_root().ok_or_else(|| {
                 "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".to_string()
             }),
@@ -44,6 +51,10 @@ impl KernelFacts {
         }
     }
 }
+
+/// Set to 1, ctrace behaves as on a kernel without BTF: what a router
+/// without CONFIG_DEBUG_INFO_BTF sees, testable on any machine.
+pub const WITHHOLD_BTF: &str = "CTRACE_WITHHOLD_BTF";
 
 /// When the kernel's config cannot be read: Debian's and most distributions'
 /// value. Only remaining-timeout buckets of kprobe-tier inserts use it.

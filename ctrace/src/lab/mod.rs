@@ -341,6 +341,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         ifaces: Vec::new(),
         pending_flows: crate::source::LoadOptions::DEFAULT_PENDING_FLOWS,
         judge_window: crate::source::LoadOptions::DEFAULT_JUDGE_WINDOW,
+        tc_attach: None,
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     drop(facts);

@@ -33,7 +33,9 @@ pub const CLIENTS_V4: [Ipv4Addr; 4] = [
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 2);
 pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 2);
-const ROUTER_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+/// The router's own address toward the clients: local services (its
+/// ssh, its DNS) answer there.
+pub const ROUTER_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const ROUTER_SERVER_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
 const ROUTER_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 1);
 const ROUTER_SERVER_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 1);

@@ -66,6 +66,10 @@ pub const NF_PRI_RAW: i32 = -300;
 pub const NF_INET_PRE_ROUTING: u32 = 0;
 /// Base chain at the raw priority of prerouting.
 pub const RAW_CHAIN: &str = "raw_prerouting";
+/// Made only for masquerading: type nat, hook postrouting, priority 100.
+pub const NAT_CHAIN: &str = "nat_postrouting";
+pub const NF_INET_POST_ROUTING: u32 = 4;
+pub const NF_PRI_NAT_SRC: i32 = 100;
 
 // linux/netfilter/nf_tables.h: enum nf_tables_msg_types
 pub const NFT_MSG_NEWTABLE: u8 = 0;
@@ -212,6 +216,17 @@ pub fn drop_tcp_dport_before_conntrack(ns: &NetNs, port: u16) -> Result<()> {
     })
 }
 
+/// Masquerades every new flow the router forwards (`masquerade` in a nat
+/// postrouting chain), as OpenWrt does on its WAN zone.
+pub fn masquerade(ns: &NetNs) -> Result<()> {
+    apply(ns, Some((NAT_CHAIN, Rule::Masquerade))).with_context(|| {
+        format!(
+            "adding a masquerade rule in network namespace {} (nf_tables table inet {TABLE})",
+            ns.inode()
+        )
+    })
+}
+
 /// One of our base chains.
 #[derive(Clone, Copy, Debug)]
 struct BaseChain {
@@ -220,6 +235,8 @@ struct BaseChain {
     /// The hook in nft syntax, for error messages.
     hook_name: &'static str,
     priority: i32,
+    /// "filter" or "nat".
+    kind: &'static str,
 }
 
 const CHAINS: [BaseChain; 2] = [
@@ -228,12 +245,14 @@ const CHAINS: [BaseChain; 2] = [
         hook: NF_INET_FORWARD,
         hook_name: "forward",
         priority: NF_PRI_FILTER,
+        kind: "filter",
     },
     BaseChain {
         name: OUTPUT_CHAIN,
         hook: NF_INET_LOCAL_OUT,
         hook_name: "output",
         priority: NF_PRI_FILTER,
+        kind: "filter",
     },
 ];
 
@@ -243,6 +262,15 @@ const RAW: BaseChain = BaseChain {
     hook: NF_INET_PRE_ROUTING,
     hook_name: "prerouting",
     priority: NF_PRI_RAW,
+    kind: "filter",
+};
+
+const NAT: BaseChain = BaseChain {
+    name: NAT_CHAIN,
+    hook: NF_INET_POST_ROUTING,
+    hook_name: "postrouting",
+    priority: NF_PRI_NAT_SRC,
+    kind: "nat",
 };
 
 /// The rules this module knows how to write.
@@ -252,6 +280,8 @@ enum Rule {
     TrackedAccept,
     /// `meta l4proto tcp tcp dport PORT drop`
     DropTcpDport(u16),
+    /// `masquerade`: source NAT to the outgoing interface's address.
+    Masquerade,
 }
 
 /// Where a new rule goes in its chain.
@@ -280,6 +310,7 @@ impl Rule {
         match self {
             Rule::TrackedAccept => "ct state established,related,new accept".to_owned(),
             Rule::DropTcpDport(port) => format!("meta l4proto tcp tcp dport {port} drop"),
+            Rule::Masquerade => "masquerade".to_owned(),
         }
     }
 
@@ -334,6 +365,7 @@ impl Rule {
                 cmp(m, NFT_CMP_EQ, &port.to_be_bytes());
                 verdict(m, NF_DROP);
             }
+            Rule::Masquerade => expr(m, "masq", |_| {}),
         }
     }
 }
@@ -388,7 +420,7 @@ fn chain_msg(m: &mut MsgBuilder, chain: BaseChain) {
                 .be32(NFTA_HOOK_PRIORITY, chain.priority as u32);
         })
         .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
-        .str(NFTA_CHAIN_TYPE, "filter");
+        .str(NFTA_CHAIN_TYPE, chain.kind);
 }
 
 fn rule_msg(m: &mut MsgBuilder, chain: &str, rule: Rule) {
@@ -420,6 +452,9 @@ fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
         if chain == RAW_CHAIN {
             chains.push(RAW);
         }
+        if chain == NAT_CHAIN {
+            chains.push(NAT);
+        }
     }
     let mut attempt = 0;
     loop {
@@ -439,8 +474,8 @@ fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
                 NFT_MSG_NEWCHAIN,
                 NLM_F_CREATE,
                 format!(
-                    "base chain {} (type filter hook {} priority {})",
-                    chain.name, chain.hook_name, chain.priority
+                    "base chain {} (type {} hook {} priority {})",
+                    chain.name, chain.kind, chain.hook_name, chain.priority
                 ),
                 |m| chain_msg(m, chain),
             );

@@ -58,6 +58,24 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; IFINFOMSG_LEN] {
     h
 }
 
+// linux/rtnetlink.h, linux/pkt_sched.h: tc objects.
+const RTM_DELQDISC: u16 = 37;
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_GETTFILTER: u16 = 46;
+const TC_H_CLSACT: u32 = 0xffff_fff1;
+const TC_H_MIN_INGRESS: u32 = 0xfff2;
+const TC_H_MIN_EGRESS: u32 = 0xfff3;
+
+/// struct tcmsg.
+fn tcmsg(index: u32, handle: u32, parent: u32) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = libc::AF_UNSPEC as u8;
+    h[4..8].copy_from_slice(&index.to_ne_bytes());
+    h[8..12].copy_from_slice(&handle.to_ne_bytes());
+    h[12..16].copy_from_slice(&parent.to_ne_bytes());
+    h
+}
+
 fn family(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => libc::AF_INET as u8,
@@ -178,6 +196,33 @@ impl RtSocket {
             })
             .context("listing links")?;
         Ok(links)
+    }
+
+    /// How many tc filters hang off the clsact qdisc of link `index`,
+    /// ingress and egress together (`tc filter show dev X ingress|egress`).
+    pub fn clsact_filters(&mut self, index: u32) -> Result<usize> {
+        let mut n = 0;
+        for minor in [TC_H_MIN_INGRESS, TC_H_MIN_EGRESS] {
+            let mut msg = MsgBuilder::new(RTM_GETTFILTER, 0);
+            msg.header(&tcmsg(index, 0, TC_H_CLSACT | minor));
+            self.0
+                .dump(msg, |reply| {
+                    n += usize::from(reply.ty == RTM_NEWTFILTER);
+                    Ok(())
+                })
+                .with_context(|| format!("listing the tc filters of link {index}"))?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes the clsact qdisc of link `index` (`tc qdisc del dev X
+    /// clsact`), with every filter still on it.
+    pub fn delete_clsact(&mut self, index: u32) -> Result<()> {
+        let mut msg = MsgBuilder::new(RTM_DELQDISC, 0);
+        msg.header(&tcmsg(index, TC_H_CLSACT & 0xffff_0000, TC_H_CLSACT));
+        self.0
+            .request_ack(msg)
+            .with_context(|| format!("deleting the clsact qdisc of link {index}"))
     }
 
     /// Sets the link administratively up (`ip link set NAME up`).

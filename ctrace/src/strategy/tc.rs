@@ -53,7 +53,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 };
 
 /// How the programs are attached on this kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
     Tcx,
     Clsact,
@@ -164,9 +164,18 @@ fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String
 
 pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
     let (mut ebpf, logger) = load(opts, opts.pending_flows)?;
-    let probe_ns = NetNs::create().context("creating a namespace to probe tc attachment in")?;
-    let (mode, why) = probe_mode(&mut ebpf, &probe_ns)?;
-    drop(probe_ns);
+    let (mode, why) = match opts.tc_attach {
+        Some(AttachMode::Clsact) => (AttachMode::Clsact, " (--tc-attach clsact)".to_string()),
+        wanted => {
+            let probe_ns =
+                NetNs::create().context("creating a namespace to probe tc attachment in")?;
+            let (mode, why) = probe_mode(&mut ebpf, &probe_ns)?;
+            if wanted == Some(AttachMode::Tcx) && mode != AttachMode::Tcx {
+                anyhow::bail!("--tc-attach tcx: this kernel refuses TCX links{why}");
+            }
+            (mode, why)
+        }
+    };
     log::info!("tc tier: attaching as {}{why}", mode.describe());
     let hooks = Hooks {
         mode,
@@ -188,7 +197,11 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
 /// One interface's two attachments.
 struct Attached {
     name: String,
+    index: u32,
     links: Vec<SchedClassifierLink>,
+    /// ctrace added the clsact qdisc: it goes at exit if nothing else
+    /// hangs off it by then.
+    added_clsact: bool,
 }
 
 /// Which interfaces of which namespaces carry the programs.
@@ -292,8 +305,17 @@ impl Hooks {
                 (INGRESS_L3, EGRESS_L3)
             };
             let mut links = Vec::new();
+            let mut added_clsact = false;
             for (name, dir) in [(ing, TcAttachType::Ingress), (eg, TcAttachType::Egress)] {
-                match attach(ebpf, &ns, self.mode, name, link.index, dir) {
+                match attach(
+                    ebpf,
+                    &ns,
+                    self.mode,
+                    name,
+                    link.index,
+                    dir,
+                    &mut added_clsact,
+                ) {
                     Ok(l) => links.push(l),
                     Err(e) => log::warn!(
                         "tc tier: netns {} {}: attaching {name}: {e:#}",
@@ -312,10 +334,12 @@ impl Hooks {
             }
             let holder = Attached {
                 name: link.name.clone(),
+                index: link.index,
                 links,
+                added_clsact,
             };
             if let Some(old) = have.insert(link.index, holder) {
-                detach_in(&ns, old.links);
+                detach_in(&ns, old);
             }
         }
         Ok(())
@@ -329,15 +353,14 @@ impl Hooks {
             return;
         };
         for (inode, ifs) in attached {
-            let links: Vec<SchedClassifierLink> = ifs.into_values().flat_map(|a| a.links).collect();
             match found
                 .iter()
                 .find(|i| i.inode == inode)
                 .map(|i| NetNs::open(&i.path))
             {
-                Some(Ok(ns)) => detach_in(&ns, links),
+                Some(Ok(ns)) => ifs.into_values().for_each(|a| detach_in(&ns, a)),
                 // The namespace is gone, and its devices with it.
-                _ => drop(links),
+                _ => drop(ifs),
             }
         }
     }
@@ -350,6 +373,7 @@ fn attach(
     program: &str,
     ifindex: u32,
     dir: TcAttachType,
+    added_clsact: &mut bool,
 ) -> anyhow::Result<SchedClassifierLink> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(program)
@@ -364,10 +388,10 @@ fn attach(
                 order: LinkOrder::first(),
             },
             AttachMode::Clsact => {
-                if let Err(e) = tc::qdisc_add_clsact(ifindex)
-                    && !is_exists(&e)
-                {
-                    return Err(e).context("adding a clsact qdisc");
+                match tc::qdisc_add_clsact(ifindex) {
+                    Ok(()) => *added_clsact = true,
+                    Err(e) if is_exists(&e) => {}
+                    Err(e) => return Err(e).context("adding a clsact qdisc"),
                 }
                 TcAttach::Netlink {
                     parent: dir.into(),
@@ -381,13 +405,43 @@ fn attach(
 }
 
 fn is_exists(e: &tc::TcError) -> bool {
-    format!("{e:?}").contains("EEXIST") || format!("{e}").contains("exists")
+    match e {
+        tc::TcError::AlreadyAttached => true,
+        tc::TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        tc::TcError::IoError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
 }
 
-/// Drops links from a thread inside their namespace.
-fn detach_in(ns: &NetNs, links: Vec<SchedClassifierLink>) {
+/// Drops an interface's links from a thread inside their namespace, then
+/// the clsact qdisc ctrace added, unless someone else's filters use it.
+fn detach_in(ns: &NetNs, a: Attached) {
+    let Attached {
+        name,
+        index,
+        links,
+        added_clsact,
+    } = a;
     if let Err(e) = ns.run(move || drop(links)) {
-        log::warn!("tc tier: detaching in netns {}: {e:#}", ns.inode());
+        log::warn!(
+            "tc tier: detaching from {name} in netns {}: {e:#}",
+            ns.inode()
+        );
+        return;
+    }
+    if !added_clsact {
+        return;
+    }
+    let removed = RtSocket::open(Some(ns)).and_then(|mut rt| match rt.clsact_filters(index)? {
+        0 => rt.delete_clsact(index).map(|()| true),
+        _ => Ok(false),
+    });
+    match removed {
+        Ok(true) => {}
+        Ok(false) => {
+            log::info!("tc tier: leaving the clsact qdisc on {name}: other filters use it now")
+        }
+        Err(e) => log::warn!("tc tier: {name}: {e:#}"),
     }
 }
 
