@@ -335,10 +335,10 @@ impl Watcher {
             if !all_due && occ.tracker.source(inode).is_some() {
                 continue;
             }
-            let Some(sock) = self.monitor.socket(inode) else {
+            let Some(reader) = self.monitor.reader(inode) else {
                 continue;
             };
-            if let Err(e) = occ.tracker.baseline(inode, sock) {
+            if let Err(e) = occ.tracker.baseline_from(inode, reader) {
                 log::debug!("netns {inode}: occupancy dump failed: {e:#}");
             }
             dumped = true;
