@@ -202,6 +202,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         agreement: vec![],
         top_flows: vec![],
         flows_forgotten: 0,
+        kernel_log: None,
         is_final: true,
     };
     if args.json {

@@ -54,11 +54,16 @@ pub const SOURCE_ENV: &str = "CTRACE_TABLE_SOURCE";
 
 impl SourceChoice {
     pub fn from_env() -> anyhow::Result<SourceChoice> {
-        match std::env::var(SOURCE_ENV).as_deref() {
-            Err(_) | Ok("") | Ok("auto") => Ok(SourceChoice::Auto),
-            Ok("ctnetlink") => Ok(SourceChoice::Ctnetlink),
-            Ok("procfs") => Ok(SourceChoice::Procfs),
-            Ok(other) => {
+        Self::parse(std::env::var(SOURCE_ENV).ok().as_deref())
+    }
+
+    /// A value of `CTRACE_TABLE_SOURCE`; None or empty means `auto`.
+    pub fn parse(value: Option<&str>) -> anyhow::Result<SourceChoice> {
+        match value {
+            None | Some("") | Some("auto") => Ok(SourceChoice::Auto),
+            Some("ctnetlink") => Ok(SourceChoice::Ctnetlink),
+            Some("procfs") => Ok(SourceChoice::Procfs),
+            Some(other) => {
                 anyhow::bail!("{SOURCE_ENV}={other:?}: expected auto, ctnetlink or procfs")
             }
         }
@@ -526,5 +531,68 @@ impl TableMonitor {
 
     pub fn unreadable(&self) -> &BTreeMap<u64, String> {
         &self.unreadable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::ctnetlink::{CtEntry, IPPROTO_UDP};
+    use crate::netns::skip_unless_root;
+
+    /// A monitor told to use procfs samples a namespace like one using
+    /// ctnetlink, says so in its views, and its JSON carries it.
+    #[test]
+    fn table_monitor_on_procfs_says_so() {
+        if skip_unless_root("table_monitor_on_procfs_says_so") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let mut ct = CtSocket::open(Some(&ns)).unwrap();
+        let created = ct
+            .create_batch(&mut (0..10u16).map(|i| {
+                CtEntry::assured(
+                    IPPROTO_UDP,
+                    "10.1.0.1".parse().unwrap(),
+                    1000 + i,
+                    "10.1.0.2".parse().unwrap(),
+                    53,
+                    60,
+                )
+            }))
+            .unwrap();
+        assert_eq!(created.created, 10);
+        let mut by_proc = TableMonitor::with_source(NetnsFilter::default(), SourceChoice::Procfs);
+        by_proc.watch(&ns, "p").unwrap();
+        let mut by_nl = TableMonitor::with_source(NetnsFilter::default(), SourceChoice::Ctnetlink);
+        by_nl.watch(&ns, "n").unwrap();
+        assert_eq!(by_proc.source(ns.inode()), Some(TableSource::Procfs));
+        assert_eq!(by_nl.source(ns.inode()), Some(TableSource::Ctnetlink));
+        let (p, n) = (by_proc.views(&[]), by_nl.views(&[]));
+        assert_eq!((p.len(), n.len()), (1, 1));
+        assert_eq!(p[0].source, TableSource::Procfs);
+        assert_eq!((p[0].entries, p[0].max), (10, n[0].max));
+        assert_eq!(p[0].stats, n[0].stats);
+        assert_eq!(
+            serde_json::to_value(p[0].source).unwrap(),
+            serde_json::json!("procfs")
+        );
+    }
+
+    #[test]
+    fn table_source_choice_from_env_values() {
+        // Only the parsing: the variable itself is process-wide.
+        assert_eq!(SourceChoice::parse(None).unwrap(), SourceChoice::Auto);
+        assert_eq!(SourceChoice::parse(Some("")).unwrap(), SourceChoice::Auto);
+        assert_eq!(
+            SourceChoice::parse(Some("procfs")).unwrap(),
+            SourceChoice::Procfs
+        );
+        assert_eq!(
+            SourceChoice::parse(Some("ctnetlink")).unwrap(),
+            SourceChoice::Ctnetlink
+        );
+        let e = format!("{:#}", SourceChoice::parse(Some("netlink")).unwrap_err());
+        assert!(e.contains("CTRACE_TABLE_SOURCE=\"netlink\""), "{e}");
     }
 }

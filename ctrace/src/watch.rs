@@ -22,6 +22,7 @@ use crate::{
     cause::{Cause, evidence},
     event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
+    kernel::kmsg::{KmsgReader, TableFullWitness, Tally},
     ledger::{Agreement, DropGroup, Ledger},
     netlink::ctnetlink::CtDumpEntry,
     occupancy::{Breakdown, OccupancyTracker},
@@ -94,6 +95,16 @@ pub struct Watcher {
     last_clock_sync: Instant,
     started: Instant,
     occupancy: Option<Occupancy>,
+    /// The kernel log, read for table-full lines since start; None when
+    /// /dev/kmsg cannot be opened.
+    kmsg: Option<KernelLog>,
+}
+
+/// The kernel log as a witness: new records since start, summed.
+struct KernelLog {
+    reader: KmsgReader,
+    tally: Tally,
+    witnesses: Vec<TableFullWitness>,
 }
 
 /// SIGINT/SIGTERM, caught from the moment this is made: install it before
@@ -164,6 +175,17 @@ impl Watcher {
             lost_at_dump: 0,
             hz: facts.hz.max(1),
         });
+        let kmsg = match KmsgReader::open() {
+            Ok(reader) => Some(KernelLog {
+                reader,
+                tally: Tally::default(),
+                witnesses: Vec::new(),
+            }),
+            Err(e) => {
+                log::info!("no kernel log witness: {e:#}");
+                None
+            }
+        };
         log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
         Ok(Watcher {
             source,
@@ -179,6 +201,7 @@ impl Watcher {
             last_clock_sync: Instant::now(),
             started: Instant::now(),
             occupancy,
+            kmsg,
         })
     }
 
@@ -443,6 +466,7 @@ impl Watcher {
         });
         let counters = self.source.counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
+        self.read_kernel_log();
         let tables = self.monitor.views(&self.ledger.netns_with_drops());
         let occupancy = self.occupancy_views(&tables);
         let snap = Snapshot {
@@ -458,12 +482,33 @@ impl Watcher {
             agreement: self.ledger.agreement(),
             top_flows: self.agg.top_flows(10),
             flows_forgotten: self.agg.forgotten(),
+            kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
             is_final,
         };
         for s in sinks.iter_mut() {
             s.summary(&snap).context("writing output")?;
         }
         Ok(())
+    }
+
+    /// Adds the kernel log's new table-full witnesses to the tally; lines
+    /// that name a namespace outside `--netns` are left out.
+    fn read_kernel_log(&mut self) {
+        let Some(k) = self.kmsg.as_mut() else {
+            return;
+        };
+        k.witnesses.clear();
+        if let Err(e) = k.reader.poll(&mut k.witnesses) {
+            log::warn!("kernel log no longer readable: {e:#}");
+            self.kmsg = None;
+            return;
+        }
+        for w in &k.witnesses {
+            if w.netns.is_none_or(|ns| self.monitor.wants(ns)) {
+                k.tally.add(w);
+            }
+        }
+        k.tally.overwritten = k.reader.overwritten();
     }
 
     /// Forgets namespaces that vanished: their kernel rows, ledger,
