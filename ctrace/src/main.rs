@@ -206,6 +206,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         agreement: vec![],
         top_flows: vec![],
         flows_forgotten: 0,
+        kernel_log: None,
         is_final: true,
     };
     if args.json {
@@ -220,7 +221,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         for t in &snap.tables {
             println!(
-                "netns {}: {}/{} entries ({:.1}%), inserts {:.1}/s, drops {:.1}/s, full in {}; drop={} early_drop={} insert_failed={} invalid={}",
+                "netns {}: {}/{} entries ({:.1}%), inserts {:.1}/s, drops {:.1}/s, full in {}; drop={} early_drop={} insert_failed={} invalid={} (via {})",
                 sink::netns_label(t.inode, t.name.as_deref()),
                 t.entries,
                 t.max,
@@ -231,7 +232,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 t.stats.drop,
                 t.stats.early_drop,
                 t.stats.insert_failed,
-                t.stats.invalid
+                t.stats.invalid,
+                t.source.name()
             );
         }
         for (inode, why) in monitor.unreadable() {

@@ -1,5 +1,7 @@
 //! Table pressure: each network namespace's conntrack fill, statistics and
-//! their rates, sampled over ctnetlink from inside the namespace.
+//! their rates, sampled from inside the namespace over ctnetlink, or, where
+//! ctnetlink is missing (stock OpenWrt ships nf_conntrack_netlink as a
+//! separate package), from conntrack's procfs files ([`TableReader`]).
 //!
 //! The limit (`nf_conntrack_max`) is global but the count is per namespace,
 //! so "how full" is always asked per namespace. Namespaces are discovered,
@@ -9,11 +11,118 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     event::monotonic_ns,
-    netlink::ctnetlink::{CtSocket, CtStats},
+    kernel::procfs::ProcConntrack,
+    netlink::ctnetlink::{CtDumpEntry, CtSocket, CtStats},
     netns::{self, NetNs},
 };
+
+/// Where a namespace's statistics and entries come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableSource {
+    Ctnetlink,
+    /// /proc/net/stat/nf_conntrack, the nf_conntrack_count and _max
+    /// sysctls, and /proc/net/nf_conntrack.
+    Procfs,
+}
+
+impl TableSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableSource::Ctnetlink => "ctnetlink",
+            TableSource::Procfs => "procfs",
+        }
+    }
+}
+
+/// Which sources to try, from `CTRACE_TABLE_SOURCE` (`auto`, the default:
+/// ctnetlink, else procfs; `ctnetlink`; `procfs`). Forcing procfs shows
+/// what a router without ctnetlink would, on a machine that has it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceChoice {
+    #[default]
+    Auto,
+    Ctnetlink,
+    Procfs,
+}
+
+pub const SOURCE_ENV: &str = "CTRACE_TABLE_SOURCE";
+
+impl SourceChoice {
+    pub fn from_env() -> anyhow::Result<SourceChoice> {
+        Self::parse(std::env::var(SOURCE_ENV).ok().as_deref())
+    }
+
+    /// A value of `CTRACE_TABLE_SOURCE`; None or empty means `auto`.
+    pub fn parse(value: Option<&str>) -> anyhow::Result<SourceChoice> {
+        match value {
+            None | Some("") | Some("auto") => Ok(SourceChoice::Auto),
+            Some("ctnetlink") => Ok(SourceChoice::Ctnetlink),
+            Some("procfs") => Ok(SourceChoice::Procfs),
+            Some(other) => {
+                anyhow::bail!("{SOURCE_ENV}={other:?}: expected auto, ctnetlink or procfs")
+            }
+        }
+    }
+}
+
+/// A namespace's conntrack, read over ctnetlink or procfs: the same
+/// statistics ([`CtStats`]) and entries ([`CtDumpEntry`]) either way.
+#[derive(Debug)]
+pub enum TableReader {
+    Ctnetlink(CtSocket),
+    Procfs(ProcConntrack),
+}
+
+impl TableReader {
+    /// ctnetlink if it answers in `ns`, else procfs (per `choice`). The
+    /// error names both failures when neither works. The second value is
+    /// why ctnetlink was passed over, when procfs is used in `Auto`.
+    pub fn open(ns: &NetNs, choice: SourceChoice) -> anyhow::Result<(TableReader, Option<String>)> {
+        let procfs = || ProcConntrack::open(Some(ns)).map(TableReader::Procfs);
+        match choice {
+            SourceChoice::Ctnetlink => {
+                Ok((TableReader::Ctnetlink(CtSocket::open(Some(ns))?), None))
+            }
+            SourceChoice::Procfs => Ok((procfs()?, None)),
+            SourceChoice::Auto => match CtSocket::open(Some(ns)) {
+                Ok(sock) => Ok((TableReader::Ctnetlink(sock), None)),
+                Err(ct) => match procfs() {
+                    Ok(r) => Ok((r, Some(format!("{ct:#}")))),
+                    Err(p) => Err(p).context(format!(
+                        "conntrack is readable neither over ctnetlink ({ct:#}) nor in procfs"
+                    )),
+                },
+            },
+        }
+    }
+
+    pub fn source(&self) -> TableSource {
+        match self {
+            TableReader::Ctnetlink(_) => TableSource::Ctnetlink,
+            TableReader::Procfs(_) => TableSource::Procfs,
+        }
+    }
+
+    pub fn stats(&mut self) -> anyhow::Result<CtStats> {
+        match self {
+            TableReader::Ctnetlink(s) => s.stats(),
+            TableReader::Procfs(p) => p.stats(),
+        }
+    }
+
+    /// Streams every entry of the table to `f`; returns how many.
+    pub fn dump(&mut self, f: &mut dyn FnMut(&CtDumpEntry)) -> anyhow::Result<u64> {
+        match self {
+            TableReader::Ctnetlink(s) => s.dump(f),
+            TableReader::Procfs(p) => p.dump(f),
+        }
+    }
+}
 
 /// Samples kept per namespace: enough for rates, time-to-full and for
 /// finding the sample that precedes any pending drop.
@@ -57,6 +166,8 @@ pub enum TimeToFull {
 pub struct TableView {
     pub inode: u64,
     pub name: Option<String>,
+    /// Where the numbers were read.
+    pub source: TableSource,
     pub entries: u64,
     pub max: u64,
     pub stats: CtStats,
@@ -80,7 +191,7 @@ impl TableView {
 
 struct Table {
     name: Option<String>,
-    sock: CtSocket,
+    reader: TableReader,
     history: VecDeque<Sample>,
 }
 
@@ -108,6 +219,7 @@ impl Table {
         Some(TableView {
             inode,
             name: self.name.clone(),
+            source: self.reader.source(),
             entries: last.stats.entries,
             max: last.stats.max,
             stats: last.stats,
@@ -218,19 +330,59 @@ impl NetnsFilter {
 pub struct TableMonitor {
     filter: NetnsFilter,
     tables: BTreeMap<u64, Table>,
-    /// Namespaces seen but whose table cannot be read (no ctnetlink), with why.
+    /// Namespaces seen but whose table cannot be read (neither ctnetlink
+    /// nor procfs), with why.
     unreadable: BTreeMap<u64, String>,
     names: BTreeMap<u64, Option<String>>,
+    choice: SourceChoice,
+    /// The switch to procfs was logged at warning level once already.
+    told_procfs: bool,
 }
 
 impl TableMonitor {
+    /// Sources as `CTRACE_TABLE_SOURCE` says (see [`SourceChoice`]); an
+    /// invalid value is warned about and taken as `auto`.
     pub fn new(filter: NetnsFilter) -> Self {
+        let choice = SourceChoice::from_env().unwrap_or_else(|e| {
+            log::warn!("{e:#}; using auto");
+            SourceChoice::Auto
+        });
+        Self::with_source(filter, choice)
+    }
+
+    pub fn with_source(filter: NetnsFilter, choice: SourceChoice) -> Self {
         TableMonitor {
             filter,
             tables: BTreeMap::new(),
             unreadable: BTreeMap::new(),
             names: BTreeMap::new(),
+            choice,
+            told_procfs: false,
         }
+    }
+
+    /// Opens a namespace's reader and says, once per run at warning level
+    /// (then at debug), when it had to fall back to procfs.
+    fn open_reader(&mut self, ns: &NetNs) -> anyhow::Result<TableReader> {
+        let (reader, why) = TableReader::open(ns, self.choice)?;
+        if reader.source() == TableSource::Procfs {
+            let why = why.map_or_else(
+                || format!("{SOURCE_ENV}=procfs"),
+                |w| format!("ctnetlink unavailable: {w}"),
+            );
+            let msg = format!(
+                "netns {}: reading conntrack from procfs (/proc/net/stat/nf_conntrack, \
+                 /proc/net/nf_conntrack) instead of ctnetlink ({why}); occupancy is re-read \
+                 periodically",
+                ns.inode()
+            );
+            if std::mem::replace(&mut self.told_procfs, true) {
+                log::debug!("{msg}");
+            } else {
+                log::warn!("{msg}");
+            }
+        }
+        Ok(reader)
     }
 
     pub fn filter(&self) -> &NetnsFilter {
@@ -256,15 +408,19 @@ impl TableMonitor {
             if self.tables.contains_key(&info.inode) || self.unreadable.contains_key(&info.inode) {
                 continue;
             }
-            let opened = NetNs::open(&info.path).and_then(|ns| CtSocket::open(Some(&ns)));
+            let opened = NetNs::open(&info.path).and_then(|ns| self.open_reader(&ns));
             match opened {
-                Ok(sock) => {
-                    log::debug!("watching conntrack in netns {}", info.inode);
+                Ok(reader) => {
+                    log::debug!(
+                        "watching conntrack in netns {} over {}",
+                        info.inode,
+                        reader.source().name()
+                    );
                     self.tables.insert(
                         info.inode,
                         Table {
                             name: info.name.clone(),
-                            sock,
+                            reader,
                             history: VecDeque::new(),
                         },
                     );
@@ -284,13 +440,13 @@ impl TableMonitor {
     /// Adds a namespace the caller holds open (the lab's own), without
     /// waiting for discovery to find it.
     pub fn watch(&mut self, ns: &NetNs, name: &str) -> anyhow::Result<()> {
-        let sock = CtSocket::open(Some(ns))?;
+        let reader = self.open_reader(ns)?;
         self.names.insert(ns.inode(), Some(name.to_string()));
         self.tables.insert(
             ns.inode(),
             Table {
                 name: Some(name.to_string()),
-                sock,
+                reader,
                 history: VecDeque::new(),
             },
         );
@@ -310,9 +466,14 @@ impl TableMonitor {
         self.names.get(&inode).and_then(|n| n.as_deref())
     }
 
-    /// The namespace's ctnetlink socket, for dumps.
-    pub fn socket(&mut self, inode: u64) -> Option<&mut CtSocket> {
-        self.tables.get_mut(&inode).map(|t| &mut t.sock)
+    /// The namespace's reader, for dumps.
+    pub fn reader(&mut self, inode: u64) -> Option<&mut TableReader> {
+        self.tables.get_mut(&inode).map(|t| &mut t.reader)
+    }
+
+    /// Where the namespace's table is read, if it can be.
+    pub fn source(&self, inode: u64) -> Option<TableSource> {
+        self.tables.get(&inode).map(|t| t.reader.source())
     }
 
     /// Namespaces whose tables can be read.
@@ -323,7 +484,7 @@ impl TableMonitor {
     /// Reads the namespace's statistics now; None when it cannot.
     pub fn sample(&mut self, inode: u64) -> Option<CtStats> {
         let t = self.tables.get_mut(&inode)?;
-        match t.sock.stats() {
+        match t.reader.stats() {
             Ok(stats) => {
                 if t.history.len() == HISTORY {
                     t.history.pop_front();
@@ -381,5 +542,68 @@ impl TableMonitor {
 
     pub fn unreadable(&self) -> &BTreeMap<u64, String> {
         &self.unreadable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::ctnetlink::{CtEntry, IPPROTO_UDP};
+    use crate::netns::skip_unless_root;
+
+    /// A monitor told to use procfs samples a namespace like one using
+    /// ctnetlink, says so in its views, and its JSON carries it.
+    #[test]
+    fn table_monitor_on_procfs_says_so() {
+        if skip_unless_root("table_monitor_on_procfs_says_so") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let mut ct = CtSocket::open(Some(&ns)).unwrap();
+        let created = ct
+            .create_batch(&mut (0..10u16).map(|i| {
+                CtEntry::assured(
+                    IPPROTO_UDP,
+                    "10.1.0.1".parse().unwrap(),
+                    1000 + i,
+                    "10.1.0.2".parse().unwrap(),
+                    53,
+                    60,
+                )
+            }))
+            .unwrap();
+        assert_eq!(created.created, 10);
+        let mut by_proc = TableMonitor::with_source(NetnsFilter::default(), SourceChoice::Procfs);
+        by_proc.watch(&ns, "p").unwrap();
+        let mut by_nl = TableMonitor::with_source(NetnsFilter::default(), SourceChoice::Ctnetlink);
+        by_nl.watch(&ns, "n").unwrap();
+        assert_eq!(by_proc.source(ns.inode()), Some(TableSource::Procfs));
+        assert_eq!(by_nl.source(ns.inode()), Some(TableSource::Ctnetlink));
+        let (p, n) = (by_proc.views(&[]), by_nl.views(&[]));
+        assert_eq!((p.len(), n.len()), (1, 1));
+        assert_eq!(p[0].source, TableSource::Procfs);
+        assert_eq!((p[0].entries, p[0].max), (10, n[0].max));
+        assert_eq!(p[0].stats, n[0].stats);
+        assert_eq!(
+            serde_json::to_value(p[0].source).unwrap(),
+            serde_json::json!("procfs")
+        );
+    }
+
+    #[test]
+    fn table_source_choice_from_env_values() {
+        // Only the parsing: the variable itself is process-wide.
+        assert_eq!(SourceChoice::parse(None).unwrap(), SourceChoice::Auto);
+        assert_eq!(SourceChoice::parse(Some("")).unwrap(), SourceChoice::Auto);
+        assert_eq!(
+            SourceChoice::parse(Some("procfs")).unwrap(),
+            SourceChoice::Procfs
+        );
+        assert_eq!(
+            SourceChoice::parse(Some("ctnetlink")).unwrap(),
+            SourceChoice::Ctnetlink
+        );
+        let e = format!("{:#}", SourceChoice::parse(Some("netlink")).unwrap_err());
+        assert!(e.contains("CTRACE_TABLE_SOURCE=\"netlink\""), "{e}");
     }
 }

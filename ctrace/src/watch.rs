@@ -22,6 +22,7 @@ use crate::{
     cause::{Cause, evidence},
     event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
+    kernel::kmsg::{KmsgReader, TableFullWitness, Tally},
     ledger::{Agreement, DropGroup, Ledger},
     netlink::ctnetlink::CtDumpEntry,
     occupancy::{Breakdown, OccupancyTracker},
@@ -104,6 +105,16 @@ pub struct Watcher {
     /// Correlating tiers: the counter sample per namespace that the latest
     /// sweep's verdicts settle against.
     verdict_samples: HashMap<u64, crate::table::Sample>,
+    /// The kernel log, read for table-full lines since start; None when
+    /// /dev/kmsg cannot be opened.
+    kmsg: Option<KernelLog>,
+}
+
+/// The kernel log as a witness: new records since start, summed.
+struct KernelLog {
+    reader: KmsgReader,
+    tally: Tally,
+    witnesses: Vec<TableFullWitness>,
 }
 
 /// SIGINT/SIGTERM, caught from the moment this is made: install it before
@@ -181,6 +192,17 @@ impl Watcher {
             lost_at_dump: 0,
             hz: facts.hz.max(1),
         });
+        let kmsg = match KmsgReader::open() {
+            Ok(reader) => Some(KernelLog {
+                reader,
+                tally: Tally::default(),
+                witnesses: Vec::new(),
+            }),
+            Err(e) => {
+                log::info!("no kernel log witness: {e:#}");
+                None
+            }
+        };
         log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
         Ok(Watcher {
             source,
@@ -198,6 +220,7 @@ impl Watcher {
             occupancy,
             flushed: false,
             verdict_samples: HashMap::new(),
+            kmsg,
         })
     }
 
@@ -410,10 +433,10 @@ impl Watcher {
             if !all_due && occ.tracker.source(inode).is_some() {
                 continue;
             }
-            let Some(sock) = self.monitor.socket(inode) else {
+            let Some(reader) = self.monitor.reader(inode) else {
                 continue;
             };
-            if let Err(e) = occ.tracker.baseline(inode, sock) {
+            if let Err(e) = occ.tracker.baseline_from(inode, reader) {
                 log::debug!("netns {inode}: occupancy dump failed: {e:#}");
             }
             dumped = true;
@@ -530,6 +553,7 @@ impl Watcher {
         });
         let counters = self.source.counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
+        self.read_kernel_log();
         let tables = self.monitor.views(&self.ledger.netns_with_drops());
         let occupancy = self.occupancy_views(&tables);
         let snap = Snapshot {
@@ -545,12 +569,33 @@ impl Watcher {
             agreement: self.ledger.agreement(),
             top_flows: self.agg.top_flows(10),
             flows_forgotten: self.agg.forgotten(),
+            kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
             is_final,
         };
         for s in sinks.iter_mut() {
             s.summary(&snap).context("writing output")?;
         }
         Ok(())
+    }
+
+    /// Adds the kernel log's new table-full witnesses to the tally; lines
+    /// that name a namespace outside `--netns` are left out.
+    fn read_kernel_log(&mut self) {
+        let Some(k) = self.kmsg.as_mut() else {
+            return;
+        };
+        k.witnesses.clear();
+        if let Err(e) = k.reader.poll(&mut k.witnesses) {
+            log::warn!("kernel log no longer readable: {e:#}");
+            self.kmsg = None;
+            return;
+        }
+        for w in &k.witnesses {
+            if w.netns.is_none_or(|ns| self.monitor.wants(ns)) {
+                k.tally.add(w);
+            }
+        }
+        k.tally.overwritten = k.reader.overwritten();
     }
 
     /// Forgets namespaces that vanished: their kernel rows, ledger,

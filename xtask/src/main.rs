@@ -25,6 +25,8 @@ use clap::{Parser, Subcommand};
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const TEST_FUZZ_SECS: u64 = 15;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, set up and test ctrace.")]
@@ -69,6 +71,15 @@ enum Cmd {
     },
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
+    /// Build the fuzz targets (fuzz/) with libFuzzer, AddressSanitizer and
+    /// coverage instrumentation, and run each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// Only these targets (default: every [[bin]] in fuzz/Cargo.toml).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +89,12 @@ fn main() -> ExitCode {
         Cmd::Build { target } => build(target.as_deref()).map(|_| ()),
         Cmd::Lab { args } => lab(&args),
         Cmd::Test { filter, no_vm, vm } => test(filter.as_deref()).and_then(|()| {
+            // A filter asks for some tests, not the whole run.
+            if filter.is_some() || env::var_os("CTRACE_SKIP_FUZZ").is_some_and(|v| v == "1") {
+                step("skipping the fuzz targets (a test filter, or CTRACE_SKIP_FUZZ=1)");
+            } else {
+                fuzz(TEST_FUZZ_SECS, &[])?;
+            }
             if no_vm || env::var_os("CTRACE_SKIP_VM").is_some_and(|v| v == "1") {
                 step("skipping the VM matrix (--no-vm or CTRACE_SKIP_VM=1)");
                 Ok(())
@@ -87,6 +104,7 @@ fn main() -> ExitCode {
         }),
         Cmd::VmTest { vm, filter } => vm::run(&vm, filter.as_deref()),
         Cmd::Lint => lint(),
+        Cmd::Fuzz { secs, targets } => fuzz(secs, &targets),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -418,4 +436,134 @@ fn is_root() -> bool {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// The flags cargo-fuzz passes for libFuzzer (inline 8-bit counters, PC
+/// table, comparison tracing), with AddressSanitizer and overflow checks.
+/// Applied to the fuzz workspace only, and with an explicit --target so
+/// build scripts and proc macros are built without them.
+const FUZZ_RUSTFLAGS: &str = "-Cpasses=sancov-module \
+    -Cllvm-args=-sanitizer-coverage-level=4 \
+    -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
+    -Cllvm-args=-sanitizer-coverage-pc-table \
+    -Cllvm-args=-sanitizer-coverage-trace-compares \
+    --cfg fuzzing -Zsanitizer=address -Cdebug-assertions -Coverflow-checks \
+    -Cforce-frame-pointers";
+
+/// The fuzz targets named in fuzz/Cargo.toml.
+fn fuzz_targets(manifest: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let mut targets = Vec::new();
+    let mut in_bin = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin && let Some(v) = line.strip_prefix("name") {
+            if let Some(name) = v.split('"').nth(1) {
+                targets.push(name.to_string());
+            }
+        }
+    }
+    Ok(targets)
+}
+
+/// Builds the fuzz targets without cargo-fuzz (RUSTC_BOOTSTRAP lets the
+/// pinned stable toolchain take -Zsanitizer) and runs each for `secs`
+/// seconds from the committed seeds (fuzz/seeds/<target>) plus what
+/// earlier runs found (fuzz/corpus/<target>, not committed). A crash
+/// fails with the input saved under fuzz/artifacts/<target>/.
+fn fuzz(secs: u64, only: &[String]) -> anyhow::Result<()> {
+    let tc = ensure_toolchain()?;
+    let dir = workspace_root().join("fuzz");
+    let manifest = dir.join("Cargo.toml");
+    let all = fuzz_targets(&manifest)?;
+    for t in only {
+        if !all.contains(t) {
+            bail!("no fuzz target {t:?}; there are {}", all.join(", "));
+        }
+    }
+    let targets: Vec<&String> = all
+        .iter()
+        .filter(|t| only.is_empty() || only.contains(t))
+        .collect();
+    let host = output(Command::new("rustc").arg(format!("+{tc}")).arg("-vV"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV names no host")?;
+    step(&format!("building fuzz targets for {host}"));
+    let started = Instant::now();
+    let flags: String = FUZZ_RUSTFLAGS
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    run(cargo(&tc)
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "--target",
+            &host,
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .current_dir(&dir)
+        .env("RUSTFLAGS", flags)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        // The parsers need no eBPF object.
+        .env("AYA_BUILD_SKIP", "1"))?;
+    step(&format!(
+        "fuzz targets built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
+    for t in targets {
+        let bin = dir.join("target").join(&host).join("release").join(t);
+        let corpus = dir.join("corpus").join(t);
+        let seeds = dir.join("seeds").join(t);
+        let artifacts = dir.join("artifacts").join(t);
+        fs::create_dir_all(&corpus)?;
+        fs::create_dir_all(&artifacts)?;
+        step(&format!("fuzzing {t} for {secs}s"));
+        let out = Command::new(&bin)
+            .arg(format!("-max_total_time={secs}"))
+            .arg("-print_final_stats=1")
+            .arg("-timeout=10")
+            .arg("-rss_limit_mb=2048")
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg(&corpus)
+            .arg(&seeds)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let log_path = artifacts.join("last-run.log");
+        fs::write(&log_path, log.as_bytes())?;
+        let stat = |name: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for l in tail.into_iter().rev() {
+                eprintln!("  {l}");
+            }
+            bail!(
+                "fuzz target {t} failed ({}); input saved under {}, log in {}",
+                out.status,
+                artifacts.display(),
+                log_path.display()
+            );
+        }
+        step(&format!(
+            "fuzz {t}: {} executions ({}/s), {} new corpus units, no crash",
+            stat("number_of_executed_units"),
+            stat("average_exec_per_sec"),
+            stat("new_units_added"),
+        ));
+    }
+    Ok(())
 }

@@ -1,9 +1,13 @@
 //! Facts about the running kernel, read from the kernel itself: BTF for
 //! struct layouts, tracefs for tracepoint records, capabilities for what we
-//! may do. Nothing here keys on a version number.
+//! may do; and what it says without BPF or ctnetlink: conntrack's procfs
+//! files (`procfs`) and its log (`kmsg`). Nothing here keys on a version
+//! number.
 pub mod btf;
 pub mod kallsyms;
+pub mod kmsg;
 pub mod privileges;
+pub mod procfs;
 pub mod tracefs;
 
 use std::path::PathBuf;

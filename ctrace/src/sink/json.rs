@@ -67,6 +67,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
                 },
                 "stats": stats,
                 "rates": rates,
+                "table_source": t.source,
             })
         })
         .collect();
@@ -113,6 +114,25 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "totals_map_full": s.counters.totals_full,
         "stale_probe_state": s.counters.stale_state,
         "capabilities": s.caps,
+        "kernel_log": s.kernel_log.as_ref().map(kernel_log_json),
+    })
+}
+
+/// The kernel log's table-full witnesses: `{"table_full","lines",
+/// "suppressed","last_at","by_netns":{"<inode>":lines},"overwritten"}`.
+pub fn kernel_log_json(t: &crate::kernel::kmsg::Tally) -> Value {
+    let by_netns: Map<String, Value> = t
+        .by_netns
+        .iter()
+        .map(|(ns, n)| (ns.to_string(), json!(n)))
+        .collect();
+    json!({
+        "table_full": t.table_full,
+        "lines": t.lines,
+        "suppressed": t.suppressed,
+        "last_at": t.last_at_usec.map(|u| rfc3339(crate::kernel::kmsg::boot_to_wall(u))),
+        "by_netns": by_netns,
+        "overwritten": t.overwritten,
     })
 }
 

@@ -66,7 +66,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
         let bar = fill_bar(t.fill());
         w(
             &mut o,
-            format!("netns {}", netns_label(t.inode, t.name.as_deref())),
+            format!(
+                "netns {}{}",
+                netns_label(t.inode, t.name.as_deref()),
+                match t.source {
+                    crate::table::TableSource::Procfs => "   (read from procfs: no ctnetlink)",
+                    crate::table::TableSource::Ctnetlink => "",
+                }
+            ),
         );
         w(
             &mut o,
@@ -101,6 +108,13 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 t.stats.insert,
                 t.stats.found
             ),
+        );
+    }
+    if let Some(k) = &s.kernel_log {
+        w(
+            &mut o,
+            k.text()
+                .unwrap_or_else(|| "kernel log: no table-full line since start".into()),
         );
     }
     w(&mut o, String::new());

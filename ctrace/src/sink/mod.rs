@@ -34,6 +34,9 @@ pub struct Snapshot<'a> {
     pub top_flows: Vec<&'a FlowEntry>,
     /// Flows dropped from the bounded detail (totals keep them).
     pub flows_forgotten: u64,
+    /// Table-full witnesses in the kernel log since start; None when
+    /// /dev/kmsg cannot be read (or nothing traces, as in `ctrace status`).
+    pub kernel_log: Option<crate::kernel::kmsg::Tally>,
     pub is_final: bool,
 }
 

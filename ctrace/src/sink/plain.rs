@@ -7,11 +7,17 @@ use crate::{aggregate::DropRecord, event::tcp_flags_str};
 
 pub struct PlainSink<W: Write> {
     out: W,
+    /// The kernel log's table-full count last printed: a line only when it
+    /// moved (and at the end).
+    kernel_log_shown: u64,
 }
 
 impl<W: Write> PlainSink<W> {
     pub fn new(out: W) -> Self {
-        PlainSink { out }
+        PlainSink {
+            out,
+            kernel_log_shown: 0,
+        }
     }
 }
 
@@ -45,7 +51,7 @@ impl<W: Write> Sink for PlainSink<W> {
         for t in &s.tables {
             writeln!(
                 self.out,
-                "{} {what} netns={} count={}/{} ({:.1}%) inserts/s={:.1} drops/s={:.1} full_in={}",
+                "{} {what} netns={} count={}/{} ({:.1}%) inserts/s={:.1} drops/s={:.1} full_in={} source={}",
                 rfc3339(s.time),
                 netns_label(t.inode, t.name.as_deref()),
                 t.entries,
@@ -54,6 +60,7 @@ impl<W: Write> Sink for PlainSink<W> {
                 t.insert_rate,
                 t.drop_rate,
                 ttf_text(t.time_to_full),
+                t.source.name(),
             )?;
         }
         if s.is_final {
@@ -98,6 +105,13 @@ impl<W: Write> Sink for PlainSink<W> {
                     super::agreement_text(a)
                 )?;
             }
+        }
+        if let Some(k) = &s.kernel_log
+            && (k.table_full != self.kernel_log_shown || s.is_final)
+            && let Some(text) = k.text()
+        {
+            self.kernel_log_shown = k.table_full;
+            writeln!(self.out, "{} {what} {text}", rfc3339(s.time))?;
         }
         if s.counters.lost_events > 0 || s.is_final {
             writeln!(
