@@ -93,6 +93,11 @@ impl Credit {
 }
 
 type RowKey = (u16, Proto, u8);
+
+/// Settlements a correlating tier's `drop` credit is kept for: its
+/// verdicts follow sweeps (every 200 ms) and may trail a counter rise by a
+/// few of them on a loaded machine.
+const CORRELATED_CARRY: usize = 10;
 type GroupKey = (u16, Cause, Proto);
 
 #[derive(Default)]
@@ -101,6 +106,8 @@ struct NetnsLedger {
     seen: HashMap<RowKey, (u64, u64)>,
     last: Option<CtStats>,
     carry: Credit,
+    /// `drop` credit left over, one bucket per settlement, oldest first.
+    aged: std::collections::VecDeque<u64>,
     groups: BTreeMap<GroupKey, (u64, u64)>,
     /// The cause and evidence each class got last, for labelling the
     /// flows announced with it.
@@ -196,7 +203,10 @@ impl Ledger {
             insert_failed: now.insert_failed.saturating_sub(before.insert_failed),
         };
         n.kernel_drops += fresh.drop;
-        let old = n.carry;
+        let old = Credit {
+            drop: n.aged.iter().sum(),
+            ..n.carry
+        };
         let mut credit = Credit {
             drop: fresh.drop + old.drop,
             invalid: fresh.invalid + old.invalid,
@@ -213,12 +223,30 @@ impl Ledger {
             let shares = attribute(cls, dp, &mut credit, caps, full, &mut disagreed);
             n.book(service, proto, cls, df, &shares);
         }
-        // Old credit is spent first; what is left of it expires.
+        // Old credit is spent first; what is older than the tier allows
+        // expires. Tiers that see drops directly spend a rise within one
+        // settlement; a correlating tier's verdicts trail it by up to a
+        // few sweeps when the machine is busy.
         let spent = (fresh.drop + old.drop) - credit.drop;
-        let expired = old.drop.saturating_sub(spent);
+        let mut to_spend = spent;
+        for bucket in n.aged.iter_mut() {
+            let t = (*bucket).min(to_spend);
+            *bucket -= t;
+            to_spend -= t;
+        }
+        n.aged.push_back(fresh.drop - to_spend);
+        let keep = if caps.drops == crate::tier::DropSight::Correlated {
+            CORRELATED_CARRY
+        } else {
+            1
+        };
+        let mut expired = 0;
+        while n.aged.len() > keep {
+            expired += n.aged.pop_front().unwrap_or(0);
+        }
         n.unseen += expired;
         n.carry = Credit {
-            drop: credit.drop - expired,
+            drop: 0,
             invalid: credit.invalid.min(fresh.invalid),
             insert_failed: credit.insert_failed.min(fresh.insert_failed),
         };

@@ -63,6 +63,21 @@ fn router_lab() -> RouterLab {
     }
 }
 
+/// The tc tests force the tc tier: they run on the host, and in a matrix
+/// run (one pass per strategy) only in a `tc` pass.
+fn tc_wanted() -> bool {
+    if !privileged() {
+        return false;
+    }
+    match std::env::var("CTRACE_TEST_STRATEGY").ok().as_deref() {
+        None | Some("") | Some("tc") => true,
+        Some(s) => {
+            eprintln!("SKIPPED: forces the tc tier; runs in a tc pass, not the {s} one");
+            false
+        }
+    }
+}
+
 fn tc_tracer(router: &NetNs, extra: &[&str]) -> Tracer {
     let ns = router.inode().to_string();
     let mut args = vec!["--netns", ns.as_str(), "--interval", "500ms"];
@@ -174,7 +189,7 @@ fn full_table_run(masquerade: bool) {
 
 #[test]
 fn tc_full_table_forwarded_and_local_flows_match_ground_truth() {
-    if !privileged() {
+    if !tc_wanted() {
         return;
     }
     full_table_run(false);
@@ -182,7 +197,7 @@ fn tc_full_table_forwarded_and_local_flows_match_ground_truth() {
 
 #[test]
 fn tc_full_table_behind_masquerade_matches_ground_truth() {
-    if !privileged() {
+    if !tc_wanted() {
         return;
     }
     full_table_run(true);
@@ -190,7 +205,7 @@ fn tc_full_table_behind_masquerade_matches_ground_truth() {
 
 #[test]
 fn tc_rule_drops_are_not_table_full_and_passing_flows_are_never_reported() {
-    if !privileged() {
+    if !tc_wanted() {
         return;
     }
     let lab = router_lab();
@@ -279,7 +294,7 @@ fn clsact_left(ns: &NetNs) -> Option<Vec<String>> {
 
 #[test]
 fn tc_hooks_never_outlive_ctrace() {
-    if !privileged() {
+    if !tc_wanted() {
         return;
     }
     let lab = router_lab();
@@ -354,7 +369,7 @@ fn tc_hooks_never_outlive_ctrace() {
 
 #[test]
 fn tc_is_what_auto_picks_without_btf_and_probe_says_why() {
-    if !privileged() {
+    if !tc_wanted() {
         return;
     }
     let out = std::process::Command::new(ctrace_tests::ctrace_bin())
