@@ -13,7 +13,7 @@
 //!
 //! Memory: the judged set is bounded by the map's capacity.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     time::Duration,
 };
 
@@ -23,7 +23,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
 };
 use ctrace_common::{
-    class,
+    FlowKey, class,
     tc::{MatchKey, Pending, state},
 };
 
@@ -37,19 +37,30 @@ use crate::{
 const LINGER: Duration = Duration::from_secs(10);
 /// Under pressure (map over half full), quiet entries go sooner.
 const LINGER_UNDER_PRESSURE: Duration = Duration::from_secs(2);
+/// Flows announced one by one per sweep, at most: like a ring buffer's
+/// room for a burst.
+const ANNOUNCE_PER_SWEEP: usize = 4096;
+/// Judged flows whose counts one read of the detail takes, at most.
+const FLOW_COUNTS_PER_READ: usize = 8192;
 /// How often the map is read.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(200);
 
-/// A flow judged dropped and still in the map.
+/// A flow judged dropped and still in the map. Compact: a storm keeps as
+/// many of these as the map has room for.
 struct Judged {
-    flow: Flow,
+    /// The flow as the kernel side keyed it (`netns` unused).
+    key: FlowKey,
+    netns: u64,
     service: u16,
     /// Packets already added to the totals.
     counted: u32,
-    /// (sweep time, packets seen by then), newest last: how many packets
-    /// had arrived by a given time, when retransmissions keep `last_ns`
-    /// younger than any horizon (Linux 6.18 retries SYNs every second).
-    seen: VecDeque<(u64, u32)>,
+    /// Packets a sweep at `seen_ns` had seen: how many had arrived by then,
+    /// when retransmissions keep `last_ns` younger than any horizon (Linux
+    /// 6.18 retries SYNs every second).
+    seen_ns: u64,
+    seen_packets: u32,
+    /// `counted` changed since the detail last read it.
+    dirty: bool,
     first_ns: u64,
     last_ns: u64,
     tcp_flags: u8,
@@ -64,6 +75,9 @@ pub struct JudgeCounts {
     /// Pending flows whose interface no watched namespace owns (or two do):
     /// not attributed.
     pub unattributed: u64,
+    /// Flows judged dropped but not announced one by one (more in one sweep
+    /// than the detail takes); the totals count them.
+    pub unannounced: u64,
 }
 
 pub struct Judge {
@@ -119,47 +133,53 @@ impl Judge {
         flush: bool,
     ) {
         let horizon = horizon.min(now_ns.saturating_sub(self.window_ns));
-        let entries: Vec<(MatchKey, Pending)> = self.map.iter().filter_map(Result::ok).collect();
-        self.counts.pending = entries.len() as u64;
-        let pressure = self.capacity > 0 && entries.len() as u64 * 2 > u64::from(self.capacity);
+        let pressure = self.capacity > 0 && self.counts.pending * 2 > u64::from(self.capacity);
         let linger = if pressure {
             LINGER_UNDER_PRESSURE
         } else {
             LINGER
         };
         let linger_ns = u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX);
+        let window_ns = self.window_ns;
         let mut doomed = Vec::new();
         let mut present = HashSet::with_capacity(self.judged.len());
-        for (key, p) in entries {
-            let quiet = now_ns.saturating_sub(p.last_ns) > linger_ns.max(self.window_ns);
-            if let Some(j) = self.judged.get_mut(&key) {
+        let mut held = 0u64;
+        let mut announced = 0usize;
+        // Streamed, never collected: under a storm the map holds as many
+        // flows as it has room for.
+        let Judge {
+            map,
+            judged,
+            totals,
+            counts,
+            unattributed,
+            ..
+        } = self;
+        for (key, p) in map.iter().filter_map(Result::ok) {
+            held += 1;
+            let quiet = now_ns.saturating_sub(p.last_ns) > linger_ns.max(window_ns);
+            if let Some(j) = judged.get_mut(&key) {
                 present.insert(key);
                 j.last_ns = p.last_ns;
                 j.tcp_flags |= p.tcp_flags;
-                if j.seen.back().is_none_or(|&(_, n)| n != p.packets) {
-                    j.seen.push_back((now_ns, p.packets));
-                }
-                // Later packets count once they are older than the horizon.
+                // Later packets count once they are older than the horizon:
+                // all of them once the last is, else as many as a sweep
+                // at least that old had seen.
                 let by_horizon = if p.last_ns < horizon || flush {
                     p.packets
+                } else if j.seen_ns <= horizon {
+                    j.seen_packets
                 } else {
-                    let mut n = j.counted;
-                    while let Some(&(at, seen)) = j.seen.front() {
-                        if at > horizon {
-                            break;
-                        }
-                        n = n.max(seen);
-                        j.seen.pop_front();
-                    }
-                    n
+                    j.counted
                 };
+                if j.seen_ns <= horizon && j.seen_packets != p.packets {
+                    (j.seen_ns, j.seen_packets) = (now_ns, p.packets);
+                }
                 if by_horizon > j.counted {
-                    let t = self
-                        .totals
-                        .entry((j.flow.netns, j.service, j.flow.proto.number()))
-                        .or_default();
+                    let t = totals.entry((j.netns, j.service, j.key.proto)).or_default();
                     t.0 += u64::from(by_horizon - j.counted);
                     j.counted = by_horizon;
+                    j.dirty = true;
                 }
                 if quiet {
                     doomed.push(key);
@@ -168,7 +188,7 @@ impl Judge {
             }
             match p.state {
                 state::PASSED => {
-                    if now_ns.saturating_sub(p.last_ns) > self.window_ns {
+                    if now_ns.saturating_sub(p.last_ns) > window_ns {
                         doomed.push(key);
                     }
                 }
@@ -180,8 +200,9 @@ impl Judge {
                         Flow::from_key(&k).map(|f| Flow { netns: ns, ..f })
                     });
                     let Some(flow) = flow else {
-                        if self.unattributed.insert(key) {
-                            self.counts.unattributed += 1;
+                        present.insert(key);
+                        if unattributed.insert(key) {
+                            counts.unattributed += 1;
                         }
                         if quiet {
                             doomed.push(key);
@@ -193,32 +214,41 @@ impl Judge {
                     } else {
                         1
                     };
-                    let t = self
-                        .totals
+                    let t = totals
                         .entry((flow.netns, p.service, p.flow.proto))
                         .or_default();
                     t.0 += u64::from(counted);
                     t.1 += 1;
-                    self.counts.judged += 1;
-                    out.push(KernelEvent::Drop(DropEvent {
-                        time: clock.wall(p.first_ns),
-                        mono_ns: p.first_ns,
-                        flow,
-                        tcp_flags: p.tcp_flags,
-                        class: class::NOT_FORWARDED,
-                        reason: 0,
-                        tier: Tier::Tc,
-                    }));
-                    self.judged.insert(
+                    counts.judged += 1;
+                    // The totals above count every flow; the detail is
+                    // bounded like a ring buffer's burst.
+                    if announced < ANNOUNCE_PER_SWEEP {
+                        announced += 1;
+                        out.push(KernelEvent::Drop(DropEvent {
+                            time: clock.wall(p.first_ns),
+                            mono_ns: p.first_ns,
+                            flow,
+                            tcp_flags: p.tcp_flags,
+                            class: class::NOT_FORWARDED,
+                            reason: 0,
+                            tier: Tier::Tc,
+                        }));
+                    } else {
+                        counts.unannounced += 1;
+                    }
+                    judged.insert(
                         key,
                         Judged {
-                            flow,
+                            key: p.flow,
+                            netns: flow.netns,
                             service: p.service,
                             counted,
                             first_ns: p.first_ns,
                             last_ns: p.last_ns,
                             tcp_flags: p.tcp_flags,
-                            seen: VecDeque::from([(now_ns, p.packets)]),
+                            seen_ns: now_ns,
+                            seen_packets: p.packets,
+                            dirty: true,
                         },
                     );
                     present.insert(key);
@@ -226,15 +256,18 @@ impl Judge {
                 _ => {}
             }
         }
+        counts.pending = held;
         for key in &doomed {
-            let _ = self.map.remove(key);
-            self.judged.remove(key);
-            self.unattributed.remove(key);
+            let _ = map.remove(key);
+            judged.remove(key);
+            unattributed.remove(key);
         }
         // Removed by someone else (a namespace forgotten): nothing to keep.
-        self.judged.retain(|k, _| present.contains(k));
-        self.unattributed
-            .retain(|k| present.contains(k) || !doomed.contains(k));
+        judged.retain(|k, _| present.contains(k));
+        unattributed.retain(|k| present.contains(k));
+        if judged.capacity() > 4 * judged.len().max(1024) {
+            judged.shrink_to_fit();
+        }
     }
 
     /// Cumulative totals, in the shape of the kernel totals of the other
@@ -255,11 +288,22 @@ impl Judge {
             .collect()
     }
 
-    /// Packet counts of the judged flows still held, for the flow detail.
-    pub fn flow_counts(&self, out: &mut HashMap<Flow, FlowCount>) {
-        for j in self.judged.values() {
+    /// Packet counts of the judged flows whose count moved since the last
+    /// call, for the flow detail.
+    pub fn flow_counts(&mut self, out: &mut HashMap<Flow, FlowCount>) {
+        let dirty = self.judged.values_mut().filter(|j| j.dirty);
+        // The detail keeps a bounded number of flows; a storm's counts reach
+        // it over a few reads instead of one huge one.
+        for j in dirty.take(FLOW_COUNTS_PER_READ) {
+            j.dirty = false;
+            let Some(flow) = Flow::from_key(&j.key) else {
+                continue;
+            };
             out.insert(
-                j.flow,
+                Flow {
+                    netns: j.netns,
+                    ..flow
+                },
                 FlowCount {
                     packets: u64::from(j.counted),
                     first_ns: j.first_ns,
@@ -277,7 +321,7 @@ impl Judge {
         let keys: Vec<MatchKey> = self
             .judged
             .iter()
-            .filter(|(_, j)| gone.contains(&j.flow.netns))
+            .filter(|(_, j)| gone.contains(&j.netns))
             .map(|(k, _)| *k)
             .collect();
         for k in keys {

@@ -149,6 +149,11 @@ pub struct Counters {
     pub tc_repeated: u64,
     pub tc_pending_full: u64,
     pub tc_key_clash: u64,
+    /// tc tier, from user space's sweeps: flows pending now, judged
+    /// dropped so far, and pending flows no watched interface owns.
+    pub tc_pending: u64,
+    pub tc_judged: u64,
+    pub tc_unattributed: u64,
 }
 
 /// A flow's packet count as the kernel map holds it now.
@@ -378,8 +383,14 @@ impl EventSource {
                 .iter()
                 .sum())
         };
+        let judge = self.judge_counts().unwrap_or_default();
         Ok(Counters {
-            lost_events: sum(counter::LOST_EVENTS)?,
+            // A correlating tier announces flows without a ring buffer;
+            // the ones it could not announce are its lost events.
+            lost_events: sum(counter::LOST_EVENTS)? + judge.unannounced,
+            tc_pending: judge.pending,
+            tc_judged: judge.judged,
+            tc_unattributed: judge.unattributed,
             netfilter_drops: sum(counter::NETFILTER_DROPS)?,
             undecoded: sum(counter::UNDECODED)? + self.undecodable,
             flow_map_errors: sum(counter::FLOW_MAP_ERRORS)?,
@@ -465,7 +476,7 @@ impl EventSource {
     }
 
     /// Current per-flow counts from the kernel's LRU map.
-    pub fn flow_counts(&self) -> HashMap<Flow, FlowCount> {
+    pub fn flow_counts(&mut self) -> HashMap<Flow, FlowCount> {
         let mut out = HashMap::new();
         for entry in self.flows.iter() {
             // Entries can be evicted between key and value lookups; such a
@@ -495,7 +506,7 @@ impl EventSource {
                 out.insert(flow, c);
             }
         }
-        if let Some((_, judge)) = self.tc.as_ref() {
+        if let Some((_, judge)) = self.tc.as_mut() {
             judge.flow_counts(&mut out);
         }
         out

@@ -115,6 +115,25 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "stale_probe_state": s.counters.stale_state,
         "capabilities": s.caps,
         "kernel_log": s.kernel_log.as_ref().map(kernel_log_json),
+        "correlation": s
+            .caps
+            .filter(|c| c.drops == crate::tier::DropSight::Correlated)
+            .map(|_| correlation_json(&s.counters)),
+    })
+}
+
+/// A correlating tier's bookkeeping: every opening packet is either held
+/// (then passed or judged) or counted as never judged.
+pub fn correlation_json(c: &crate::source::Counters) -> Value {
+    json!({
+        "opened": c.tc_opened,
+        "passed": c.tc_passed,
+        "repeated": c.tc_repeated,
+        "judged_dropped": c.tc_judged,
+        "pending": c.tc_pending,
+        "not_judged_map_full": c.tc_pending_full,
+        "not_judged_key_clash": c.tc_key_clash,
+        "unattributed": c.tc_unattributed,
     })
 }
 

@@ -198,6 +198,24 @@ pub fn render(s: &Snapshot<'_>) -> String {
             s.flows_forgotten
         ),
     );
+    if s.caps
+        .is_some_and(|c| c.drops == crate::tier::DropSight::Correlated)
+    {
+        let c = &s.counters;
+        w(
+            &mut o,
+            format!(
+                "opening packets: {} flows held, {} passed, {} judged dropped, {} pending; \
+                 not judged: {} (map full) + {} (key clash)",
+                c.tc_opened,
+                c.tc_passed,
+                c.tc_judged,
+                c.tc_pending,
+                c.tc_pending_full,
+                c.tc_key_clash
+            ),
+        );
+    }
     if s.counters.totals_full > 0 {
         w(
             &mut o,
