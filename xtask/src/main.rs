@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod cross;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -332,6 +333,7 @@ fn path_with(bin: &Path) -> OsString {
 fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     let tools = setup()?;
     let root = workspace_root();
+    let mut build_std = false;
     if let Some(t) = target {
         let installed = output(Command::new("rustup").args([
             "target",
@@ -342,13 +344,31 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         ]))?;
         if !installed.lines().any(|l| l == t) {
             step(&format!("adding target {t}"));
-            run(Command::new("rustup").args([
+            let added = output(Command::new("rustup").args([
                 "target",
                 "add",
                 t,
                 "--toolchain",
                 &tools.toolchain,
-            ]))?;
+            ]));
+            match added {
+                Ok(_) => {}
+                Err(e) if cross::supported(t) => {
+                    // rustup's own first line says why (its backtrace follows).
+                    let why = e.to_string();
+                    let why = why
+                        .lines()
+                        .find(|l| l.contains("error:"))
+                        .unwrap_or("failed")
+                        .trim();
+                    step(&format!(
+                        "rustup target add {t}: {why}; building the standard library from rust-src"
+                    ));
+                    cross::prepare(&tools.toolchain, t)?;
+                    build_std = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     step(&format!(
@@ -371,6 +391,10 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }
+    if build_std {
+        cmd.arg("-Zbuild-std=std,panic_abort")
+            .env("RUSTC_BOOTSTRAP", "1");
+    }
     run(&mut cmd)?;
     let bin = match target {
         Some(t) => root.join("target").join(t).join("release/ctrace"),
@@ -383,6 +407,15 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         size as f64 / 1048576.0,
         started.elapsed().as_secs_f64()
     ));
+    // Routers have a few MiB of flash for everything.
+    const ROUTER_LIMIT: u64 = 4 << 20;
+    if target.is_some_and(|t| t.contains("musl")) && size > ROUTER_LIMIT {
+        bail!(
+            "{} is {:.1} MiB: over the 4 MiB a router build may take",
+            bin.display(),
+            size as f64 / 1048576.0
+        );
+    }
     Ok(bin)
 }
 

@@ -1,0 +1,110 @@
+//! Router targets whose standard library rustup does not offer for the
+//! pinned toolchain on this machine (32-bit ARM: `rustup target add
+//! armv7-unknown-linux-musleabihf` fails with "unavailable for download").
+//!
+//! The standard library is then built from rust-src (`-Zbuild-std`), and
+//! the C runtime that rust-std would have shipped in its `self-contained`
+//! directory comes from Debian: musl's crt objects and `libc.a`
+//! (`musl-dev:armhf`, which needs the armhf architecture added to dpkg) and
+//! libgcc's `crtbegin.o`/`crtend.o` and unwinder
+//! (`libgcc-12-dev-armhf-cross`).
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{output, run, step};
+
+/// What a target needs from Debian, and where its files land.
+struct Runtime {
+    deb_arch: &'static str,
+    musl_dir: &'static str,
+    gcc_dir: &'static str,
+    packages: &'static [&'static str],
+}
+
+fn runtime(target: &str) -> Option<Runtime> {
+    match target {
+        "armv7-unknown-linux-musleabihf" | "arm-unknown-linux-musleabihf" => Some(Runtime {
+            deb_arch: "armhf",
+            musl_dir: "/usr/lib/arm-linux-musleabihf",
+            gcc_dir: "/usr/lib/gcc-cross/arm-linux-gnueabihf/12",
+            packages: &["musl-dev:armhf", "libgcc-12-dev-armhf-cross"],
+        }),
+        _ => None,
+    }
+}
+
+/// Whether `target` can be built with `-Zbuild-std` here.
+pub fn supported(target: &str) -> bool {
+    runtime(target).is_some()
+}
+
+/// Puts the C runtime for `target` where rustc looks for it, installing
+/// the Debian packages it comes from if needed.
+pub fn prepare(toolchain: &str, target: &str) -> anyhow::Result<()> {
+    let rt = runtime(target).with_context(|| format!("no C runtime known for {target}"))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{toolchain}"), "--print", "sysroot"]))?;
+    let dir = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(target)
+        .join("lib/self-contained");
+    if dir.join("libc.a").exists() {
+        step(&format!(
+            "C runtime for {target}: present ({})",
+            dir.display()
+        ));
+        return Ok(());
+    }
+    let installed = |pkg: &str| {
+        output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Status}", pkg]))
+            .is_ok_and(|s| s.trim() == "installed")
+    };
+    if rt.packages.iter().any(|p| !installed(p)) {
+        let arches = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+        if !arches.lines().any(|a| a == rt.deb_arch) {
+            step(&format!(
+                "adding dpkg architecture {} (for musl's {} runtime)",
+                rt.deb_arch, rt.deb_arch
+            ));
+            run(Command::new("dpkg").args(["--add-architecture", rt.deb_arch]))?;
+        }
+        step("apt-get update");
+        run(Command::new("apt-get").args(["-q", "update"]))?;
+        for p in rt.packages {
+            step(&format!("{p}: installing"));
+            run(Command::new("apt-get")
+                .args(["-q", "-y", "install", p])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
+    }
+    fs::create_dir_all(&dir)?;
+    let copy = |from: &str, to: &str| -> anyhow::Result<()> {
+        let from = Path::new(from);
+        if !from.exists() {
+            bail!(
+                "{} is missing after installing {:?}",
+                from.display(),
+                rt.packages
+            );
+        }
+        fs::copy(from, dir.join(to))
+            .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
+        Ok(())
+    };
+    for f in ["crt1.o", "crti.o", "crtn.o", "rcrt1.o", "Scrt1.o"] {
+        copy(&format!("{}/{f}", rt.musl_dir), f)?;
+    }
+    for f in ["crtbegin.o", "crtend.o", "crtbeginS.o", "crtendS.o"] {
+        copy(&format!("{}/{f}", rt.gcc_dir), f)?;
+    }
+    // std links -lunwind for backtraces; libgcc's unwinder is the ARM EHABI
+    // one the target expects. libc.a last: its presence marks completion.
+    copy(&format!("{}/libgcc_eh.a", rt.gcc_dir), "libunwind.a")?;
+    copy(&format!("{}/libc.a", rt.musl_dir), "libc.a")?;
+    step(&format!(
+        "C runtime for {target}: installed in {}",
+        dir.display()
+    ));
+    Ok(())
+}
