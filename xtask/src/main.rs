@@ -407,9 +407,9 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         size as f64 / 1048576.0,
         started.elapsed().as_secs_f64()
     ));
-    // Routers have a few MiB of flash for everything.
+    // 32-bit routers have a few MiB of flash for everything.
     const ROUTER_LIMIT: u64 = 4 << 20;
-    if target.is_some_and(|t| t.contains("musl")) && size > ROUTER_LIMIT {
+    if target.is_some_and(|t| t.starts_with("arm")) && size > ROUTER_LIMIT {
         bail!(
             "{} is {:.1} MiB: over the 4 MiB a router build may take",
             bin.display(),
