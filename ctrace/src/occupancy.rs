@@ -1098,7 +1098,10 @@ mod tests {
         // the table is filled and dumped, so the dump sees between what is
         // left afterwards and what was created.
         let left = ct.stats().unwrap().entries;
-        assert!(left <= seen && seen <= max, "dump saw {seen}, {left} left of {max}");
+        assert!(
+            left <= seen && seen <= max,
+            "dump saw {seen}, {left} left of {max}"
+        );
         check_mix(&b, max, 0.01);
         // A second baseline refills the same map: no growth.
         let start = Instant::now();
