@@ -57,7 +57,7 @@ echo "CTRACE-VM-CONNTRACK max=$(cat $max 2>/dev/null || echo none)"
 
 # What decides which hook strategies can work here, as facts for the report:
 # BTF (fentry/fexit, CO-RE), conntrack's procfs files, whether ctnetlink is
-# loaded, tracefs, the kprobe PMU and perf's event sources.
+# loaded, tracefs, the kprobe PMU, perf's event sources, TCX, the modules.
 btf=absent
 [ -d /sys/kernel/btf ] && btf="present($(ls /sys/kernel/btf | wc -l)-files)"
 ctproc=absent
@@ -74,7 +74,10 @@ kprobe=absent
 [ -d /sys/bus/event_source/devices/kprobe ] && kprobe=present
 pmus=$(ls /sys/bus/event_source/devices 2>/dev/null | tr '\n' , | sed 's/,$//')
 mods=$(cut -d' ' -f1 /proc/modules 2>/dev/null | tr '\n' , | sed 's/,$//')
-echo "CTRACE-VM-FACTS btf=$btf proc_nf_conntrack=$ctproc nf_conntrack_netlink=$ctnl tracefs=$tracefs kprobe_pmu=$kprobe perf_pmus=${pmus:-none} modules=${mods:-none}"
+# TCX links (fd-scoped tc attachment, 6.6+): kernel/bpf/tcx.c is built in.
+tcx=absent
+grep -q ' tcx_link_attach$' /proc/kallsyms 2>/dev/null && tcx=present
+echo "CTRACE-VM-FACTS btf=$btf proc_nf_conntrack=$ctproc nf_conntrack_netlink=$ctnl tracefs=$tracefs kprobe_pmu=$kprobe perf_pmus=${pmus:-none} tcx=$tcx modules=${mods:-none}"
 
 echo "CTRACE-VM-PROBE-BEGIN"
 /bin/ctrace probe
