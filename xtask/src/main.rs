@@ -62,8 +62,9 @@ enum Cmd {
         #[command(flatten)]
         vm: vm::VmArgs,
     },
-    /// Run the end-to-end suite inside VMs booted on Debian kernels
-    /// (x86_64 and aarch64, qemu TCG), once per strategy; root needed.
+    /// Run the end-to-end suite inside VMs booted on Debian kernels and on
+    /// an OpenWrt-configured kernel built here (x86_64 and aarch64, qemu
+    /// TCG), once per strategy; root needed.
     VmTest {
         #[command(flatten)]
         vm: vm::VmArgs,

@@ -5,9 +5,12 @@
 //! meets in the field. So the suite also runs inside throwaway VMs booted
 //! on Debian's own cloud kernels, for x86_64 and arm64 (the routers):
 //!
-//! 1. host packages: qemu, cpio, busybox-static (apt, idempotent);
+//! 1. host packages: qemu, cpio, busybox-static, and for the OpenWrt rows
+//!    the kernel source and build tools (apt, idempotent);
 //! 2. the matrix: the newest package of every cloud kernel series apt
-//!    offers per architecture, resolved at run time (names change);
+//!    offers per architecture, resolved at run time (names change), plus
+//!    a kernel built here with OpenWrt's BPF-relevant configuration
+//!    (`openwrt.rs`: no BTF, no kprobes, no BPF on tracepoints);
 //! 3. static musl builds of ctrace and of the e2e test executable;
 //! 4. per kernel: the package's vmlinuz and the conntrack/nf_tables/veth
 //!    modules (dependencies from each module's own `.modinfo`), packed
@@ -17,12 +20,14 @@
 //!    a timeout per VM, then a table kernel x arch x strategy.
 //!
 //! Everything downloaded or built is cached under `$CTRACE_CACHE` (default
-//! `~/.cache/ctrace/vm`): kernels per arch and version, the extracted
+//! `~/.cache/ctrace/vm`): kernels per arch and version (the OpenWrt one
+//! keyed by its config fragment and source version), the extracted
 //! modules, and initramfs images keyed by a hash of their inputs.
 mod apt;
 mod initramfs;
 mod kernel;
 mod modinfo;
+mod openwrt;
 mod qemu;
 mod report;
 
@@ -42,9 +47,11 @@ use crate::{cargo_env, setup, step, workspace_root};
 #[derive(Args, Debug, Clone)]
 pub struct VmArgs {
     /// Kernel to test, repeatable: a series (`6.1`, `6.12`), a Debian kernel
-    /// ABI (`6.1.0-56`, `6.12.117+deb12`) or a package version
-    /// (`6.1.192-2`). Default: the newest kernel of every cloud series apt
-    /// offers. (The environment variable takes a comma-separated list.)
+    /// ABI (`6.1.0-56`, `6.12.117+deb12`), a package version (`6.1.192-2`),
+    /// or `openwrt` for the kernel built here from linux-source-6.12 with
+    /// OpenWrt's BPF-relevant configuration. Default: the newest kernel of
+    /// every cloud series apt offers, and `openwrt`. (The environment
+    /// variable takes a comma-separated list.)
     #[arg(
         long = "kernel",
         env = "CTRACE_VM_KERNELS",
@@ -61,14 +68,18 @@ pub struct VmArgs {
         value_name = "ARCH"
     )]
     pub arches: Vec<Arch>,
-    /// Strategies to run the suite with, one run each (space or comma
-    /// separated). `auto` lets ctrace pick.
+    /// Strategies to run the suite with on Debian's kernels, one run each
+    /// (space or comma separated). `auto` lets ctrace pick.
     #[arg(
         long,
         env = "CTRACE_VM_STRATEGIES",
         default_value = "auto tracepoint kprobe"
     )]
     pub strategies: String,
+    /// Strategies for the OpenWrt-configured kernel, where fexit, kprobe
+    /// and tracepoint programs cannot load.
+    #[arg(long, env = "CTRACE_VM_OPENWRT_STRATEGIES", default_value = "auto tc")]
+    pub openwrt_strategies: String,
     /// Wall-clock limit per VM, in seconds; qemu is killed after it.
     #[arg(
         long = "vm-timeout",
@@ -176,17 +187,38 @@ struct Binaries {
     busybox: PathBuf,
 }
 
-pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let strategies: Vec<String> = args
-        .strategies
-        .split([' ', ','])
+/// `auto tracepoint` or `auto,tracepoint` -> the words.
+fn strategy_list(s: &str) -> Vec<String> {
+    s.split([' ', ','])
         .filter(|s| !s.is_empty())
         .map(str::to_string)
-        .collect();
+        .collect()
+}
+
+pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let strategies = strategy_list(&args.strategies);
     if strategies.is_empty() {
         bail!("--strategies is empty");
     }
+    let openwrt_strategies = strategy_list(&args.openwrt_strategies);
+    if openwrt_strategies.is_empty() {
+        bail!("--openwrt-strategies is empty");
+    }
+    let strategies_for = |k: &kernel::Kernel| match k.origin {
+        kernel::Origin::Debian => &strategies,
+        kernel::Origin::OpenWrt { .. } => &openwrt_strategies,
+    };
+    // `--kernel openwrt` selects the kernel built here, the other names
+    // Debian's; only openwrt names mean no Debian kernel at all.
+    let debian_names: Vec<String> = args
+        .kernels
+        .iter()
+        .filter(|n| !openwrt::is_name(n))
+        .cloned()
+        .collect();
+    let want_debian = args.kernels.is_empty() || !debian_names.is_empty();
+    let want_openwrt = args.kernels.is_empty() || args.kernels.iter().any(|n| openwrt::is_name(n));
     if let Some(f) = filter
         && (f.is_empty() || f.contains(char::is_whitespace))
     {
@@ -210,24 +242,43 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     {
         host.ensure_installed(pkg)?;
     }
+    if want_openwrt {
+        for pkg in openwrt::HOST_PACKAGES.iter().copied().chain(
+            arches
+                .iter()
+                .filter_map(|&a| openwrt::cross(&host, a).map(|(_, pkg)| pkg)),
+        ) {
+            host.ensure_installed(pkg)?;
+        }
+    }
 
     // The matrix first: a missing kernel should fail before minutes of builds.
     let mut matrix = vec![];
     for &arch in &arches {
-        let apt = apt::Apt::for_arch(&host, arch, &cache)?;
-        matrix.extend(kernel::resolve(&apt, arch, &args.kernels, &cache)?);
+        if want_debian {
+            let apt = apt::Apt::for_arch(&host, arch, &cache)?;
+            matrix.extend(kernel::resolve(&apt, arch, &debian_names, &cache)?);
+        }
+        if want_openwrt {
+            matrix.extend(openwrt::resolve(&host, arch, &args.kernels)?);
+        }
     }
     step("vm-test matrix:");
     for k in &matrix {
+        let from = match &k.origin {
+            kernel::Origin::Debian => k.package.clone(),
+            kernel::Origin::OpenWrt { source_version } => {
+                format!("built from {} {source_version}", k.package)
+            }
+        };
         eprintln!(
-            "    {:<8} {:<6} {} ({})",
+            "    {:<8} {:<6} {} ({from}); strategies: {}",
             k.arch.name(),
             k.series,
             k.version,
-            k.package
+            strategies_for(k).join(" ")
         );
     }
-    eprintln!("    strategies: {}", strategies.join(" "));
     if args.list {
         return Ok(());
     }
@@ -254,7 +305,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
                 for k in kernels {
                     outcomes.push(report::VmReport {
                         kernel: k.clone(),
-                        strategies: strategies.clone(),
+                        strategies: strategies_for(k).clone(),
                         wall: Duration::ZERO,
                         outcome: report::Outcome::failed_to_start(format!(
                             "building the {} binaries failed: {e:#}",
@@ -267,15 +318,21 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         };
         for k in kernels {
             let vm_started = Instant::now();
-            let outcome = kernel::prepare(&host, &apt, k, &cache)
+            let strategies = strategies_for(k);
+            let prepared = match k.origin {
+                kernel::Origin::Debian => kernel::prepare(&host, &apt, k, &cache),
+                kernel::Origin::OpenWrt { .. } => openwrt::prepare(&host, k, &cache),
+            };
+            let outcome = prepared
                 .and_then(|prepared| {
                     let image = initramfs::build(&cache, arch, &prepared, &bins)?;
                     let boot = qemu::Boot {
                         arch,
                         kernel: &prepared.vmlinuz,
                         initrd: &image,
-                        append: cmdline(arch, &strategies, filter, args),
+                        append: cmdline(arch, strategies, filter, args),
                         memory_mib: args.memory,
+                        smp: smp(arch, &k.origin),
                         timeout: Duration::from_secs(args.vm_timeout),
                         log: cache
                             .join("logs")
@@ -307,6 +364,17 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// qemu's `-smp`: two CPUs. SeaBIOS's MP table lists one CPU per socket,
+/// and an x86 kernel without ACPI (the OpenWrt-configured one) finds its
+/// CPUs there, so that one gets two sockets; everything else keeps qemu's
+/// default topology.
+fn smp(arch: Arch, origin: &kernel::Origin) -> &'static str {
+    match (arch, origin) {
+        (Arch::X86_64, kernel::Origin::OpenWrt { .. }) => "2,sockets=2,cores=1,threads=1",
+        _ => "2",
+    }
 }
 
 /// The guest's kernel command line. The suite's parameters ride along as
@@ -430,6 +498,7 @@ mod tests {
             kernels: vec![],
             arches: vec![],
             strategies: String::new(),
+            openwrt_strategies: String::new(),
             vm_timeout: 1,
             run_timeout: 300,
             ct_max: Some(4096),

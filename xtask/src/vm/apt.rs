@@ -48,6 +48,20 @@ impl Host {
             .is_ok_and(|s| s.trim() == "installed")
     }
 
+    /// The installed version of `pkg`, if it is installed.
+    pub fn installed_version(&self, pkg: &str) -> Option<String> {
+        self.is_installed(pkg)
+            .then(|| output(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg])).ok())
+            .flatten()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The host's Debian architecture (`amd64`, `arm64`).
+    pub fn deb_arch(&self) -> &str {
+        &self.deb_arch
+    }
+
     /// Installs `pkg` unless it is there already; says which.
     pub fn ensure_installed(&self, pkg: &str) -> anyhow::Result<()> {
         if !self.ensured.borrow_mut().insert(pkg.to_string()) {

@@ -55,9 +55,34 @@ if [ -n "$ct_max" ]; then
 fi
 echo "CTRACE-VM-CONNTRACK max=$(cat $max 2>/dev/null || echo none)"
 
+# What decides which hook strategies can work here, as facts for the report:
+# BTF (fentry/fexit, CO-RE), conntrack's procfs files, whether ctnetlink is
+# loaded, tracefs, the kprobe PMU, perf's event sources, TCX, the modules.
+btf=absent
+[ -d /sys/kernel/btf ] && btf="present($(ls /sys/kernel/btf | wc -l)-files)"
+ctproc=absent
+[ -e /proc/net/nf_conntrack ] && ctproc=present
+ctnl=not-loaded
+if grep -q '^nf_conntrack_netlink ' /proc/modules 2>/dev/null; then
+    ctnl=loaded
+elif [ -d /sys/module/nf_conntrack_netlink ]; then
+    ctnl=built-in
+fi
+tracefs=absent
+grep -q ' tracefs ' /proc/mounts && tracefs=mounted
+kprobe=absent
+[ -d /sys/bus/event_source/devices/kprobe ] && kprobe=present
+pmus=$(ls /sys/bus/event_source/devices 2>/dev/null | tr '\n' , | sed 's/,$//')
+mods=$(cut -d' ' -f1 /proc/modules 2>/dev/null | tr '\n' , | sed 's/,$//')
+# TCX links (fd-scoped tc attachment, 6.6+): kernel/bpf/tcx.c is built in.
+tcx=absent
+grep -q ' tcx_link_attach$' /proc/kallsyms 2>/dev/null && tcx=present
+echo "CTRACE-VM-FACTS btf=$btf proc_nf_conntrack=$ctproc nf_conntrack_netlink=$ctnl tracefs=$tracefs kprobe_pmu=$kprobe perf_pmus=${pmus:-none} tcx=$tcx modules=${mods:-none}"
+
 echo "CTRACE-VM-PROBE-BEGIN"
 /bin/ctrace probe
-echo "CTRACE-VM-PROBE-END exit=$?"
+rc=$?
+echo "CTRACE-VM-PROBE-END exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 for s in $strategies; do
     echo "CTRACE-VM-BEGIN strategy=$s"
@@ -71,4 +96,10 @@ done
 
 echo "CTRACE-VM-DONE"
 sync
+# x86 powers off through ACPI. A kernel without it (the OpenWrt-configured
+# one) would only halt, and qemu would keep running: reboot instead, which
+# qemu's -no-reboot turns into its exit.
+if [ "$(uname -m)" = x86_64 ] && [ ! -d /sys/firmware/acpi ]; then
+    reboot -f
+fi
 poweroff -f

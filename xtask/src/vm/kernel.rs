@@ -55,6 +55,18 @@ pub struct Kernel {
     pub package: String,
     /// Package version, e.g. `6.1.192-2`: the real upstream release.
     pub version: String,
+    pub origin: Origin,
+}
+
+/// Where a kernel of the matrix comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A Debian cloud kernel package, downloaded through apt.
+    Debian,
+    /// Built here from Debian's kernel source with OpenWrt's BPF-relevant
+    /// configuration (`openwrt.rs`); `source_version` is the version of
+    /// the source package it was built from.
+    OpenWrt { source_version: String },
 }
 
 impl Kernel {
@@ -75,6 +87,7 @@ impl Kernel {
             abi,
             package: package.to_string(),
             version: version.to_string(),
+            origin: Origin::Debian,
         })
     }
 
@@ -268,10 +281,15 @@ pub fn prepare(host: &Host, apt: &Apt, k: &Kernel, cache: &Path) -> anyhow::Resu
             dir.display()
         ));
     }
+    prepared(&dir, format!("{}-{}", k.arch.deb(), k.abi))
+}
+
+/// The kernel cached in `dir` (`vmlinuz`, `modules/`, `modules.order`).
+pub(super) fn prepared(dir: &Path, id: String) -> anyhow::Result<Prepared> {
     let order = fs::read_to_string(dir.join(ORDER))?;
     Ok(Prepared {
         vmlinuz: dir.join("vmlinuz"),
-        id: format!("{}-{}", k.arch.deb(), k.abi),
+        id,
         modules: order
             .lines()
             .filter(|l| !l.is_empty())
@@ -293,11 +311,24 @@ fn extract(host: &Host, x: &Path, dir: &Path) -> anyhow::Result<()> {
         })
         .context("no boot/vmlinuz-* in the package")?;
     fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
+    collect_modules(host, x, WANTED_MODULES, dir)
+}
 
+/// Copies the modules named in `wanted`, with their dependencies, from
+/// the tree `root` (a package, or a `make modules_install` destination:
+/// `lib/modules/<release>` or `usr/lib/modules/<release>` below it) into
+/// `dir/modules`, and writes their load order to `dir/modules.order`.
+/// Wanted modules that are built in are said so and skipped.
+pub(super) fn collect_modules(
+    host: &Host,
+    root: &Path,
+    wanted: &[&str],
+    dir: &Path,
+) -> anyhow::Result<()> {
     // Debian 12 ships /lib/modules/<release>; newer ones /usr/lib/modules.
     let moddir = ["lib/modules", "usr/lib/modules"]
         .iter()
-        .filter_map(|p| fs::read_dir(x.join(p)).ok())
+        .filter_map(|p| fs::read_dir(root.join(p)).ok())
         .flatten()
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -320,7 +351,7 @@ fn extract(host: &Host, x: &Path, dir: &Path) -> anyhow::Result<()> {
         plain: HashMap::new(),
         visiting: vec![],
     };
-    for m in WANTED_MODULES {
+    for m in wanted {
         plan.visit(m)?;
     }
     fs::create_dir_all(dir.join("modules"))?;

@@ -25,6 +25,8 @@ pub struct Boot<'a> {
     pub initrd: &'a Path,
     pub append: String,
     pub memory_mib: u32,
+    /// qemu's `-smp` value.
+    pub smp: &'static str,
     pub timeout: Duration,
     pub log: PathBuf,
     /// Prefix of every console line we echo.
@@ -71,7 +73,7 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
         "-m",
         &b.memory_mib.to_string(),
         "-smp",
-        "2",
+        b.smp,
         "-nographic",
         "-no-reboot",
     ])

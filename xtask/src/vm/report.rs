@@ -36,8 +36,12 @@ pub struct Outcome {
     /// The guest's `uname -r` and friends.
     pub kernel_line: Option<String>,
     pub conntrack_max: Option<String>,
+    /// /init's facts about the kernel's hooks (BTF, ctnetlink, tracefs…).
+    pub facts: Option<String>,
     /// `ctrace probe`'s output.
     pub probe: Vec<String>,
+    /// Seconds from the guest kernel's start to the end of `ctrace probe`.
+    pub probe_done_at: Option<String>,
     pub runs: Vec<Run>,
     /// /init's CTRACE-VM-NOTEs, and what went wrong with the VM itself.
     pub notes: Vec<String>,
@@ -114,12 +118,15 @@ pub fn parse(lines: &[String], timed_out: bool, status_note: Option<String>) -> 
             o.kernel_line = Some(p.to_string());
         } else if let Some(p) = marker(line, "CTRACE-VM-CONNTRACK") {
             o.conntrack_max = field(p, "max").map(str::to_string);
+        } else if let Some(p) = marker(line, "CTRACE-VM-FACTS") {
+            o.facts = Some(p.to_string());
         } else if let Some(p) = marker(line, "CTRACE-VM-NOTE") {
             o.notes.push(p.to_string());
         } else if marker(line, "CTRACE-VM-PROBE-BEGIN").is_some() {
             in_probe = true;
         } else if let Some(p) = marker(line, "CTRACE-VM-PROBE-END") {
             in_probe = false;
+            o.probe_done_at = field(p, "uptime").map(str::to_string);
             if field(p, "exit") != Some("0") {
                 o.notes.push(format!("ctrace probe: {p}"));
             }
@@ -231,8 +238,14 @@ pub fn print(reports: &[VmReport], total: Duration) -> bool {
         if let Some(k) = &o.kernel_line {
             println!("  guest: {k}");
         }
+        if let Some(f) = &o.facts {
+            println!("  facts: {f}");
+        }
         if !o.probe.is_empty() {
-            println!("  ctrace probe:");
+            match &o.probe_done_at {
+                Some(t) => println!("  ctrace probe (done {t}s after the guest kernel started):"),
+                None => println!("  ctrace probe:"),
+            }
             for l in &o.probe {
                 println!("    {l}");
             }
@@ -279,10 +292,11 @@ mod tests {
             "[    1.0] Run /init as init process
 CTRACE-VM-KERNEL release=6.1.0-56-cloud-amd64 machine=x86_64 cpus=2 mem_kb=2000000
 CTRACE-VM-CONNTRACK max=65536
+CTRACE-VM-FACTS btf=absent proc_nf_conntrack=present
 CTRACE-VM-PROBE-BEGIN
 kernel 6.1.0-56-cloud-amd64
 auto picks: tracepoint
-CTRACE-VM-PROBE-END exit=0
+CTRACE-VM-PROBE-END exit=0 uptime=4.20
 CTRACE-VM-BEGIN strategy=auto
 running 8 tests
 test a ... ok
@@ -294,6 +308,11 @@ running 8 tests",
         );
         let o = parse(&console, true, Some("qemu killed".into()));
         assert_eq!(o.conntrack_max.as_deref(), Some("65536"));
+        assert_eq!(
+            o.facts.as_deref(),
+            Some("btf=absent proc_nf_conntrack=present")
+        );
+        assert_eq!(o.probe_done_at.as_deref(), Some("4.20"));
         assert_eq!(
             o.probe,
             ["kernel 6.1.0-56-cloud-amd64", "auto picks: tracepoint"]
