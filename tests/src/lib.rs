@@ -25,6 +25,27 @@ pub fn privileged() -> bool {
     true
 }
 
+/// True when ctnetlink works here (stock OpenWrt often lacks
+/// nf_conntrack_netlink); otherwise says why the test is skipped. Tests that
+/// fill tables or read counters over ctnetlink need it; the tc tier's tests
+/// use procfs and real connections instead.
+pub fn ctnetlink() -> bool {
+    static AVAILABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let r = AVAILABLE.get_or_init(|| {
+        let ns = ctrace::netns::NetNs::create().map_err(|e| format!("{e:#}"))?;
+        ctrace::netlink::ctnetlink::CtSocket::open(Some(&ns))
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: needs ctnetlink ({e}); the tc/procfs tests cover this kernel");
+            false
+        }
+    }
+}
+
 /// The strategy under test: `CTRACE_TEST_STRATEGY` (the VM matrix runs the
 /// suite once per strategy), else whatever `auto` picks.
 pub fn strategy() -> Option<String> {

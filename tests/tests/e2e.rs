@@ -72,7 +72,7 @@ fn failed_by_service(attempts: &[traffic::Attempt]) -> BTreeMap<String, u64> {
 
 #[test]
 fn full_table_drops_match_ground_truth() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let lab = full_lab();
@@ -142,7 +142,7 @@ fn full_table_drops_match_ground_truth() {
 
 #[test]
 fn ipv6_flow_is_decoded_and_attributed() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let lab = full_lab();
@@ -172,7 +172,7 @@ fn ipv6_flow_is_decoded_and_attributed() {
 
 #[test]
 fn rule_drops_in_a_table_with_room_are_not_table_full() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let topo = Topology::build().unwrap();
@@ -214,7 +214,7 @@ fn rule_drops_in_a_table_with_room_are_not_table_full() {
 
 #[test]
 fn drops_in_two_namespaces_are_told_apart() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let a = full_lab();
@@ -391,7 +391,7 @@ fn missing_privileges_are_explained() {
 
 #[test]
 fn unreplied_entries_are_evicted_not_dropped() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let topo = Topology::build().unwrap();
@@ -557,7 +557,7 @@ fn mix_entry(i: u64) -> ctrace::netlink::ctnetlink::CtEntry {
 
 #[test]
 fn occupancy_matches_a_known_mix() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let topo = Topology::build().unwrap();
@@ -605,7 +605,7 @@ fn occupancy_matches_a_known_mix() {
 
 #[test]
 fn lab_passes_and_restores_nf_conntrack_max() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let before = global_max();
@@ -677,7 +677,7 @@ fn memory_bound_mib(entries: u64) -> f64 {
 
 #[test]
 fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let lab = full_lab();
@@ -803,7 +803,7 @@ fn tier_can(summary: &serde_json::Value, capability: &str, test: &str) -> bool {
 
 #[test]
 fn nft_rule_drops_in_a_full_table_are_rules_by_location() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let lab = full_lab();
@@ -870,7 +870,7 @@ fn nft_rule_drops_in_a_full_table_are_rules_by_location() {
 
 #[test]
 fn blind_exact_tier_is_caught_by_the_self_check() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let lab = full_lab();
@@ -956,7 +956,7 @@ fn bad_netns_and_services_file_fail_before_anything_is_loaded() {
 
 #[test]
 fn clashing_syns_are_clashes_not_rules() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let (topo, router, tracer, mut ct) = traced_lab();
@@ -1007,7 +1007,7 @@ fn clashing_syns_are_clashes_not_rules() {
 
 #[test]
 fn gc_evictions_above_95_percent_are_counted_apart() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     if ctrace_tests::strategy().as_deref() == Some("tracepoint")
@@ -1099,7 +1099,7 @@ fn gc_evictions_above_95_percent_are_counted_apart() {
 
 #[test]
 fn tracker_drops_are_invalid() {
-    if !privileged() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
     let (topo, router, tracer, mut ct) = traced_lab();

@@ -178,6 +178,48 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     Ok((local, false, Some("no reply".into())))
 }
 
+/// Fills the table of the router between `clients` and `dst` with real
+/// connections, as far as `limit`: each completes its handshake, so its
+/// entry is ASSURED and `early_drop` cannot evict it, and each stays open
+/// while the returned sockets live. Needs no ctnetlink (stock OpenWrt has
+/// none); stops at the first connect that fails, the table being full.
+pub fn fill_with_connections(
+    clients: &NetNs,
+    src: std::net::Ipv4Addr,
+    dst: SocketAddr,
+    limit: usize,
+) -> anyhow::Result<Connections> {
+    clients.run(|| {
+        let mut held = Vec::new();
+        let mut refused = None;
+        while held.len() < limit {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            s.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0)))?;
+            let local = s.local_addr().ok().and_then(|a| a.as_socket());
+            // Long enough for a SYN retransmission: a listener's accept
+            // queue that is briefly full drops a SYN too.
+            match s.connect_timeout(&SockAddr::from(dst), Duration::from_millis(3500)) {
+                Ok(()) => held.push(s.into()),
+                Err(e) => {
+                    log::debug!("fill: connect {} failed: {e}", held.len() + 1);
+                    refused = local;
+                    break;
+                }
+            }
+        }
+        Ok(Connections { held, refused })
+    })?
+}
+
+/// What [`fill_with_connections`] left.
+pub struct Connections {
+    /// Open connections: their entries stay while these live.
+    pub held: Vec<std::net::TcpStream>,
+    /// The source of the connect that found the table full: a dropped
+    /// flow like any other.
+    pub refused: Option<SocketAddr>,
+}
+
 /// Result of filling a table.
 #[derive(Clone, Debug)]
 pub struct Fill {

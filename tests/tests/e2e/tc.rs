@@ -1,22 +1,31 @@
-//! The tc tier (`--strategy tc`) against ground truth, with kernel BTF
-//! withheld as on stock OpenWrt: forwarded flows (etcd-peer, nvme-tcp to
-//! the servers) and flows to the router itself (its ssh and DNS), plain
-//! and masqueraded, in a full table and behind a rule.
+//! The tc tier (`--strategy tc`) against ground truth, as on stock OpenWrt:
+//! kernel BTF withheld, no ctnetlink used by ctrace (tables read from
+//! procfs) or by the tests (tables filled with real connections, counters
+//! read from procfs), so the same tests run on the OpenWrt-configured
+//! kernel of the VM matrix, which has neither. Forwarded flows (etcd-peer,
+//! nvme-tcp to the servers) and flows to the router itself (its ssh and
+//! DNS), plain and masqueraded, in a full table and behind a rule.
 use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
 use ctrace::{
     event::Proto,
-    kernel::WITHHOLD_BTF,
+    kernel::{WITHHOLD_BTF, procfs::ProcConntrack},
     lab::{
+        SysctlGuard,
         topology::{CLIENTS_V4, ROUTER_CLIENT_SIDE_V4, SERVER_V4, Topology},
         traffic::{self, Planned},
     },
     netlink::nftables,
     netns::NetNs,
+    table::SOURCE_ENV,
 };
 use ctrace_tests::{Tracer, drops, final_summary, privileged, totals};
 
-use super::{conntrack_drops, failed_by_service, global_max};
+use super::{MAX, failed_by_service};
+
+/// The table size the tests fill (global nf_conntrack_max, restored after):
+/// small, so that real connections fill it in a second.
+const FILL: usize = 512;
 
 /// (service, proto, port, served by the router itself)
 const SERVICES: [(&str, Proto, u16, bool); 4] = [
@@ -82,7 +91,50 @@ fn tc_tracer(router: &NetNs, extra: &[&str]) -> Tracer {
     let ns = router.inode().to_string();
     let mut args = vec!["--netns", ns.as_str(), "--interval", "500ms"];
     args.extend_from_slice(extra);
-    Tracer::start_with(&args, Some("tc"), &[(WITHHOLD_BTF, "1")])
+    Tracer::start_with(
+        &args,
+        Some("tc"),
+        &[(WITHHOLD_BTF, "1"), (SOURCE_ENV, "procfs")],
+    )
+}
+
+/// conntrack's own `drop` counter in `ns`, from procfs.
+fn conntrack_drops(ns: &NetNs) -> u64 {
+    ProcConntrack::open(Some(ns)).unwrap().stats().unwrap().drop
+}
+
+/// A router table full of real, assured etcd-peer connections.
+struct Full {
+    _max: SysctlGuard,
+    _held: Vec<std::net::TcpStream>,
+    /// The fill's last connect, dropped because the table was full.
+    refused: Option<SocketAddr>,
+}
+
+fn fill(lab: &RouterLab) -> Full {
+    let max = SysctlGuard::set(MAX, &FILL.to_string()).unwrap();
+    let conns = traffic::fill_with_connections(
+        &lab.topo.clients,
+        CLIENTS_V4[3],
+        SocketAddr::new(IpAddr::V4(SERVER_V4), 2380),
+        FILL + 64,
+    )
+    .unwrap();
+    let stats = ProcConntrack::open(Some(&lab.topo.router))
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(
+        stats.entries as usize,
+        FILL,
+        "the table did not fill: {} connections held",
+        conns.held.len()
+    );
+    Full {
+        _max: max,
+        _held: conns.held,
+        refused: conns.refused,
+    }
 }
 
 /// A healthy phase (nothing may be reported), then a full table: every
@@ -103,15 +155,9 @@ fn full_table_run(masquerade: bool) {
         "with room in the table every flow must pass: {healthy:?}"
     );
 
-    let fill = traffic::fill_table(
-        &lab.topo.router,
-        global_max() + 16,
-        IpAddr::V4(SERVER_V4),
-        |_| {},
-    )
-    .unwrap();
-    assert!(fill.refused_full > 0, "the table never filled: {fill:?}");
+    // From before the fill: its last connect is refused, and traced.
     let before = conntrack_drops(&lab.topo.router);
+    let full = fill(&lab);
     let attempts =
         traffic::attempt_all(&lab.topo.clients, &plan(4), Duration::from_millis(2500)).unwrap();
     // Past the judging window, so the last retries are judged live too.
@@ -123,7 +169,10 @@ fn full_table_run(masquerade: bool) {
         attempts.iter().all(|a| !a.ok),
         "with a full table every new flow must fail: {attempts:?}"
     );
-    let failed = failed_by_service(&attempts);
+    let mut failed = failed_by_service(&attempts);
+    // The fill's own refused connect is a dropped flow like the others.
+    let refused = full.refused.expect("the fill ended on a refused connect");
+    *failed.get_mut("etcd-peer").unwrap() += 1;
     let summary = final_summary(&records);
     assert_eq!(summary["strategy"], "tc", "{summary}");
     let got = totals(summary, router);
@@ -150,6 +199,28 @@ fn full_table_run(masquerade: bool) {
         "ctrace packets vs conntrack's drop counter; summary: {got:?}"
     );
 
+    // Who fills the table, read from procfs: the etcd-peer connections.
+    let occ = summary["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["inode"] == router)
+        .unwrap_or_else(|| panic!("no occupancy for the router: {summary}"));
+    let total = occ["total"].as_u64().unwrap();
+    let etcd = occ["by_service"]["etcd-peer"].as_u64().unwrap_or(0);
+    assert!(
+        total as usize >= FILL && etcd as usize >= FILL - 16,
+        "occupancy from procfs: {occ}"
+    );
+    let table = summary["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["inode"] == router);
+    if let Some(t) = table {
+        assert_eq!(t["table_source"], "procfs", "{t}");
+    }
+
     // Precision and recall by tuple: every failed attempt has its record,
     // and nothing else (the healthy phase's flows least of all) has one.
     let d = drops(&records);
@@ -173,6 +244,11 @@ fn full_table_run(masquerade: bool) {
             "a flow that passed was reported dropped: {src}"
         );
     }
+    assert!(
+        d.iter().any(|r| r["src"] == refused.to_string().as_str()),
+        "no drop record for the fill's refused connect {refused}"
+    );
+    found += 1;
     assert_eq!(
         d.len(),
         found,
@@ -182,7 +258,7 @@ fn full_table_run(masquerade: bool) {
         "tc tier{}: recall {found}/{} failed flows, precision {found}/{} records, \
          {packets} packets = conntrack's {conntrack}",
         if masquerade { " (masquerade)" } else { "" },
-        attempts.len(),
+        attempts.len() + 1,
         d.len()
     );
 }
@@ -406,13 +482,10 @@ fn tc_flood_of_distinct_flows_is_accounted_for_in_bounded_memory() {
     // storm under the map's size so every one of them is judged.
     const PENDING: u64 = 262_144;
     let n = super::flood_count().min(150_000);
-    let lab = super::full_lab();
+    let lab = router_lab();
+    let _full = fill(&lab);
     let router = lab.topo.router.inode();
-    let entries = ctrace::netlink::ctnetlink::CtSocket::open(Some(&lab.topo.router))
-        .unwrap()
-        .stats()
-        .unwrap()
-        .entries;
+    let entries = FILL as u64;
     let tracer = tc_tracer(&lab.topo.router, &["--pending-flows", &PENDING.to_string()]);
     std::thread::sleep(Duration::from_millis(1500));
     let before = conntrack_drops(&lab.topo.router);
