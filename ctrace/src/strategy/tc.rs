@@ -286,6 +286,9 @@ impl Hooks {
         let wanted: Vec<&Link> = links
             .iter()
             .filter(|l| l.arphrd != Link::ARPHRD_LOOPBACK)
+            // Down links carry nothing (sit0 and friends exist in every
+            // namespace of some kernels); a rescan hooks them once up.
+            .filter(|l| l.up)
             .filter(|l| self.ifaces.is_empty() || self.ifaces.contains(&l.name))
             .collect();
         let first_visit = !self.attached.contains_key(&info.inode);

@@ -381,7 +381,10 @@ fn tc_hooks_never_outlive_ctrace() {
         ("SIGKILL", libc::SIGKILL),
     ] {
         let t = tc_tracer(router, &[]);
-        let attached = tcx_left(router);
+        let attached: Vec<String> = tcx_left(router)
+            .into_iter()
+            .filter(|l| l.starts_with("to-"))
+            .collect();
         if attached.is_empty() {
             eprintln!("not attached by TCX here; the clsact part below covers this kernel");
             let (_, _) = t.stop_with(libc::SIGINT);
@@ -392,6 +395,25 @@ fn tc_hooks_never_outlive_ctrace() {
             4,
             "two interfaces, both directions: {attached:?}"
         );
+        if signal == libc::SIGINT {
+            // An interface that appears while ctrace runs is hooked too.
+            let mut rt = ctrace::netlink::rtnetlink::RtSocket::open(Some(router)).unwrap();
+            rt.add_veth("late0", "late1", router).unwrap();
+            rt.set_up("late0").unwrap();
+            rt.set_up("late1").unwrap();
+            let mut late = Vec::new();
+            for _ in 0..50 {
+                late = tcx_left(router)
+                    .into_iter()
+                    .filter(|l| l.starts_with("late"))
+                    .collect();
+                if late.len() == 4 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(late.len(), 4, "a new interface was not hooked: {late:?}");
+        }
         t.stop_with(signal);
         let mut left = tcx_left(router);
         for _ in 0..50 {
