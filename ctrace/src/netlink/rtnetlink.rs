@@ -59,7 +59,11 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; IFINFOMSG_LEN] {
 }
 
 // linux/rtnetlink.h, linux/pkt_sched.h: tc objects.
+const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
+const RTM_GETQDISC: u16 = 38;
+const TCA_KIND: u16 = 1;
+const TCMSG_LEN: usize = 20;
 const RTM_NEWTFILTER: u16 = 44;
 const RTM_GETTFILTER: u16 = 46;
 const TC_H_CLSACT: u32 = 0xffff_fff1;
@@ -67,8 +71,8 @@ const TC_H_MIN_INGRESS: u32 = 0xfff2;
 const TC_H_MIN_EGRESS: u32 = 0xfff3;
 
 /// struct tcmsg.
-fn tcmsg(index: u32, handle: u32, parent: u32) -> [u8; 20] {
-    let mut h = [0u8; 20];
+fn tcmsg(index: u32, handle: u32, parent: u32) -> [u8; TCMSG_LEN] {
+    let mut h = [0u8; TCMSG_LEN];
     h[0] = libc::AF_UNSPEC as u8;
     h[4..8].copy_from_slice(&index.to_ne_bytes());
     h[8..12].copy_from_slice(&handle.to_ne_bytes());
@@ -207,12 +211,41 @@ impl RtSocket {
             msg.header(&tcmsg(index, 0, TC_H_CLSACT | minor));
             self.0
                 .dump(msg, |reply| {
-                    n += usize::from(reply.ty == RTM_NEWTFILTER);
+                    // Each classifier instance is listed once bare (handle
+                    // 0), then once per filter it holds.
+                    if reply.ty == RTM_NEWTFILTER {
+                        let h = reply.header(TCMSG_LEN)?;
+                        let handle = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+                        n += usize::from(handle != 0);
+                    }
                     Ok(())
                 })
                 .with_context(|| format!("listing the tc filters of link {index}"))?;
         }
         Ok(n)
+    }
+
+    /// Links (by index) that carry a clsact qdisc (`tc qdisc show`).
+    pub fn clsact_links(&mut self) -> Result<Vec<u32>> {
+        let mut msg = MsgBuilder::new(RTM_GETQDISC, 0);
+        msg.header(&tcmsg(0, 0, 0));
+        let mut found = Vec::new();
+        self.0
+            .dump(msg, |reply| {
+                if reply.ty != RTM_NEWQDISC {
+                    return Ok(());
+                }
+                let h = reply.header(TCMSG_LEN)?;
+                let index = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                if let Some(kind) = reply.attrs(TCMSG_LEN)?.find(TCA_KIND)?
+                    && kind.str()? == "clsact"
+                {
+                    found.push(index);
+                }
+                Ok(())
+            })
+            .context("listing qdiscs")?;
+        Ok(found)
     }
 
     /// Deletes the clsact qdisc of link `index` (`tc qdisc del dev X

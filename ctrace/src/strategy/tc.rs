@@ -294,8 +294,9 @@ impl Hooks {
         let first_visit = !self.attached.contains_key(&info.inode);
         let have = self.attached.entry(info.inode).or_default();
         have.retain(|index, a| links.iter().any(|l| l.index == *index && l.name == a.name));
+        let mut swept = BTreeSet::new();
         if first_visit && self.mode == AttachMode::Clsact {
-            sweep_stale_filters(&ns, &wanted);
+            swept = sweep_stale_filters(&ns, &wanted);
         }
         for link in wanted {
             if have.contains_key(&link.index) {
@@ -308,7 +309,7 @@ impl Hooks {
                 (INGRESS_L3, EGRESS_L3)
             };
             let mut links = Vec::new();
-            let mut added_clsact = false;
+            let mut added_clsact = swept.contains(&link.index);
             for (name, dir) in [(ing, TcAttachType::Ingress), (eg, TcAttachType::Egress)] {
                 match attach(
                     ebpf,
@@ -450,27 +451,37 @@ fn detach_in(ns: &NetNs, a: Attached) {
 
 /// A run that was killed leaves its clsact filters behind: remove every
 /// filter with one of ctrace's program names before attaching.
-fn sweep_stale_filters(ns: &NetNs, links: &[&Link]) {
+/// Returns the links it removed filters from: their clsact qdisc was most
+/// likely the killed run's, and goes at exit too if nothing else uses it.
+fn sweep_stale_filters(ns: &NetNs, links: &[&Link]) -> BTreeSet<u32> {
     let swept = ns.run(|| {
         let mut n = 0;
+        let mut on = BTreeSet::new();
         for link in links {
             for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
                 for name in PROGRAMS {
                     if tc::qdisc_detach_program(link.index, dir.into(), name).is_ok() {
                         n += 1;
+                        on.insert(link.index);
                     }
                 }
             }
         }
-        n
+        (n, on)
     });
     match swept {
-        Ok(0) => {}
-        Ok(n) => log::warn!(
-            "tc tier: removed {n} ctrace filter(s) a previous run left in netns {}",
-            ns.inode()
-        ),
-        Err(e) => log::warn!("tc tier: sweeping old filters: {e:#}"),
+        Ok((0, _)) => BTreeSet::new(),
+        Ok((n, on)) => {
+            log::warn!(
+                "tc tier: removed {n} ctrace filter(s) a previous run left in netns {}",
+                ns.inode()
+            );
+            on
+        }
+        Err(e) => {
+            log::warn!("tc tier: sweeping old filters: {e:#}");
+            BTreeSet::new()
+        }
     }
 }
 
