@@ -178,30 +178,38 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     Ok((local, false, Some("no reply".into())))
 }
 
-/// Fills the table of the router between `clients` and `dst` with real
-/// connections, as far as `limit`: each completes its handshake, so its
-/// entry is ASSURED and `early_drop` cannot evict it, and each stays open
-/// while the returned sockets live. Needs no ctnetlink (stock OpenWrt has
-/// none); stops at the first connect that fails, the table being full.
+/// Fills the table of the router between `clients` and `servers` with real
+/// connections to `dst` (a listener this opens in `servers`), as far as
+/// `limit`. Each stays ESTABLISHED at both ends while the returned sockets
+/// live: its entry is ASSURED, which `early_drop` never evicts, and not
+/// closing, which the GC would reap above 95% fill. Needs no ctnetlink
+/// (stock OpenWrt has none); stops at the first connect that fails, the
+/// table being full.
 pub fn fill_with_connections(
     clients: &NetNs,
+    servers: &NetNs,
     src: std::net::Ipv4Addr,
     dst: SocketAddr,
     limit: usize,
 ) -> anyhow::Result<Connections> {
+    let listener = servers.run(move || TcpListener::bind(dst))??;
     clients.run(|| {
         let mut held = Vec::new();
         let mut refused = None;
-        while held.len() < limit {
+        while held.len() < 2 * limit {
             let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
             s.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0)))?;
             let local = s.local_addr().ok().and_then(|a| a.as_socket());
             // Long enough for a SYN retransmission: a listener's accept
             // queue that is briefly full drops a SYN too.
             match s.connect_timeout(&SockAddr::from(dst), Duration::from_millis(3500)) {
-                Ok(()) => held.push(s.into()),
+                Ok(()) => {
+                    let (server_side, _) = listener.accept()?;
+                    held.push(s.into());
+                    held.push(server_side);
+                }
                 Err(e) => {
-                    log::debug!("fill: connect {} failed: {e}", held.len() + 1);
+                    log::debug!("fill: connect {} failed: {e}", held.len() / 2 + 1);
                     refused = local;
                     break;
                 }
@@ -213,7 +221,7 @@ pub fn fill_with_connections(
 
 /// What [`fill_with_connections`] left.
 pub struct Connections {
-    /// Open connections: their entries stay while these live.
+    /// Both ends of every connection: the entries stay while these live.
     pub held: Vec<std::net::TcpStream>,
     /// The source of the connect that found the table full: a dropped
     /// flow like any other.
