@@ -26,7 +26,7 @@ use super::{MAX, failed_by_service};
 
 /// The table size the tests fill (global nf_conntrack_max, restored after):
 /// small, so that real connections fill it in a second.
-const FILL: usize = 512;
+const FILL: usize = 384;
 /// How far below the established connections the maximum goes.
 const FILL_MARGIN: usize = 32;
 
@@ -101,6 +101,21 @@ fn tc_tracer(router: &NetNs, extra: &[&str]) -> Tracer {
     )
 }
 
+/// Soft RLIMIT_NOFILE up to the hard limit.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// conntrack's own `drop` counter in `ns`, from procfs.
 fn conntrack_drops(ns: &NetNs) -> u64 {
     ProcConntrack::open(Some(ns)).unwrap().stats().unwrap().drop
@@ -117,6 +132,9 @@ struct Full {
 /// healthy phase leaves); with more established entries than the maximum
 /// the table stays full whatever it reaps.
 fn fill(lab: &RouterLab) -> Full {
+    // Two descriptors per connection: more than a soft limit of 1024
+    // (the VMs' init) allows with the rest of the process.
+    raise_fd_limit();
     let conns = traffic::fill_with_connections(
         &lab.topo.clients,
         &lab.topo.servers,
