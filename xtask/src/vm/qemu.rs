@@ -49,7 +49,12 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
     let mut cmd = match b.arch {
         Arch::X86_64 => {
             let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-accel", "tcg", "-cpu", "max"]);
+            // One host thread runs both vCPUs in turn. With a thread per
+            // vCPU (MTTCG), a 6.12 guest died twice of "Oops: int3" in a
+            // static branch while another vCPU patched it (text_poke_bp's
+            // int3 seen after it was taken out): a 2-in-3 failure of the
+            // matrix that no kernel under test is to blame for.
+            c.args(["-accel", "tcg,thread=single", "-cpu", "max"]);
             c
         }
         Arch::Aarch64 => {

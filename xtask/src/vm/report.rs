@@ -113,7 +113,9 @@ pub fn parse(lines: &[String], timed_out: bool, status_note: Option<String>) -> 
     let mut o = Outcome::default();
     let mut in_probe = false;
     let mut current: Option<Run> = None;
+    let mut oops = OopsLines::default();
     for line in lines {
+        oops.see(line);
         if let Some(p) = marker(line, "CTRACE-VM-KERNEL") {
             o.kernel_line = Some(p.to_string());
         } else if let Some(p) = marker(line, "CTRACE-VM-CONNTRACK") {
@@ -171,7 +173,41 @@ pub fn parse(lines: &[String], timed_out: bool, status_note: Option<String>) -> 
             .push("the VM did not finish the suite (see its console log)".into());
     }
     o.notes.extend(status_note);
+    o.notes.extend(oops.lines);
     o
+}
+
+/// The guest kernel's own account of how it died: a VM that stops in the
+/// middle of a run (panic=-1 and -no-reboot make qemu exit cleanly) says
+/// nothing else, and CI keeps no console logs.
+#[derive(Default)]
+struct OopsLines {
+    lines: Vec<String>,
+    in_oops: bool,
+}
+
+impl OopsLines {
+    const FIRST: [&str; 3] = ["Oops: ", "BUG: ", "Kernel panic - not syncing"];
+
+    fn see(&mut self, line: &str) {
+        // The first oops, the RIP and call trace's top that follow it, and
+        // the panic: enough to name the crash, not the whole dump.
+        if self.lines.len() >= 4 {
+            return;
+        }
+        if let Some(at) = Self::FIRST.iter().filter_map(|k| line.find(k)).min() {
+            self.in_oops = true;
+            self.lines.push(format!("guest kernel: {}", line[at..].trim()));
+        } else if self.in_oops {
+            if let Some(at) = line.find("RIP: ") {
+                let rip = format!("guest kernel: {}", line[at..].trim());
+                // The dump's end repeats it.
+                if !self.lines.contains(&rip) {
+                    self.lines.push(rip);
+                }
+            }
+        }
+    }
 }
 
 fn mins(d: Duration) -> String {
@@ -330,6 +366,28 @@ running 8 tests",
         );
         assert!(!o.done);
         assert_eq!(o.notes.len(), 3);
+    }
+
+    #[test]
+    fn a_guest_kernel_crash_is_named() {
+        let console = lines(
+            "CTRACE-VM-BEGIN strategy=tracepoint
+test blind ... [  142.450219] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI
+[  142.450443] CPU: 0 UID: 0 PID: 9 Comm: kworker/0:0
+[  142.450796] RIP: 0010:NF_HOOK.constprop.0+0x24/0x160
+[  142.452561] RIP: 0010:NF_HOOK.constprop.0+0x24/0x160
+[  142.452731] Kernel panic - not syncing: Fatal exception in interrupt",
+        );
+        let o = parse(&console, false, None);
+        assert_eq!(o.runs[0].exit, None);
+        assert_eq!(
+            o.notes[1..],
+            [
+                "guest kernel: Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+                "guest kernel: RIP: 0010:NF_HOOK.constprop.0+0x24/0x160",
+                "guest kernel: Kernel panic - not syncing: Fatal exception in interrupt",
+            ]
+        );
     }
 
     #[test]
