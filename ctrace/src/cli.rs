@@ -16,7 +16,7 @@ NVMe-over-TCP replicas. ctrace catches each dropped flow as it happens, says why
 (table_full, rule, invalid), names the service it belonged to, and shows how full every \
 namespace's table is and how fast it fills.\n\nWithout a subcommand, ctrace runs `watch`.",
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it"
+    after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it\n  ctrace -q --record --metrics 0.0.0.0:9465 --metrics-notrack\n                                  as a service: record, serve metrics even when full\n  ctrace report /tmp/ctrace/recording.ndjson --html report.html"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,8 @@ pub struct GlobalArgs {
     pub verbose: u8,
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Trace dropped flows and table pressure live (the default).
@@ -44,6 +46,9 @@ pub enum Command {
     Probe(ProbeArgs),
     /// Reproduce INC-0004 in throwaway namespaces and trace it.
     Lab(LabArgs),
+    /// Post-incident report (Markdown; --html too) from recordings, with
+    /// sizing and tuning advice as commands.
+    Report(ReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -109,11 +114,68 @@ pub struct WatchArgs {
     /// (TCX where the kernel takes it, else clsact).
     #[arg(long, value_enum, value_name = "MODE")]
     pub tc_attach: Option<crate::strategy::tc::AttachMode>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics: PORT alone
+    /// listens on loopback only. node_exporter's conntrack gauges per
+    /// namespace, plus drops by service and cause, occupancy, evictions,
+    /// the self-check, lost events and time to full.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::exporter::parse_listen)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Exempt the metrics port from conntrack while ctrace runs (an
+    /// nf_tables table `inet ctrace_notrack_PORT` at raw priority, removed
+    /// at exit), so that scrapes still connect when the table is full.
+    #[arg(long, requires = "metrics")]
+    pub metrics_notrack: bool,
+    /// Listen for scrapes inside this network namespace (name, inode or
+    /// path) instead of ctrace's own.
+    #[arg(long, requires = "metrics", value_name = "NETNS")]
+    pub metrics_netns: Option<String>,
+    /// Also write the metrics to FILE every interval (atomically), for
+    /// node_exporter's textfile collector: point it at a FILE ending in
+    /// .prom in its --collector.textfile.directory.
+    #[arg(long, value_name = "FILE")]
+    pub textfile: Option<PathBuf>,
+    /// Record drops and summaries (NDJSON) for `ctrace report`; FILE
+    /// defaults to /tmp/ctrace/recording.ndjson (tmpfs on routers, whose
+    /// flash wears). Flushed every interval; rotated by --record-size.
+    #[arg(long, value_name = "FILE", num_args = 0..=1,
+          default_missing_value = crate::sink::record::DEFAULT_PATH)]
+    pub record: Option<PathBuf>,
+    /// Rotate the recording past this size (e.g. 16M, 512K).
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub record_size: u64,
+    /// Rotated recordings kept beside the current one (FILE.1 …).
+    #[arg(long, value_name = "N", default_value_t = crate::sink::record::DEFAULT_KEEP,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub record_keep: u32,
+    /// Print nothing on stdout (a service: record and serve metrics).
+    #[arg(long, short = 'q', conflicts_with = "json")]
+    pub quiet: bool,
+    /// Read /proc and /var/log/pods under DIR to name namespaces by their
+    /// processes and Kubernetes pods (a container with the host's mounted
+    /// there).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
     /// Test only: make the exact tier ignore conntrack's allocation
     /// failures, as a probe that attached but never fires would, to prove
     /// the self-check catches it.
     #[arg(long, hide = true)]
     pub test_blind_alloc: bool,
+}
+
+/// `16M`, `512K`, `1G` or a byte count.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    match num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n >= 4096 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a size of at least 4K (e.g. 512K, 16M)"
+        )),
+    }
 }
 
 fn parse_max_flows(s: &str) -> Result<usize, String> {
@@ -169,6 +231,20 @@ pub struct LabArgs {
     /// Hook strategy, as for watch.
     #[arg(long, default_value = "auto")]
     pub strategy: Choice,
+    /// Record the lab's trace to FILE, for `ctrace report`.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Recordings made with `watch --record`, oldest first (FILE.2 FILE.1
+    /// FILE after rotation).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Also write a self-contained HTML report (plots included) to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub html: Option<PathBuf>,
 }
 
 /// Seconds as a bare number, or a humantime duration (`90s`, `5m`).
@@ -220,6 +296,16 @@ mod tests {
         assert!(matches!(c.command, Some(Command::Watch(_))));
         let e = Cli::try_parse_from(["ctrace", "--service", "bad"]).unwrap_err();
         assert!(e.to_string().contains("expected NAME=PROTO/PORT"), "{e}");
+        let c = Cli::try_parse_from(["ctrace", "--record", "--metrics", "9465"]).unwrap();
+        assert_eq!(
+            c.watch.record.as_deref(),
+            Some(std::path::Path::new(crate::sink::record::DEFAULT_PATH))
+        );
+        assert_eq!(c.watch.metrics.unwrap().to_string(), "127.0.0.1:9465");
+        assert_eq!(parse_size("16M").unwrap(), 16 << 20);
+        assert!(parse_size("12").is_err());
+        let e = Cli::try_parse_from(["ctrace", "--metrics-notrack"]).unwrap_err();
+        assert!(e.to_string().contains("--metrics"), "{e}");
         let e = Cli::try_parse_from(["ctrace", "--strategy", "xdp"]).unwrap_err();
         assert!(e.to_string().contains("unknown strategy"), "{e}");
     }

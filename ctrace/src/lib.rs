@@ -4,11 +4,13 @@
 //! capabilities in `tier`) -> the event source (`source`) -> decoded events
 //! (`event`; the tc tier's verdicts in `judge`) -> settled totals and causes (`ledger`, `cause`, `services`)
 //! -> per-flow detail (`aggregate`) -> sinks (`sink`). Table pressure
-//! (`table`) is sampled beside it over ctnetlink.
+//! (`table`, its namespaces named by `pods`) is sampled beside it over
+//! ctnetlink or procfs. `report` reads what the recording sink wrote.
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
 pub mod event;
+pub mod exporter;
 pub mod judge;
 pub mod kernel;
 pub mod lab;
@@ -16,6 +18,8 @@ pub mod ledger;
 pub mod netlink;
 pub mod netns;
 pub mod occupancy;
+pub mod pods;
+pub mod report;
 pub mod services;
 pub mod sink;
 pub mod source;

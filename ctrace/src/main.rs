@@ -7,10 +7,18 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use ctrace::{
-    cli::{Cli, Command, LabArgs, ProbeArgs, StatusArgs, WatchArgs},
+    cli::{Cli, Command, LabArgs, ProbeArgs, ReportArgs, StatusArgs, WatchArgs},
+    exporter,
     kernel::{self, KernelFacts, privileges},
     services::{self, Catalog},
-    sink::{self, Sink, json::JsonSink, live::LiveSink, plain::PlainSink},
+    sink::{
+        self, Sink,
+        json::JsonSink,
+        live::LiveSink,
+        plain::PlainSink,
+        prometheus::{Exposition, PrometheusSink},
+        record::RecordSink,
+    },
     strategy,
     table::{NetnsFilter, TableMonitor},
     watch::{Shutdown, WatchConfig, Watcher},
@@ -35,6 +43,8 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Watch(cli.watch));
     let needs = match &command {
         Command::Lab(_) => privileges::missing_for_lab(),
+        // Reading files needs nothing.
+        Command::Report(_) => None,
         _ => privileges::missing_for_tracing(),
     };
     if let Some(why) = needs {
@@ -66,6 +76,7 @@ fn main() -> ExitCode {
             Command::Status(args) => status(args).await,
             Command::Probe(args) => probe(args),
             Command::Lab(args) => lab(args).await,
+            Command::Report(args) => report(args),
         }
     });
     match result {
@@ -139,6 +150,18 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
+    // Outputs first: a port in use or an unwritable file is the user's to
+    // fix, and must fail before any program is loaded.
+    let Outputs {
+        sinks: mut outputs,
+        endpoint: _endpoint,
+    } = match outputs(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("ctrace: {e:#}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
     let facts = KernelFacts::gather();
     let cfg = WatchConfig {
         strategy: args.strategy,
@@ -152,6 +175,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         pending_flows: args.pending_flows,
         judge_window: args.judge_window,
         tc_attach: args.tc_attach,
+        host_root: args.host_root.clone(),
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC
         } else {
@@ -172,7 +196,12 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         "ctrace: tracing with strategy {} (Ctrl-C to stop)",
         watcher.strategy()
     );
-    let mut sinks = stdout_sinks(args.json);
+    let mut sinks = if args.quiet {
+        vec![]
+    } else {
+        stdout_sinks(args.json)
+    };
+    sinks.append(&mut outputs);
     let stop = async {
         match args.duration {
             Some(d) => tokio::select! {
@@ -184,6 +213,67 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     };
     watcher.run(&mut sinks, stop).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sinks besides stdout (recording, metrics), and the HTTP endpoint
+/// serving the metrics, which serves as long as it is kept.
+struct Outputs {
+    sinks: Vec<Box<dyn Sink>>,
+    endpoint: Option<exporter::Endpoint>,
+}
+
+fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
+    let mut sinks: Vec<Box<dyn Sink>> = vec![];
+    if let Some(path) = &args.record {
+        let rec = RecordSink::create(path, args.record_size, args.record_keep)
+            .with_context(|| format!("--record {}", path.display()))?;
+        eprintln!(
+            "ctrace: recording to {} (rotated past {} KiB, {} kept)",
+            path.display(),
+            args.record_size >> 10,
+            args.record_keep
+        );
+        sinks.push(Box::new(rec));
+    }
+    let mut endpoint = None;
+    let exposition = args.metrics.map(|_| Exposition::default());
+    if let (Some(listen), Some(exposition)) = (args.metrics, &exposition) {
+        let netns = args
+            .metrics_netns
+            .as_deref()
+            .map(|s| ctrace::netns::open_spec(s).with_context(|| format!("--metrics-netns {s}")))
+            .transpose()?;
+        let e = exporter::start(
+            exporter::Options {
+                listen,
+                netns,
+                notrack: args.metrics_notrack,
+            },
+            exposition.clone(),
+        )?;
+        eprintln!(
+            "ctrace: metrics at http://{}/metrics{}",
+            e.local,
+            if args.metrics_notrack {
+                " (port exempt from conntrack until exit)"
+            } else {
+                ""
+            }
+        );
+        endpoint = Some(e);
+    }
+    if let Some(path) = &args.textfile {
+        // Fail now, not at the first interval.
+        std::fs::write(path, b"")
+            .with_context(|| format!("--textfile {}: cannot write", path.display()))?;
+    }
+    if exposition.is_some() || args.textfile.is_some() {
+        sinks.push(Box::new(PrometheusSink::new(
+            exposition,
+            args.textfile.clone(),
+        )));
+    }
+    Ok(Outputs { sinks, endpoint })
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -222,7 +312,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         for t in &snap.tables {
             println!(
                 "netns {}: {}/{} entries ({:.1}%), inserts {:.1}/s, drops {:.1}/s, full in {}; drop={} early_drop={} insert_failed={} invalid={} (via {})",
-                sink::netns_label(t.inode, t.name.as_deref()),
+                sink::netns_label(t),
                 t.entries,
                 t.max,
                 t.fill(),
@@ -285,8 +375,41 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let rec = match ctrace::report::Recording::read(&args.files) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ctrace: {e:#}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let r = ctrace::report::Report::from_recording(&rec);
+    print!("{}", r.markdown());
+    if let Some(path) = &args.html {
+        std::fs::write(path, r.html()).with_context(|| format!("--html {}", path.display()))?;
+        eprintln!("ctrace: HTML report written to {}", path.display());
+    }
+    // The report covers what could be read; a broken file still fails.
+    Ok(match &rec.broken {
+        Some(b) => {
+            eprintln!("ctrace: {b}; the report covers what came before");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    })
+}
+
 async fn lab(args: LabArgs) -> anyhow::Result<ExitCode> {
-    let sinks = stdout_sinks(args.json);
+    let mut sinks = stdout_sinks(args.json);
+    if let Some(path) = &args.record {
+        let rec = RecordSink::create(
+            path,
+            sink::record::DEFAULT_MAX_BYTES,
+            sink::record::DEFAULT_KEEP,
+        )
+        .with_context(|| format!("--record {}", path.display()))?;
+        sinks.push(Box::new(rec));
+    }
     let report = ctrace::lab::run(&args, sinks).await.context("lab")?;
     Ok(if report.passed() {
         ExitCode::SUCCESS

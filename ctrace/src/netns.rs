@@ -277,6 +277,25 @@ fn sysctl_relpath(key: &str) -> Result<PathBuf> {
     Ok(parts.iter().collect())
 }
 
+/// Opens the namespace a user named: a path, a /run/netns name or an
+/// inode number (as `--netns` takes them).
+pub fn open_spec(spec: &str) -> Result<NetNs> {
+    if spec.contains('/') {
+        return NetNs::open(Path::new(spec));
+    }
+    let found = discover()?;
+    let info = match spec.parse::<u64>() {
+        Ok(inode) => found.iter().find(|i| i.inode == inode),
+        Err(_) => found.iter().find(|i| i.name.as_deref() == Some(spec)),
+    };
+    match info {
+        Some(i) => NetNs::open(&i.path),
+        None => anyhow::bail!(
+            "no network namespace `{spec}` (a /run/netns name, an inode from `ctrace status`, or a path)"
+        ),
+    }
+}
+
 /// One network namespace found by [`discover`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetNsInfo {

@@ -177,6 +177,8 @@ pub struct TableView {
     pub insert_rate: f64,
     pub drop_rate: f64,
     pub time_to_full: TimeToFull,
+    /// The pod and processes inside (filled in by [`TableMonitor::views`]).
+    pub names: crate::pods::NetnsNames,
 }
 
 impl TableView {
@@ -227,6 +229,7 @@ impl Table {
             drop_rate: rate(last.stats.drop, prev.stats.drop),
             rates,
             time_to_full: self.time_to_full(),
+            names: Default::default(),
         })
     }
 
@@ -337,6 +340,7 @@ pub struct TableMonitor {
     choice: SourceChoice,
     /// The switch to procfs was logged at warning level once already.
     told_procfs: bool,
+    namer: crate::pods::Namer,
 }
 
 impl TableMonitor {
@@ -358,6 +362,7 @@ impl TableMonitor {
             names: BTreeMap::new(),
             choice,
             told_procfs: false,
+            namer: crate::pods::Namer::new("/"),
         }
     }
 
@@ -390,7 +395,14 @@ impl TableMonitor {
     }
 
     /// Finds namespaces that appeared, forgets ones that vanished.
+    /// Read processes, cgroups and the kubelet's pod directories under
+    /// `root` instead of `/` (a container with the host's mounted there).
+    pub fn set_host_root(&mut self, root: &std::path::Path) {
+        self.namer = crate::pods::Namer::new(root);
+    }
+
     pub fn discover(&mut self) {
+        self.namer.refresh();
         let found = match netns::discover() {
             Ok(f) => f,
             Err(e) => {
@@ -537,6 +549,10 @@ impl TableMonitor {
                     })
             })
             .filter_map(|(inode, t)| t.view(*inode))
+            .map(|mut v| {
+                v.names = self.namer.get(v.inode);
+                v
+            })
             .collect()
     }
 

@@ -58,6 +58,8 @@ pub struct WatchConfig {
     pub pending_flows: u32,
     pub judge_window: Duration,
     pub tc_attach: Option<crate::strategy::tc::AttachMode>,
+    /// Where /proc and /var/log/pods are read to name namespaces.
+    pub host_root: std::path::PathBuf,
 }
 
 /// What a finished run saw, for callers that judge it (the lab, tests).
@@ -180,6 +182,7 @@ impl Watcher {
         let filter = cfg.netns.clone();
         source.attach_now(|i| filter.matches(i));
         let mut monitor = TableMonitor::new(cfg.netns);
+        monitor.set_host_root(&cfg.host_root);
         monitor.discover();
         let mut ledger = Ledger::new(tier.caps, index.names.clone());
         for inode in monitor.inodes() {

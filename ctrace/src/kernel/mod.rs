@@ -154,6 +154,26 @@ pub fn return_freed_memory() {
     }
 }
 
+/// Bytes one conntrack entry takes in this kernel: the slab slot size of
+/// the `nf_conntrack` cache (struct nf_conn and its alignment; extensions
+/// such as NAT or timestamps are allocated beside it). None where neither
+/// SLUB's sysfs nor /proc/slabinfo says (slab merging can hide the cache).
+pub fn conntrack_entry_bytes() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/kernel/slab/nf_conntrack/slab_size")
+        && let Ok(n) = s.trim().parse()
+    {
+        return Some(n);
+    }
+    // "nf_conntrack <active_objs> <num_objs> <objsize> …"
+    let info = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    info.lines()
+        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

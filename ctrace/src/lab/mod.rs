@@ -342,6 +342,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         pending_flows: crate::source::LoadOptions::DEFAULT_PENDING_FLOWS,
         judge_window: crate::source::LoadOptions::DEFAULT_JUDGE_WINDOW,
         tc_attach: None,
+        host_root: "/".into(),
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     drop(facts);

@@ -73,6 +73,8 @@ pub const NF_PRI_NAT_SRC: i32 = 100;
 
 // linux/netfilter/nf_tables.h: enum nf_tables_msg_types
 pub const NFT_MSG_NEWTABLE: u8 = 0;
+pub const NFT_MSG_GETTABLE: u8 = 1;
+pub const NFT_MSG_DELTABLE: u8 = 2;
 pub const NFT_MSG_NEWCHAIN: u8 = 3;
 pub const NFT_MSG_NEWRULE: u8 = 6;
 pub const NFT_MSG_GETRULE: u8 = 7;
@@ -282,6 +284,8 @@ enum Rule {
     DropTcpDport(u16),
     /// `masquerade`: source NAT to the outgoing interface's address.
     Masquerade,
+    /// `meta l4proto tcp tcp sport|dport PORT notrack`
+    NotrackTcp { dport: bool, port: u16 },
 }
 
 /// Where a new rule goes in its chain.
@@ -311,6 +315,10 @@ impl Rule {
             Rule::TrackedAccept => "ct state established,related,new accept".to_owned(),
             Rule::DropTcpDport(port) => format!("meta l4proto tcp tcp dport {port} drop"),
             Rule::Masquerade => "masquerade".to_owned(),
+            Rule::NotrackTcp { dport, port } => format!(
+                "meta l4proto tcp tcp {} {port} notrack",
+                if dport { "dport" } else { "sport" }
+            ),
         }
     }
 
@@ -347,27 +355,35 @@ impl Rule {
                 verdict(m, NF_ACCEPT);
             }
             Rule::DropTcpDport(port) => {
-                // The l4proto test is not decoration: a transport-header
-                // payload load reads whatever protocol the packet carries,
-                // so without it UDP to the same port would match too.
-                expr(m, "meta", |m| {
-                    m.be32(NFTA_META_DREG, NFT_REG_1)
-                        .be32(NFTA_META_KEY, NFT_META_L4PROTO);
-                });
-                cmp(m, NFT_CMP_EQ, &[IPPROTO_TCP]);
-                expr(m, "payload", |m| {
-                    // struct tcphdr: dest is the 2 bytes at offset 2.
-                    m.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                        .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER)
-                        .be32(NFTA_PAYLOAD_OFFSET, 2)
-                        .be32(NFTA_PAYLOAD_LEN, 2);
-                });
-                cmp(m, NFT_CMP_EQ, &port.to_be_bytes());
+                tcp_port_is(m, true, port);
                 verdict(m, NF_DROP);
             }
             Rule::Masquerade => expr(m, "masq", |_| {}),
+            Rule::NotrackTcp { dport, port } => {
+                tcp_port_is(m, dport, port);
+                expr(m, "notrack", |_| {});
+            }
         }
     }
+}
+
+/// `meta l4proto tcp tcp dport|sport PORT`. The l4proto test is not
+/// decoration: a transport-header payload load reads whatever protocol the
+/// packet carries, so without it UDP to the same port would match too.
+fn tcp_port_is(m: &mut MsgBuilder, dport: bool, port: u16) {
+    expr(m, "meta", |m| {
+        m.be32(NFTA_META_DREG, NFT_REG_1)
+            .be32(NFTA_META_KEY, NFT_META_L4PROTO);
+    });
+    cmp(m, NFT_CMP_EQ, &[IPPROTO_TCP]);
+    expr(m, "payload", |m| {
+        // struct tcphdr: source is the 2 bytes at offset 0, dest at 2.
+        m.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+            .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER)
+            .be32(NFTA_PAYLOAD_OFFSET, if dport { 2 } else { 0 })
+            .be32(NFTA_PAYLOAD_LEN, 2);
+    });
+    cmp(m, NFT_CMP_EQ, &port.to_be_bytes());
 }
 
 /// One NFTA_LIST_ELEM of NFTA_RULE_EXPRESSIONS.
@@ -405,14 +421,14 @@ fn verdict(m: &mut MsgBuilder, code: u32) {
     });
 }
 
-fn table_msg(m: &mut MsgBuilder) {
+fn table_msg(m: &mut MsgBuilder, table: &str) {
     m.header(&nfgenmsg(NFPROTO_INET, 0))
-        .str(NFTA_TABLE_NAME, TABLE);
+        .str(NFTA_TABLE_NAME, table);
 }
 
-fn chain_msg(m: &mut MsgBuilder, chain: BaseChain) {
+fn chain_msg(m: &mut MsgBuilder, table: &str, chain: BaseChain) {
     m.header(&nfgenmsg(NFPROTO_INET, 0))
-        .str(NFTA_CHAIN_TABLE, TABLE)
+        .str(NFTA_CHAIN_TABLE, table)
         .str(NFTA_CHAIN_NAME, chain.name)
         .nested(NFTA_CHAIN_HOOK, |m| {
             // The priority is a signed s32 sent as its two's complement.
@@ -423,9 +439,9 @@ fn chain_msg(m: &mut MsgBuilder, chain: BaseChain) {
         .str(NFTA_CHAIN_TYPE, chain.kind);
 }
 
-fn rule_msg(m: &mut MsgBuilder, chain: &str, rule: Rule) {
+fn rule_msg(m: &mut MsgBuilder, table: &str, chain: &str, rule: Rule) {
     m.header(&nfgenmsg(NFPROTO_INET, 0))
-        .str(NFTA_RULE_TABLE, TABLE)
+        .str(NFTA_RULE_TABLE, table)
         .str(NFTA_RULE_CHAIN, chain)
         .nested(NFTA_RULE_EXPRESSIONS, |m| rule.expressions(m))
         .bytes(NFTA_RULE_USERDATA, &rule.userdata());
@@ -467,7 +483,7 @@ fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
             NFT_MSG_NEWTABLE,
             NLM_F_CREATE,
             format!("table inet {TABLE}"),
-            table_msg,
+            |m| table_msg(m, TABLE),
         );
         for &chain in &chains {
             tx.push(
@@ -477,7 +493,7 @@ fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
                     "base chain {} (type {} hook {} priority {})",
                     chain.name, chain.kind, chain.hook_name, chain.priority
                 ),
-                |m| chain_msg(m, chain),
+                |m| chain_msg(m, TABLE, chain),
             );
         }
         for &(chain, rule, placement) in &wanted {
@@ -488,7 +504,7 @@ fn apply(ns: &NetNs, extra: Option<(&'static str, Rule)>) -> Result<()> {
                 NFT_MSG_NEWRULE,
                 placement.flags(),
                 format!("rule `{}` in chain {chain}", rule.describe()),
-                |m| rule_msg(m, chain, rule),
+                |m| rule_msg(m, TABLE, chain, rule),
             );
         }
         match tx.commit() {
@@ -676,6 +692,124 @@ impl<'s> Transaction<'s> {
     }
 }
 
+/// A table of its own per port (`table inet ctrace_notrack_PORT`) with two
+/// base chains at raw priority, before conntrack (-200) sees a packet:
+/// `tcp dport PORT notrack` on prerouting (requests from elsewhere) and on
+/// output (requests from this host), and `tcp sport PORT notrack` on
+/// output (the answers). The endpoint's connections then never need a
+/// table entry, so a full table cannot refuse them. The table goes away
+/// when this is dropped, and a table a killed run left behind is replaced
+/// at install.
+pub struct NotrackRule {
+    ns: Option<NetNs>,
+    table: String,
+}
+
+const NOTRACK_CHAINS: [BaseChain; 2] = [
+    RAW,
+    BaseChain {
+        name: "raw_output",
+        hook: NF_INET_LOCAL_OUT,
+        hook_name: "output",
+        priority: NF_PRI_RAW,
+        kind: "filter",
+    },
+];
+
+impl NotrackRule {
+    pub fn table_name(port: u16) -> String {
+        format!("ctrace_notrack_{port}")
+    }
+
+    /// Installs the rules in `ns` (ctrace's own namespace when None).
+    pub fn install(ns: Option<&NetNs>, port: u16) -> Result<NotrackRule> {
+        let table = Self::table_name(port);
+        let rule = NotrackRule {
+            ns: ns.map(NetNs::try_clone).transpose()?,
+            table,
+        };
+        if rule.delete()? {
+            log::info!("replaced table inet {} a previous run left", rule.table);
+        }
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, rule.ns.as_ref())?;
+        let table = rule.table.as_str();
+        let mut tx = Transaction::new(&mut sock, 0);
+        tx.push(
+            NFT_MSG_NEWTABLE,
+            NLM_F_CREATE,
+            format!("table inet {table}"),
+            |m| table_msg(m, table),
+        );
+        for chain in NOTRACK_CHAINS {
+            tx.push(
+                NFT_MSG_NEWCHAIN,
+                NLM_F_CREATE,
+                format!("base chain {} (hook {})", chain.name, chain.hook_name),
+                |m| chain_msg(m, table, chain),
+            );
+        }
+        for (chain, dport) in [
+            (RAW.name, true),
+            ("raw_output", true),
+            ("raw_output", false),
+        ] {
+            let r = Rule::NotrackTcp { dport, port };
+            tx.push(
+                NFT_MSG_NEWRULE,
+                Placement::Last.flags(),
+                format!("rule `{}` in chain {chain}", r.describe()),
+                |m| rule_msg(m, table, chain, r),
+            );
+        }
+        tx.commit()?;
+        Ok(rule)
+    }
+
+    /// Deletes the table; false if there was none.
+    fn delete(&self) -> Result<bool> {
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, self.ns.as_ref())?;
+        let mut tx = Transaction::new(&mut sock, 0);
+        let table = self.table.as_str();
+        tx.push(
+            NFT_MSG_DELTABLE,
+            0,
+            format!("deleting table inet {table}"),
+            |m| table_msg(m, table),
+        );
+        match tx.commit() {
+            Ok(()) => Ok(true),
+            Err(e) if NlError::errno_of(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for NotrackRule {
+    fn drop(&mut self) {
+        match self.delete() {
+            Ok(_) => log::debug!("removed table inet {}", self.table),
+            Err(e) => log::warn!(
+                "could not remove table inet {} (remove it with `nft delete table inet {}`): {e:#}",
+                self.table,
+                self.table
+            ),
+        }
+    }
+}
+
+/// Whether `table inet NAME` exists in `ns`.
+pub fn table_exists(ns: Option<&NetNs>, name: &str) -> Result<bool> {
+    let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
+    let mut msg = MsgBuilder::new(nft_msg_type(NFT_MSG_GETTABLE), 0);
+    msg.header(&nfgenmsg(NFPROTO_INET, 0))
+        .str(NFTA_TABLE_NAME, name);
+    match sock.request(msg, |_| Ok(())) {
+        Ok(()) => Ok(true),
+        Err(e) if NlError::errno_of(&e) == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,11 +830,40 @@ mod tests {
     const ROUTER_S6: Ipv6Addr = Ipv6Addr::new(0xfd20, 1, 0, 0, 0, 0, 0, 1);
     const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd20, 1, 0, 0, 0, 0, 0, 2);
 
+    /// The NOTRACK table appears with its three rules, replaces one a
+    /// killed run left, and is gone when the guard drops.
+    #[test]
+    fn notrack_rule_comes_and_goes() {
+        if skip_unless_root("notrack_rule_comes_and_goes") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let name = NotrackRule::table_name(9465);
+        let first = NotrackRule::install(Some(&ns), 9465).unwrap();
+        assert!(table_exists(Some(&ns), &name).unwrap());
+        // A second install (a restart after SIGKILL) replaces it.
+        std::mem::forget(first);
+        let rule = NotrackRule::install(Some(&ns), 9465).unwrap();
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(&ns)).unwrap();
+        let mut msg = MsgBuilder::new(nft_msg_type(NFT_MSG_GETRULE), 0);
+        msg.header(&nfgenmsg(NFPROTO_INET, 0))
+            .str(NFTA_RULE_TABLE, &name);
+        let mut rules = 0;
+        sock.dump(msg, |m| {
+            rules += usize::from(m.ty == nft_msg_type(NFT_MSG_NEWRULE));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rules, 3);
+        drop(rule);
+        assert!(!table_exists(Some(&ns), &name).unwrap());
+    }
+
     /// Expression names of a rule message, in order, with each expression's
     /// data attributes.
     fn exprs(rule: Rule) -> Vec<(String, Vec<u8>)> {
         let mut m = MsgBuilder::new(nft_msg_type(NFT_MSG_NEWRULE), 0);
-        rule_msg(&mut m, FORWARD_CHAIN, rule);
+        rule_msg(&mut m, TABLE, FORWARD_CHAIN, rule);
         m.check().unwrap();
         let msg = Msgs::new(m.as_bytes()).next().unwrap().unwrap();
         let list = msg
@@ -1022,17 +1185,14 @@ mod tests {
         let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(&ns)).unwrap();
         let genid = generation(&mut sock).unwrap();
         let mut tx = Transaction::new(&mut sock, genid);
-        tx.push(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            "the table".into(),
-            table_msg,
-        );
+        tx.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, "the table".into(), |m| {
+            table_msg(m, TABLE)
+        });
         tx.push(
             NFT_MSG_NEWRULE,
             Placement::Last.flags(),
             "a rule in a missing chain".into(),
-            |m| rule_msg(m, "nope", Rule::TrackedAccept),
+            |m| rule_msg(m, TABLE, "nope", Rule::TrackedAccept),
         );
         let e = tx.commit().unwrap_err();
         assert_eq!(NlError::errno_of(&e), Some(libc::ENOENT), "{e:#}");
@@ -1044,7 +1204,7 @@ mod tests {
         // (Generation 0 asks the kernel not to check it.)
         let mut probe = Transaction::new(&mut sock, 0);
         probe.push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, "a chain".into(), |m| {
-            chain_msg(m, CHAINS[0])
+            chain_msg(m, TABLE, CHAINS[0])
         });
         let e = probe.commit().unwrap_err();
         assert_eq!(NlError::errno_of(&e), Some(libc::ENOENT), "{e:#}");
@@ -1053,12 +1213,9 @@ mod tests {
         let stale = generation(&mut sock).unwrap();
         enable_conntrack(&ns).unwrap();
         let mut tx = Transaction::new(&mut sock, stale);
-        tx.push(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            "the table".into(),
-            table_msg,
-        );
+        tx.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, "the table".into(), |m| {
+            table_msg(m, TABLE)
+        });
         let e = tx.commit().unwrap_err();
         assert_eq!(NlError::errno_of(&e), Some(libc::ERESTART), "{e:#}");
     }

@@ -55,6 +55,8 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             json!({
                 "inode": t.inode,
                 "name": t.name,
+                "pod": t.names.pod,
+                "processes": t.names.processes,
                 "count": t.entries,
                 "max": t.max,
                 "fill_pct": round2(t.fill()),

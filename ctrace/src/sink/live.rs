@@ -68,7 +68,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &mut o,
             format!(
                 "netns {}{}",
-                netns_label(t.inode, t.name.as_deref()),
+                netns_label(t),
                 match t.source {
                     crate::table::TableSource::Procfs => "   (read from procfs: no ctnetlink)",
                     crate::table::TableSource::Ctnetlink => "",

@@ -5,6 +5,8 @@
 pub mod json;
 pub mod live;
 pub mod plain;
+pub mod prometheus;
+pub mod record;
 
 use std::time::{Duration, SystemTime};
 
@@ -86,9 +88,18 @@ pub fn ttf_text(t: TimeToFull) -> String {
     }
 }
 
-pub fn netns_label(inode: u64, name: Option<&str>) -> String {
-    match name {
-        Some(n) => format!("{inode} ({n})"),
-        None => inode.to_string(),
+/// "4026532301 (router) pod kube-system/etcd-0 [etcd]": the inode, and
+/// every name people know the namespace by.
+pub fn netns_label(t: &TableView) -> String {
+    let mut l = match &t.name {
+        Some(n) => format!("{} ({n})", t.inode),
+        None => t.inode.to_string(),
+    };
+    if let Some(pod) = &t.names.pod {
+        l += &format!(" pod {pod}");
     }
+    if !t.names.processes.is_empty() {
+        l += &format!(" [{}]", t.names.processes.join(","));
+    }
+    l
 }

@@ -53,7 +53,7 @@ impl<W: Write> Sink for PlainSink<W> {
                 self.out,
                 "{} {what} netns={} count={}/{} ({:.1}%) inserts/s={:.1} drops/s={:.1} full_in={} source={}",
                 rfc3339(s.time),
-                netns_label(t.inode, t.name.as_deref()),
+                netns_label(t),
                 t.entries,
                 t.max,
                 t.fill(),

@@ -197,7 +197,8 @@ impl OopsLines {
         }
         if let Some(at) = Self::FIRST.iter().filter_map(|k| line.find(k)).min() {
             self.in_oops = true;
-            self.lines.push(format!("guest kernel: {}", line[at..].trim()));
+            self.lines
+                .push(format!("guest kernel: {}", line[at..].trim()));
         } else if self.in_oops {
             if let Some(at) = line.find("RIP: ") {
                 let rip = format!("guest kernel: {}", line[at..].trim());

@@ -1,0 +1,225 @@
+//! Recommendations, each a command and the numbers from the recording that
+//! justify it.
+//!
+//! Sizing: a full table refused F flows while holding P entries, so the
+//! demand was at least P + F (each refused flow needed one entry). The new
+//! limit leaves 20% headroom over that, so that the 80% alert fires before
+//! the table fills, rounded up to a power of two. Its memory is one slab
+//! slot per entry (the `nf_conntrack` cache's, measured when recording)
+//! plus one 8-byte hash bucket per entry (nf_conntrack_buckets equal to
+//! the limit, the kernel's own default ratio).
+//!
+//! Timeouts: with flows arriving at a steady rate, the entries a state
+//! holds are proportional to its timeout (Little's law), so cutting a
+//! timeout from T to T' removes a share 1 - T'/T of those entries.
+use super::{Report, fill, recording::Header, render::Block};
+
+/// struct nf_conn's slab slot on 64-bit kernels of the 6.x series, for
+/// recordings whose kernel did not say (slab merging hides the cache).
+const FALLBACK_ENTRY_BYTES: u64 = 320;
+const BUCKET_BYTES: u64 = 8;
+/// The incident's alert threshold.
+const ALERT_FILL: f64 = 0.8;
+/// Kernel defaults the timeout advice starts from.
+const SYN_SENT_DEFAULT: u64 = 120;
+const SYN_SENT_ADVISED: u64 = 30;
+const UDP_DEFAULT: u64 = 30;
+const UDP_ADVISED: u64 = 10;
+const ESTABLISHED_DEFAULT: u64 = 432_000;
+const ESTABLISHED_ADVISED: u64 = 86_400;
+
+/// The alert rules the deployment ships (deploy/prometheus), loaded by
+/// Prometheus as they are and checked by `promtool check rules` in tests.
+pub const ALERT_RULES: &str = include_str!("../../../deploy/prometheus/ctrace-rules.yml");
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
+    let mut b = vec![];
+    let Some(ns) = r.main_namespace() else {
+        b.push(Block::Para("No table was sampled: nothing to size.".into()));
+        return b;
+    };
+    let entry = h.conntrack_entry_bytes.unwrap_or(FALLBACK_ENTRY_BYTES);
+    let entry_note = if h.conntrack_entry_bytes.is_some() {
+        format!("{entry} bytes per entry, measured from the kernel's nf_conntrack slab")
+    } else {
+        format!("{entry} bytes per entry assumed (the recording did not measure it)")
+    };
+
+    // 1. The limit.
+    let demand = ns.peak + ns.table_full_flows;
+    let peak_fill = fill(ns.peak, ns.max);
+    b.push(Block::Heading(3, "1. nf_conntrack_max".into()));
+    if ns.table_full_flows == 0 && peak_fill < ALERT_FILL * 100.0 {
+        b.push(Block::Para(format!(
+            "The table peaked at {} of {} entries ({peak_fill:.1}%) and refused nothing: the limit is sufficient for what was recorded.",
+            ns.peak, ns.max
+        )));
+    } else {
+        let advised = ((demand as f64 / ALERT_FILL).ceil() as u64)
+            .max(1024)
+            .next_power_of_two();
+        let now = ns.max * entry + ns.max * BUCKET_BYTES;
+        let then = advised * entry + advised * BUCKET_BYTES;
+        b.push(Block::Para(format!(
+            "netns {} held **{} entries** at its peak (limit {}) and refused **{} flows** for a full table: the demand was at least **{demand}** entries. \
+             With 20% headroom (so that an 80% alert fires before the table fills) that is {advised} (rounded up to a power of two). \
+             Kernel memory at that limit: **{}** (was {} at {}), from {entry_note} plus {BUCKET_BYTES} bytes per hash bucket.",
+            ns.label,
+            ns.peak,
+            ns.max,
+            ns.table_full_flows,
+            mib(then),
+            mib(now),
+            ns.max,
+        )));
+        b.push(Block::Code("sh", format!(
+            "# now\nsysctl -w net.netfilter.nf_conntrack_max={advised}\nsysctl -w net.netfilter.nf_conntrack_buckets={advised}\n\
+             # at every boot (/etc/sysctl.d is read at boot by systemd-sysctl, and by OpenWrt's /etc/init.d/sysctl;\n\
+             # OpenWrt has no UCI option for this)\n\
+             printf 'net.netfilter.nf_conntrack_max = {advised}\\nnet.netfilter.nf_conntrack_buckets = {advised}\\n' > /etc/sysctl.d/90-conntrack.conf\n\
+             # where nf_conntrack is a module loaded after sysctl runs, size its hash when it loads\n\
+             echo 'options nf_conntrack hashsize={advised}' > /etc/modprobe.d/nf_conntrack.conf"
+        )));
+    }
+
+    // 2. Timeouts.
+    b.push(Block::Heading(3, "2. Timeouts".into()));
+    let mut any = false;
+    if let Some(o) = &ns.occupancy {
+        let total = o.total.max(1);
+        let syn_sent = o.by_tcp_state.get("SYN_SENT").copied().unwrap_or(0);
+        let established = o.by_tcp_state.get("ESTABLISHED").copied().unwrap_or(0);
+        let unreplied_other = o.unreplied.saturating_sub(syn_sent);
+        if syn_sent * 10 >= total {
+            any = true;
+            let gone = syn_sent * (SYN_SENT_DEFAULT - SYN_SENT_ADVISED) / SYN_SENT_DEFAULT;
+            b.push(Block::Para(format!(
+                "{syn_sent} entries ({:.0}%) were TCP connections never answered (SYN_SENT). At {SYN_SENT_ADVISED} s instead of the default {SYN_SENT_DEFAULT} s they would hold a quarter of that: about **{gone} entries fewer** at the peak.",
+                fill(syn_sent, total)
+            )));
+            b.push(Block::Code(
+                "sh",
+                format!(
+                    "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_syn_sent={SYN_SENT_ADVISED}"
+                ),
+            ));
+        }
+        if unreplied_other * 10 >= total {
+            any = true;
+            let gone = unreplied_other * (UDP_DEFAULT - UDP_ADVISED) / UDP_DEFAULT;
+            b.push(Block::Para(format!(
+                "{unreplied_other} entries ({:.0}%) besides those were never answered (UDP and others: scans, floods, dead DNS servers). A {UDP_ADVISED} s UDP timeout instead of {UDP_DEFAULT} s removes about **{gone}** of them.",
+                fill(unreplied_other, total)
+            )));
+            b.push(Block::Code(
+                "sh",
+                format!("sysctl -w net.netfilter.nf_conntrack_udp_timeout={UDP_ADVISED}"),
+            ));
+        }
+        if established * 2 >= total {
+            any = true;
+            // Remaining under a day, with a 5-day timeout: idle 4 days.
+            let idle: u64 = ["10m-1h", "1h-1d"]
+                .iter()
+                .filter_map(|k| o.by_timeout.get(*k))
+                .sum();
+            b.push(Block::Para(format!(
+                "{established} entries ({:.0}%) were ESTABLISHED. With the default {} day timeout, the {idle} entries with 10 minutes to a day left had been idle for over four days: a {} day timeout would have expired at least those.",
+                fill(established, total),
+                ESTABLISHED_DEFAULT / 86_400,
+                ESTABLISHED_ADVISED / 86_400
+            )));
+            b.push(Block::Code("sh", format!(
+                "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={ESTABLISHED_ADVISED}"
+            )));
+        }
+    }
+    if !any {
+        b.push(Block::Para(
+            "No state dominated the table enough to justify shorter timeouts (or occupancy was not recorded)."
+                .into(),
+        ));
+    }
+
+    // 3. NOTRACK for intra-network traffic.
+    b.push(Block::Heading(
+        3,
+        "3. Traffic that needs no tracking".into(),
+    ));
+    let private: Vec<(&String, u64)> = ns
+        .occupancy
+        .iter()
+        .flat_map(|o| o.by_src_prefix.iter())
+        .filter(|(p, _)| is_private(p))
+        .map(|(p, n)| (p, *n))
+        .collect();
+    let private_total: u64 = private.iter().map(|(_, n)| n).sum();
+    let total = ns.occupancy.as_ref().map_or(0, |o| o.total);
+    if total > 0 && private_total * 10 >= total * 3 {
+        let mut prefixes: Vec<_> = private.clone();
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.1));
+        let set: Vec<&str> = prefixes.iter().take(4).map(|(p, _)| p.as_str()).collect();
+        let (v4, v6): (Vec<&str>, Vec<&str>) = set.iter().partition(|p| !p.contains(':'));
+        b.push(Block::Para(format!(
+            "{private_total} entries ({:.0}%) came from private prefixes ({}). If that traffic stays inside your networks and needs no NAT or stateful filtering, exempting it from conntrack frees those entries (rules must then accept `ct state untracked` where they filter it).",
+            fill(private_total, total),
+            set.join(", ")
+        )));
+        let mut cmd = String::from(
+            "nft add table inet notrack_intra\n\
+             nft add chain inet notrack_intra pre '{ type filter hook prerouting priority raw; }'\n\
+             nft add chain inet notrack_intra out '{ type filter hook output priority raw; }'\n",
+        );
+        for (fam, list) in [("ip", &v4), ("ip6", &v6)] {
+            if list.is_empty() {
+                continue;
+            }
+            let s = list.join(", ");
+            for chain in ["pre", "out"] {
+                cmd += &format!(
+                    "nft add rule inet notrack_intra {chain} {fam} saddr {{ {s} }} {fam} daddr {{ {s} }} notrack\n"
+                );
+            }
+        }
+        b.push(Block::Code("sh", cmd));
+    } else {
+        b.push(Block::Para(
+            "Private prefixes did not dominate the table; no NOTRACK rule is suggested.".into(),
+        ));
+    }
+
+    // 4. Alerts.
+    b.push(Block::Heading(3, "4. Alerts".into()));
+    b.push(Block::Para(
+        "The incident's own alert (80% fill), a predictive one (full within the hour at the current growth), any table-full drop, and ctrace losing events or disagreeing with the kernel. Load with `ctrace watch --metrics` scraped (deploy/ has the Kubernetes and OpenWrt setups):".into(),
+    ));
+    b.push(Block::Code("yaml", ALERT_RULES.to_string()));
+    b
+}
+
+/// RFC 1918 and IPv6 ULA prefixes as occupancy prints them.
+fn is_private(prefix: &str) -> bool {
+    let addr = prefix.split('/').next().unwrap_or("");
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => a.is_private(),
+        Ok(std::net::IpAddr::V6(a)) => (a.segments()[0] & 0xfe00) == 0xfc00,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_prefixes() {
+        assert!(is_private("10.10.0.0/24"));
+        assert!(is_private("fd00:1::/64"));
+        assert!(!is_private("8.8.8.0/24"));
+        assert!(!is_private("2001:db8::/64"));
+    }
+}

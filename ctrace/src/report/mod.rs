@@ -1,0 +1,468 @@
+//! `ctrace report`: what a recording says happened, and what to change.
+//!
+//! Everything is computed from the recording alone (it may be read on
+//! another machine, days later): the table samples, the cumulative drop
+//! totals in every summary, the first-sighting drop records, occupancy
+//! breakdowns and the header's facts about the kernel.
+pub mod advice;
+pub mod recording;
+pub mod render;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, SystemTime},
+};
+
+use recording::Occupancy;
+pub use recording::Recording;
+use render::{Block, Plot};
+
+use crate::sink::rfc3339;
+
+/// One namespace's story.
+#[derive(Debug, Default)]
+pub struct NetnsStory {
+    pub inode: u64,
+    pub label: String,
+    /// (seconds since start, entries, max)
+    pub timeline: Vec<(f64, u64, u64)>,
+    pub peak: u64,
+    pub peak_at: Option<SystemTime>,
+    pub max: u64,
+    /// Occupancy breakdown with the most entries.
+    pub occupancy: Option<Occupancy>,
+    /// Flows refused for a full table (ctrace's attribution).
+    pub table_full_flows: u64,
+    pub table_full_packets: u64,
+}
+
+/// Drops of one (service, cause) over the recording.
+#[derive(Debug, Default)]
+pub struct Affected {
+    pub service: String,
+    pub cause: String,
+    pub flows: u64,
+    pub packets: u64,
+    pub first: Option<SystemTime>,
+    pub last: Option<SystemTime>,
+}
+
+pub struct Report {
+    pub title: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub namespaces: Vec<NetnsStory>,
+    pub affected: Vec<Affected>,
+    /// Per service: (seconds since start, packets dropped in the interval).
+    pub drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
+    pub evicted: u64,
+    pub gc_evicted: u64,
+    /// (service, by, entries) summed over namespaces.
+    pub evictions: Vec<(String, String, u64)>,
+    pub lost_events: u64,
+    /// (netns, attributed, kernel, trust) from the last summary.
+    pub agreement: Vec<(u64, u64, u64, String)>,
+    pub strategy: Option<String>,
+    pub blocks: Vec<Block>,
+}
+
+const NO_SERVICE: &str = "other";
+
+fn secs(t: SystemTime, start: SystemTime) -> f64 {
+    t.duration_since(start).unwrap_or_default().as_secs_f64()
+}
+
+impl Report {
+    pub fn from_recording(rec: &Recording) -> Report {
+        let start = rec
+            .summaries
+            .first()
+            .map_or(SystemTime::UNIX_EPOCH, |s| s.time);
+        let end = rec.summaries.last().map_or(start, |s| s.time);
+        let mut namespaces: BTreeMap<u64, NetnsStory> = BTreeMap::new();
+        // Cumulative totals only grow; the largest value seen is the total
+        // (a namespace that vanished drops out of later summaries).
+        let mut groups: BTreeMap<(u64, String, String, String), (u64, u64)> = BTreeMap::new();
+        let mut last_rise: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
+        let mut first_rise: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
+        let mut per_service_prev: BTreeMap<String, u64> = BTreeMap::new();
+        let mut drops_over_time: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut evictions: BTreeMap<(u64, String, String, String), u64> = BTreeMap::new();
+        let (mut evicted, mut gc_evicted, mut lost) = (0, 0, 0);
+        for s in &rec.summaries {
+            let x = secs(s.time, start);
+            for n in &s.netns {
+                let st = namespaces.entry(n.inode).or_insert_with(|| NetnsStory {
+                    inode: n.inode,
+                    ..NetnsStory::default()
+                });
+                st.label = match (&n.name, &n.pod) {
+                    (_, Some(pod)) => format!("{} (pod {pod})", n.inode),
+                    (Some(name), None) => format!("{} ({name})", n.inode),
+                    (None, None) => n.inode.to_string(),
+                };
+                st.timeline.push((x, n.count, n.max));
+                st.max = st.max.max(n.max);
+                if n.count > st.peak || st.peak_at.is_none() {
+                    st.peak = n.count;
+                    st.peak_at = Some(s.time);
+                }
+            }
+            for o in &s.occupancy {
+                if let Some(st) = namespaces.get_mut(&o.inode)
+                    && st.occupancy.as_ref().is_none_or(|b| o.total > b.total)
+                {
+                    st.occupancy = Some(o.clone());
+                }
+            }
+            let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
+            for g in &s.drops {
+                let service = g.service.clone().unwrap_or_else(|| NO_SERVICE.into());
+                let key = (g.netns, service.clone(), g.cause.clone(), g.proto.clone());
+                let e = groups.entry(key).or_default();
+                let sc = (service.clone(), g.cause.clone());
+                if g.packets > e.1 {
+                    last_rise.insert(sc.clone(), s.time);
+                    first_rise.entry(sc).or_insert(s.time);
+                }
+                *e = (e.0.max(g.flows), e.1.max(g.packets));
+                *per_service.entry(service).or_default() += g.packets;
+            }
+            for (service, total) in &per_service {
+                let prev = per_service_prev.get(service).copied().unwrap_or(0);
+                drops_over_time
+                    .entry(service.clone())
+                    .or_default()
+                    .push((x, total.saturating_sub(prev) as f64));
+            }
+            // Services without drops this interval: a zero, so lines fall.
+            for (service, series) in drops_over_time.iter_mut() {
+                if !per_service.contains_key(service) {
+                    series.push((x, 0.0));
+                }
+            }
+            per_service_prev = per_service;
+            for e in &s.evictions {
+                let key = (
+                    e.netns,
+                    e.service.clone().unwrap_or_else(|| NO_SERVICE.into()),
+                    e.proto.clone(),
+                    e.by.clone(),
+                );
+                let v = evictions.entry(key).or_default();
+                *v = (*v).max(e.entries);
+            }
+            evicted = evicted.max(s.evicted_total);
+            gc_evicted = gc_evicted.max(s.gc_evicted_total);
+            lost = lost.max(s.lost_events);
+        }
+
+        let mut affected: BTreeMap<(String, String), Affected> = BTreeMap::new();
+        for ((netns, service, cause, _), (flows, packets)) in &groups {
+            let a = affected
+                .entry((service.clone(), cause.clone()))
+                .or_insert_with(|| Affected {
+                    service: service.clone(),
+                    cause: cause.clone(),
+                    ..Affected::default()
+                });
+            a.flows += flows;
+            a.packets += packets;
+            if cause == "table_full"
+                && let Some(st) = namespaces.get_mut(netns)
+            {
+                st.table_full_flows += flows;
+                st.table_full_packets += packets;
+            }
+        }
+        // First sightings date a drop to the packet; the summaries bound
+        // it to the interval where a total rose.
+        for d in &rec.drops {
+            let key = (
+                d.service.clone().unwrap_or_else(|| NO_SERVICE.into()),
+                d.cause.clone(),
+            );
+            if let Some(a) = affected.get_mut(&key) {
+                a.first = Some(a.first.map_or(d.time, |f| f.min(d.time)));
+                a.last = Some(a.last.map_or(d.time, |l| l.max(d.time)));
+            }
+        }
+        for (key, a) in affected.iter_mut() {
+            if let Some(t) = first_rise.get(key) {
+                a.first = Some(a.first.map_or(*t, |f| f.min(*t)));
+            }
+            if let Some(t) = last_rise.get(key) {
+                a.last = Some(a.last.map_or(*t, |l| l.max(*t)));
+            }
+        }
+        let mut affected: Vec<Affected> = affected.into_values().collect();
+        affected.sort_by_key(|a| std::cmp::Reverse(a.packets));
+
+        let mut ev: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for ((_, service, _, by), n) in evictions {
+            *ev.entry((service, by)).or_default() += n;
+        }
+        let mut evictions: Vec<_> = ev.into_iter().map(|((s, b), n)| (s, b, n)).collect();
+        evictions.sort_by_key(|e| std::cmp::Reverse(e.2));
+
+        let last = rec.summaries.last();
+        let agreement = last
+            .map(|s| {
+                s.agreement
+                    .iter()
+                    .map(|a| (a.netns, a.attributed, a.kernel, a.trust.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let title = format!(
+            "ctrace report: {}{}",
+            rec.header.host.as_deref().unwrap_or("unknown host"),
+            rec.header
+                .kernel
+                .as_deref()
+                .map(|k| format!(", Linux {k}"))
+                .unwrap_or_default()
+        );
+        let mut r = Report {
+            title,
+            start,
+            end,
+            namespaces: namespaces.into_values().collect(),
+            affected,
+            drops_over_time,
+            evicted,
+            gc_evicted,
+            evictions,
+            lost_events: lost,
+            agreement,
+            strategy: last.and_then(|s| s.strategy.clone()),
+            blocks: vec![],
+        };
+        r.blocks = r.compose(rec);
+        r
+    }
+
+    /// The namespace the advice is about: the one that refused flows for a
+    /// full table, else the fullest.
+    pub fn main_namespace(&self) -> Option<&NetnsStory> {
+        self.namespaces.iter().max_by(|a, b| {
+            (a.table_full_flows, fill(a.peak, a.max))
+                .partial_cmp(&(b.table_full_flows, fill(b.peak, b.max)))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+    }
+
+    fn compose(&self, rec: &Recording) -> Vec<Block> {
+        let mut b = vec![Block::Heading(1, self.title.clone())];
+        let span = self.end.duration_since(self.start).unwrap_or_default();
+        b.push(Block::Para(format!(
+            "Recording of {} ({} summaries, {} drop records) from {} to {} ({}), traced with strategy `{}`.",
+            rec.files
+                .iter()
+                .map(|p| format!("`{}`", p.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rec.summaries.len(),
+            rec.drops.len(),
+            rfc3339(self.start),
+            rfc3339(self.end),
+            humantime::format_duration(Duration::from_secs(span.as_secs())),
+            self.strategy.as_deref().unwrap_or("?")
+        )));
+        if let Some(broken) = &rec.broken {
+            b.push(Block::Para(format!(
+                "**Warning:** {broken}. This report covers what came before."
+            )));
+        }
+
+        let mut findings = vec![];
+        for ns in &self.namespaces {
+            findings.push(format!(
+                "netns {}: peak **{} of {} entries ({:.1}%)** at {}{}",
+                ns.label,
+                ns.peak,
+                ns.max,
+                fill(ns.peak, ns.max),
+                ns.peak_at.map(rfc3339).unwrap_or_default(),
+                if ns.table_full_flows > 0 {
+                    format!(
+                        "; **{} flows ({} packets) refused because the table was full**",
+                        ns.table_full_flows, ns.table_full_packets
+                    )
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        let names: BTreeSet<&str> = self
+            .affected
+            .iter()
+            .filter(|a| a.cause == "table_full")
+            .map(|a| a.service.as_str())
+            .collect();
+        if !names.is_empty() {
+            findings.push(format!(
+                "services that lost connections to the full table: **{}**",
+                names.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        b.push(Block::Heading(2, "Summary".into()));
+        b.push(Block::Bullets(findings));
+
+        b.push(Block::Heading(2, "Timeline".into()));
+        b.push(Block::Plot(Plot {
+            title: "Table fill over time".into(),
+            y_label: "% of nf_conntrack_max".into(),
+            y_max: Some(100.0),
+            series: self
+                .namespaces
+                .iter()
+                .map(|ns| {
+                    (
+                        format!("netns {}", ns.label),
+                        ns.timeline
+                            .iter()
+                            .map(|(x, c, m)| (*x, fill(*c, *m)))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        }));
+        if !self.drops_over_time.is_empty() {
+            b.push(Block::Plot(Plot {
+                title: "Drops by service over time".into(),
+                y_label: "packets dropped per interval".into(),
+                y_max: None,
+                series: self
+                    .drops_over_time
+                    .iter()
+                    .map(|(s, p)| (s.clone(), p.clone()))
+                    .collect(),
+            }));
+        }
+
+        b.push(Block::Heading(2, "Affected services".into()));
+        if self.affected.is_empty() {
+            b.push(Block::Para("No drops were recorded.".into()));
+        } else {
+            b.push(Block::Table {
+                head: [
+                    "service",
+                    "cause",
+                    "flows",
+                    "packets",
+                    "first drop",
+                    "last drop",
+                ]
+                .map(String::from)
+                .to_vec(),
+                rows: self
+                    .affected
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.service.clone(),
+                            a.cause.clone(),
+                            a.flows.to_string(),
+                            a.packets.to_string(),
+                            a.first.map(rfc3339).unwrap_or_default(),
+                            a.last.map(rfc3339).unwrap_or_default(),
+                        ]
+                    })
+                    .collect(),
+            });
+        }
+
+        b.push(Block::Heading(
+            2,
+            "Who occupied the table at its peak".into(),
+        ));
+        for ns in &self.namespaces {
+            let Some(o) = &ns.occupancy else {
+                continue;
+            };
+            b.push(Block::Para(format!(
+                "netns {}: breakdown of {} entries ({} assured, {} never answered).",
+                ns.label, o.total, o.assured, o.unreplied
+            )));
+            b.push(Block::Table {
+                head: ["by", "top groups (entries, share)"]
+                    .map(String::from)
+                    .to_vec(),
+                rows: [
+                    ("service", &o.by_service),
+                    ("TCP state", &o.by_tcp_state),
+                    ("source prefix", &o.by_src_prefix),
+                    ("remaining timeout", &o.by_timeout),
+                ]
+                .iter()
+                .map(|(name, m)| vec![name.to_string(), top(m, o.total, 5)])
+                .collect(),
+            });
+        }
+
+        b.push(Block::Heading(2, "Evictions".into()));
+        b.push(Block::Para(format!(
+            "{} entries evicted by early_drop to make room, {} by the garbage collector above 95% fill (no kernel statistic counts the latter).",
+            self.evicted, self.gc_evicted
+        )));
+        if !self.evictions.is_empty() {
+            b.push(Block::Table {
+                head: ["service", "by", "entries"].map(String::from).to_vec(),
+                rows: self
+                    .evictions
+                    .iter()
+                    .take(10)
+                    .map(|(s, by, n)| vec![s.clone(), by.clone(), n.to_string()])
+                    .collect(),
+            });
+        }
+
+        b.push(Block::Heading(2, "How far to trust this".into()));
+        let mut q = vec![format!(
+            "lost events: {} (totals still count their packets: they are kept in the kernel)",
+            self.lost_events
+        )];
+        for (ns, attributed, kernel, trust) in &self.agreement {
+            q.push(format!(
+                "netns {ns}: ctrace attributed {attributed} of conntrack's {kernel} drops ({trust})"
+            ));
+        }
+        b.push(Block::Bullets(q));
+
+        b.push(Block::Heading(2, "Recommendations".into()));
+        b.extend(advice::advise(self, &rec.header));
+        b
+    }
+
+    pub fn markdown(&self) -> String {
+        render::markdown(&self.blocks)
+    }
+
+    pub fn html(&self) -> String {
+        render::html(&self.title, &self.blocks)
+    }
+}
+
+pub fn fill(count: u64, max: u64) -> f64 {
+    if max == 0 {
+        0.0
+    } else {
+        count as f64 * 100.0 / max as f64
+    }
+}
+
+/// "dns 700 (70%), etcd-peer 200 (20%), …"
+fn top(m: &BTreeMap<String, u64>, total: u64, n: usize) -> String {
+    let mut v: Vec<_> = m.iter().filter(|(_, c)| **c > 0).collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    let mut parts: Vec<String> = v
+        .iter()
+        .take(n)
+        .map(|(k, c)| format!("{k} {c} ({:.0}%)", fill(**c, total)))
+        .collect();
+    if v.len() > n {
+        parts.push(format!("{} more", v.len() - n));
+    }
+    parts.join(", ")
+}

@@ -1,0 +1,306 @@
+//! Reading recordings back (`watch --record`): the header, drop records and
+//! summaries, typed for the fields the report uses. A line that is not
+//! JSON, or not a record ctrace writes, ends the reading of its file; where
+//! is kept and told, and what came before is still reported on.
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use crate::sink::record::HEADER_TYPE;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Header {
+    pub version: u32,
+    pub ctrace: Option<String>,
+    pub host: Option<String>,
+    pub kernel: Option<String>,
+    pub conntrack_entry_bytes: Option<u64>,
+    pub buckets: Option<u64>,
+    pub started: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NetnsSample {
+    pub inode: u64,
+    pub name: Option<String>,
+    pub pod: Option<String>,
+    pub count: u64,
+    pub max: u64,
+    pub stats: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Group {
+    pub netns: u64,
+    pub service: Option<String>,
+    pub cause: String,
+    pub proto: String,
+    pub flows: u64,
+    pub packets: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Eviction {
+    pub netns: u64,
+    pub service: Option<String>,
+    pub proto: String,
+    pub entries: u64,
+    pub by: String,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct Occupancy {
+    pub inode: u64,
+    pub total: u64,
+    pub by_service: BTreeMap<String, u64>,
+    pub by_tcp_state: BTreeMap<String, u64>,
+    pub by_src_prefix: BTreeMap<String, u64>,
+    pub by_timeout: BTreeMap<String, u64>,
+    pub assured: u64,
+    pub unreplied: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Agreement {
+    pub netns: u64,
+    pub attributed: u64,
+    pub kernel: u64,
+    pub unseen: u64,
+    pub trust: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Summary {
+    #[serde(deserialize_with = "time")]
+    pub time: SystemTime,
+    #[serde(rename = "final", default)]
+    pub is_final: bool,
+    #[serde(default)]
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub lost_events: u64,
+    #[serde(default)]
+    pub netns: Vec<NetnsSample>,
+    #[serde(default)]
+    pub drops: Vec<Group>,
+    #[serde(default)]
+    pub evictions: Vec<Eviction>,
+    #[serde(default)]
+    pub occupancy: Vec<Occupancy>,
+    #[serde(default)]
+    pub agreement: Vec<Agreement>,
+    #[serde(default)]
+    pub evicted_total: u64,
+    #[serde(default)]
+    pub gc_evicted_total: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Drop {
+    #[serde(deserialize_with = "time")]
+    pub time: SystemTime,
+    pub netns: u64,
+    pub cause: String,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub src: String,
+    #[serde(default)]
+    pub dst: String,
+}
+
+fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+}
+
+/// Where a recording stopped making sense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    pub file: PathBuf,
+    pub line: usize,
+    pub why: String,
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: recording broken here ({})",
+            self.file.display(),
+            self.line,
+            self.why
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Recording {
+    pub files: Vec<PathBuf>,
+    /// The first file's header.
+    pub header: Header,
+    pub summaries: Vec<Summary>,
+    pub drops: Vec<Drop>,
+    /// The first break; lines after it in the same file were not read.
+    pub broken: Option<Broken>,
+}
+
+#[derive(Deserialize)]
+struct Tag {
+    #[serde(rename = "type")]
+    ty: String,
+}
+
+impl Recording {
+    /// Reads `files` in order. Fails only when nothing can be reported: a
+    /// file that is missing, or that is not a recording from its first line.
+    pub fn read(files: &[PathBuf]) -> anyhow::Result<Recording> {
+        let mut rec = Recording {
+            files: files.to_vec(),
+            ..Recording::default()
+        };
+        for (i, path) in files.iter().enumerate() {
+            rec.read_file(path, i == 0)?;
+        }
+        if rec.summaries.is_empty() {
+            match &rec.broken {
+                Some(b) => bail!("{b}; no summary before it, nothing to report"),
+                None => bail!(
+                    "no summary in {}: ctrace writes one per interval (--interval), was it stopped at once?",
+                    files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+        rec.summaries.sort_by_key(|s| s.time);
+        rec.drops.sort_by_key(|d| d.time);
+        Ok(rec)
+    }
+
+    fn read_file(&mut self, path: &Path, first: bool) -> anyhow::Result<()> {
+        let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut lines = BufReader::new(f).lines();
+        let head = match lines.next() {
+            Some(l) => l.with_context(|| format!("reading {}", path.display()))?,
+            None => bail!("{} is empty, not a ctrace recording", path.display()),
+        };
+        let is_header = serde_json::from_str::<Tag>(&head).is_ok_and(|t| t.ty == HEADER_TYPE);
+        if !is_header {
+            bail!(
+                "{}:1: not a ctrace recording (a recording starts with a {{\"type\":\"{HEADER_TYPE}\"}} line; `watch --record` writes them)",
+                path.display()
+            );
+        }
+        let header: Header = serde_json::from_str(&head)
+            .with_context(|| format!("{}:1: recording header", path.display()))?;
+        if first {
+            self.header = header;
+        }
+        for (n, line) in lines.enumerate() {
+            let lineno = n + 2;
+            let broken = |why: String| Broken {
+                file: path.to_path_buf(),
+                line: lineno,
+                why,
+            };
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    self.broken.get_or_insert(broken(e.to_string()));
+                    return Ok(());
+                }
+            };
+            if let Err(why) = self.take(&line) {
+                self.broken.get_or_insert(broken(why));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, line: &str) -> Result<(), String> {
+        let tag: Tag = serde_json::from_str(line).map_err(|e| {
+            if e.is_eof() {
+                "the line ends mid-record: the file was cut short".to_string()
+            } else {
+                format!("not JSON: {e}")
+            }
+        })?;
+        match tag.ty.as_str() {
+            "summary" => self
+                .summaries
+                .push(serde_json::from_str(line).map_err(|e| format!("summary: {e}"))?),
+            "drop" => self
+                .drops
+                .push(serde_json::from_str(line).map_err(|e| format!("drop record: {e}"))?),
+            // A rotated set read as one, or a record type from a newer ctrace.
+            HEADER_TYPE => {}
+            other => log::debug!("skipping a `{other}` record"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ctrace-rec-{}-{name}", std::process::id()));
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    const HEAD: &str = r#"{"type":"recording","version":1,"conntrack_entry_bytes":256}"#;
+    const SUMMARY: &str = r#"{"type":"summary","time":"2026-12-03T01:00:00.000Z","final":false,"netns":[{"inode":7,"count":10,"max":20,"stats":{"drop":0}}]}"#;
+
+    #[test]
+    fn a_cut_short_recording_says_where() {
+        let p = write("cut", &format!("{HEAD}\n{SUMMARY}\n{}\n", &SUMMARY[..40]));
+        let r = Recording::read(std::slice::from_ref(&p)).unwrap();
+        fs::remove_file(&p).unwrap();
+        assert_eq!(r.summaries.len(), 1);
+        let b = r.broken.unwrap();
+        assert_eq!(b.line, 3);
+        assert!(b.why.contains("cut short"), "{b}");
+    }
+
+    #[test]
+    fn garbage_is_not_a_recording() {
+        let p = write("garbage", "hello\n");
+        let e = Recording::read(std::slice::from_ref(&p)).unwrap_err();
+        fs::remove_file(&p).unwrap();
+        assert!(e.to_string().contains(":1: not a ctrace recording"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_line_mid_file() {
+        let p = write(
+            "mid",
+            &format!("{HEAD}\n{SUMMARY}\n{{\"type\":\"summary\",\"time\":12}}\n{SUMMARY}\n"),
+        );
+        let r = Recording::read(std::slice::from_ref(&p)).unwrap();
+        fs::remove_file(&p).unwrap();
+        assert_eq!(r.summaries.len(), 1);
+        let b = r.broken.unwrap();
+        assert_eq!(b.line, 3);
+        assert!(b.why.starts_with("summary:"), "{b}");
+        assert_eq!(r.header.conntrack_entry_bytes, Some(256));
+    }
+}

@@ -1,0 +1,410 @@
+//! Prometheus exposition of every summary: node_exporter's conntrack gauges
+//! per namespace, and ctrace's own series.
+//!
+//! The text is rendered once per interval, from the same snapshot the other
+//! sinks see, and published as one immutable buffer. Scrapes (the HTTP
+//! endpoint) and the textfile only ever copy that buffer, so a slow or
+//! hostile scraper can never hold up tracing, and every scrape of one
+//! interval sees the same numbers.
+//!
+//! Labels are bounded by construction: namespace, service (catalog names or
+//! "other"), cause, protocol, conntrack state; never an address or port.
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::{Sink, Snapshot};
+use crate::{
+    aggregate::DropRecord,
+    ledger::Trust,
+    table::{TimeToFull, stat_fields},
+    tier::Strategy,
+};
+
+/// node_exporter's conntrack collector reads these statistics (plus the
+/// deprecated, always-zero `ignore`); same names, same meaning.
+const NODE_EXPORTER_STATS: [&str; 7] = [
+    "found",
+    "invalid",
+    "insert",
+    "insert_failed",
+    "drop",
+    "early_drop",
+    "search_restart",
+];
+
+/// Service label of flows and entries the catalog has no name for.
+const NO_SERVICE: &str = "other";
+
+/// The newest exposition text, shared with the HTTP endpoint.
+#[derive(Clone, Default)]
+pub struct Exposition(Arc<Mutex<Bytes>>);
+
+impl Exposition {
+    /// What a scrape returns: empty until the first summary.
+    pub fn latest(&self) -> Bytes {
+        self.0.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    fn publish(&self, text: Bytes) {
+        if let Ok(mut b) = self.0.lock() {
+            *b = text;
+        }
+    }
+}
+
+pub struct PrometheusSink {
+    exposition: Option<Exposition>,
+    /// node_exporter's textfile collector reads `*.prom` files in a
+    /// directory; the file is replaced atomically (rename) each interval.
+    textfile: Option<PathBuf>,
+}
+
+impl PrometheusSink {
+    pub fn new(exposition: Option<Exposition>, textfile: Option<PathBuf>) -> Self {
+        PrometheusSink {
+            exposition,
+            textfile,
+        }
+    }
+
+    fn write_textfile(&self, text: &[u8]) -> std::io::Result<()> {
+        let Some(path) = &self.textfile else {
+            return Ok(());
+        };
+        // The collector must never read half a file: write a sibling whose
+        // name it ignores (not *.prom), then rename over the target.
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+impl Sink for PrometheusSink {
+    fn dropped_flow(&mut self, _rec: &DropRecord) -> std::io::Result<()> {
+        // Counted in the totals of the next summary; flows are not labels.
+        Ok(())
+    }
+
+    fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
+        let text = Bytes::from(render(snap).map_err(std::io::Error::other)?);
+        self.write_textfile(&text)?;
+        if let Some(e) = &self.exposition {
+            e.publish(text);
+        }
+        Ok(())
+    }
+}
+
+/// Families are registered as they are made; every one of them is filled
+/// from the snapshot alone.
+struct Families {
+    registry: Registry,
+}
+
+impl Families {
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    fn float(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
+        let g = GaugeVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+}
+
+/// Totals ctrace reports only grow; a counter is set by adding its total
+/// to a fresh zero.
+fn set_counter(c: &IntCounterVec, labels: &[&str], total: u64) {
+    c.with_label_values(labels).inc_by(total);
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The exposition text of one snapshot.
+pub fn render(s: &Snapshot<'_>) -> prometheus::Result<Vec<u8>> {
+    let f = Families {
+        registry: Registry::new(),
+    };
+    node_exporter_gauges(&f, s)?;
+    ctrace_series(&f, s)?;
+    let mut out = Vec::with_capacity(16 * 1024);
+    TextEncoder::new().encode(&f.registry.gather(), &mut out)?;
+    Ok(out)
+}
+
+fn node_exporter_gauges(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+    let entries = f.gauge(
+        "node_nf_conntrack_entries",
+        "Number of currently allocated flow entries for connection tracking.",
+        &["netns"],
+    )?;
+    let limit = f.gauge(
+        "node_nf_conntrack_entries_limit",
+        "Maximum size of connection tracking table.",
+        &["netns"],
+    )?;
+    let stats = NODE_EXPORTER_STATS
+        .iter()
+        .map(|name| {
+            f.gauge(
+                &format!("node_nf_conntrack_stat_{name}"),
+                &format!("conntrack's `{name}` statistic, summed over CPUs."),
+                &["netns"],
+            )
+            .map(|g| (*name, g))
+        })
+        .collect::<prometheus::Result<Vec<_>>>()?;
+    for t in &s.tables {
+        let ns = t.inode.to_string();
+        entries
+            .with_label_values(&[&ns])
+            .set(gauge_value(t.entries));
+        limit.with_label_values(&[&ns]).set(gauge_value(t.max));
+        for (name, v) in stat_fields(&t.stats) {
+            if let Some((_, g)) = stats.iter().find(|(n, _)| *n == name) {
+                g.with_label_values(&[&ns]).set(gauge_value(v));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+    let info = f.gauge(
+        "ctrace_build_info",
+        "ctrace's version; always 1.",
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    let strategy = f.gauge(
+        "ctrace_strategy",
+        "1 for the hook strategy ctrace traces with, 0 for the others.",
+        &["strategy"],
+    )?;
+    for st in Strategy::ALL {
+        strategy
+            .with_label_values(&[st.name()])
+            .set(i64::from(st == s.strategy && s.caps.is_some()));
+    }
+    f.float(
+        "ctrace_last_summary_timestamp_seconds",
+        "When ctrace rendered these numbers (Unix time).",
+        &[],
+    )?
+    .with_label_values::<&str>(&[])
+    .set(
+        s.time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
+
+    let netns_info = f.gauge(
+        "ctrace_netns_info",
+        "Names of a network namespace: its /run/netns name, its Kubernetes pod, its main processes; always 1.",
+        &["netns", "name", "pod", "processes"],
+    )?;
+    let ttf = f.float(
+        "ctrace_conntrack_time_to_full_seconds",
+        "Seconds until the table is full at its current growth (0: full now); absent when it is not growing.",
+        &["netns"],
+    )?;
+    let fill = f.float(
+        "ctrace_conntrack_fill_ratio",
+        "Entries over nf_conntrack_max.",
+        &["netns"],
+    )?;
+    for t in &s.tables {
+        let ns = t.inode.to_string();
+        let names = &t.names;
+        netns_info
+            .with_label_values(&[
+                &ns,
+                t.name.as_deref().unwrap_or(""),
+                names.pod.as_deref().unwrap_or(""),
+                &names.processes.join(","),
+            ])
+            .set(1);
+        fill.with_label_values(&[&ns]).set(t.fill() / 100.0);
+        match t.time_to_full {
+            TimeToFull::Full => ttf.with_label_values(&[&ns]).set(0.0),
+            TimeToFull::In(d) => ttf.with_label_values(&[&ns]).set(d.as_secs_f64()),
+            TimeToFull::NotGrowing | TimeToFull::Unknown => {}
+        }
+    }
+
+    let labels = ["netns", "service", "cause", "proto"];
+    let packets = f.counter(
+        "ctrace_drops_packets_total",
+        "Packets netfilter dropped, by the cause ctrace attributed and the service of the flow.",
+        &labels,
+    )?;
+    let flows = f.counter(
+        "ctrace_drops_flows_total",
+        "Distinct flows netfilter dropped packets of, by cause and service.",
+        &labels,
+    )?;
+    for g in &s.groups {
+        let v = [
+            &g.netns.to_string(),
+            g.service.as_deref().unwrap_or(NO_SERVICE),
+            g.cause.name(),
+            g.proto.name(),
+        ];
+        set_counter(&packets, &v, g.packets);
+        set_counter(&flows, &v, g.flows);
+    }
+
+    let evictions = f.counter(
+        "ctrace_evictions_total",
+        "Entries conntrack evicted before their time to make room (by early_drop or by the garbage collector above 95% fill), by whose they were.",
+        &["netns", "service", "proto", "by"],
+    )?;
+    for e in &s.evictions {
+        let by = match e.by {
+            crate::source::Evictor::EarlyDrop => "early_drop",
+            crate::source::Evictor::Gc => "gc",
+        };
+        set_counter(
+            &evictions,
+            &[
+                &e.netns.to_string(),
+                e.service.as_deref().unwrap_or(NO_SERVICE),
+                e.proto.name(),
+                by,
+            ],
+            e.entries,
+        );
+    }
+
+    let by_service = f.gauge(
+        "ctrace_occupancy_entries",
+        "Entries in the table by the service of their destination port.",
+        &["netns", "service"],
+    )?;
+    let by_state = f.gauge(
+        "ctrace_occupancy_tcp_state_entries",
+        "TCP entries in the table by conntrack state.",
+        &["netns", "state"],
+    )?;
+    let unreplied = f.gauge(
+        "ctrace_occupancy_unreplied_entries",
+        "Entries nothing ever answered.",
+        &["netns"],
+    )?;
+    for (inode, _, b) in &s.occupancy {
+        let ns = inode.to_string();
+        for (service, n) in &b.by_service {
+            by_service
+                .with_label_values(&[&ns, service])
+                .set(gauge_value(*n));
+        }
+        for (state, n) in &b.by_tcp_state {
+            by_state
+                .with_label_values(&[&ns, state])
+                .set(gauge_value(*n));
+        }
+        unreplied
+            .with_label_values(&[&ns])
+            .set(gauge_value(b.unreplied));
+    }
+
+    let kernel = f.counter(
+        "ctrace_selfcheck_kernel_drops_total",
+        "conntrack's own `drop` count since ctrace started watching the namespace.",
+        &["netns"],
+    )?;
+    let attributed = f.counter(
+        "ctrace_selfcheck_attributed_drops_total",
+        "Of those, the packets ctrace attributed to a cause conntrack counts.",
+        &["netns"],
+    )?;
+    let trust = f.gauge(
+        "ctrace_selfcheck_trust",
+        "1 for the self-check's current verdict on the namespace (exact, disagrees, inferred, no_counters), 0 for the others.",
+        &["netns", "trust"],
+    )?;
+    // One series per sampled namespace from the start, at zero until a
+    // drop: an alert on its increase then sees the first drop too.
+    let table_full = f.counter(
+        "ctrace_table_full_drops_total",
+        "Packets dropped because the namespace's conntrack table was full (all services).",
+        &["netns"],
+    )?;
+    for t in &s.tables {
+        let n = s
+            .agreement
+            .iter()
+            .find(|a| a.netns == t.inode)
+            .map_or(0, |a| a.table_full);
+        set_counter(&table_full, &[&t.inode.to_string()], n);
+    }
+    for a in &s.agreement {
+        let ns = a.netns.to_string();
+        set_counter(&kernel, &[&ns], a.kernel);
+        set_counter(&attributed, &[&ns], a.attributed);
+        for (t, name) in [
+            (Trust::Exact, "exact"),
+            (Trust::Disagrees, "disagrees"),
+            (Trust::Inferred, "inferred"),
+            (Trust::NoCounters, "no_counters"),
+        ] {
+            trust
+                .with_label_values(&[&ns, name])
+                .set(i64::from(a.trust == t));
+        }
+    }
+
+    let c = &s.counters;
+    for (name, help, v) in [
+        (
+            "ctrace_lost_events_total",
+            "Events the kernel could not hand to ctrace (ring buffer full); totals still count their packets.",
+            c.lost_events,
+        ),
+        (
+            "ctrace_totals_map_full_total",
+            "Packets the kernel's totals map had no room for.",
+            c.totals_full,
+        ),
+        (
+            "ctrace_flows_forgotten_total",
+            "Dropped flows ctrace stopped keeping in detail (totals keep them).",
+            s.flows_forgotten,
+        ),
+    ] {
+        set_counter(&f.counter(name, help, &[])?, &[], v);
+    }
+    Ok(())
+}
+
+/// Namespaces a snapshot names, for tests and the live view.
+pub fn namespaces(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| l.starts_with("node_nf_conntrack_entries{"))
+        .filter_map(|l| l.split("netns=\"").nth(1)?.split('"').next())
+        .map(str::to_string)
+        .collect()
+}

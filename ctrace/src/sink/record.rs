@@ -1,0 +1,169 @@
+//! `--record FILE`: the event stream on disk, for `ctrace report`.
+//!
+//! The lines are the NDJSON sink's (drop records and summaries, which carry
+//! the table samples, occupancy, evictions and the self-check), after one
+//! header line per file. Written through a buffer that is flushed at every
+//! summary, so a crash loses at most one interval. Bounded: past
+//! `max_bytes` the file is rotated (FILE -> FILE.1 -> … -> FILE.<keep>),
+//! each file starting with its own header, so any one of them can be
+//! reported on alone.
+use std::{
+    fs::{self, File},
+    io::{BufWriter, Write as _},
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    Sink, Snapshot,
+    json::{drop_json, summary_json},
+    rfc3339,
+};
+use crate::aggregate::DropRecord;
+
+/// Where `--record` without a file writes: tmpfs on OpenWrt (and most
+/// distributions), because routers' flash wears.
+pub const DEFAULT_PATH: &str = "/tmp/ctrace/recording.ndjson";
+pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+pub const DEFAULT_KEEP: u32 = 3;
+/// `type` of the first line of every recording file.
+pub const HEADER_TYPE: &str = "recording";
+pub const FORMAT_VERSION: u32 = 1;
+
+pub struct RecordSink {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    out: BufWriter<File>,
+    written: u64,
+    /// Facts for the header, measured once.
+    header: Value,
+}
+
+impl RecordSink {
+    /// Creates (or truncates) `path`; a recording an earlier run left there
+    /// is rotated away first rather than overwritten.
+    pub fn create(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<RecordSink> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)?;
+        }
+        let header = json!({
+            "type": HEADER_TYPE,
+            "version": FORMAT_VERSION,
+            "ctrace": env!("CARGO_PKG_VERSION"),
+            "host": hostname(),
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+            // What one table entry costs this kernel, for sizing advice.
+            "conntrack_entry_bytes": crate::kernel::conntrack_entry_bytes(),
+            "buckets": fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok()),
+        });
+        if path.exists() {
+            rotate(path, keep)?;
+        }
+        let mut sink = RecordSink {
+            path: path.to_path_buf(),
+            max_bytes,
+            keep,
+            out: BufWriter::new(File::create(path)?),
+            written: 0,
+            header,
+        };
+        sink.write_header()?;
+        Ok(sink)
+    }
+
+    fn write_header(&mut self) -> std::io::Result<()> {
+        let mut h = self.header.clone();
+        h["started"] = json!(rfc3339(std::time::SystemTime::now()));
+        self.line(&h)
+    }
+
+    fn line(&mut self, v: &Value) -> std::io::Result<()> {
+        let mut text = serde_json::to_vec(v)?;
+        text.push(b'\n');
+        if self.written > 0 && self.written + text.len() as u64 > self.max_bytes {
+            self.out.flush()?;
+            rotate(&self.path, self.keep)?;
+            self.out = BufWriter::new(File::create(&self.path)?);
+            self.written = 0;
+            self.write_header()?;
+        }
+        self.out.write_all(&text)?;
+        self.written += text.len() as u64;
+        Ok(())
+    }
+}
+
+/// FILE.<keep-1> -> FILE.<keep>, …, FILE -> FILE.1; the oldest falls off.
+fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
+    let numbered = |n: u32| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    };
+    if keep == 0 {
+        return fs::remove_file(path);
+    }
+    for n in (1..keep).rev() {
+        let from = numbered(n);
+        if from.exists() {
+            fs::rename(&from, numbered(n + 1))?;
+        }
+    }
+    fs::rename(path, numbered(1))
+}
+
+fn hostname() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+impl Sink for RecordSink {
+    fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
+        self.line(&drop_json(rec))
+    }
+
+    fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
+        self.line(&summary_json(snap))?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = std::env::temp_dir().join(format!("ctrace-rotate-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.ndjson");
+        let mut s = RecordSink::create(&path, 400, 2).unwrap();
+        for i in 0..40 {
+            s.line(
+                &json!({"type": "x", "i": i, "pad": "0123456789012345678901234567890123456789"}),
+            )
+            .unwrap();
+        }
+        s.out.flush().unwrap();
+        let names: Vec<_> = ["r.ndjson", "r.ndjson.1", "r.ndjson.2", "r.ndjson.3"]
+            .iter()
+            .map(|n| dir.join(n).exists())
+            .collect();
+        let first = fs::read_to_string(dir.join("r.ndjson.1")).unwrap();
+        let total: u64 = ["r.ndjson", "r.ndjson.1", "r.ndjson.2"]
+            .iter()
+            .map(|n| fs::metadata(dir.join(n)).unwrap().len())
+            .sum();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names, [true, true, true, false]);
+        // Every file is a recording on its own, and none outgrew the cap.
+        let head: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        assert_eq!(head["type"], HEADER_TYPE);
+        assert!(total <= 3 * 400, "{total}");
+    }
+}
