@@ -138,7 +138,11 @@ fn scan(root: &Path) -> HashMap<u64, NetnsNames> {
         {
             entry.1 = pod_uid(&cg);
         }
+        // Kernel threads (empty command line) live in the host's
+        // namespace but are nobody's service.
         if entry.0.len() < MAX_PROCESSES
+            && fs::metadata(p.join("cmdline")).is_ok()
+            && fs::read(p.join("cmdline")).is_ok_and(|c| !c.is_empty())
             && let Ok(comm) = fs::read_to_string(p.join("comm"))
         {
             let comm = comm.trim().to_string();
@@ -192,6 +196,7 @@ mod tests {
         fs::create_dir_all(p.join("ns")).unwrap();
         std::os::unix::fs::symlink("net:[4026599999]", p.join("ns/net")).unwrap();
         fs::write(p.join("comm"), "etcd\n").unwrap();
+        fs::write(p.join("cmdline"), "etcd\0--name\0node1\0").unwrap();
         fs::write(
             p.join("cgroup"),
             format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/x.scope\n", UID.replace('-', "_")),

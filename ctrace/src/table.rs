@@ -341,6 +341,9 @@ pub struct TableMonitor {
     /// The switch to procfs was logged at warning level once already.
     told_procfs: bool,
     namer: crate::pods::Namer,
+    /// ctrace's own namespace (the host's, usually): shown even while idle,
+    /// as node_exporter shows it.
+    own: Option<u64>,
 }
 
 impl TableMonitor {
@@ -363,6 +366,7 @@ impl TableMonitor {
             choice,
             told_procfs: false,
             namer: crate::pods::Namer::new("/"),
+            own: NetNs::current().ok().map(|ns| ns.inode()),
         }
     }
 
@@ -544,6 +548,7 @@ impl TableMonitor {
             .iter()
             .filter(|(inode, t)| {
                 always.contains(inode)
+                    || self.own == Some(**inode)
                     || t.latest().is_some_and(|s| {
                         s.stats.entries > 0 || stat_fields(&s.stats).iter().any(|(_, v)| *v > 0)
                     })

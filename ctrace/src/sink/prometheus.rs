@@ -210,7 +210,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
             .set(i64::from(st == s.strategy && s.caps.is_some()));
     }
     f.float(
-        "ctrace_last_summary_timestamp_seconds",
+        "ctrace_last_update_timestamp_seconds",
         "When ctrace rendered these numbers (Unix time).",
         &[],
     )?

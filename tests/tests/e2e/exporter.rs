@@ -1,0 +1,533 @@
+//! The Prometheus endpoint, the recording and the report, end to end: a
+//! real Prometheus and a real node_exporter (Debian's packages, on
+//! loopback ports) scrape ctrace during a table-full lab; the endpoint
+//! answers inside a full namespace through its NOTRACK rule; the report
+//! of a recorded lab names the services and sizes the table from its peak.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ctrace::{lab::incident_plan, netlink::nftables::NotrackRule};
+use ctrace_tests::{Tracer, ctrace_bin, privileged};
+use serde_json::Value;
+
+use super::{conntrack_drops, full_lab};
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+fn have(bins: &[&str], test: &str) -> bool {
+    let missing: Vec<_> = bins.iter().filter(|b| !Path::new(b).exists()).collect();
+    if !missing.is_empty() {
+        // `cargo xtask test` installs them; VMs have no room for them.
+        eprintln!("SKIPPED {test}: {missing:?} not installed");
+    }
+    missing.is_empty()
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ctrace-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A helper process killed when the test ends, however it ends.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET over a fresh connection; (status, body). One request, connection
+/// closed by the server: enough for a test client.
+fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    // Prometheus answers chunked; its JSON starts at the first brace.
+    let body = match body.find('{') {
+        Some(i) if path.starts_with("/api/") => {
+            body[i..body.rfind('}').map_or(body.len(), |e| e + 1)].to_string()
+        }
+        _ => body.to_string(),
+    };
+    Ok((status, body))
+}
+
+/// Polls `f` until it gives Ok; the last Err says what was seen instead.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<String, String>) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last seen: {seen}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Prometheus' instant query; the vector's (labels, value) pairs.
+fn query(prom: SocketAddr, q: &str) -> Vec<(Value, f64)> {
+    let enc: String = q
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let Ok((200, body)) = get(
+        prom,
+        &format!("/api/v1/query?query={enc}"),
+        Duration::from_secs(5),
+    ) else {
+        return vec![];
+    };
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|s| {
+                    let val = s["value"][1]
+                        .as_str()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(f64::NAN);
+                    (s["metric"].clone(), val)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn own_netns() -> u64 {
+    ctrace::netns::NetNs::current().unwrap().inode()
+}
+
+#[test]
+fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
+    const TEST: &str = "prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire";
+    if !privileged()
+        || !ctrace_tests::ctnetlink()
+        || !have(&[PROMETHEUS, NODE_EXPORTER, PROMTOOL], TEST)
+    {
+        return;
+    }
+    let dir = tmpdir("prometheus");
+    let (p_ctrace, p_node, p_prom) = (free_port(), free_port(), free_port());
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    let tracer = Tracer::start(&["--interval", "500ms", "--metrics", &p_ctrace.to_string()]);
+    let _node = Daemon(
+        Command::new(NODE_EXPORTER)
+            .args([
+                &format!("--web.listen-address=127.0.0.1:{p_node}"),
+                "--collector.disable-defaults",
+                "--collector.conntrack",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rules = repo_file("deploy/prometheus/ctrace-rules.yml");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: ctrace\n    static_configs:\n      - targets: ['127.0.0.1:{p_ctrace}']\n\
+             \x20 - job_name: node\n    static_configs:\n      - targets: ['127.0.0.1:{p_node}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let _prom = Daemon(
+        Command::new(PROMETHEUS)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{p_prom}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let prom: SocketAddr = format!("127.0.0.1:{p_prom}").parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{p_ctrace}").parse().unwrap();
+
+    // Prometheus must have the router's series at zero before the drops,
+    // as it would on a router watched before its incident.
+    wait_for("the first scrapes", Duration::from_secs(60), || {
+        let r = query(
+            prom,
+            &format!("ctrace_table_full_drops_total{{netns=\"{router}\"}}"),
+        );
+        let n = query(prom, "up{job=\"node\"} == 1");
+        if r.is_empty() || n.is_empty() {
+            Err(format!("ctrace {r:?}, node_exporter {n:?}"))
+        } else {
+            Ok(String::new())
+        }
+    });
+
+    // The incident: new flows into the full router table.
+    let before = conntrack_drops(&lab.topo.router);
+    let plan = incident_plan(2);
+    let attempts =
+        ctrace::lab::traffic::attempt_all(&lab.topo.clients, &plan, Duration::from_millis(2500))
+            .unwrap();
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let kernel_drops = conntrack_drops(&lab.topo.router) - before;
+
+    // promtool accepts what ctrace serves.
+    let (status, text) = get(metrics, "/metrics", Duration::from_secs(5)).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let mut check = Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // node_exporter's gauges for the initial namespace, from both.
+    let own = own_netns();
+    for metric in [
+        "node_nf_conntrack_entries_limit",
+        "node_nf_conntrack_entries",
+        "node_nf_conntrack_stat_drop",
+        "node_nf_conntrack_stat_early_drop",
+        "node_nf_conntrack_stat_insert_failed",
+        "node_nf_conntrack_stat_invalid",
+    ] {
+        // Loopback scrapes can move the initial namespace's numbers
+        // between the two scrapes: they must meet, not race.
+        let seen = wait_for(metric, Duration::from_secs(30), || {
+            let ours = query(prom, &format!("{metric}{{job=\"ctrace\",netns=\"{own}\"}}"));
+            let theirs = query(prom, &format!("{metric}{{job=\"node\"}}"));
+            match (ours.first(), theirs.first()) {
+                (Some(a), Some(b)) if a.1 == b.1 => Ok(format!("{} = {}", a.1, b.1)),
+                _ => Err(format!("ctrace {ours:?}, node_exporter {theirs:?}")),
+            }
+        });
+        eprintln!("{metric}: ctrace and node_exporter agree: {seen}");
+    }
+
+    // The incident's 80% alert and ctrace's drop alert fire for the router.
+    let firing = wait_for("the alerts to fire", Duration::from_secs(60), || {
+        let (_, body) =
+            get(prom, "/api/v1/alerts", Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        let alerts = v["data"]["alerts"].as_array().cloned().unwrap_or_default();
+        let fires = |name: &str| {
+            alerts.iter().any(|a| {
+                a["labels"]["alertname"] == name
+                    && a["labels"]["netns"] == router.to_string()
+                    && a["state"] == "firing"
+            })
+        };
+        let all = serde_json::to_string(&alerts).unwrap();
+        if fires("ConntrackTableNearlyFull") && fires("ConntrackTableFullDrops") {
+            Ok(all)
+        } else {
+            Err(all)
+        }
+    });
+    eprintln!("firing: {firing}");
+    // ctrace's table-full packets, through Prometheus, meet conntrack's
+    // own drop count (scrapes trail the drops by an interval or two).
+    let q = format!("sum(ctrace_drops_packets_total{{cause=\"table_full\",netns=\"{router}\"}})");
+    let seen = wait_for("the drops in Prometheus", Duration::from_secs(30), || {
+        let got = query(prom, &q).first().map(|d| d.1 as u64);
+        if got == Some(kernel_drops) {
+            Ok(format!("{kernel_drops}"))
+        } else {
+            Err(format!(
+                "{got:?} in Prometheus, {kernel_drops} counted by conntrack"
+            ))
+        }
+    });
+    eprintln!("table-full packets: Prometheus {seen} = conntrack {kernel_drops}");
+    let records = tracer.stop();
+    assert!(!records.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_answer_inside_a_full_table_only_through_notrack() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode().to_string();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let scrape = |lab: &super::FullLab| {
+        lab.topo
+            .router
+            .run(move || get(addr, "/metrics", Duration::from_secs(3)))
+            .unwrap()
+    };
+    let args = |notrack: bool| {
+        let mut a = vec![
+            "--netns".to_string(),
+            router.clone(),
+            "--interval".into(),
+            "500ms".into(),
+            "--metrics".into(),
+            port.to_string(),
+            "--metrics-netns".into(),
+            router.clone(),
+        ];
+        if notrack {
+            a.push("--metrics-notrack".into());
+        }
+        a
+    };
+
+    // Without the rule, the full table refuses the scrape's SYN.
+    let a = args(false);
+    let tracer = Tracer::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_secs(1));
+    let before = conntrack_drops(&lab.topo.router);
+    let refused = scrape(&lab);
+    assert!(
+        refused.is_err(),
+        "a scrape got through a full table: {refused:?}"
+    );
+    assert!(conntrack_drops(&lab.topo.router) > before);
+    tracer.stop();
+
+    // With it, the endpoint answers, with the router's full table in it.
+    let a = args(true);
+    let tracer = Tracer::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let table = NotrackRule::table_name(port);
+    assert!(ctrace::netlink::nftables::table_exists(Some(&lab.topo.router), &table).unwrap());
+    let body = wait_for(
+        "a scrape through NOTRACK",
+        Duration::from_secs(10),
+        || match scrape(&lab) {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let limit = body
+        .lines()
+        .find(|l| l.starts_with(&format!("node_nf_conntrack_entries{{netns=\"{router}\"}}")))
+        .unwrap_or_else(|| panic!("no router entries in:\n{body}"));
+    let entries: u64 = limit.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(entries >= super::global_max() - 1, "{limit}");
+    tracer.stop();
+    assert!(
+        !ctrace::netlink::nftables::table_exists(Some(&lab.topo.router), &table).unwrap(),
+        "table inet {table} outlived ctrace"
+    );
+}
+
+#[test]
+fn report_of_a_recorded_lab_names_the_services_and_sizes_from_the_peak() {
+    // The lab fills its table over ctnetlink.
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let dir = tmpdir("report");
+    let rec = dir.join("lab.ndjson");
+    let mut lab = Command::new(ctrace_bin());
+    lab.args(["lab", "--json", "--max", "4096", "--flows", "2", "--record"])
+        .arg(&rec);
+    if let Some(s) = ctrace_tests::strategy() {
+        lab.args(["--strategy", &s]);
+    }
+    let out = lab.output().unwrap();
+    assert!(
+        out.status.success(),
+        "lab failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = |files: &[&Path]| {
+        Command::new(ctrace_bin())
+            .arg("report")
+            .args(files)
+            .arg("--html")
+            .arg(dir.join("r.html"))
+            .output()
+            .unwrap()
+    };
+    let r = report(&[&rec]);
+    let md = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        r.status.success(),
+        "{md}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    for service in ctrace::lab::LAB_SERVICES.iter().map(|s| s.0) {
+        assert!(
+            md.lines()
+                .any(|l| l.starts_with(&format!("| {service} | table_full |"))),
+            "{service} missing from the affected services:\n{md}"
+        );
+    }
+    // The peak the recording saw, and the advice built on it.
+    let text = std::fs::read_to_string(&rec).unwrap();
+    let peak = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "summary")
+        .flat_map(|v| v["netns"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n["count"].as_u64())
+        .max()
+        .unwrap();
+    let advised: u64 = md
+        .lines()
+        .find_map(|l| l.strip_prefix("sysctl -w net.netfilter.nf_conntrack_max="))
+        .unwrap_or_else(|| panic!("no nf_conntrack_max advice:\n{md}"))
+        .parse()
+        .unwrap();
+    assert!(advised.is_power_of_two(), "{advised}");
+    assert!(
+        advised as f64 * 0.8 >= peak as f64 && (advised / 2) as f64 * 0.8 < peak as f64 + 1000.0,
+        "advised {advised} for a peak of {peak}"
+    );
+    let html = std::fs::read_to_string(dir.join("r.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("Table fill over time"));
+
+    // Cut the recording mid-line: the report covers what came before and
+    // says where it broke.
+    let cut = dir.join("cut.ndjson");
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = lines.len() - 2;
+    let mut broken = lines[..keep].join("\n");
+    broken.push('\n');
+    broken.push_str(&lines[keep][..lines[keep].len() / 2]);
+    std::fs::write(&cut, broken).unwrap();
+    let r = report(&[&cut]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cut.ndjson:{}:", keep + 1)) && err.contains("cut short"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&r.stdout).contains("## Affected services"));
+
+    // Not a recording at all: a usage error, no report.
+    let junk = dir.join("junk.txt");
+    std::fs::write(&junk, "hello\n").unwrap();
+    let r = report(&[&junk]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("junk.txt:1: not a ctrace recording"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_namespace_is_labelled_with_its_pod() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    // A kubelet's traces in a fixture root: a process of the pod in the
+    // router's namespace, its kubepods cgroup, the pod's log directory.
+    const UID: &str = "0d1e2f30-4a5b-4c6d-8e9f-a0b1c2d3e4f5";
+    let root = tmpdir("podroot");
+    let p = root.join("proc/31337");
+    std::fs::create_dir_all(p.join("ns")).unwrap();
+    std::os::unix::fs::symlink(format!("net:[{router}]"), p.join("ns/net")).unwrap();
+    std::fs::write(p.join("comm"), "etcd\n").unwrap();
+    std::fs::write(p.join("cmdline"), "etcd\0").unwrap();
+    std::fs::write(
+        p.join("cgroup"),
+        format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-1.scope\n",
+            UID.replace('-', "_")
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join(format!("var/log/pods/kube-system_etcd-node1_{UID}")))
+        .unwrap();
+    let port = free_port();
+    let tracer = Tracer::start(&[
+        "--netns",
+        &router.to_string(),
+        "--interval",
+        "500ms",
+        "--host-root",
+        root.to_str().unwrap(),
+        "--metrics",
+        &port.to_string(),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let info = wait_for("ctrace_netns_info", Duration::from_secs(10), || {
+        let (_, body) = get(addr, "/metrics", Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        body.lines()
+            .find(|l| {
+                l.starts_with("ctrace_netns_info{") && l.contains(&format!("netns=\"{router}\""))
+            })
+            .map(str::to_string)
+            .ok_or(body)
+    });
+    let records = tracer.stop();
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(info.contains("pod=\"kube-system/etcd-node1\""), "{info}");
+    assert!(info.contains("processes=\"etcd\""), "{info}");
+    let ns = ctrace_tests::final_summary(&records)["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["inode"] == router)
+        .cloned()
+        .unwrap();
+    assert_eq!(ns["pod"], "kube-system/etcd-node1", "{ns}");
+}
