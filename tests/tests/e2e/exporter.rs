@@ -267,6 +267,7 @@ fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
     }
 
     // The incident's 80% alert and ctrace's drop alert fire for the router.
+    let router_label = router.to_string();
     let firing = wait_for("the alerts to fire", Duration::from_secs(60), || {
         let (_, body) =
             get(prom, "/api/v1/alerts", Duration::from_secs(5)).map_err(|e| e.to_string())?;
@@ -275,7 +276,7 @@ fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
         let fires = |name: &str| {
             alerts.iter().any(|a| {
                 a["labels"]["alertname"] == name
-                    && a["labels"]["netns"] == router.to_string()
+                    && a["labels"]["netns"].as_str() == Some(router_label.as_str())
                     && a["state"] == "firing"
             })
         };
