@@ -426,10 +426,21 @@ fn lab(args: &[String]) -> anyhow::Result<()> {
     run(Command::new(&bin).arg("lab").args(args))
 }
 
+/// Debian packages the host tests use.
+const TEST_PACKAGES: [&str; 3] = ["prometheus", "prometheus-node-exporter", "python3-yaml"];
+
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let bin = build(None)?;
     let root = workspace_root();
-    if !is_root() {
+    if is_root() {
+        // What the exporter's tests scrape with and lint against: a real
+        // Prometheus, node_exporter and promtool; PyYAML for the
+        // manifests' offline checks.
+        let host = vm::apt::Host::new();
+        for pkg in TEST_PACKAGES {
+            host.ensure_installed(pkg)?;
+        }
+    } else {
         step("not root: the end-to-end tests will say they cannot run and skip");
     }
     step("running unit and end-to-end tests");

@@ -23,7 +23,7 @@
 //! `~/.cache/ctrace/vm`): kernels per arch and version (the OpenWrt one
 //! keyed by its config fragment and source version), the extracted
 //! modules, and initramfs images keyed by a hash of their inputs.
-mod apt;
+pub mod apt;
 mod initramfs;
 mod kernel;
 mod modinfo;

@@ -302,9 +302,66 @@ fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
         }
     });
     eprintln!("table-full packets: Prometheus {seen} = conntrack {kernel_drops}");
+    dashboard_queries_run(prom);
     let records = tracer.stop();
     assert!(!records.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every query of the Grafana dashboard is valid PromQL to a real
+/// Prometheus, and names series ctrace serves (evictions appear only once
+/// something is evicted).
+fn dashboard_queries_run(prom: SocketAddr) {
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/kubernetes/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let (_, names) = get(
+        prom,
+        "/api/v1/label/__name__/values",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let names: Value = serde_json::from_str(&names).unwrap();
+    let names: Vec<&str> = names["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            let enc: String = expr
+                .bytes()
+                .map(|b| match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let (status, body) = get(
+                prom,
+                &format!("/api/v1/query?query={enc}"),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert_eq!(status, 200, "{expr}: {body}");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let ours = word.starts_with("ctrace_") || word.starts_with("node_nf_conntrack_");
+                if ours && word != "ctrace_evictions_total" {
+                    assert!(
+                        names.contains(&word),
+                        "{word} (panel {}) not served",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,142 @@
+//! Offline checks of deploy/: the alert rules load in promtool, the
+//! PrometheusRule carries exactly those rules, the manifests hold together
+//! (what the DaemonSet mounts exists, the port the PodMonitor scrapes is the
+//! one ctrace serves, the capabilities are the ones it needs), the
+//! dashboard is well-formed, the OpenWrt service script parses. The
+//! dashboard's queries are run against a real Prometheus in the e2e
+//! exporter test.
+use std::{path::PathBuf, process::Command};
+
+fn deploy(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
+}
+
+fn tool(path: &str, test: &str) -> bool {
+    let there = std::path::Path::new(path).exists();
+    if !there {
+        eprintln!("SKIPPED {test}: {path} not installed (`cargo xtask test` installs it)");
+    }
+    there
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    if !tool("/usr/bin/promtool", "alert_rules_pass_promtool") {
+        return;
+    }
+    let out = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(deploy("prometheus/ctrace-rules.yml")));
+    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+}
+
+/// The manifests' structure, checked by PyYAML (no cluster needed).
+const MANIFEST_CHECKS: &str = r#"
+import sys, yaml, json, re
+d = sys.argv[1]
+docs = {}
+for f in ["daemonset.yaml", "podmonitor.yaml", "prometheusrule.yaml"]:
+    for doc in yaml.safe_load_all(open(f"{d}/kubernetes/{f}")):
+        for key in ["apiVersion", "kind", "metadata"]:
+            assert key in doc, f"{f}: no {key}"
+        assert doc["metadata"].get("name"), f"{f}: unnamed {doc['kind']}"
+        docs[doc["kind"]] = doc
+
+ds = docs["DaemonSet"]
+spec = ds["spec"]["template"]["spec"]
+assert spec["hostNetwork"] is True and spec["hostPID"] is True
+assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+(c,) = spec["containers"]
+sc = c["securityContext"]
+assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+assert sc["capabilities"]["drop"] == ["ALL"]
+allowed = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
+assert set(sc["capabilities"]["add"]) <= allowed, sc["capabilities"]["add"]
+assert {"BPF", "PERFMON", "NET_ADMIN"} <= set(sc["capabilities"]["add"])
+volumes = {v["name"] for v in spec["volumes"]}
+for m in c["volumeMounts"]:
+    assert m["name"] in volumes, f"mount of missing volume {m['name']}"
+# Writable paths exist as volumes: the recording.
+record = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--record=")][0]
+assert any(record.startswith(m["mountPath"] + "/") and not m.get("readOnly") for m in c["volumeMounts"]), record
+port = int([a.rsplit(":", 1)[1] for a in c["args"] if a.startswith("--metrics=")][0])
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+assert ports["metrics"] == port
+pm = docs["PodMonitor"]
+assert pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+rules = yaml.safe_load(open(f"{d}/prometheus/ctrace-rules.yml"))
+assert docs["PrometheusRule"]["spec"] == rules, "PrometheusRule differs from ctrace-rules.yml"
+
+dash = json.load(open(f"{d}/kubernetes/grafana-dashboard.json"))
+ids = [p["id"] for p in dash["panels"]]
+assert len(ids) == len(set(ids)), "duplicate panel ids"
+for p in dash["panels"]:
+    assert p["targets"], p["title"]
+    for t in p["targets"]:
+        assert re.search(r"\b(ctrace_|node_nf_conntrack_)", t["expr"]), t["expr"]
+print("manifests ok:", sorted(docs))
+"#;
+
+#[test]
+fn manifests_and_dashboard_hold_together() {
+    if !tool("/usr/bin/python3", "manifests_and_dashboard_hold_together") {
+        return;
+    }
+    let have_yaml = Command::new("python3")
+        .args(["-c", "import yaml"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_yaml {
+        eprintln!("SKIPPED manifests_and_dashboard_hold_together: PyYAML missing (python3-yaml)");
+        return;
+    }
+    let out = run(Command::new("python3")
+        .args(["-c", MANIFEST_CHECKS])
+        .arg(deploy("")));
+    assert!(out.contains("manifests ok"), "{out}");
+}
+
+#[test]
+fn prometheusrule_passes_promtool() {
+    if !tool("/usr/bin/promtool", "prometheusrule_passes_promtool") {
+        return;
+    }
+    // The operator's object wraps a rules file in `spec:`; unwrap it.
+    let text = std::fs::read_to_string(deploy("kubernetes/prometheusrule.yaml")).unwrap();
+    let spec = text.split_once("\nspec:\n").unwrap().1;
+    let rules: String = spec
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = std::env::temp_dir().join(format!("ctrace-prule-{}.yml", std::process::id()));
+    std::fs::write(&path, rules).unwrap();
+    let out = run(Command::new("promtool").args(["check", "rules"]).arg(&path));
+    let _ = std::fs::remove_file(&path);
+    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+}
+
+#[test]
+fn openwrt_service_script_parses() {
+    run(Command::new("sh")
+        .arg("-n")
+        .arg(deploy("openwrt/ctrace.init")));
+    run(Command::new("sh")
+        .arg("-n")
+        .arg(deploy("openwrt/ctrace.conf")));
+}
