@@ -589,3 +589,65 @@ fn a_namespace_is_labelled_with_its_pod() {
         .unwrap();
     assert_eq!(ns["pod"], "kube-system/etcd-node1", "{ns}");
 }
+
+#[test]
+fn abusive_scrapers_cannot_stall_tracing() {
+    if !privileged() {
+        return;
+    }
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tracer = Tracer::start(&["--interval", "200ms", "--metrics", &port.to_string()]);
+    wait_for("a first scrape", Duration::from_secs(10), || {
+        match get(addr, "/metrics", Duration::from_secs(3)) {
+            Ok((200, _)) => Ok(String::new()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // A malformed request is refused with an HTTP error, not a hang.
+    let bad = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(b"NOT HTTP AT ALL\r\n\r\n")?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r)
+    })();
+    // Slowloris: many connections that never finish their request head.
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            s
+        })
+        .collect();
+    // The server closes every idle connection by itself: the excess ones at
+    // once, the others when their head is overdue.
+    let started = Instant::now();
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(_) => {}
+            Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "left open"),
+        }
+    }
+    let closed_in = started.elapsed();
+    let ok = get(addr, "/metrics", Duration::from_secs(5)).unwrap();
+    let records = tracer.stop();
+    let summaries = records.iter().filter(|r| r["type"] == "summary").count();
+    eprintln!(
+        "idle connections closed within {closed_in:?}; {summaries} summaries meanwhile; bad request: {bad:?}"
+    );
+    assert_eq!(ok.0, 200);
+    assert!(
+        bad.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 400")),
+        "{bad:?}"
+    );
+    // At one summary per 200 ms, tracing went on while they held on: far
+    // more than the handful a stalled loop would write.
+    assert!(
+        summaries as f64 >= closed_in.as_secs_f64(),
+        "{summaries} summaries in {closed_in:?}"
+    );
+}
