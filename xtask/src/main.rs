@@ -377,10 +377,16 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         target.map(|t| format!(" for {t}")).unwrap_or_default()
     ));
     let started = Instant::now();
+    // Routers (32- and 64-bit ARM) have a few MiB of flash for everything:
+    // their builds use the size-optimised profile and must fit 4 MiB. The
+    // VMs run these same binaries.
+    let router = target.is_some_and(|t| t.starts_with("arm") || t.starts_with("aarch64"));
+    let profile = if router { "router" } else { "release" };
     let mut cmd = Command::new("cargo");
     cmd.args([
         "build",
-        "--release",
+        "--profile",
+        profile,
         "--package",
         "ctrace",
         "--bin",
@@ -398,7 +404,7 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     }
     run(&mut cmd)?;
     let bin = match target {
-        Some(t) => root.join("target").join(t).join("release/ctrace"),
+        Some(t) => root.join("target").join(t).join(profile).join("ctrace"),
         None => root.join("target/release/ctrace"),
     };
     let size = fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
@@ -408,9 +414,8 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         size as f64 / 1048576.0,
         started.elapsed().as_secs_f64()
     ));
-    // 32-bit routers have a few MiB of flash for everything.
     const ROUTER_LIMIT: u64 = 4 << 20;
-    if target.is_some_and(|t| t.starts_with("arm")) && size > ROUTER_LIMIT {
+    if router && size > ROUTER_LIMIT {
         bail!(
             "{} is {:.1} MiB: over the 4 MiB a router build may take",
             bin.display(),
