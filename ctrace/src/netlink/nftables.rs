@@ -765,22 +765,25 @@ impl NotrackRule {
         Ok(rule)
     }
 
-    /// Deletes the table; false if there was none.
     fn delete(&self) -> Result<bool> {
-        let mut sock = NlSocket::open(NETLINK_NETFILTER, self.ns.as_ref())?;
-        let mut tx = Transaction::new(&mut sock, 0);
-        let table = self.table.as_str();
-        tx.push(
-            NFT_MSG_DELTABLE,
-            0,
-            format!("deleting table inet {table}"),
-            |m| table_msg(m, table),
-        );
-        match tx.commit() {
-            Ok(()) => Ok(true),
-            Err(e) if NlError::errno_of(&e) == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
-        }
+        delete_table(self.ns.as_ref(), &self.table)
+    }
+}
+
+/// Deletes `table inet NAME` with everything in it; false if there was none.
+pub fn delete_table(ns: Option<&NetNs>, name: &str) -> Result<bool> {
+    let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
+    let mut tx = Transaction::new(&mut sock, 0);
+    tx.push(
+        NFT_MSG_DELTABLE,
+        0,
+        format!("deleting table inet {name}"),
+        |m| table_msg(m, name),
+    );
+    match tx.commit() {
+        Ok(()) => Ok(true),
+        Err(e) if NlError::errno_of(&e) == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ctrace::{lab::incident_plan, netlink::nftables::NotrackRule};
+use ctrace::{
+    lab::incident_plan,
+    netlink::nftables::{self, NotrackRule},
+};
 use ctrace_tests::{Tracer, ctrace_bin, privileged};
 use serde_json::Value;
 
@@ -139,6 +142,31 @@ fn own_netns() -> u64 {
     ctrace::netns::NetNs::current().unwrap().inode()
 }
 
+/// Conntrack on in the test's own namespace (the host's) while it runs, so
+/// that the gauges compared with node_exporter's are not all zero: the
+/// scrapes over loopback become entries. Removed on every exit path; a
+/// table of that name that was there before is left alone.
+struct TrackedHere(Option<ctrace::netns::NetNs>);
+
+impl TrackedHere {
+    fn start() -> TrackedHere {
+        let ns = ctrace::netns::NetNs::current().unwrap();
+        if nftables::table_exists(Some(&ns), nftables::TABLE).unwrap() {
+            return TrackedHere(None);
+        }
+        nftables::enable_conntrack(&ns).unwrap();
+        TrackedHere(Some(ns))
+    }
+}
+
+impl Drop for TrackedHere {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.0 {
+            nftables::delete_table(Some(ns), nftables::TABLE).unwrap();
+        }
+    }
+}
+
 #[test]
 fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
     const TEST: &str = "prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire";
@@ -149,6 +177,7 @@ fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
         return;
     }
     let dir = tmpdir("prometheus");
+    let _tracked = TrackedHere::start();
     let (p_ctrace, p_node, p_prom) = (free_port(), free_port(), free_port());
     let lab = full_lab();
     let router = lab.topo.router.inode();
@@ -413,7 +442,7 @@ fn metrics_answer_inside_a_full_table_only_through_notrack() {
     let a = args(true);
     let tracer = Tracer::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let table = NotrackRule::table_name(port);
-    assert!(ctrace::netlink::nftables::table_exists(Some(&lab.topo.router), &table).unwrap());
+    assert!(nftables::table_exists(Some(&lab.topo.router), &table).unwrap());
     let body = wait_for(
         "a scrape through NOTRACK",
         Duration::from_secs(10),
@@ -430,7 +459,7 @@ fn metrics_answer_inside_a_full_table_only_through_notrack() {
     assert!(entries >= super::global_max() - 1, "{limit}");
     tracer.stop();
     assert!(
-        !ctrace::netlink::nftables::table_exists(Some(&lab.topo.router), &table).unwrap(),
+        !nftables::table_exists(Some(&lab.topo.router), &table).unwrap(),
         "table inet {table} outlived ctrace"
     );
 }
