@@ -101,6 +101,9 @@ impl Report {
                     (Some(name), None) => format!("{} ({name})", n.inode),
                     (None, None) => n.inode.to_string(),
                 };
+                if !n.processes.is_empty() {
+                    st.label += &format!(" [{}]", n.processes.join(", "));
+                }
                 st.timeline.push((x, n.count, n.max));
                 st.max = st.max.max(n.max);
                 if n.count > st.peak || st.peak_at.is_none() {
@@ -206,14 +209,15 @@ impl Report {
         evictions.sort_by_key(|e| std::cmp::Reverse(e.2));
 
         let last = rec.summaries.last();
-        let agreement = last
-            .map(|s| {
-                s.agreement
-                    .iter()
-                    .map(|a| (a.netns, a.attributed, a.kernel, a.trust.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // The latest word on each namespace, including ones that vanished
+        // before the end (a lab's, a deleted pod's).
+        let mut agreement: BTreeMap<u64, (u64, u64, u64, String)> = BTreeMap::new();
+        for s in &rec.summaries {
+            for a in &s.agreement {
+                agreement.insert(a.netns, (a.netns, a.attributed, a.kernel, a.trust.clone()));
+            }
+        }
+        let agreement = agreement.into_values().collect();
         let title = format!(
             "ctrace report: {}{}",
             rec.header.host.as_deref().unwrap_or("unknown host"),
@@ -378,7 +382,13 @@ impl Report {
             "Who occupied the table at its peak".into(),
         ));
         for ns in &self.namespaces {
-            let Some(o) = &ns.occupancy else {
+            let Some(o) = ns.occupancy.as_ref().filter(|o| o.total > 0) else {
+                if ns.peak > 0 {
+                    b.push(Block::Para(format!(
+                        "netns {}: no breakdown was recorded with entries in it (tables are re-read every --occupancy-every, 10 s by default, where no kprobe tier keeps them current).",
+                        ns.label
+                    )));
+                }
                 continue;
             };
             b.push(Block::Para(format!(

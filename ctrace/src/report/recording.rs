@@ -33,6 +33,7 @@ pub struct NetnsSample {
     pub inode: u64,
     pub name: Option<String>,
     pub pod: Option<String>,
+    pub processes: Vec<String>,
     pub count: u64,
     pub max: u64,
     pub stats: BTreeMap<String, u64>,
