@@ -13,6 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ctrace::{
+    lab::{LAB_SERVICES, topology::Topology, traffic},
+    netlink::ctnetlink::CtSocket,
+};
 use serde_json::Value;
 
 /// True when the test may run; otherwise says why on stderr.
@@ -225,4 +229,51 @@ pub fn agreement(summary: &Value, netns: u64) -> Option<&Value> {
         .as_array()?
         .iter()
         .find(|a| a["netns"].as_u64() == Some(netns))
+}
+
+pub const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+pub fn global_max() -> u64 {
+    std::fs::read_to_string(MAX)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A lab whose router table is full of ASSURED entries, listeners up.
+pub struct FullLab {
+    pub topo: Topology,
+    _listeners: traffic::Listeners,
+}
+
+pub fn full_lab() -> FullLab {
+    let topo = Topology::build().expect("building namespaces");
+    let tcp: Vec<u16> = LAB_SERVICES
+        .iter()
+        .filter(|s| s.1 == ctrace::event::Proto::Tcp)
+        .map(|s| s.2)
+        .collect();
+    let listeners = traffic::Listeners::start(&topo.servers, &tcp, &[53]).unwrap();
+    let fill = traffic::fill_table(
+        &topo.router,
+        global_max() + 16,
+        std::net::IpAddr::V4(ctrace::lab::topology::SERVER_V4),
+        |_| {},
+    )
+    .unwrap();
+    assert!(fill.refused_full > 0, "the table never filled: {fill:?}");
+    eprintln!(
+        "filled {} entries in {:.2}s",
+        fill.created,
+        fill.elapsed.as_secs_f64()
+    );
+    FullLab {
+        topo,
+        _listeners: listeners,
+    }
+}
+
+pub fn conntrack_drops(ns: &ctrace::netns::NetNs) -> u64 {
+    CtSocket::open(Some(ns)).unwrap().stats().unwrap().drop
 }

@@ -14,54 +14,10 @@ mod exporter;
 #[path = "e2e/tc.rs"]
 mod tc;
 
-use ctrace_tests::{Tracer, ctrace_bin, ctrace_programs, drops, final_summary, privileged, totals};
-
-const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
-
-fn global_max() -> u64 {
-    std::fs::read_to_string(MAX)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// A lab whose router table is full of ASSURED entries, listeners up.
-struct FullLab {
-    topo: Topology,
-    _listeners: traffic::Listeners,
-}
-
-fn full_lab() -> FullLab {
-    let topo = Topology::build().expect("building namespaces");
-    let tcp: Vec<u16> = LAB_SERVICES
-        .iter()
-        .filter(|s| s.1 == ctrace::event::Proto::Tcp)
-        .map(|s| s.2)
-        .collect();
-    let listeners = traffic::Listeners::start(&topo.servers, &tcp, &[53]).unwrap();
-    let fill = traffic::fill_table(
-        &topo.router,
-        global_max() + 16,
-        IpAddr::V4(ctrace::lab::topology::SERVER_V4),
-        |_| {},
-    )
-    .unwrap();
-    assert!(fill.refused_full > 0, "the table never filled: {fill:?}");
-    eprintln!(
-        "filled {} entries in {:.2}s",
-        fill.created,
-        fill.elapsed.as_secs_f64()
-    );
-    FullLab {
-        topo,
-        _listeners: listeners,
-    }
-}
-
-fn conntrack_drops(ns: &ctrace::netns::NetNs) -> u64 {
-    CtSocket::open(Some(ns)).unwrap().stats().unwrap().drop
-}
+use ctrace_tests::{
+    FullLab, MAX, Tracer, conntrack_drops, ctrace_bin, ctrace_programs, drops, final_summary,
+    full_lab, global_max, privileged, totals,
+};
 
 /// Failed attempts per service.
 fn failed_by_service(attempts: &[traffic::Attempt]) -> BTreeMap<String, u64> {

@@ -49,7 +49,14 @@ impl KernelFacts {
                 Btf::vmlinux().map_err(|e| format!("{e:#}"))
             },
             tracefs: tracefs::mounted_root().ok_or_else(|| {
-                "tracefs is not mounted and could not be mounted at /sys/kernel/tracing".to_string()
+                if privileges::has_sys_admin() {
+                    "tracefs is not mounted and could not be mounted at /sys/kernel/tracing"
+                        .to_string()
+                } else {
+                    "tracefs is not mounted, and mounting it takes CAP_SYS_ADMIN (or mount it \
+                     for ctrace: mount -t tracefs nodev /sys/kernel/tracing)"
+                        .to_string()
+                }
             }),
             release,
         }

@@ -49,6 +49,11 @@ pub fn missing_for_tracing() -> Option<String> {
     ))
 }
 
+/// CAP_SYS_ADMIN: mounting tracefs, creating and entering namespaces.
+pub fn has_sys_admin() -> bool {
+    effective_caps() & (1 << CAP_SYS_ADMIN) != 0
+}
+
 /// The lab creates namespaces and writes sysctls: that takes CAP_SYS_ADMIN.
 pub fn missing_for_lab() -> Option<String> {
     let caps = effective_caps();

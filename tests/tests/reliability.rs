@@ -1,0 +1,336 @@
+//! Reliability: what ctrace leaves behind when it is stopped at any moment,
+//! what it needs and says about privileges, and two tracers at once. These
+//! run on the host only (the VM matrix runs the e2e suite), in bounded
+//! time.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ctrace::lab::{topology, traffic};
+use ctrace_tests::{
+    Tracer, conntrack_drops, ctrace_bin, ctrace_programs, final_summary, full_lab, privileged,
+};
+
+/// Waits for the kernel to free ctrace's programs (their release after the
+/// last file descriptor closes is deferred).
+fn programs_gone(within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = ctrace_programs();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cheap pseudo-random sequence, seeded from the clock and printed, so a
+/// failing run can be replayed by setting CTRACE_TEST_SEED.
+fn rng() -> impl FnMut() -> u64 {
+    let seed = std::env::var("CTRACE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("CTRACE_TEST_SEED={seed}");
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+#[test]
+fn signals_at_random_moments_of_a_storm_leave_no_program_behind() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    assert!(
+        ctrace_programs().is_empty(),
+        "programs left by an earlier run"
+    );
+    let lab = full_lab();
+    let router = lab.topo.router.inode().to_string();
+    let mut next = rng();
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGKILL];
+    let runs: u64 = std::env::var("CTRACE_TEST_SIGNAL_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    for run in 0..runs {
+        let signal = signals[(next() % 3) as usize];
+        let mut cmd = Command::new(ctrace_bin());
+        cmd.args(["watch", "--json", "--netns", &router, "--interval", "200ms"]);
+        if let Some(s) = ctrace_tests::strategy() {
+            cmd.args(["--strategy", &s]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A storm of distinct SYNs into the full table meanwhile.
+        let clients = lab.topo.clients.try_clone().unwrap();
+        let storm = std::thread::spawn(move || {
+            traffic::syn_flood(
+                &clients,
+                topology::CLIENTS_V4[0],
+                topology::SERVER_V4,
+                20_000,
+            )
+        });
+        // Anywhere from loading the programs to tracing at full speed.
+        std::thread::sleep(Duration::from_millis(next() % 2500));
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        storm.join().unwrap().unwrap();
+        let left = programs_gone(Duration::from_secs(10));
+        eprintln!("run {run}: signal {signal}, {status}");
+        assert!(
+            left.is_empty(),
+            "run {run}: after signal {signal} ({status}) these programs remain: {left:?}"
+        );
+        if signal != libc::SIGKILL {
+            // Stopped by a signal it handles: a clean exit (or the runtime
+            // was not up yet, and the default action killed it).
+            assert!(
+                status.success() || status.code().is_none(),
+                "run {run}: {status}"
+            );
+        }
+    }
+}
+
+/// Runs ctrace as root with only `caps` in its bounding set (so only those
+/// effective), like a service unit's CapabilityBoundingSet.
+fn with_caps(caps: &str, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            &format!("--bounding-set=-all,{caps}"),
+            "--",
+        ])
+        .arg(ctrace_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn have_setpriv(test: &str) -> bool {
+    let ok = Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: setpriv (util-linux) missing");
+    }
+    ok
+}
+
+#[test]
+fn each_missing_capability_is_named() {
+    if !privileged() || !have_setpriv("each_missing_capability_is_named") {
+        return;
+    }
+    let all = ["+bpf", "+perfmon", "+net_admin"];
+    for (i, missing) in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+        .iter()
+        .enumerate()
+    {
+        // Without SYS_ADMIN, which would stand in for BPF and PERFMON.
+        let caps: Vec<&str> = all
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, c)| *c)
+            .collect();
+        let out = with_caps(&caps.join(","), &["watch", "--duration", "1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("(missing: {missing})")), "{err}");
+    }
+    // Nobody, no capabilities at all: all three named.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(ctrace_bin())
+        .arg("probe")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("(missing: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bpf_perfmon_and_net_admin_are_enough_where_tracefs_is_mounted() {
+    if !privileged()
+        || !ctrace_tests::ctnetlink()
+        || !have_setpriv("bpf_perfmon_and_net_admin_are_enough_where_tracefs_is_mounted")
+    {
+        return;
+    }
+    // Its own namespace: entering others takes CAP_SYS_ADMIN (setns).
+    let own = ctrace::netns::NetNs::current().unwrap().inode();
+    let own_arg = own.to_string();
+    let mut args = vec!["watch", "--json", "--duration", "2", "--netns", &own_arg];
+    let strategy = ctrace_tests::strategy();
+    if let Some(s) = &strategy {
+        args.extend(["--strategy", s]);
+    }
+    let three = with_caps("+bpf,+perfmon,+net_admin", &args);
+    let err = String::from_utf8_lossy(&three.stderr).into_owned();
+    let out = if three.status.success() {
+        three
+    } else {
+        // Where tracefs is not mounted, mounting it is the one thing that
+        // takes CAP_SYS_ADMIN; ctrace must say exactly that, and work with it.
+        assert!(
+            err.contains("mounting it takes CAP_SYS_ADMIN"),
+            "three capabilities failed for another reason: {err}"
+        );
+        eprintln!("tracefs not mounted here: CAP_SYS_ADMIN needed for it ({err})");
+        with_caps("+bpf,+perfmon,+net_admin,+sys_admin", &args)
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let s = final_summary(&records);
+    eprintln!(
+        "strategy {} with three capabilities; stderr: {err}",
+        s["strategy"]
+    );
+    assert!(
+        s["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["inode"].as_u64() == Some(own)),
+        "{s}"
+    );
+}
+
+#[test]
+fn two_tracers_at_once_both_count_every_drop() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    let args = ["--netns", &router.to_string(), "--interval", "300ms"];
+    let a = Tracer::start(&args);
+    let b = Tracer::start(&args);
+    let before = conntrack_drops(&lab.topo.router);
+    let flood = traffic::syn_flood(
+        &lab.topo.clients,
+        topology::CLIENTS_V4[0],
+        topology::SERVER_V4,
+        5_000,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let kernel = conntrack_drops(&lab.topo.router) - before;
+    let table_full = |records: &[serde_json::Value]| -> u64 {
+        final_summary(records)["drops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["cause"] == "table_full" && g["netns"] == router)
+            .map(|g| g["packets"].as_u64().unwrap())
+            .sum()
+    };
+    let (ra, rb) = (a.stop(), b.stop());
+    eprintln!(
+        "{} SYNs sent, conntrack dropped {kernel}; tracers saw {} and {}",
+        flood.sent,
+        table_full(&ra),
+        table_full(&rb)
+    );
+    assert_eq!(table_full(&ra), kernel);
+    assert_eq!(table_full(&rb), kernel);
+    assert!(programs_gone(Duration::from_secs(10)).is_empty());
+}
+
+#[test]
+fn namespaces_come_and_go_and_the_limit_moves_while_watching() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let tracer = Tracer::start(&["--interval", "200ms"]);
+    // A namespace that tracks connections appears, is seen, and goes.
+    let ns = ctrace::netns::NetNs::create().unwrap();
+    let inode = ns.inode();
+    // A task inside, as every real namespace has (ctrace finds namespaces
+    // through their tasks and /run/netns).
+    let (quit, wait) = std::sync::mpsc::channel::<()>();
+    let holder = ns.spawn("ns-holder", move || wait.recv()).unwrap();
+    ctrace::netlink::nftables::enable_conntrack(&ns).unwrap();
+    let mut ct = ctrace::netlink::ctnetlink::CtSocket::open(Some(&ns)).unwrap();
+    ct.create_batch(&mut (0..50u16).map(|i| {
+        ctrace::netlink::ctnetlink::CtEntry::assured(
+            ctrace::netlink::ctnetlink::IPPROTO_UDP,
+            "10.77.0.1".parse().unwrap(),
+            2000 + i,
+            "10.77.0.2".parse().unwrap(),
+            53,
+            60,
+        )
+    }))
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // The machine-wide limit changes under it (restored after).
+    let lowered = ctrace_tests::global_max() - 1;
+    let guard = ctrace::lab::SysctlGuard::set(ctrace_tests::MAX, &lowered.to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(guard);
+    drop(ct);
+    drop(ns);
+    drop(quit);
+    let _ = holder.join();
+    std::thread::sleep(Duration::from_secs(2));
+    let (records, status) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let summaries: Vec<_> = records.iter().filter(|r| r["type"] == "summary").collect();
+    let seen = |s: &serde_json::Value| {
+        s["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["inode"] == inode && n["count"] == 50)
+    };
+    assert!(
+        summaries.iter().any(|s| seen(s)),
+        "the namespace was never shown"
+    );
+    assert!(
+        summaries.iter().any(|s| s["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["max"] == lowered)),
+        "the lowered nf_conntrack_max was never reported"
+    );
+    assert!(
+        !seen(final_summary(&records)),
+        "a destroyed namespace is still shown at the end"
+    );
+}
