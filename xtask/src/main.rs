@@ -71,6 +71,9 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmarks (root): ctrace's cost as ratios against a baseline taken
+    /// in the same run; prints a table, writes target/bench/results.json.
+    Bench,
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
     /// Build the fuzz targets (fuzz/) with libFuzzer, AddressSanitizer and
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup().map(|_| ()),
         Cmd::Build { target } => build(target.as_deref()).map(|_| ()),
         Cmd::Lab { args } => lab(&args),
+        Cmd::Bench => bench(),
         Cmd::Test { filter, no_vm, vm } => test(filter.as_deref()).and_then(|()| {
             // A filter asks for some tests, not the whole run.
             if filter.is_some() || env::var_os("CTRACE_SKIP_FUZZ").is_some_and(|v| v == "1") {
@@ -429,6 +433,40 @@ fn lab(args: &[String]) -> anyhow::Result<()> {
     let bin = build(None)?;
     step("running ctrace lab");
     run(Command::new(&bin).arg("lab").args(args))
+}
+
+/// The router builds (for their sizes), the release binary, then the
+/// bench harness (tests/src/bin/bench.rs) against it.
+fn bench() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("cargo xtask bench builds namespaces and loads programs: run it as root");
+    }
+    let started = Instant::now();
+    for t in [
+        "aarch64-unknown-linux-musl",
+        "armv7-unknown-linux-musleabihf",
+    ] {
+        build(Some(t))?;
+    }
+    let bin = build(None)?;
+    // The peer the snapshot is compared with.
+    vm::apt::Host::new().ensure_installed("conntrack")?;
+    let root = workspace_root();
+    step("building the bench harness");
+    let tc = ensure_toolchain()?;
+    run(cargo(&tc)
+        .args(["build", "--release", "-p", "ctrace-tests", "--bin", "bench"])
+        .current_dir(&root)
+        .env("AYA_BUILD_SKIP", "1"))?;
+    step("running the benchmarks (about 5 minutes)");
+    run(Command::new(root.join("target/release/bench"))
+        .current_dir(&root)
+        .env("CTRACE_BIN", &bin))?;
+    step(&format!(
+        "bench done in {:.0}s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 /// Debian packages the host tests use.

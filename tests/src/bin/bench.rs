@@ -1,0 +1,562 @@
+//! `cargo xtask bench`: what ctrace costs, as ratios against a baseline
+//! measured in the same run (absolute times on shared machines are noise).
+//!
+//! 1. Hot path: TCP connections per second through the lab router without
+//!    ctrace and with it, alternating, per usable strategy, with an empty
+//!    router table and with 200,000 entries in it.
+//! 2. Drop storm: distinct SYNs into a full table; the kernel's `drop`
+//!    delta against ctrace's table-full packets, ctrace's CPU and RSS.
+//! 3. Snapshot: a 262,144-entry table read by ctrace's ctnetlink dump and
+//!    procfs parser, and by `conntrack -L` (the peer), each in a process of
+//!    its own for its peak RSS.
+//! 4. Footprint: RSS idle (empty table, full table), BPF map memory, time
+//!    from start to attached, router binary sizes.
+//!
+//! Writes target/bench/results.json and prints a table.
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ctrace::{
+    kernel::procfs::ProcConntrack,
+    lab::{SysctlGuard, topology, topology::Topology, traffic},
+    netlink::ctnetlink::CtSocket,
+    netns::NetNs,
+};
+use serde_json::{Value, json};
+
+const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+const BENCH_PORT: u16 = 7001;
+const WORKERS: usize = 4;
+/// Connects that failed (timed out or refused) during rate measurements:
+/// a rate is only a rate of the connections that went through.
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn ctrace_bin() -> PathBuf {
+    ctrace_tests::ctrace_bin()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A ctrace process watching one namespace; SIGINT on drop.
+struct Running {
+    child: Child,
+    attached_after: Duration,
+    stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(strategy: Option<&str>, netns: u64, extra: &[&str]) -> anyhow::Result<Running> {
+        let mut cmd = Command::new(ctrace_bin());
+        cmd.args(["watch", "--json", "--netns", &netns.to_string()])
+            .args(extra);
+        if let Some(s) = strategy {
+            cmd.args(["--strategy", s]);
+        }
+        let started = Instant::now();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in err.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (otx, stdout) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = otx.send(l);
+            }
+        });
+        loop {
+            let l = rx
+                .recv_timeout(Duration::from_secs(60))
+                .context("ctrace did not start")?;
+            if l.contains("tracing with strategy") {
+                break;
+            }
+        }
+        Ok(Running {
+            attached_after: started.elapsed(),
+            child,
+            stdout,
+        })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops it; the final summary.
+    fn stop(mut self) -> anyhow::Result<Value> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGINT) };
+        self.child.wait()?;
+        let mut last = Value::Null;
+        for l in self.stdout.try_iter() {
+            let v: Value = serde_json::from_str(&l)?;
+            if v["type"] == "summary" {
+                last = v;
+            }
+        }
+        Ok(last)
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are 12 and 13 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Bytes of BPF maps a process holds (fdinfo's memlock of map fds).
+fn map_bytes(pid: i32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Connections per second from the clients to a server through the
+/// router, over `secs`.
+fn connection_rate(topo: &Topology, secs: f64) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = vec![];
+    for w in 0..WORKERS {
+        let (stop, done) = (stop.clone(), done.clone());
+        let src = topology::CLIENTS_V4[w % topology::CLIENTS_V4.len()];
+        workers.push(topo.clients.spawn("bench-client", move || {
+            let to = SocketAddr::from((topology::SERVER_V4, BENCH_PORT));
+            while !stop.load(Ordering::Relaxed) {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
+                let Ok(s) = s else { continue };
+                let _ = s.bind(&SocketAddr::from((src, 0)).into());
+                // RST on close: no TIME_WAIT to exhaust the ports.
+                let _ = s.set_linger(Some(Duration::ZERO));
+                if s.connect_timeout(&to.into(), Duration::from_secs(1))
+                    .is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })?);
+    }
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let n = done.load(Ordering::Relaxed);
+    let dt = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(n as f64 / dt)
+}
+
+/// Accepts and closes at once, on as many threads as there are clients,
+/// with a backlog deep enough that the server is never what drops a SYN.
+fn server(ns: &NetNs) -> anyhow::Result<()> {
+    let l: TcpListener = ns.run(|| -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, BENCH_PORT)).into())?;
+        s.listen(4096)?;
+        Ok(s.into())
+    })??;
+    for _ in 0..WORKERS {
+        let l = l.try_clone()?;
+        std::thread::spawn(move || while l.accept().is_ok() {});
+    }
+    Ok(())
+}
+
+fn usable_strategies() -> anyhow::Result<Vec<String>> {
+    let out = Command::new(ctrace_bin())
+        .args(["probe", "--json"])
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("ctrace probe --json")?;
+    Ok(v["strategies"]
+        .as_array()
+        .context("probe: no strategies")?
+        .iter()
+        .filter(|s| s["usable"] == true)
+        .filter_map(|s| s["strategy"].as_str().map(str::to_string))
+        .collect())
+}
+
+fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<Value> {
+    let mut out = serde_json::Map::new();
+    for (cond, fill) in [("empty", 0u64), ("200k", 200_000)] {
+        let topo = Topology::build()?;
+        server(&topo.servers)?;
+        if fill > 0 {
+            traffic::fill_table(
+                &topo.router,
+                fill,
+                std::net::IpAddr::V4(topology::SERVER_V4),
+                |_| {},
+            )?;
+        }
+        let router = topo.router.inode();
+        for s in strategies {
+            let (mut ratios, mut base) = (vec![], vec![]);
+            for _ in 0..rounds {
+                let a = connection_rate(&topo, secs)?;
+                // --occupancy-every 2s: the periodic re-dump is what a
+                // 200,000-entry table makes expensive.
+                let t = Running::start(Some(s), router, &["--occupancy-every", "2s"])?;
+                let b = connection_rate(&topo, secs)?;
+                t.stop()?;
+                base.push(a);
+                ratios.push(b / a);
+                // Entries of the measured connections go before the next
+                // round (TIME_WAIT would pile up otherwise); the fill stays.
+                CtSocket::open(Some(&topo.router))?.flush()?;
+                if fill > 0 {
+                    traffic::fill_table(
+                        &topo.router,
+                        fill,
+                        std::net::IpAddr::V4(topology::SERVER_V4),
+                        |_| {},
+                    )?;
+                }
+            }
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+            let m = median(&mut ratios);
+            let failed = FAILED.swap(0, Ordering::Relaxed);
+            eprintln!(
+                "bench: overhead {cond} {s}: ratio {m:.3} [{lo:.3}, {hi:.3}], {failed} failed connects"
+            );
+            out.insert(
+                format!("{cond}/{s}"),
+                json!({
+                    "overhead_ratio": m,
+                    "min": lo,
+                    "max": hi,
+                    "baseline_conn_per_s": median(&mut base),
+                    "rounds": rounds,
+                    "failed_connects": failed,
+                }),
+            );
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+fn storm(count: u64) -> anyhow::Result<Value> {
+    let _max = SysctlGuard::set(MAX, "262144")?;
+    let topo = Topology::build()?;
+    traffic::fill_table(
+        &topo.router,
+        262_144 + 16,
+        std::net::IpAddr::V4(topology::SERVER_V4),
+        |_| {},
+    )?;
+    let router = topo.router.inode();
+    let t = Running::start(None, router, &["--interval", "500ms"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let before = CtSocket::open(Some(&topo.router))?.stats()?.drop;
+    let cpu0 = cpu_secs(t.pid());
+    let t0 = Instant::now();
+    let flood = traffic::syn_flood(
+        &topo.clients,
+        topology::CLIENTS_V4[0],
+        topology::SERVER_V4,
+        count,
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs(t.pid()) - cpu0;
+    let hwm = ctrace_tests::status_kib(t.pid(), "VmHWM").unwrap_or(0);
+    let kernel = CtSocket::open(Some(&topo.router))?.stats()?.drop - before;
+    let last = t.stop()?;
+    let ctrace: u64 = last["drops"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter(|g| g["cause"] == "table_full" && g["netns"] == router)
+                .filter_map(|g| g["packets"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let rate = flood.sent as f64 / flood.elapsed.as_secs_f64();
+    eprintln!("bench: storm {rate:.0} SYN/s, kernel {kernel}, ctrace {ctrace}");
+    Ok(json!({
+        "syns": flood.sent,
+        "storm_syn_per_s": rate,
+        "kernel_drop_delta": kernel,
+        "ctrace_table_full_packets": ctrace,
+        "ratio": ctrace as f64 / kernel.max(1) as f64,
+        "lost_events": last["lost_events"],
+        "ctrace_cpu_share": cpu / wall,
+        "ctrace_peak_rss_kib": hwm,
+        "strategy": last["strategy"],
+    }))
+}
+
+/// One reading of the table in a process of its own: (seconds, peak RSS
+/// KiB, entries).
+fn snapshot_child(how: &str, ns: &NetNs) -> anyhow::Result<(f64, u64, u64)> {
+    let ns_path = format!("/proc/{}/fd/{}", std::process::id(), ns.fd().as_raw_fd());
+    let mut cmd = match how {
+        "conntrack" => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={ns_path}")).args([
+                "sh",
+                "-c",
+                // The count, then conntrack's own peak RSS from GNU time
+                // (forked by time, which is small: its ru_maxrss is its own).
+                "t=$(mktemp); n=$(/usr/bin/time -f %M -o $t conntrack -L 2>/dev/null | wc -l); \
+                 echo $n $(tail -1 $t); rm -f $t",
+            ]);
+            c
+        }
+        _ => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["--snapshot", how, &ns_path]);
+            c
+        }
+    };
+    let t0 = Instant::now();
+    let child = cmd.stdout(Stdio::piped()).spawn()?;
+    let pid = child.id() as i32;
+    let mut out = String::new();
+    child.stdout.unwrap().read_to_string(&mut out)?;
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let secs = t0.elapsed().as_secs_f64();
+    let mut words = out
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().unwrap_or(0));
+    let (n, rss) = (words.next().unwrap_or(0), words.next().unwrap_or(0));
+    Ok((secs, rss, n))
+}
+
+fn snapshot() -> anyhow::Result<Value> {
+    let _max = SysctlGuard::set(MAX, "262144")?;
+    let topo = Topology::build()?;
+    traffic::fill_table(
+        &topo.router,
+        262_144,
+        std::net::IpAddr::V4(topology::SERVER_V4),
+        |_| {},
+    )?;
+    let have_conntrack = Command::new("conntrack").arg("--version").output().is_ok();
+    let mut out = serde_json::Map::new();
+    let mut ways = vec!["ctnetlink", "procfs"];
+    if have_conntrack {
+        ways.push("conntrack");
+    }
+    for how in ways {
+        let (mut t, mut r) = (vec![], vec![]);
+        let mut n = 0;
+        for _ in 0..3 {
+            let (secs, rss, entries) = snapshot_child(how, &topo.router)?;
+            t.push(secs);
+            r.push(rss as f64);
+            n = entries;
+        }
+        eprintln!(
+            "bench: snapshot {how}: {:.3}s, {} entries",
+            median(&mut t.clone()),
+            n
+        );
+        out.insert(
+            how.into(),
+            json!({"secs": median(&mut t), "peak_rss_kib": median(&mut r), "entries": n}),
+        );
+    }
+    if have_conntrack {
+        for how in ["ctnetlink", "procfs"] {
+            let ratio_t =
+                out[how]["secs"].as_f64().unwrap() / out["conntrack"]["secs"].as_f64().unwrap();
+            let ratio_m = out[how]["peak_rss_kib"].as_f64().unwrap()
+                / out["conntrack"]["peak_rss_kib"].as_f64().unwrap();
+            out.insert(
+                format!("{how}_vs_conntrack"),
+                json!({"time_ratio": ratio_t, "rss_ratio": ratio_m}),
+            );
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// The child side of [`snapshot_child`]: reads the table and prints the
+/// entry count.
+fn snapshot_main(how: &str, ns_path: &str) -> anyhow::Result<()> {
+    let ns = NetNs::open(Path::new(ns_path))?;
+    let mut n = 0u64;
+    match how {
+        "ctnetlink" => {
+            CtSocket::open(Some(&ns))?.dump(&mut |_| n += 1)?;
+        }
+        "procfs" => {
+            ProcConntrack::open(Some(&ns))?.dump(&mut |_| n += 1)?;
+        }
+        other => bail!("unknown snapshot reader {other}"),
+    }
+    // Its own peak: wait4's ru_maxrss would include the parent's memory
+    // copied at fork.
+    let hwm = ctrace_tests::status_kib(std::process::id() as i32, "VmHWM").unwrap_or(0);
+    println!("{n} {hwm}");
+    Ok(())
+}
+
+fn footprint() -> anyhow::Result<Value> {
+    let _max = SysctlGuard::set(MAX, "262144")?;
+    let topo = Topology::build()?;
+    let router = topo.router.inode();
+    let (mut attach, mut idle) = (vec![], vec![]);
+    let mut maps = 0;
+    for _ in 0..3 {
+        let t = Running::start(None, router, &[])?;
+        attach.push(t.attached_after.as_secs_f64());
+        std::thread::sleep(Duration::from_secs(2));
+        idle.push(ctrace_tests::status_kib(t.pid(), "VmRSS").unwrap_or(0) as f64);
+        maps = map_bytes(t.pid());
+        t.stop()?;
+    }
+    traffic::fill_table(
+        &topo.router,
+        262_144,
+        std::net::IpAddr::V4(topology::SERVER_V4),
+        |_| {},
+    )?;
+    let t = Running::start(None, router, &["--occupancy-every", "1s"])?;
+    std::thread::sleep(Duration::from_secs(4));
+    let full = ctrace_tests::status_kib(t.pid(), "VmRSS").unwrap_or(0);
+    t.stop()?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sizes = serde_json::Map::new();
+    for target in [
+        "aarch64-unknown-linux-musl",
+        "armv7-unknown-linux-musleabihf",
+    ] {
+        let p = root.join("target").join(target).join("router/ctrace");
+        if let Ok(m) = std::fs::metadata(&p) {
+            sizes.insert(target.into(), json!(m.len()));
+        }
+    }
+    Ok(json!({
+        "time_to_attached_s": median(&mut attach),
+        "rss_idle_empty_kib": median(&mut idle),
+        "rss_idle_262144_entries_kib": full,
+        "bpf_map_bytes": maps,
+        "router_binary_bytes": sizes,
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--snapshot") {
+        return snapshot_main(&args[2], &args[3]);
+    }
+    let out_path = PathBuf::from(
+        std::env::var("CTRACE_BENCH_OUT").unwrap_or_else(|_| "target/bench/results.json".into()),
+    );
+    let rounds: usize = std::env::var("CTRACE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let strategies = usable_strategies()?;
+    eprintln!("bench: strategies usable here: {strategies:?}");
+    let _max = SysctlGuard::set(MAX, "1048576")?;
+    let started = Instant::now();
+    let results = json!({
+        "machine": {
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        },
+        "overhead": overhead(rounds, 1.5, &strategies)?,
+        "storm": storm(300_000)?,
+        "snapshot": snapshot()?,
+        "footprint": footprint()?,
+    });
+    let mut results = results;
+    results["wall_s"] = json!(started.elapsed().as_secs_f64());
+    if let Some(d) = out_path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out_path, serde_json::to_string_pretty(&results)?)?;
+    print_table(&results);
+    eprintln!("bench: wrote {}", out_path.display());
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    println!("| measure | value |\n| --- | --- |");
+    if let Some(o) = r["overhead"].as_object() {
+        for (k, v) in o {
+            println!(
+                "| overhead_ratio {k} (goal >= 0.97) | {:.3} (min {:.3}, max {:.3}; baseline {:.0} conn/s) |",
+                v["overhead_ratio"].as_f64().unwrap_or(f64::NAN),
+                v["min"].as_f64().unwrap_or(f64::NAN),
+                v["max"].as_f64().unwrap_or(f64::NAN),
+                v["baseline_conn_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    let s = &r["storm"];
+    println!(
+        "| storm: {} SYN/s, ctrace/kernel table-full packets (goal 1.000) | {:.3} ({} / {}), lost events {}, ctrace CPU {:.0}%, peak RSS {} KiB |",
+        s["storm_syn_per_s"].as_f64().unwrap_or(0.0) as u64,
+        s["ratio"].as_f64().unwrap_or(f64::NAN),
+        s["ctrace_table_full_packets"],
+        s["kernel_drop_delta"],
+        s["lost_events"],
+        s["ctrace_cpu_share"].as_f64().unwrap_or(0.0) * 100.0,
+        s["ctrace_peak_rss_kib"]
+    );
+    if let Some(o) = r["snapshot"].as_object() {
+        for (k, v) in o {
+            println!("| snapshot {k} | {v} |");
+        }
+    }
+    if let Some(o) = r["footprint"].as_object() {
+        for (k, v) in o {
+            println!("| {k} | {v} |");
+        }
+    }
+    println!(
+        "| whole run | {:.0} s |",
+        r["wall_s"].as_f64().unwrap_or(0.0)
+    );
+}
