@@ -13,7 +13,10 @@ use std::{
 
 use ctrace::{
     lab::incident_plan,
-    netlink::nftables::{self, NotrackRule},
+    netlink::{
+        ctnetlink::{CtEntry, CtSocket, IPPROTO_UDP},
+        nftables::{self, NotrackRule},
+    },
 };
 use ctrace_tests::{Tracer, ctrace_bin, privileged};
 use serde_json::Value;
@@ -142,27 +145,37 @@ fn own_netns() -> u64 {
     ctrace::netns::NetNs::current().unwrap().inode()
 }
 
-/// Conntrack on in the test's own namespace (the host's) while it runs, so
-/// that the gauges compared with node_exporter's are not all zero: the
-/// scrapes over loopback become entries. Removed on every exit path; a
-/// table of that name that was there before is left alone.
-struct TrackedHere(Option<ctrace::netns::NetNs>);
+/// Entries in the test's own namespace (the host's) while it runs, so
+/// that the gauges compared with node_exporter's are not all zero: 500
+/// UDP entries made over ctnetlink (no conntrack hooks, so no churn from
+/// the scrapes where the host tracks nothing), deleted after.
+struct HostEntries(CtSocket, Vec<CtEntry>);
 
-impl TrackedHere {
-    fn start() -> TrackedHere {
-        let ns = ctrace::netns::NetNs::current().unwrap();
-        if nftables::table_exists(Some(&ns), nftables::TABLE).unwrap() {
-            return TrackedHere(None);
-        }
-        nftables::enable_conntrack(&ns).unwrap();
-        TrackedHere(Some(ns))
+impl HostEntries {
+    fn add() -> HostEntries {
+        let mut ct = CtSocket::open(None).unwrap();
+        let entries: Vec<CtEntry> = (0..500u16)
+            .map(|i| {
+                CtEntry::assured(
+                    IPPROTO_UDP,
+                    "10.250.0.1".parse().unwrap(),
+                    20000 + i,
+                    "10.250.0.2".parse().unwrap(),
+                    5353,
+                    600,
+                )
+            })
+            .collect();
+        let made = ct.create_batch(&mut entries.iter().copied()).unwrap();
+        assert_eq!(made.created, 500, "{made:?}");
+        HostEntries(ct, entries)
     }
 }
 
-impl Drop for TrackedHere {
+impl Drop for HostEntries {
     fn drop(&mut self) {
-        if let Some(ns) = &self.0 {
-            nftables::delete_table(Some(ns), nftables::TABLE).unwrap();
+        for e in &self.1 {
+            let _ = self.0.delete(e);
         }
     }
 }
@@ -177,7 +190,7 @@ fn prometheus_scrapes_ctrace_like_node_exporter_and_the_alerts_fire() {
         return;
     }
     let dir = tmpdir("prometheus");
-    let _tracked = TrackedHere::start();
+    let _entries = HostEntries::add();
     let (p_ctrace, p_node, p_prom) = (free_port(), free_port(), free_port());
     let lab = full_lab();
     let router = lab.topo.router.inode();
