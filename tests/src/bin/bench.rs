@@ -205,6 +205,17 @@ fn server(ns: &NetNs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fills the router's table with `n` synthetic ASSURED entries.
+fn fill(topo: &Topology, n: u64) -> anyhow::Result<()> {
+    traffic::fill_table(
+        &topo.router,
+        n,
+        std::net::IpAddr::V4(topology::SERVER_V4),
+        |_| {},
+    )?;
+    Ok(())
+}
+
 fn usable_strategies() -> anyhow::Result<Vec<String>> {
     let out = Command::new(ctrace_bin())
         .args(["probe", "--json"])
@@ -221,16 +232,11 @@ fn usable_strategies() -> anyhow::Result<Vec<String>> {
 
 fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<Value> {
     let mut out = serde_json::Map::new();
-    for (cond, fill) in [("empty", 0u64), ("200k", 200_000)] {
+    for (cond, entries) in [("empty", 0u64), ("200k", 200_000)] {
         let topo = Topology::build()?;
         server(&topo.servers)?;
-        if fill > 0 {
-            traffic::fill_table(
-                &topo.router,
-                fill,
-                std::net::IpAddr::V4(topology::SERVER_V4),
-                |_| {},
-            )?;
+        if entries > 0 {
+            fill(&topo, entries)?;
         }
         let router = topo.router.inode();
         for s in strategies {
@@ -247,13 +253,8 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
                 // Entries of the measured connections go before the next
                 // round (TIME_WAIT would pile up otherwise); the fill stays.
                 CtSocket::open(Some(&topo.router))?.flush()?;
-                if fill > 0 {
-                    traffic::fill_table(
-                        &topo.router,
-                        fill,
-                        std::net::IpAddr::V4(topology::SERVER_V4),
-                        |_| {},
-                    )?;
+                if entries > 0 {
+                    fill(&topo, entries)?;
                 }
             }
             let (lo, hi) = ratios
@@ -283,12 +284,7 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
 fn storm(count: u64) -> anyhow::Result<Value> {
     let _max = SysctlGuard::set(MAX, "262144")?;
     let topo = Topology::build()?;
-    traffic::fill_table(
-        &topo.router,
-        262_144 + 16,
-        std::net::IpAddr::V4(topology::SERVER_V4),
-        |_| {},
-    )?;
+    fill(&topo, 262_144 + 16)?;
     let router = topo.router.inode();
     let t = Running::start(None, router, &["--interval", "500ms"])?;
     std::thread::sleep(Duration::from_secs(1));
@@ -373,12 +369,7 @@ fn snapshot_child(how: &str, ns: &NetNs) -> anyhow::Result<(f64, u64, u64)> {
 fn snapshot() -> anyhow::Result<Value> {
     let _max = SysctlGuard::set(MAX, "262144")?;
     let topo = Topology::build()?;
-    traffic::fill_table(
-        &topo.router,
-        262_144,
-        std::net::IpAddr::V4(topology::SERVER_V4),
-        |_| {},
-    )?;
+    fill(&topo, 262_144)?;
     let have_conntrack = Command::new("conntrack").arg("--version").output().is_ok();
     let mut out = serde_json::Map::new();
     let mut ways = vec!["ctnetlink", "procfs"];
@@ -454,12 +445,7 @@ fn footprint() -> anyhow::Result<Value> {
         maps = map_bytes(t.pid());
         t.stop()?;
     }
-    traffic::fill_table(
-        &topo.router,
-        262_144,
-        std::net::IpAddr::V4(topology::SERVER_V4),
-        |_| {},
-    )?;
+    fill(&topo, 262_144)?;
     let t = Running::start(None, router, &["--occupancy-every", "1s"])?;
     std::thread::sleep(Duration::from_secs(4));
     let full = ctrace_tests::status_kib(t.pid(), "VmRSS").unwrap_or(0);
