@@ -703,11 +703,18 @@ mod tests {
         near(get(&b.by_tcp_state, "SYN_SENT"), other, "SYN_SENT");
         near(b.assured, etcd, "assured");
         near(b.unreplied, dns + other, "unreplied");
-        assert_eq!(
+        // The two DNS halves hold equal shares, so which one leads depends
+        // on which entries the kernel's GC early-dropped: the list must be
+        // ordered by count and hold exactly these prefixes, ties either way.
+        assert!(
+            b.by_src_prefix.windows(2).all(|w| w[0].1 >= w[1].1),
+            "not ordered by count: {:?}",
             b.by_src_prefix
-                .iter()
-                .map(|(k, _)| k.as_str())
-                .collect::<Vec<_>>(),
+        );
+        let mut prefixes: Vec<_> = b.by_src_prefix.iter().map(|(k, _)| k.as_str()).collect();
+        prefixes.sort_unstable();
+        assert_eq!(
+            prefixes,
             [
                 "10.10.0.0/24",
                 "10.10.1.0/24",

@@ -96,29 +96,24 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
         let unreplied_other = o.unreplied.saturating_sub(syn_sent);
         if syn_sent * 10 >= total {
             any = true;
-            let gone = syn_sent * (SYN_SENT_DEFAULT - SYN_SENT_ADVISED) / SYN_SENT_DEFAULT;
+            let gone = fewer(syn_sent, SYN_SENT_DEFAULT, SYN_SENT_ADVISED);
             b.push(Block::Para(format!(
                 "{syn_sent} entries ({:.0}%) were TCP connections never answered (SYN_SENT). At {SYN_SENT_ADVISED} s instead of the default {SYN_SENT_DEFAULT} s they would hold a quarter of that: about **{gone} entries fewer** at the peak.",
                 fill(syn_sent, total)
             )));
-            b.push(Block::Code(
-                "sh",
-                format!(
-                    "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_syn_sent={SYN_SENT_ADVISED}"
-                ),
+            b.push(sysctl(
+                "nf_conntrack_tcp_timeout_syn_sent",
+                SYN_SENT_ADVISED,
             ));
         }
         if unreplied_other * 10 >= total {
             any = true;
-            let gone = unreplied_other * (UDP_DEFAULT - UDP_ADVISED) / UDP_DEFAULT;
+            let gone = fewer(unreplied_other, UDP_DEFAULT, UDP_ADVISED);
             b.push(Block::Para(format!(
                 "{unreplied_other} entries ({:.0}%) besides those were never answered (UDP and others: scans, floods, dead DNS servers). A {UDP_ADVISED} s UDP timeout instead of {UDP_DEFAULT} s removes about **{gone}** of them.",
                 fill(unreplied_other, total)
             )));
-            b.push(Block::Code(
-                "sh",
-                format!("sysctl -w net.netfilter.nf_conntrack_udp_timeout={UDP_ADVISED}"),
-            ));
+            b.push(sysctl("nf_conntrack_udp_timeout", UDP_ADVISED));
         }
         if established * 2 >= total {
             any = true;
@@ -133,9 +128,10 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
                 ESTABLISHED_DEFAULT / 86_400,
                 ESTABLISHED_ADVISED / 86_400
             )));
-            b.push(Block::Code("sh", format!(
-                "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={ESTABLISHED_ADVISED}"
-            )));
+            b.push(sysctl(
+                "nf_conntrack_tcp_timeout_established",
+                ESTABLISHED_ADVISED,
+            ));
         }
     }
     if !any {
@@ -199,6 +195,17 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
     ));
     b.push(Block::Code("yaml", ALERT_RULES.to_string()));
     b
+}
+
+/// Entries a state would hold fewer with its timeout cut from `default` to
+/// `advised`, at a steady arrival rate (Little's law).
+fn fewer(entries: u64, default: u64, advised: u64) -> u64 {
+    entries * (default - advised) / default
+}
+
+/// `sysctl -w net.netfilter.KEY=VALUE` as a command block.
+fn sysctl(key: &str, value: u64) -> Block {
+    Block::Code("sh", format!("sysctl -w net.netfilter.{key}={value}"))
 }
 
 /// RFC 1918 and IPv6 ULA prefixes as occupancy prints them.

@@ -286,7 +286,21 @@ fn storm(count: u64) -> anyhow::Result<Value> {
     let topo = Topology::build()?;
     fill(&topo, 262_144 + 16)?;
     let router = topo.router.inode();
-    let t = Running::start(None, router, &["--interval", "500ms"])?;
+    // As a router runs it: serving metrics and recording besides.
+    let rec = std::env::temp_dir().join(format!("ctrace-bench-{}.ndjson", std::process::id()));
+    let rec_arg = rec.display().to_string();
+    let t = Running::start(
+        None,
+        router,
+        &[
+            "--interval",
+            "500ms",
+            "--metrics",
+            "0",
+            "--record",
+            &rec_arg,
+        ],
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     let before = CtSocket::open(Some(&topo.router))?.stats()?.drop;
     let cpu0 = cpu_secs(t.pid());
@@ -303,6 +317,8 @@ fn storm(count: u64) -> anyhow::Result<Value> {
     let hwm = ctrace_tests::status_kib(t.pid(), "VmHWM").unwrap_or(0);
     let kernel = CtSocket::open(Some(&topo.router))?.stats()?.drop - before;
     let last = t.stop()?;
+    let recorded = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_file(&rec);
     let ctrace: u64 = last["drops"]
         .as_array()
         .map(|g| {
@@ -324,6 +340,7 @@ fn storm(count: u64) -> anyhow::Result<Value> {
         "ctrace_cpu_share": cpu / wall,
         "ctrace_peak_rss_kib": hwm,
         "strategy": last["strategy"],
+        "recording_bytes": recorded,
     }))
 }
 
