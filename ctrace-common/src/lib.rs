@@ -273,6 +273,134 @@ pub mod tc {
     }
 }
 
+/// The node side: outgoing TCP connection attempts and how they ended, from
+/// the socket tracepoints. Counted in the kernel per (namespace, service,
+/// outcome), so a storm of failing connects loses detail, never a count.
+pub mod connect {
+    use super::FlowKey;
+
+    /// What a row of the totals counts (`TotalKey::what`).
+    pub mod what {
+        /// A socket entered SYN_SENT. `syn_retransmits` of this row counts
+        /// every retransmitted SYN.
+        pub const ATTEMPTED: u8 = 1;
+        /// SYN_SENT became ESTABLISHED (or SYN_RECV: simultaneous open).
+        pub const ESTABLISHED: u8 = 2;
+        /// Closed from SYN_SENT with ETIMEDOUT: the kernel gave up
+        /// retransmitting the SYN.
+        pub const TIMEOUT: u8 = 3;
+        /// Closed from SYN_SENT with ECONNREFUSED: a RST answered.
+        pub const REFUSED: u8 = 4;
+        /// Closed from SYN_SENT with another error: an ICMP error such as
+        /// host or network unreachable.
+        pub const UNREACHABLE: u8 = 5;
+        /// Closed from SYN_SENT without an error: the application gave up
+        /// (its own connect timeout) before any answer.
+        pub const ABORTED: u8 = 6;
+        /// A listener retransmitted a SYN-ACK: a client that never
+        /// completed the handshake (incoming direction).
+        pub const SYNACK_RETRANSMIT: u8 = 7;
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct TotalKey {
+        pub netns: u32,
+        /// Service catalog index of the destination port (the listener's
+        /// own port for SYNACK_RETRANSMIT), 0 for none.
+        pub service: u16,
+        /// IPPROTO_TCP: the tracepoints see TCP sockets only.
+        pub proto: u8,
+        /// `what::*`.
+        pub what: u8,
+    }
+
+    /// Per-CPU value of the totals.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Count {
+        pub events: u64,
+        /// ATTEMPTED: SYNs retransmitted. Outcomes: the retransmits of the
+        /// attempts that ended so, where their start was seen.
+        pub syn_retransmits: u64,
+        /// Outcomes: summed time from SYN_SENT, where the start was seen.
+        pub elapsed_ns: u64,
+    }
+
+    /// A socket in SYN_SENT, keyed by its address until it leaves.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Attempt {
+        pub start_ns: u64,
+        pub syn_retransmits: u32,
+        pub _pad: u32,
+    }
+
+    /// A failed attempt, sent to user space when it ends.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Failure {
+        /// CLOCK_MONOTONIC of the outcome.
+        pub ts_ns: u64,
+        /// 0 when the start was not seen.
+        pub elapsed_ns: u64,
+        pub flow: FlowKey,
+        pub syn_retransmits: u32,
+        /// `what::*`.
+        pub outcome: u8,
+        /// Whether the attempt's start was seen (elapsed and retransmits
+        /// are known).
+        pub started: u8,
+        pub _pad: [u8; 6],
+    }
+
+    /// Indices of `CONNECT_COUNTERS`.
+    pub mod counter {
+        /// Failures the ring buffer had no room for (their counts are in
+        /// the totals).
+        pub const LOST_EVENTS: u32 = 0;
+        /// Outcomes of attempts whose start had left the attempt map
+        /// (evicted in a storm): counted, without elapsed time and
+        /// retransmits.
+        pub const UNTRACKED: u32 = 1;
+        /// Totals rows the map had no room for.
+        pub const TOTALS_FULL: u32 = 2;
+        pub const COUNT: u32 = 3;
+    }
+
+    /// Record offsets of the socket tracepoints and the struct offsets
+    /// behind them, from tracefs and BTF at run time.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Layout {
+        /// sock:inet_sock_set_state
+        pub ss_skaddr: u32,
+        pub ss_oldstate: u32,
+        pub ss_newstate: u32,
+        pub ss_sport: u32,
+        pub ss_dport: u32,
+        pub ss_family: u32,
+        pub ss_protocol: u32,
+        pub ss_saddr: u32,
+        pub ss_daddr: u32,
+        pub ss_saddr_v6: u32,
+        pub ss_daddr_v6: u32,
+        /// tcp:tcp_retransmit_skb
+        pub rt_skaddr: u32,
+        pub rt_state: u32,
+        pub rt_dport: u32,
+        /// tcp:tcp_retransmit_synack
+        pub sa_skaddr: u32,
+        pub sa_sport: u32,
+        /// struct sock -> sk_err
+        pub sk_err: u32,
+        /// struct sock -> __sk_common.skc_net.net, struct net -> ns.inum
+        pub sk_net: u32,
+        pub net_inum: u32,
+        pub _pad: u32,
+    }
+}
+
 /// Where things are in the running kernel, read from BTF and tracefs by user
 /// space and handed to the programs as a read-only global. Nothing the kernel
 /// lays out differently between versions is compiled into the programs.
@@ -345,6 +473,11 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::tc::MatchKey {}
     unsafe impl aya::Pod for super::tc::Pending {}
+    unsafe impl aya::Pod for super::connect::TotalKey {}
+    unsafe impl aya::Pod for super::connect::Count {}
+    unsafe impl aya::Pod for super::connect::Attempt {}
+    unsafe impl aya::Pod for super::connect::Failure {}
+    unsafe impl aya::Pod for super::connect::Layout {}
 }
 
 #[cfg(test)]
@@ -374,5 +507,14 @@ mod tests {
             size_of::<tc::Pending>(),
             size_of::<FlowKey>() + 4 + 8 + 8 + 4 + 2 + 1 + 1
         );
+        assert_eq!(size_of::<connect::TotalKey>(), 8);
+        assert_eq!(size_of::<connect::Count>(), 24);
+        assert_eq!(size_of::<connect::Attempt>(), 16);
+        assert_eq!(
+            size_of::<connect::Failure>(),
+            8 + 8 + size_of::<FlowKey>() + 4 + 1 + 1 + 6
+        );
+        assert_eq!(size_of::<connect::Failure>() % 8, 0);
+        assert_eq!(size_of::<connect::Layout>(), 20 * 4);
     }
 }

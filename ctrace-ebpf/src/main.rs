@@ -28,6 +28,7 @@ use ctrace_common::{
     service_key,
 };
 
+mod connect;
 mod conntrack;
 mod tc;
 

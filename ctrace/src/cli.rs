@@ -74,6 +74,13 @@ pub struct WatchArgs {
     /// Hook strategy: auto, fexit, kprobe, tracepoint or tc.
     #[arg(long, default_value = "auto")]
     pub strategy: Choice,
+    /// Which views run: `router` (conntrack drops and table pressure, for a
+    /// host that forwards or NATs), `node` (this host's own TCP connection
+    /// attempts per service: timeouts, refusals, SYN retransmits; needs no
+    /// conntrack), or both. Default: both, leaving the node view out (with
+    /// a note) on a kernel that cannot run it, such as stock OpenWrt's.
+    #[arg(long, value_enum, value_name = "SIDE")]
+    pub side: Option<crate::connects::Side>,
     /// Only these network namespaces: inode number, /run/netns name or path.
     /// Repeatable.
     #[arg(long = "netns", value_name = "NETNS")]

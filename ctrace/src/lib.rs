@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
+pub mod connects;
 pub mod event;
 pub mod exporter;
 pub mod judge;

@@ -176,6 +176,8 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         judge_window: args.judge_window,
         tc_attach: args.tc_attach,
         host_root: args.host_root.clone(),
+        side: args.side,
+        connect_netns: None,
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC
         } else {
@@ -192,10 +194,12 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     drop(facts);
     kernel::return_freed_memory();
     let mut shutdown = Shutdown::install()?;
-    eprintln!(
-        "ctrace: tracing with strategy {} (Ctrl-C to stop)",
-        watcher.strategy()
-    );
+    match watcher.strategy() {
+        Some(s) => eprintln!("ctrace: tracing with strategy {s} (Ctrl-C to stop)"),
+        None => {
+            eprintln!("ctrace: node view only: this host's connection attempts (Ctrl-C to stop)")
+        }
+    }
     let mut sinks = if args.quiet {
         vec![]
     } else {
@@ -286,7 +290,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let snap = sink::Snapshot {
         time: std::time::SystemTime::now(),
         elapsed: started.elapsed(),
-        strategy: strategy::Strategy::Tracepoint,
+        strategy: None,
         caps: None,
         counters: Default::default(),
         tables: monitor.views(&[]),
@@ -297,6 +301,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         top_flows: vec![],
         flows_forgotten: 0,
         kernel_log: None,
+        connects: vec![],
+        connect_counters: None,
         is_final: true,
     };
     if args.json {
@@ -337,6 +343,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let facts = KernelFacts::gather();
     let verdicts = strategy::probe(&facts);
     let auto = strategy::select(strategy::Choice::Auto, &verdicts).ok();
+    let node = ctrace::connects::probe(&facts).map_err(|e| format!("{e:#}"));
     if args.json {
         let tiers: Vec<_> = verdicts
             .iter()
@@ -348,6 +355,10 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             "btf": facts.btf.is_ok(),
             "auto": auto.map(|s| s.name()),
             "strategies": tiers,
+            "node_view": match &node {
+                Ok(why) => json!({"usable": true, "reason": why}),
+                Err(why) => json!({"usable": false, "reason": why}),
+            },
         });
         println!("{v}");
     } else {
@@ -366,6 +377,10 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         match auto {
             Some(s) => println!("auto picks: {s}"),
             None => println!("auto picks: nothing works on this kernel"),
+        }
+        match &node {
+            Ok(why) => println!("node view (--side node): yes  {why}"),
+            Err(why) => println!("node view (--side node): no   {why}"),
         }
     }
     Ok(if auto.is_some() {

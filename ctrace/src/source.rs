@@ -36,6 +36,7 @@ pub fn object() -> anyhow::Result<&'static [u8]> {
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// What every tier's programs are loaded with.
+#[derive(Clone)]
 pub struct LoadOptions<'a> {
     pub services: &'a KernelIndex,
     pub kernel_log: bool,
@@ -49,6 +50,8 @@ pub struct LoadOptions<'a> {
     pub judge_window: Duration,
     /// tc tier: TCX or clsact; None to probe.
     pub tc_attach: Option<strategy::tc::AttachMode>,
+    /// The node view's tracepoint and socket layout, when it loads.
+    pub node_layout: Option<ctrace_common::connect::Layout>,
 }
 
 impl<'a> LoadOptions<'a> {
@@ -64,6 +67,7 @@ impl<'a> LoadOptions<'a> {
             pending_flows: Self::DEFAULT_PENDING_FLOWS,
             judge_window: Self::DEFAULT_JUDGE_WINDOW,
             tc_attach: None,
+            node_layout: None,
         }
     }
 }
@@ -74,7 +78,42 @@ pub fn load(
     layout: &ctrace_common::KernelLayout,
     opts: &LoadOptions<'_>,
 ) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
-    load_with(layout, opts, |_| {})
+    load_with(layout, opts, without_node_maps)
+}
+
+/// The kernel allocates every map of a loaded object, used or not, and the
+/// object holds both sides' maps: each load shrinks the other side's to
+/// the smallest sizes the kernel accepts (a page for ring buffers).
+pub fn without_node_maps(loader: &mut aya::EbpfLoader<'_>) {
+    loader
+        .map_max_entries("CONNECTING", 1)
+        .map_max_entries("CONNECT_TOTALS", 1)
+        .map_max_entries("CONNECT_EVENTS", page_size());
+}
+
+/// See [`without_node_maps`]: what the node side leaves of the router's.
+pub fn without_router_maps(loader: &mut aya::EbpfLoader<'_>) {
+    for name in [
+        "FLOWS",
+        "TOTALS",
+        "EVICTED",
+        "DEPTHS",
+        "FRAMES",
+        "VERDICTS",
+        "PENDING",
+        "UDP_TUPLES",
+    ] {
+        loader.map_max_entries(name, 1);
+    }
+    loader
+        .map_max_entries("EVENTS", page_size())
+        .map_max_entries("ENTRIES", page_size());
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(n).unwrap_or(4096)
 }
 
 /// [`load`], with a tier's own loader settings (map sizes, BTF).
@@ -96,6 +135,9 @@ pub fn load_with(
         .map_max_entries("SERVICES", services)
         .override_global("LAYOUT", &layout, true)
         .override_global("AYA_LOG_LEVEL", &log_level, false);
+    if let Some(l) = &opts.node_layout {
+        loader.override_global("CONNECT_LAYOUT", l, true);
+    }
     tier_settings(&mut loader);
     let mut ebpf = loader.load(object()?).context("loading the eBPF object")?;
     {

@@ -20,6 +20,7 @@ use anyhow::Context as _;
 use crate::{
     aggregate::{Aggregator, DropRecord, EvictionGroup, FlowEntry},
     cause::{Cause, evidence},
+    connects::{ConnectRow, ConnectView, Side},
     event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
     kernel::KernelFacts,
     kernel::kmsg::{KmsgReader, TableFullWitness, Tally},
@@ -60,11 +61,19 @@ pub struct WatchConfig {
     pub tc_attach: Option<crate::strategy::tc::AttachMode>,
     /// Where /proc and /var/log/pods are read to name namespaces.
     pub host_root: std::path::PathBuf,
+    /// `--side`: the router view (drops, tables), the node view (this
+    /// host's connection attempts), or both. None: both, the node view
+    /// only where this kernel can run it.
+    pub side: Option<Side>,
+    /// Namespaces whose connection attempts the node view reports; None:
+    /// the same as `netns`.
+    pub connect_netns: Option<NetnsFilter>,
 }
 
 /// What a finished run saw, for callers that judge it (the lab, tests).
 pub struct Outcome {
-    pub strategy: Strategy,
+    /// None when the router view was off (`--side node`).
+    pub strategy: Option<Strategy>,
     pub counters: Counters,
     pub groups: Vec<DropGroup>,
     pub evictions: Vec<EvictionGroup>,
@@ -72,6 +81,7 @@ pub struct Outcome {
     pub tables: Vec<TableView>,
     pub flows: Vec<FlowEntry>,
     pub occupancy: Vec<(u64, &'static str, Breakdown)>,
+    pub connects: Vec<ConnectRow>,
 }
 
 /// Who holds the entries: a baseline dump, then kept by insert/delete
@@ -85,7 +95,10 @@ struct Occupancy {
 }
 
 pub struct Watcher {
-    source: EventSource,
+    /// The router view's drop tier; None with `--side node`.
+    source: Option<EventSource>,
+    /// The node view; None with `--side router`.
+    connects: Option<NodeView>,
     monitor: TableMonitor,
     ledger: Ledger,
     agg: Aggregator,
@@ -110,6 +123,63 @@ pub struct Watcher {
     /// The kernel log, read for table-full lines since start; None when
     /// /dev/kmsg cannot be opened.
     kmsg: Option<KernelLog>,
+}
+
+/// The node view and the namespaces it reports.
+struct NodeView {
+    view: ConnectView,
+    filter: NetnsFilter,
+    /// Namespaces by inode with their /run/netns names, for the filter;
+    /// refreshed every tick.
+    names: std::collections::BTreeMap<u64, Option<String>>,
+    /// Per namespace: its events at the last tick, and since when they
+    /// have not moved.
+    activity: HashMap<u64, (u64, Instant)>,
+}
+
+impl NodeView {
+    /// Rows of a namespace that is gone from every scan and has not moved
+    /// for this long are dropped, so that pods coming and going cannot fill
+    /// the kernel's totals map. (A namespace held only by a descriptor is
+    /// invisible to the scan, hence the grace.)
+    const FORGET_IDLE: Duration = Duration::from_secs(300);
+
+    fn wants(&self, inode: u64) -> bool {
+        self.filter.matches_inode(inode, &self.names)
+    }
+
+    fn rows(&self) -> Vec<ConnectRow> {
+        let mut rows = self.view.rows();
+        rows.retain(|r| self.wants(r.netns));
+        rows
+    }
+
+    fn forget_idle_vanished(&mut self) {
+        let Ok(alive) = crate::netns::discover() else {
+            return;
+        };
+        self.names = alive.into_iter().map(|i| (i.inode, i.name)).collect();
+        let mut events: HashMap<u64, u64> = HashMap::new();
+        for r in self.view.rows() {
+            *events.entry(r.netns).or_default() +=
+                r.attempts + r.syn_retransmits + r.synack_retransmits + r.established + r.failed;
+        }
+        let now = Instant::now();
+        self.activity.retain(|ns, _| events.contains_key(ns));
+        let mut gone = Vec::new();
+        for (ns, n) in events {
+            let a = self.activity.entry(ns).or_insert((n, now));
+            if a.0 != n {
+                *a = (n, now);
+            } else if !self.names.contains_key(&ns) && a.1.elapsed() >= Self::FORGET_IDLE {
+                gone.push(ns);
+            }
+        }
+        if !gone.is_empty() {
+            log::info!("node view: forgetting idle namespaces that are gone: {gone:?}");
+            self.view.forget_netns(&gone);
+        }
+    }
 }
 
 /// The kernel log as a witness: new records since start, summed.
@@ -147,7 +217,19 @@ impl Shutdown {
 enum Wake {
     Stop,
     Events(anyhow::Result<()>),
+    Connects(anyhow::Result<()>),
     Tick,
+}
+
+/// Waits on a view's ring buffer; a view that is off never wakes.
+async fn readable<T>(
+    view: Option<&mut T>,
+    wait: impl AsyncFnOnce(&mut T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    match view {
+        Some(v) => wait(v).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Watcher {
@@ -155,16 +237,6 @@ impl Watcher {
     /// first sample of every table, which later drops are measured against.
     pub fn start(cfg: WatchConfig, facts: &KernelFacts) -> anyhow::Result<Watcher> {
         let index: KernelIndex = cfg.catalog.kernel_index()?;
-        let verdicts = strategy::probe(facts);
-        for v in &verdicts {
-            log::debug!(
-                "strategy {}: usable={} ({})",
-                v.strategy,
-                v.usable,
-                v.reason
-            );
-        }
-        let chosen = strategy::select(cfg.strategy, &verdicts)?;
         let opts = LoadOptions {
             kernel_log: cfg.kernel_log,
             test_flags: cfg.test_flags,
@@ -174,41 +246,95 @@ impl Watcher {
             tc_attach: cfg.tc_attach,
             ..LoadOptions::new(&index)
         };
-        let source = strategy::start(chosen, facts, &opts)
-            .with_context(|| format!("starting the {chosen} strategy"))?;
-        let tier = source.tier();
-        log::debug!("tier capabilities: {:?}", tier.caps);
-        let mut source = source;
-        let filter = cfg.netns.clone();
-        source.attach_now(|i| filter.matches(i));
+        let side = cfg.side.unwrap_or(Side::Both);
+        let node = if side.node() {
+            match ConnectView::start(facts, &opts) {
+                Ok(view) => Some(view),
+                Err(e) if cfg.side.is_none() => {
+                    log::warn!(
+                        "node view left out: {e:#} (the router view runs; --side router \
+                         silences this)"
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(e.context(
+                        "starting the node view (this host's connection attempts; \
+                         --side router runs without it)",
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let connects = if let Some(view) = node {
+            Some(NodeView {
+                view,
+                filter: cfg
+                    .connect_netns
+                    .clone()
+                    .unwrap_or_else(|| cfg.netns.clone()),
+                names: crate::netns::discover()
+                    .map(|all| all.into_iter().map(|i| (i.inode, i.name)).collect())
+                    .unwrap_or_default(),
+                activity: HashMap::new(),
+            })
+        } else {
+            None
+        };
+        let source = if side.router() {
+            Some(Self::start_router(&cfg, facts, &opts)?)
+        } else {
+            None
+        };
         let mut monitor = TableMonitor::new(cfg.netns);
         monitor.set_host_root(&cfg.host_root);
-        monitor.discover();
-        let mut ledger = Ledger::new(tier.caps, index.names.clone());
+        if source.is_some() {
+            monitor.discover();
+        }
+        let caps = source.as_ref().map(|s| s.tier().caps);
+        let mut ledger = Ledger::new(
+            caps.unwrap_or(crate::strategy::tracepoint::capabilities(
+                &Default::default(),
+            )),
+            index.names.clone(),
+        );
         for inode in monitor.inodes() {
             ledger.baseline(inode, monitor.latest(inode));
         }
-        let occupancy = cfg.occupancy_every.map(|every| Occupancy {
-            tracker: OccupancyTracker::new(cfg.catalog.clone()),
-            every,
-            last_dump: None,
-            lost_at_dump: 0,
-            hz: facts.hz.max(1),
-        });
-        let kmsg = match KmsgReader::open() {
-            Ok(reader) => Some(KernelLog {
+        let occupancy = cfg
+            .occupancy_every
+            .filter(|_| source.is_some())
+            .map(|every| Occupancy {
+                tracker: OccupancyTracker::new(cfg.catalog.clone()),
+                every,
+                last_dump: None,
+                lost_at_dump: 0,
+                hz: facts.hz.max(1),
+            });
+        let kmsg = match source.as_ref().map(|_| KmsgReader::open()) {
+            Some(Ok(reader)) => Some(KernelLog {
                 reader,
                 tally: Tally::default(),
                 witnesses: Vec::new(),
             }),
-            Err(e) => {
+            Some(Err(e)) => {
                 log::info!("no kernel log witness: {e:#}");
                 None
             }
+            None => None,
         };
-        log::info!("tracing with strategy {chosen} on kernel {}", facts.release);
+        match &source {
+            Some(s) => log::info!(
+                "tracing with strategy {} on kernel {}",
+                s.tier().strategy,
+                facts.release
+            ),
+            None => log::info!("node view only on kernel {}", facts.release),
+        }
         Ok(Watcher {
             source,
+            connects,
             monitor,
             ledger,
             agg: Aggregator::new(cfg.max_flows),
@@ -227,6 +353,30 @@ impl Watcher {
         })
     }
 
+    /// Probes the drop tiers, then starts the chosen one.
+    fn start_router(
+        cfg: &WatchConfig,
+        facts: &KernelFacts,
+        opts: &LoadOptions<'_>,
+    ) -> anyhow::Result<EventSource> {
+        let verdicts = strategy::probe(facts);
+        for v in &verdicts {
+            log::debug!(
+                "strategy {}: usable={} ({})",
+                v.strategy,
+                v.usable,
+                v.reason
+            );
+        }
+        let chosen = strategy::select(cfg.strategy, &verdicts)?;
+        let mut source = strategy::start(chosen, facts, opts)
+            .with_context(|| format!("starting the {chosen} strategy"))?;
+        log::debug!("tier capabilities: {:?}", source.tier().caps);
+        let filter = cfg.netns.clone();
+        source.attach_now(|i| filter.matches(i));
+        Ok(source)
+    }
+
     pub fn monitor_mut(&mut self) -> &mut TableMonitor {
         &mut self.monitor
     }
@@ -236,8 +386,31 @@ impl Watcher {
         self.ledger.baseline(inode, self.monitor.latest(inode));
     }
 
-    pub fn strategy(&self) -> Strategy {
-        self.source.tier().strategy
+    /// Whether this host's connection attempts are traced (`--side`).
+    pub fn has_node_view(&self) -> bool {
+        self.connects.is_some()
+    }
+
+    /// The drop tier; None without the router view.
+    pub fn strategy(&self) -> Option<Strategy> {
+        self.tier().map(|t| t.strategy)
+    }
+
+    fn tier(&self) -> Option<crate::tier::Tier> {
+        self.source.as_ref().map(EventSource::tier)
+    }
+
+    /// The router view's source, for the steps that run only with it.
+    fn src(&self) -> &EventSource {
+        self.source
+            .as_ref()
+            .expect("router steps run only with the router view")
+    }
+
+    fn src_mut(&mut self) -> &mut EventSource {
+        self.source
+            .as_mut()
+            .expect("router steps run only with the router view")
     }
 
     /// Runs until `stop` resolves, then drains what is left and reports
@@ -254,7 +427,10 @@ impl Watcher {
         loop {
             let wake = tokio::select! {
                 _ = &mut stop => Wake::Stop,
-                r = self.source.readable() => Wake::Events(r),
+                r = readable(self.source.as_mut(), async |s| s.readable().await) => Wake::Events(r),
+                r = readable(self.connects.as_mut(), async |n| n.view.readable().await) => {
+                    Wake::Connects(r)
+                }
                 _ = tick.tick() => Wake::Tick,
             };
             match wake {
@@ -262,6 +438,10 @@ impl Watcher {
                 Wake::Events(r) => {
                     r?;
                     self.process_events(sinks, false)?;
+                }
+                Wake::Connects(r) => {
+                    r?;
+                    self.process_connects(sinks)?;
                 }
                 Wake::Tick => self.periodic(sinks, false)?,
             }
@@ -273,10 +453,13 @@ impl Watcher {
     /// Drains both rings; entry events update occupancy at once, drop
     /// events wait for the next settlement (now, if one is due or `force`).
     fn process_events(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
+        let Some(source) = self.source.as_mut() else {
+            return Ok(());
+        };
         let mut events = Vec::new();
-        self.source.drain(&mut events);
-        let correlating = !self.source.verdict_delay().is_zero();
-        let swept = correlating && self.source.sweep_due();
+        source.drain(&mut events);
+        let correlating = !source.verdict_delay().is_zero();
+        let swept = correlating && source.sweep_due();
         if swept {
             self.sweep(&mut events);
         }
@@ -309,7 +492,7 @@ impl Watcher {
     /// labels and reports the flows announced since the last settlement.
     fn settle(&mut self, sinks: &mut [Box<dyn Sink>], all: bool) -> anyhow::Result<()> {
         self.last_settle = Some(Instant::now());
-        let rows = self.source.totals();
+        let rows = self.src().totals();
         let mut packets: HashMap<u64, u64> = HashMap::new();
         for r in &rows {
             *packets.entry(r.netns).or_default() += r.packets;
@@ -334,7 +517,7 @@ impl Watcher {
             // Rows first, counters right after: see ledger.rs. A tier that
             // judges drops a window after they happen settles them against
             // the counters of that time; the last settlement flushes all.
-            let stats = if self.source.verdict_delay().is_zero() || self.flushed {
+            let stats = if self.src().verdict_delay().is_zero() || self.flushed {
                 self.monitor.sample(ns)
             } else {
                 match self.verdict_samples.get(&ns) {
@@ -369,7 +552,7 @@ impl Watcher {
         const GUARD_NS: u64 = 20_000_000;
         self.monitor.sample_all();
         let now = crate::event::monotonic_ns();
-        let delay = u64::try_from(self.source.verdict_delay().as_nanos()).unwrap_or(u64::MAX);
+        let delay = u64::try_from(self.src().verdict_delay().as_nanos()).unwrap_or(u64::MAX);
         let target = now.saturating_sub(delay);
         self.verdict_samples = self
             .monitor
@@ -384,7 +567,7 @@ impl Watcher {
             .min()
             .unwrap_or(target)
             .saturating_sub(GUARD_NS);
-        self.source.sweep(horizon, events, false);
+        self.src_mut().sweep(horizon, events, false);
     }
 
     fn entry_changed(&mut self, e: &EntryEvent) {
@@ -420,7 +603,7 @@ impl Watcher {
     /// namespaces not yet baselined, and after lost events (which may have
     /// been inserts or deletes).
     fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
-        let events_tier = self.source.tier().caps.entry_events;
+        let events_tier = self.tier().is_some_and(|t| t.caps.entry_events);
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
@@ -460,7 +643,7 @@ impl Watcher {
                 let b = occ.tracker.breakdown(t.inode)?;
                 let source = match occ.tracker.source(t.inode)? {
                     "events" => "events",
-                    _ if self.source.tier().caps.entry_events => "dump+events",
+                    _ if self.tier().is_some_and(|t| t.caps.entry_events) => "dump+events",
                     _ => "periodic_dump",
                 };
                 Some((t.inode, source, b))
@@ -493,7 +676,7 @@ impl Watcher {
             cause,
             evidence: why,
             tcp_flags,
-            strategy: self.source.tier().strategy,
+            strategy: self.src().tier().strategy,
         };
         if self.agg.observe(rec.clone(), mono_ns) {
             for s in sinks.iter_mut() {
@@ -503,18 +686,89 @@ impl Watcher {
         Ok(())
     }
 
+    /// Labels and reports the failed connection attempts the node view
+    /// has announced since the last call.
+    fn process_connects(&mut self, sinks: &mut [Box<dyn Sink>]) -> anyhow::Result<()> {
+        let Some(node) = self.connects.as_mut() else {
+            return Ok(());
+        };
+        let mut failures = Vec::new();
+        node.view.drain(&mut failures);
+        for mut f in failures {
+            if !node.wants(f.flow.netns) {
+                continue;
+            }
+            f.service = self
+                .catalog
+                .lookup(f.flow.proto, f.flow.dst.port())
+                .map(str::to_string);
+            for s in sinks.iter_mut() {
+                s.connect_failure(&f).context("writing output")?;
+            }
+        }
+        Ok(())
+    }
+
     fn periodic(&mut self, sinks: &mut [Box<dyn Sink>], is_final: bool) -> anyhow::Result<()> {
         if self.last_clock_sync.elapsed() >= CLOCK_RESYNC {
-            self.source.resync_clock();
+            if let Some(s) = self.source.as_mut() {
+                s.resync_clock();
+            }
+            if let Some(n) = self.connects.as_mut() {
+                n.view.resync_clock();
+            }
             self.last_clock_sync = Instant::now();
         }
         self.forget_vanished();
+        self.process_connects(sinks)?;
+        let counters = match self.source.is_some() {
+            true => self.router_periodic(sinks, is_final)?,
+            false => Counters::default(),
+        };
+        let tables = self.monitor.views(&self.ledger.netns_with_drops());
+        let occupancy = self.occupancy_views(&tables);
+        let (connects, connect_counters) = match self.connects.as_mut() {
+            Some(n) => (n.rows(), Some(n.view.counters()?)),
+            None => (Vec::new(), None),
+        };
+        let snap = Snapshot {
+            time: SystemTime::now(),
+            elapsed: self.started.elapsed(),
+            strategy: self.strategy(),
+            caps: self.tier().map(|t| t.caps),
+            counters,
+            tables,
+            occupancy,
+            groups: self.ledger.groups(),
+            evictions: self.agg.evictions(),
+            agreement: self.ledger.agreement(),
+            top_flows: self.agg.top_flows(10),
+            flows_forgotten: self.agg.forgotten(),
+            kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
+            connects,
+            connect_counters,
+            is_final,
+        };
+        for s in sinks.iter_mut() {
+            s.summary(&snap).context("writing output")?;
+        }
+        Ok(())
+    }
+
+    /// The router view's share of a tick: the last sweep when final,
+    /// settlements, flows whose events were lost, evictions, occupancy and
+    /// the kernel log. Returns the kernel side's counters.
+    fn router_periodic(
+        &mut self,
+        sinks: &mut [Box<dyn Sink>],
+        is_final: bool,
+    ) -> anyhow::Result<Counters> {
         let filter = self.monitor.filter().clone();
-        self.source.maintain(|i| filter.matches(i));
+        self.src_mut().maintain(|i| filter.matches(i));
         if is_final {
             self.flushed = true;
             let mut last = Vec::new();
-            self.source.sweep(u64::MAX, &mut last, true);
+            self.src_mut().sweep(u64::MAX, &mut last, true);
             self.pending
                 .extend(last.into_iter().filter_map(|e| match e {
                     KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => Some(d),
@@ -522,11 +776,11 @@ impl Watcher {
                 }));
         }
         self.process_events(sinks, true)?;
-        let counts = self.source.flow_counts();
+        let counts = self.src_mut().flow_counts();
         // Flows the map holds but no event announced: their event was lost
         // (ring buffer full). Their packets are in the totals already; the
         // detail learns of them now.
-        let clock = self.source.clock();
+        let clock = self.src().clock();
         let cutoff = self.late_cutoff_ns;
         let mut late: Vec<(Flow, crate::source::FlowCount)> = counts
             .iter()
@@ -548,37 +802,16 @@ impl Watcher {
             )?;
         }
         self.agg.update_counts(&counts, &clock);
-        let mut evicted = self.source.evicted_counts();
+        let mut evicted = self.src().evicted_counts();
         evicted.retain(|(k, _)| self.monitor.wants(k.netns));
         let catalog = &self.catalog;
         self.agg.update_evictions(&evicted, |proto, port| {
             catalog.lookup(proto, port).map(str::to_string)
         });
-        let counters = self.source.counters()?;
+        let counters = self.src().counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
         self.read_kernel_log();
-        let tables = self.monitor.views(&self.ledger.netns_with_drops());
-        let occupancy = self.occupancy_views(&tables);
-        let snap = Snapshot {
-            time: SystemTime::now(),
-            elapsed: self.started.elapsed(),
-            strategy: self.source.tier().strategy,
-            caps: Some(self.source.tier().caps),
-            counters,
-            tables,
-            occupancy,
-            groups: self.ledger.groups(),
-            evictions: self.agg.evictions(),
-            agreement: self.ledger.agreement(),
-            top_flows: self.agg.top_flows(10),
-            flows_forgotten: self.agg.forgotten(),
-            kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
-            is_final,
-        };
-        for s in sinks.iter_mut() {
-            s.summary(&snap).context("writing output")?;
-        }
-        Ok(())
+        Ok(counters)
     }
 
     /// Adds the kernel log's new table-full witnesses to the tally; lines
@@ -604,6 +837,12 @@ impl Watcher {
     /// Forgets namespaces that vanished: their kernel rows, ledger,
     /// flows and occupancy.
     fn forget_vanished(&mut self) {
+        if let Some(n) = self.connects.as_mut() {
+            n.forget_idle_vanished();
+        }
+        let Some(source) = self.source.as_mut() else {
+            return;
+        };
         let before: Vec<u64> = self.monitor.inodes();
         self.monitor.discover();
         let alive: HashMap<u64, ()> = self.monitor.inodes().into_iter().map(|i| (i, ())).collect();
@@ -615,7 +854,7 @@ impl Watcher {
             return;
         }
         log::info!("namespaces gone: {gone:?}");
-        self.source.forget_netns(&gone);
+        source.forget_netns(&gone);
         self.ledger.retain(|ns| !gone.contains(&ns));
         self.agg.retain_netns(|ns| !gone.contains(&ns));
         if let Some(occ) = self.occupancy.as_mut() {
@@ -629,14 +868,22 @@ impl Watcher {
     pub fn outcome(&self) -> anyhow::Result<Outcome> {
         let tables = self.monitor.views(&self.ledger.netns_with_drops());
         Ok(Outcome {
-            strategy: self.source.tier().strategy,
-            counters: self.source.counters()?,
+            strategy: self.strategy(),
+            counters: match &self.source {
+                Some(s) => s.counters()?,
+                None => Counters::default(),
+            },
             groups: self.ledger.groups(),
             evictions: self.agg.evictions(),
             agreement: self.ledger.agreement(),
             occupancy: self.occupancy_views(&tables),
             tables,
             flows: self.agg.flows().cloned().collect(),
+            connects: self
+                .connects
+                .as_ref()
+                .map(NodeView::rows)
+                .unwrap_or_default(),
         })
     }
 }

@@ -155,8 +155,54 @@ pub struct Row {
     pub ctrace_packets: u64,
 }
 
+/// One TCP service of the clients' side of the verdict: what the client
+/// nodes' connects saw, against the node view's counts of the same
+/// namespace, and the router's table-full flows for the service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientRow {
+    pub service: String,
+    /// Ground truth: the clients' own results, by outcome name.
+    pub truth: BTreeMap<&'static str, u64>,
+    /// The node view's counts, by the same names ("attempts" included).
+    pub ctrace: BTreeMap<&'static str, u64>,
+    /// The router view's table-full flows of the service.
+    pub router_flows: u64,
+}
+
+/// The outcomes a client row compares, in display order.
+pub const CLIENT_OUTCOMES: [&str; 6] = [
+    "attempts",
+    "established",
+    "timeout",
+    "refused",
+    "unreachable",
+    "aborted",
+];
+
+impl ClientRow {
+    pub fn truth(&self, what: &str) -> u64 {
+        self.truth.get(what).copied().unwrap_or(0)
+    }
+
+    pub fn seen(&self, what: &str) -> u64 {
+        self.ctrace.get(what).copied().unwrap_or(0)
+    }
+
+    /// Every outcome as the clients saw it, and the router's table-full
+    /// flows equal to the node's timeouts: the same flows, seen from both
+    /// ends of the path.
+    pub fn agrees(&self) -> bool {
+        CLIENT_OUTCOMES
+            .iter()
+            .all(|w| self.truth(w) == self.seen(w))
+            && self.router_flows == self.seen("timeout")
+    }
+}
+
 pub struct Report {
     pub rows: Vec<Row>,
+    /// The clients' side; None when the node view did not run.
+    pub clients: Option<Vec<ClientRow>>,
     pub healthy_ok: bool,
     /// Packets conntrack itself counted as dropped (its `drop` statistic).
     pub conntrack_drops: u64,
@@ -175,6 +221,10 @@ impl Report {
             && self.rows.iter().any(|r| r.failed > 0)
             && self.rows.iter().all(|r| r.ctrace_flows == r.failed)
             && self.ctrace_packets == self.conntrack_drops
+            && self
+                .clients
+                .as_ref()
+                .is_none_or(|c| c.iter().all(ClientRow::agrees))
     }
 
     pub fn render(&self) -> String {
@@ -219,6 +269,10 @@ impl Report {
             self.fill_time.as_secs_f64(),
             self.lost_events
         );
+        match &self.clients {
+            Some(rows) => o += &render_clients(rows),
+            None => o += "  clients' side: not traced (no node view on this kernel)\n",
+        }
         let through: u64 = self.rows.iter().map(|r| r.attempts - r.failed).sum();
         if through > 0 {
             o += &format!(
@@ -238,8 +292,38 @@ impl Report {
     }
 }
 
+/// The clients' side: per TCP service, truth then ctrace on one line each.
+fn render_clients(rows: &[ClientRow]) -> String {
+    let mut o = String::from(
+        "\n  CLIENTS' SIDE: the client nodes' own connects (truth) against ctrace's node view,\n  \
+         and the router's table-full flows beside the nodes' timeouts\n",
+    );
+    o += &format!("  {:<12} {:<7}", "SERVICE", "");
+    for w in CLIENT_OUTCOMES {
+        o += &format!(" {w:>11}");
+    }
+    o += &format!(" {:>13}\n", "ROUTER FLOWS");
+    for r in rows {
+        for (label, pick) in [("truth", true), ("ctrace", false)] {
+            let name = if pick { r.service.as_str() } else { "" };
+            o += &format!("  {name:<12} {label:<7}");
+            for w in CLIENT_OUTCOMES {
+                o += &format!(" {:>11}", if pick { r.truth(w) } else { r.seen(w) });
+            }
+            if pick {
+                o += &format!(" {:>13}\n", r.router_flows);
+            } else {
+                o += &format!("  {}\n", if r.agrees() { "match" } else { "MISMATCH" });
+            }
+        }
+    }
+    o
+}
+
 struct Truth {
     healthy: Vec<Attempt>,
+    /// A connect to a port nothing listens on: refused, by a RST.
+    refused: Vec<Attempt>,
     incident: Vec<Attempt>,
     drops_before: u64,
     drops_after: u64,
@@ -268,6 +352,8 @@ fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
         })
         .collect();
     let healthy = traffic::attempt_all(&topo.clients, &healthy_plan, Duration::from_secs(3))?;
+    eprintln!("lab: one connect to a closed port (etcd-client, :2379): refused");
+    let refused = traffic::attempt_all(&topo.clients, &[refused_probe()], Duration::from_secs(3))?;
 
     let mut ct = CtSocket::open(Some(&topo.router))?;
     // The healthy phase leaves entries early_drop may evict (its DNS
@@ -307,6 +393,7 @@ fn scenario(topo: &Topology, flows: u32, max: u64) -> anyhow::Result<Truth> {
     let after = ct.stats()?;
     Ok(Truth {
         healthy,
+        refused,
         incident,
         drops_before: full.drop,
         drops_after: after.drop,
@@ -343,8 +430,12 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         judge_window: crate::source::LoadOptions::DEFAULT_JUDGE_WINDOW,
         tc_attach: None,
         host_root: "/".into(),
+        side: None,
+        // The node view watches the client nodes' own attempts.
+        connect_netns: Some(NetnsFilter::new(vec![topo.clients.inode().to_string()])),
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
+    let node_view = watcher.has_node_view();
     drop(facts);
     crate::kernel::return_freed_memory();
     watcher.monitor_mut().watch(&topo.router, "lab-router")?;
@@ -352,7 +443,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     eprintln!(
         "lab: tracing the router (netns {}) with strategy {}",
         topo.router.inode(),
-        watcher.strategy()
+        watcher.strategy().map_or("none", |s| s.name())
     );
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -378,12 +469,71 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     let truth = worker
         .join()
         .map_err(|_| anyhow::anyhow!("the lab scenario panicked"))??;
-    let report = judge(&truth, &outcome);
+    let report = judge(&truth, &outcome, node_view);
     println!("{}", report.render());
     Ok(report)
 }
 
-fn judge(truth: &Truth, outcome: &Outcome) -> Report {
+/// The healthy phase's refused connect: nothing listens on etcd's client
+/// port on the server node.
+fn refused_probe() -> Planned {
+    Planned {
+        service: "etcd-client".into(),
+        proto: Proto::Tcp,
+        src: IpAddr::V4(topology::CLIENTS_V4[0]),
+        dst: SocketAddr::new(IpAddr::V4(topology::SERVER_V4), 2379),
+    }
+}
+
+/// The clients' side of the verdict: every TCP attempt the client nodes
+/// made (healthy, refused, incident) by service and outcome, against the
+/// node view's rows for the clients' namespace.
+fn judge_clients(truth: &Truth, outcome: &Outcome, router: &[Row]) -> Vec<ClientRow> {
+    fn row<'a>(rows: &'a mut BTreeMap<String, ClientRow>, service: &str) -> &'a mut ClientRow {
+        rows.entry(service.to_string())
+            .or_insert_with(|| ClientRow {
+                service: service.to_string(),
+                ..ClientRow::default()
+            })
+    }
+    let mut rows: BTreeMap<String, ClientRow> = BTreeMap::new();
+    for a in truth
+        .healthy
+        .iter()
+        .chain(&truth.refused)
+        .chain(&truth.incident)
+        .filter(|a| a.planned.proto == Proto::Tcp)
+    {
+        let r = row(&mut rows, &a.planned.service);
+        *r.truth.entry("attempts").or_default() += 1;
+        *r.truth.entry(a.tcp_outcome()).or_default() += 1;
+    }
+    for c in &outcome.connects {
+        let Some(service) = c.service.as_deref() else {
+            continue;
+        };
+        let r = row(&mut rows, service);
+        for (w, n) in [
+            ("attempts", c.attempts),
+            ("established", c.established),
+            ("timeout", c.timeouts),
+            ("refused", c.refused),
+            ("unreachable", c.unreachable),
+            ("aborted", c.aborted),
+        ] {
+            *r.ctrace.entry(w).or_default() += n;
+        }
+    }
+    for r in rows.values_mut() {
+        r.router_flows = router
+            .iter()
+            .find(|x| x.service == r.service)
+            .map_or(0, |x| x.ctrace_flows);
+    }
+    rows.into_values().collect()
+}
+
+fn judge(truth: &Truth, outcome: &Outcome, node_view: bool) -> Report {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for a in &truth.incident {
         let r = rows
@@ -410,8 +560,10 @@ fn judge(truth: &Truth, outcome: &Outcome) -> Report {
             r.ctrace_packets += g.packets;
         }
     }
+    let rows: Vec<Row> = rows.into_values().collect();
     Report {
-        rows: rows.into_values().collect(),
+        clients: node_view.then(|| judge_clients(truth, outcome, &rows)),
+        rows,
         healthy_ok: truth.healthy.iter().all(|a| a.ok),
         conntrack_drops: truth.drops_after - truth.drops_before,
         ctrace_packets,
@@ -438,6 +590,7 @@ mod tests {
                     ctrace_packets: 0,
                 })
                 .collect(),
+            clients: None,
             healthy_ok: true,
             conntrack_drops,
             ctrace_packets,

@@ -90,8 +90,33 @@ pub struct Attempt {
     pub local: Option<SocketAddr>,
     pub ok: bool,
     pub error: Option<String>,
+    /// The errno the kernel failed the connect with; None when it
+    /// succeeded or the client gave up first.
+    pub errno: Option<i32>,
     pub elapsed: Duration,
 }
+
+impl Attempt {
+    /// How a TCP attempt ended, as the client saw it, in the node view's
+    /// words: the kernel's errno decides, as `sk_err` does for ctrace.
+    pub fn tcp_outcome(&self) -> &'static str {
+        match (self.ok, self.errno) {
+            (true, _) => "established",
+            (false, Some(libc::ETIMEDOUT)) => "timeout",
+            (false, Some(libc::ECONNREFUSED)) => "refused",
+            (false, Some(_)) => "unreachable",
+            (false, None) => "aborted",
+        }
+    }
+}
+
+/// SYN retransmits a lab client allows before its kernel gives up
+/// (TCP_SYNCNT): with one, a dropped flow sends its SYN twice and the
+/// kernel fails the connect with ETIMEDOUT after 2-3 s, well before the
+/// client's own deadline, so the attempt counts as a timeout on both sides.
+const LAB_SYN_RETRIES: u32 = 1;
+/// The client's own deadline for a TCP connect: later than the kernel's.
+const TCP_CONNECT_DEADLINE: Duration = Duration::from_secs(6);
 
 /// Runs every attempt at once from inside `ns` and waits for all. A TCP
 /// attempt succeeds when the handshake completes within `timeout`; a UDP
@@ -122,20 +147,21 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         Proto::Udp => udp_attempt(&p, timeout),
         _ => tcp_attempt(&p, timeout),
     };
-    let (local, ok, error) = match result {
-        Ok((local, ok, err)) => (local, ok, err),
-        Err(e) => (None, false, Some(format!("{e:#}"))),
+    let (local, ok, error, errno) = match result {
+        Ok((local, ok, err, errno)) => (local, ok, err, errno),
+        Err(e) => (None, false, Some(format!("{e:#}")), None),
     };
     Attempt {
         planned: p,
         local,
         ok,
         error,
+        errno,
         elapsed: started.elapsed(),
     }
 }
 
-type Outcome = (Option<SocketAddr>, bool, Option<String>);
+type Outcome = (Option<SocketAddr>, bool, Option<String>, Option<i32>);
 
 fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     let domain = if p.dst.is_ipv4() {
@@ -146,16 +172,38 @@ fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.bind(&SockAddr::from(SocketAddr::new(p.src, 0)))
         .context("binding the source")?;
+    set_syn_retries(&s, LAB_SYN_RETRIES).context("setting TCP_SYNCNT")?;
     let local = s.local_addr().ok().and_then(|a| a.as_socket());
-    match s.connect_timeout(&SockAddr::from(p.dst), timeout) {
+    match s.connect_timeout(&SockAddr::from(p.dst), TCP_CONNECT_DEADLINE) {
         Ok(()) => {
             let mut stream: std::net::TcpStream = s.into();
             let mut buf = [0u8; 3];
             let _ = stream.set_read_timeout(Some(timeout));
             let _ = stream.read(&mut buf);
-            Ok((local, true, None))
+            Ok((local, true, None, None))
         }
-        Err(e) => Ok((local, false, Some(e.to_string()))),
+        // socket2 reports its own deadline without an errno.
+        Err(e) => Ok((local, false, Some(e.to_string()), e.raw_os_error())),
+    }
+}
+
+fn set_syn_retries(s: &Socket, n: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let n = n as libc::c_int;
+    // SAFETY: a valid socket, and a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&raw const n).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -172,10 +220,10 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     for _ in 0..2 {
         u.send(QUERY)?;
         if u.recv(&mut buf).is_ok() {
-            return Ok((local, true, None));
+            return Ok((local, true, None, None));
         }
     }
-    Ok((local, false, Some("no reply".into())))
+    Ok((local, false, Some("no reply".into()), None))
 }
 
 /// Fills the table of the router between `clients` and `servers` with real

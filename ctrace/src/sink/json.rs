@@ -7,6 +7,7 @@ use serde_json::{Map, Value, json};
 use super::{Sink, Snapshot, rfc3339};
 use crate::{
     aggregate::DropRecord,
+    connects::ConnectFailure,
     event::tcp_flags_str,
     table::{TimeToFull, stat_fields},
 };
@@ -32,10 +33,15 @@ impl<W: Write> JsonSink<W> {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Line<'a> {
     Drop(&'a DropRecord),
+    ConnectFailure(&'a ConnectFailure),
 }
 
 pub fn drop_json(rec: &DropRecord) -> Value {
     serde_json::to_value(Line::Drop(rec)).unwrap_or_default()
+}
+
+pub fn connect_failure_json(rec: &ConnectFailure) -> Value {
+    serde_json::to_value(Line::ConnectFailure(rec)).unwrap_or_default()
 }
 
 pub fn summary_json(s: &Snapshot<'_>) -> Value {
@@ -100,7 +106,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "time": rfc3339(s.time),
         "final": s.is_final,
         "elapsed_s": s.elapsed.as_secs_f64(),
-        "strategy": s.strategy.name(),
+        "strategy": s.strategy.map(|st| st.name()),
         "lost_events": s.counters.lost_events,
         "netfilter_drops": s.counters.netfilter_drops,
         "undecoded": s.counters.undecoded,
@@ -117,6 +123,8 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "stale_probe_state": s.counters.stale_state,
         "capabilities": s.caps,
         "kernel_log": s.kernel_log.as_ref().map(kernel_log_json),
+        "connects": s.connect_counters.map(|_| &s.connects),
+        "connect_counters": s.connect_counters,
         "correlation": s
             .caps
             .filter(|c| c.drops == crate::tier::DropSight::Correlated)
@@ -164,6 +172,10 @@ fn round2(v: f64) -> f64 {
 impl<W: Write> Sink for JsonSink<W> {
     fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
         self.line(&drop_json(rec))
+    }
+
+    fn connect_failure(&mut self, rec: &ConnectFailure) -> std::io::Result<()> {
+        self.line(&connect_failure_json(rec))
     }
 
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {

@@ -30,13 +30,13 @@ pub fn render(s: &Snapshot<'_>) -> String {
         format!(
             "ctrace — conntrack pressure   {}   strategy: {}   up {}s{}",
             rfc3339(s.time),
-            s.strategy,
+            s.strategy.map_or("none (node view only)", |st| st.name()),
             s.elapsed.as_secs(),
             if s.is_final { "   (final)" } else { "" }
         ),
     );
     w(&mut o, String::new());
-    if s.tables.is_empty() {
+    if s.tables.is_empty() && s.strategy.is_some() {
         w(
             &mut o,
             "no network namespace with active conntrack found".into(),
@@ -116,6 +116,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
             k.text()
                 .unwrap_or_else(|| "kernel log: no table-full line since start".into()),
         );
+    }
+    if s.connect_counters.is_some() {
+        for line in connects_panel(s) {
+            w(&mut o, line);
+        }
+    }
+    if s.strategy.is_none() {
+        return o;
     }
     w(&mut o, String::new());
     w(&mut o, "TOP DROPPED SERVICES".into());
@@ -225,6 +233,66 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 s.counters.totals_full
             ),
         );
+    }
+    o
+}
+
+/// This host's own connection attempts per service, failing ones first:
+/// what a node sees of a router that drops its SYNs.
+fn connects_panel(s: &Snapshot<'_>) -> Vec<String> {
+    let mut o = vec![
+        String::new(),
+        "FAILING CONNECTIONS (this host's outgoing TCP attempts; SYN-ACK retx: incoming)".into(),
+        format!(
+            "  {:<14} {:<11} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10}",
+            "SERVICE",
+            "NETNS",
+            "ATTEMPTS",
+            "ESTAB",
+            "FAILED",
+            "TIMEOUT",
+            "REFUSED",
+            "UNREACH",
+            "ABORTED",
+            "SYN-RETX",
+            "SYNACK-RTX"
+        ),
+    ];
+    let mut rows: Vec<_> = s.connects.iter().collect();
+    rows.sort_by_key(|r| {
+        std::cmp::Reverse((
+            r.failed,
+            r.syn_retransmits + r.synack_retransmits,
+            r.attempts,
+        ))
+    });
+    for r in rows.iter().take(TOP) {
+        o.push(format!(
+            "  {:<14} {:<11} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10}",
+            r.service.as_deref().unwrap_or("other"),
+            r.netns,
+            r.attempts,
+            r.established,
+            r.failed,
+            r.timeouts,
+            r.refused,
+            r.unreachable,
+            r.aborted,
+            r.syn_retransmits,
+            r.synack_retransmits
+        ));
+    }
+    if rows.is_empty() {
+        o.push("  no connection attempt since start".into());
+    }
+    if let Some(c) = s
+        .connect_counters
+        .filter(|c| c.lost_events + c.untracked > 0)
+    {
+        o.push(format!(
+            "  failure records lost: {} (counts unaffected); outcomes without timing: {}",
+            c.lost_events, c.untracked
+        ));
     }
     o
 }

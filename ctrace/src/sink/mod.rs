@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::{
     aggregate::{DropRecord, EvictionGroup, FlowEntry},
+    connects::{ConnectCounters, ConnectFailure, ConnectRow},
     ledger::{Agreement, DropGroup, Trust},
     source::Counters,
     table::{TableView, TimeToFull},
@@ -22,8 +23,9 @@ use crate::{
 pub struct Snapshot<'a> {
     pub time: SystemTime,
     pub elapsed: Duration,
-    pub strategy: Strategy,
-    /// None where nothing is traced (`ctrace status`).
+    /// None where no drop tier runs (`ctrace status`, `--side node`).
+    pub strategy: Option<Strategy>,
+    /// None where no drop tier runs.
     pub caps: Option<Capabilities>,
     pub counters: Counters,
     pub tables: Vec<TableView>,
@@ -39,6 +41,10 @@ pub struct Snapshot<'a> {
     /// Table-full witnesses in the kernel log since start; None when
     /// /dev/kmsg cannot be read (or nothing traces, as in `ctrace status`).
     pub kernel_log: Option<crate::kernel::kmsg::Tally>,
+    /// The node view: this host's connection attempts per namespace and
+    /// service, and its own losses; None when it is off.
+    pub connects: Vec<ConnectRow>,
+    pub connect_counters: Option<ConnectCounters>,
     pub is_final: bool,
 }
 
@@ -68,6 +74,11 @@ pub fn agreement_text(a: &Agreement) -> String {
 pub trait Sink {
     /// A dropped flow, at first sighting.
     fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()>;
+    /// A failed connection attempt of this host (node view), as it ends.
+    /// Sinks that show only totals take them from the summary.
+    fn connect_failure(&mut self, _rec: &ConnectFailure) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Every interval, and once more at exit with `is_final`.
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()>;
 }

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use super::{Sink, Snapshot, netns_label, rfc3339, ttf_text};
-use crate::{aggregate::DropRecord, event::tcp_flags_str};
+use crate::{aggregate::DropRecord, connects::ConnectFailure, event::tcp_flags_str};
 
 pub struct PlainSink<W: Write> {
     out: W,
@@ -40,7 +40,29 @@ pub fn drop_line(rec: &DropRecord) -> String {
     )
 }
 
+pub fn connect_failure_line(rec: &ConnectFailure) -> String {
+    format!(
+        "{} CONNECT_FAILED netns={} outcome={} service={} {} {} -> {} syn_retransmits={} elapsed_ms={}",
+        rfc3339(rec.time),
+        rec.flow.netns,
+        rec.outcome.name(),
+        rec.service.as_deref().unwrap_or("other"),
+        rec.flow.proto,
+        rec.flow.src,
+        rec.flow.dst,
+        rec.syn_retransmits
+            .map_or_else(|| "?".into(), |n| n.to_string()),
+        rec.elapsed
+            .map_or_else(|| "?".into(), |d| d.as_millis().to_string()),
+    )
+}
+
 impl<W: Write> Sink for PlainSink<W> {
+    fn connect_failure(&mut self, rec: &ConnectFailure) -> std::io::Result<()> {
+        writeln!(self.out, "{}", connect_failure_line(rec))?;
+        self.out.flush()
+    }
+
     fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
         writeln!(self.out, "{}", drop_line(rec))?;
         self.out.flush()
@@ -113,12 +135,33 @@ impl<W: Write> Sink for PlainSink<W> {
             self.kernel_log_shown = k.table_full;
             writeln!(self.out, "{} {what} {text}", rfc3339(s.time))?;
         }
+        // Services whose attempts fail, every interval; all of them at the end.
+        for r in s.connects.iter().filter(|r| r.failed > 0 || s.is_final) {
+            writeln!(
+                self.out,
+                "{} {what} CONNECTS netns={} service={} attempts={} established={} failed={} \
+                 timeouts={} refused={} unreachable={} aborted={} syn_retransmits={} \
+                 synack_retransmits={}",
+                rfc3339(s.time),
+                r.netns,
+                r.service.as_deref().unwrap_or("other"),
+                r.attempts,
+                r.established,
+                r.failed,
+                r.timeouts,
+                r.refused,
+                r.unreachable,
+                r.aborted,
+                r.syn_retransmits,
+                r.synack_retransmits
+            )?;
+        }
         if s.counters.lost_events > 0 || s.is_final {
             writeln!(
                 self.out,
                 "{} {what} strategy={} lost_events={} netfilter_drops={}",
                 rfc3339(s.time),
-                s.strategy,
+                s.strategy.map_or("none", |st| st.name()),
                 s.counters.lost_events,
                 s.counters.netfilter_drops
             )?;

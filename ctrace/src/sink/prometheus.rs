@@ -192,6 +192,64 @@ fn node_exporter_gauges(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()
     Ok(())
 }
 
+/// The node view, labelled as the drop series are, so that a dashboard can
+/// put "the router dropped etcd-peer SYNs" beside "the nodes' etcd-peer
+/// connects timed out".
+fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+    let Some(c) = s.connect_counters else {
+        return Ok(());
+    };
+    let labels = ["netns", "service", "proto"];
+    let attempts = f.counter(
+        "ctrace_connect_attempts_total",
+        "Outgoing TCP connection attempts of this host (sockets that entered SYN_SENT).",
+        &labels,
+    )?;
+    let established = f.counter(
+        "ctrace_connect_established_total",
+        "Outgoing attempts that completed the handshake.",
+        &labels,
+    )?;
+    let failures = f.counter(
+        "ctrace_connect_failures_total",
+        "Outgoing attempts that failed, by how: timeout (no answer), refused (RST), unreachable (ICMP error), aborted (the application gave up first).",
+        &["netns", "service", "proto", "outcome"],
+    )?;
+    let syn_retransmits = f.counter(
+        "ctrace_connect_syn_retransmits_total",
+        "SYNs of outgoing attempts that had to be retransmitted.",
+        &labels,
+    )?;
+    let synack_retransmits = f.counter(
+        "ctrace_synack_retransmits_total",
+        "SYN-ACKs this host's listeners retransmitted, by the listener's service: clients that did not complete the handshake.",
+        &labels,
+    )?;
+    for r in &s.connects {
+        let ns = r.netns.to_string();
+        let v = [&ns, r.service.as_deref().unwrap_or(NO_SERVICE), r.proto];
+        set_counter(&attempts, &v, r.attempts);
+        set_counter(&established, &v, r.established);
+        set_counter(&syn_retransmits, &v, r.syn_retransmits);
+        set_counter(&synack_retransmits, &v, r.synack_retransmits);
+        for (outcome, n) in [
+            ("timeout", r.timeouts),
+            ("refused", r.refused),
+            ("unreachable", r.unreachable),
+            ("aborted", r.aborted),
+        ] {
+            set_counter(&failures, &[v[0], v[1], v[2], outcome], n);
+        }
+    }
+    let lost = f.counter(
+        "ctrace_connect_lost_records_total",
+        "Failed-attempt records the ring buffer had no room for (the counters above still count them).",
+        &[],
+    )?;
+    set_counter(&lost, &[], c.lost_events);
+    Ok(())
+}
+
 fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let info = f.gauge(
         "ctrace_build_info",
@@ -207,7 +265,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     for st in Strategy::ALL {
         strategy
             .with_label_values(&[st.name()])
-            .set(i64::from(st == s.strategy && s.caps.is_some()));
+            .set(i64::from(Some(st) == s.strategy));
     }
     f.float(
         "ctrace_last_update_timestamp_seconds",
@@ -330,6 +388,8 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
             .with_label_values(&[&ns])
             .set(gauge_value(b.unreplied));
     }
+
+    connect_series(f, s)?;
 
     let kernel = f.counter(
         "ctrace_selfcheck_kernel_drops_total",

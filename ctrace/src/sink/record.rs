@@ -127,6 +127,10 @@ impl Sink for RecordSink {
         self.line(&drop_json(rec))
     }
 
+    fn connect_failure(&mut self, rec: &crate::connects::ConnectFailure) -> std::io::Result<()> {
+        self.line(&super::json::connect_failure_json(rec))
+    }
+
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
         self.line(&summary_json(snap))?;
         self.out.flush()

@@ -72,7 +72,7 @@ pub fn probe(facts: &KernelFacts) -> Vec<Verdict> {
         .collect()
 }
 
-fn program_type_loads(t: ProgramType, what: &str) -> anyhow::Result<()> {
+pub(crate) fn program_type_loads(t: ProgramType, what: &str) -> anyhow::Result<()> {
     match is_program_supported(t) {
         Ok(true) => Ok(()),
         Err(aya::programs::ProgramError::SyscallError(e))

@@ -113,6 +113,7 @@ fn load(
             .map_max_entries("VERDICTS", 1)
             .map_max_entries("EVENTS", 4096)
             .map_max_entries("ENTRIES", 4096);
+        source::without_node_maps(loader);
     })?;
     for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
