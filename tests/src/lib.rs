@@ -125,7 +125,7 @@ impl Tracer {
         loop {
             match t.stderr.recv_timeout(Duration::from_millis(200)) {
                 Ok(l) => {
-                    let ready = l.contains("tracing with strategy");
+                    let ready = l.contains("(Ctrl-C to stop)");
                     t.log.push(l);
                     if ready {
                         break;

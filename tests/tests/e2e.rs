@@ -9,6 +9,8 @@ use ctrace::{
     lab::{LAB_SERVICES, incident_plan, topology::Topology, traffic},
     netlink::{ctnetlink::CtSocket, nftables},
 };
+#[path = "e2e/connects.rs"]
+mod connects;
 #[path = "e2e/exporter.rs"]
 mod exporter;
 #[path = "e2e/tc.rs"]

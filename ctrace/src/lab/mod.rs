@@ -189,13 +189,13 @@ impl ClientRow {
     }
 
     /// Every outcome as the clients saw it, and the router's table-full
-    /// flows equal to the node's timeouts: the same flows, seen from both
-    /// ends of the path.
+    /// flows equal to the attempts nothing answered (timed out, or given up
+    /// by the client): the same flows, seen from both ends of the path.
     pub fn agrees(&self) -> bool {
         CLIENT_OUTCOMES
             .iter()
             .all(|w| self.truth(w) == self.seen(w))
-            && self.router_flows == self.seen("timeout")
+            && self.router_flows == self.seen("timeout") + self.seen("aborted")
     }
 }
 
@@ -296,7 +296,7 @@ impl Report {
 fn render_clients(rows: &[ClientRow]) -> String {
     let mut o = String::from(
         "\n  CLIENTS' SIDE: the client nodes' own connects (truth) against ctrace's node view,\n  \
-         and the router's table-full flows beside the nodes' timeouts\n",
+         and the router's table-full flows beside the attempts nothing answered\n",
     );
     o += &format!("  {:<12} {:<7}", "SERVICE", "");
     for w in CLIENT_OUTCOMES {
