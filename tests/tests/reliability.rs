@@ -271,7 +271,7 @@ fn two_tracers_at_once_both_count_every_drop() {
 }
 
 #[test]
-fn namespaces_come_and_go_and_the_limit_moves_while_watching() {
+fn namespaces_come_and_go_and_the_limit_and_table_change_while_watching() {
     if !privileged() || !ctrace_tests::ctnetlink() {
         return;
     }
@@ -302,6 +302,9 @@ fn namespaces_come_and_go_and_the_limit_moves_while_watching() {
     let guard = ctrace::lab::SysctlGuard::set(ctrace_tests::MAX, &lowered.to_string()).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     drop(guard);
+    // The table is flushed under it: reported as empty, not crashed on.
+    ct.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     drop(ct);
     drop(ns);
     drop(quit);
@@ -329,8 +332,137 @@ fn namespaces_come_and_go_and_the_limit_moves_while_watching() {
             .any(|n| n["max"] == lowered)),
         "the lowered nf_conntrack_max was never reported"
     );
+    let first_seen = summaries.iter().position(|s| seen(s)).unwrap();
+    assert!(
+        summaries[first_seen..].iter().any(|s| s["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["inode"] == inode && n["count"] == 0)),
+        "the flushed table was never reported empty"
+    );
     assert!(
         !seen(final_summary(&records)),
         "a destroyed namespace is still shown at the end"
     );
+}
+
+/// The memory of ctrace's BPF maps, from the `memlock` lines of its
+/// file descriptors' fdinfo.
+fn map_memlock_bytes(pid: i32) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Soak: a full table and a storm of new flows for minutes
+/// (CTRACE_SOAK_SECS, 120 by default). After a warm-up ctrace's RSS stays
+/// within a stated band, its maps do not grow, no summary goes missing and
+/// every drop is still counted.
+#[test]
+fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    /// RSS may move this much after warm-up: allocator noise and the
+    /// bounded flow detail filling up, never growth with the storm.
+    const RSS_BAND_MIB: f64 = 8.0;
+    const WARM_UP: Duration = Duration::from_secs(20);
+    let secs: u64 = std::env::var("CTRACE_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120)
+        .max(40);
+    let lab = full_lab();
+    let router = lab.topo.router.inode();
+    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "1s"]);
+    let pid = tracer.pid();
+    let maps_at_start = map_memlock_bytes(pid);
+    let before = conntrack_drops(&lab.topo.router);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let (sent, samples) = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let mut sent = 0u64;
+            // Each round from another client address: distinct tuples
+            // within a round, 200,000 new flows a round.
+            for src in topology::CLIENTS_V4.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let f = traffic::syn_flood(&lab.topo.clients, *src, topology::SERVER_V4, 200_000)
+                    .unwrap();
+                sent += f.sent;
+            }
+            sent
+        });
+        let mut samples = Vec::new();
+        while started.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_secs(5));
+            if started.elapsed() >= WARM_UP {
+                let rss = ctrace_tests::status_kib(pid, "VmRSS").unwrap_or(0);
+                samples.push((rss, map_memlock_bytes(pid)));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (flood.join().unwrap(), samples)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let kernel = conntrack_drops(&lab.topo.router) - before;
+    let records = tracer.stop();
+    let rss: Vec<f64> = samples.iter().map(|s| s.0 as f64 / 1024.0).collect();
+    let (lo, hi) = rss
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let summaries: Vec<f64> = records
+        .iter()
+        .filter(|r| r["type"] == "summary" && r["final"] == false)
+        .map(|r| r["elapsed_s"].as_f64().unwrap())
+        .collect();
+    let widest_gap = summaries
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0f64, f64::max);
+    let s = final_summary(&records);
+    let table_full: u64 = ctrace_tests::totals(s, router)
+        .iter()
+        .filter(|((_, c), _)| c == "table_full")
+        .map(|(_, v)| v.1)
+        .sum();
+    eprintln!(
+        "soak: {secs}s, {sent} SYNs ({:.0}/s); RSS after warm-up {lo:.1}..{hi:.1} MiB over {} \
+         samples; map memlock {maps_at_start} -> {:?} bytes; {} summaries, widest gap {widest_gap:.2}s; \
+         kernel drops {kernel}, ctrace table_full {table_full}, lost events {}",
+        sent as f64 / secs as f64,
+        rss.len(),
+        samples.last().map(|s| s.1),
+        summaries.len(),
+        s["lost_events"]
+    );
+    assert!(sent > 0 && kernel > 0, "the storm made no drops");
+    assert!(
+        hi - lo <= RSS_BAND_MIB,
+        "RSS moved {:.1} MiB after warm-up (band {RSS_BAND_MIB} MiB): {rss:?}",
+        hi - lo
+    );
+    assert!(
+        samples.iter().all(|s| s.1 == maps_at_start),
+        "map memory changed: {maps_at_start} -> {samples:?}"
+    );
+    // One summary a second: a tick may slip under load, none may vanish.
+    assert!(
+        summaries.len() as u64 >= secs - 5 && widest_gap < 3.0,
+        "{} summaries in {secs}s, widest gap {widest_gap:.2}s",
+        summaries.len()
+    );
+    assert_eq!(table_full, kernel, "every drop of the soak counted");
 }
