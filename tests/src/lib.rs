@@ -89,6 +89,23 @@ impl Tracer {
 
     /// Starts ctrace on `strategy` (None: auto), with extra environment.
     pub fn start_with(args: &[&str], strategy: Option<&str>, env: &[(&str, &str)]) -> Tracer {
+        Self::spawn(args, strategy, env, |_| true)
+    }
+
+    /// Starts ctrace and keeps only its summaries: a storm of minutes
+    /// announces millions of flows, more than a test should hold.
+    pub fn start_summaries_only(args: &[&str]) -> Tracer {
+        Self::spawn(args, strategy().as_deref(), &[], |l| {
+            l.contains(r#""type":"summary""#)
+        })
+    }
+
+    fn spawn(
+        args: &[&str],
+        strategy: Option<&str>,
+        env: &[(&str, &str)],
+        keep: fn(&str) -> bool,
+    ) -> Tracer {
         let mut cmd = Command::new(ctrace_bin());
         cmd.arg("watch").arg("--json").args(args);
         if let Some(s) = strategy {
@@ -104,7 +121,9 @@ impl Tracer {
         let out = BufReader::new(child.stdout.take().unwrap());
         std::thread::spawn(move || {
             for l in out.lines().map_while(Result::ok) {
-                let _ = tx.send(l);
+                if keep(&l) {
+                    let _ = tx.send(l);
+                }
             }
         });
         let (etx, stderr) = mpsc::channel();

@@ -384,7 +384,8 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
         .max(40);
     let lab = full_lab();
     let router = lab.topo.router.inode();
-    let tracer = Tracer::start(&["--netns", &router.to_string(), "--interval", "1s"]);
+    let tracer =
+        Tracer::start_summaries_only(&["--netns", &router.to_string(), "--interval", "1s"]);
     let pid = tracer.pid();
     let maps_at_start = map_memlock_bytes(pid);
     let before = conntrack_drops(&lab.topo.router);
