@@ -216,12 +216,14 @@ fn ingress(ctx: &TcContext, p: &Packet) {
             tcp_key(p.flow.family, p.seq)
         }
         _ => {
-            if let Some(known) = unsafe { UDP_TUPLES.get(&p.flow) }.copied()
-                && let Some(pending) = PENDING.get_ptr_mut(&known)
-            {
-                // A later datagram of a flow still held: counts as a
-                // retry while the flow has not passed.
-                repeat(pending, p);
+            if let Some(known) = unsafe { UDP_TUPLES.get(&p.flow) }.copied() {
+                // A later datagram of a flow still held counts as a retry
+                // while the flow has not passed. One whose flow passed and
+                // left the map opens nothing: the tuple got through (user
+                // space forgets the tuples of the flows it judged).
+                if let Some(pending) = PENDING.get_ptr_mut(&known) {
+                    repeat(pending, p);
+                }
                 return;
             }
             datagram_key(ctx, p)
@@ -323,8 +325,12 @@ fn egress(ctx: &TcContext, p: &Packet) {
     }
 }
 
-/// Marks a pending flow as passed. `answer`: the reply must go back to the
-/// opener (ISNs of unrelated flows may clash).
+/// A flow passed. A pending one leaves the map here: with thousands of new
+/// flows a second, passed entries left for user space to sweep filled the
+/// map and made each sweep walk it all. One already judged dropped (a
+/// retransmission got through late) is marked, for user space to settle.
+/// `answer`: the reply must go back to the opener (ISNs of unrelated flows
+/// may clash).
 #[inline(always)]
 fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
     let Some(pending) = PENDING.get_ptr_mut(key) else {
@@ -337,10 +343,14 @@ fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
         {
             return false;
         }
-        if (*pending).state == state::PASSED {
-            return true;
+        match (*pending).state {
+            state::PASSED => return true,
+            // Another CPU passing the same flow at once finds it gone.
+            state::PENDING => {
+                let _ = PENDING.remove(key);
+            }
+            _ => (*pending).state = state::PASSED,
         }
-        (*pending).state = state::PASSED;
     }
     bump(counter::TC_PASSED);
     true

@@ -82,6 +82,10 @@ pub struct JudgeCounts {
 
 pub struct Judge {
     map: BpfHashMap<MapData, MatchKey, Pending>,
+    /// UDP tuples -> their flow's key. A tuple whose flow left the map is
+    /// one that passed, to the kernel side; a judged flow's tuple goes with
+    /// its entry, so that the tuple can be judged again.
+    udp_tuples: BpfHashMap<MapData, FlowKey, MatchKey>,
     capacity: u32,
     window_ns: u64,
     judged: HashMap<MatchKey, Judged>,
@@ -97,8 +101,12 @@ impl Judge {
         let map = ebpf
             .take_map("PENDING")
             .context("map PENDING missing from the eBPF object")?;
+        let udp_tuples = ebpf
+            .take_map("UDP_TUPLES")
+            .context("map UDP_TUPLES missing from the eBPF object")?;
         Ok(Judge {
             map: BpfHashMap::try_from(map)?,
+            udp_tuples: BpfHashMap::try_from(udp_tuples)?,
             capacity,
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
             judged: HashMap::new(),
@@ -149,6 +157,7 @@ impl Judge {
         // flows as it has room for.
         let Judge {
             map,
+            udp_tuples,
             judged,
             totals,
             counts,
@@ -182,14 +191,14 @@ impl Judge {
                     j.dirty = true;
                 }
                 if quiet {
-                    doomed.push(key);
+                    doomed.push((key, Some(j.key)));
                 }
                 continue;
             }
             match p.state {
                 state::PASSED => {
                     if now_ns.saturating_sub(p.last_ns) > window_ns {
-                        doomed.push(key);
+                        doomed.push((key, None));
                     }
                 }
                 _ if p.first_ns < horizon || (flush && p.first_ns < now_ns) => {
@@ -205,7 +214,7 @@ impl Judge {
                             counts.unattributed += 1;
                         }
                         if quiet {
-                            doomed.push(key);
+                            doomed.push((key, Some(p.flow)));
                         }
                         continue;
                     };
@@ -257,8 +266,11 @@ impl Judge {
             }
         }
         counts.pending = held;
-        for key in &doomed {
+        for (key, flow) in &doomed {
             let _ = map.remove(key);
+            if let Some(flow) = flow.filter(|f| f.proto == ctrace_common::IPPROTO_UDP) {
+                let _ = udp_tuples.remove(&flow);
+            }
             judged.remove(key);
             unattributed.remove(key);
         }
@@ -318,14 +330,15 @@ impl Judge {
     /// Forgets namespaces that no longer exist.
     pub fn forget_netns(&mut self, gone: &[u64]) {
         self.totals.retain(|(ns, _, _), _| !gone.contains(ns));
-        let keys: Vec<MatchKey> = self
+        let keys: Vec<(MatchKey, FlowKey)> = self
             .judged
             .iter()
             .filter(|(_, j)| gone.contains(&j.netns))
-            .map(|(k, _)| *k)
+            .map(|(k, j)| (*k, j.key))
             .collect();
-        for k in keys {
+        for (k, flow) in keys {
             let _ = self.map.remove(&k);
+            let _ = self.udp_tuples.remove(&flow);
             self.judged.remove(&k);
         }
     }
