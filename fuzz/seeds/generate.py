@@ -40,7 +40,7 @@ def write(target, name, data):
 # ---------------------------------------------------------------- BTF
 
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
-CONST, FUNC, FUNC_PROTO, ENUM64 = 10, 12, 13, 19
+FUNC, FUNC_PROTO, ENUM64 = 12, 13, 19
 
 
 class Btf:
@@ -116,11 +116,11 @@ def vmlinux(hdr_len=24):
         "ns_common", 24, [("stashed", void_ptr, 0), ("ops", void_ptr, 64), ("inum", t["uint"], 128)]
     )
     b.composite("net", 256, [("passive", t["int"], 0), ("ns", ns_common, 1024)])
-    b.composite(
+    net_device = b.composite(
         "net_device", 2304, [("name", b.add("", ARRAY, 0, 0, [t["uchar"], t["int"], 16]), 0),
                              ("nd_net", t["possible_net_t"], 9472)]
     )
-    dev_ptr = b.add("", PTR, 0, b.next_id - 1)
+    dev_ptr = b.add("", PTR, 0, net_device)
     sock_common = b.composite(
         "sock_common", 136,
         [("skc_daddr", t["be32"], 0), ("skc_rcv_saddr", t["be32"], 32), ("skc_net", t["possible_net_t"], 384)],
