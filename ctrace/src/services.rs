@@ -147,6 +147,13 @@ impl Catalog {
     pub fn add_file(&mut self, path: &Path) -> anyhow::Result<()> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("reading service catalog {}", path.display()))?;
+        self.add_text(path, &text)
+    }
+
+    /// Adds the specs of catalog file text, as [`Catalog::add_file`] reads
+    /// it; `file` is what errors call it. The specs before a bad line are
+    /// kept.
+    pub fn add_text(&mut self, file: &Path, text: &str) -> anyhow::Result<()> {
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -154,7 +161,7 @@ impl Catalog {
             }
             let spec = line
                 .parse()
-                .with_context(|| format!("{}:{}", path.display(), n + 1))?;
+                .with_context(|| format!("{}:{}", file.display(), n + 1))?;
             self.add(spec);
         }
         Ok(())

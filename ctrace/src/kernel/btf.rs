@@ -12,7 +12,7 @@
 //! string offsets continue where vmlinux's end, and its types refer freely to
 //! vmlinux types, so it is only meaningful layered on top of the base.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -653,7 +653,7 @@ impl Btf {
                     kind_name(parent.kind()),
                 );
             }
-            let found = self.find_member(parent, name, 0)?.ok_or_else(|| {
+            let found = self.find_member(parent, name)?.ok_or_else(|| {
                 anyhow!(
                     "`{walked}` ({}) has no member `{name}`, not even inside its anonymous structs/unions",
                     self.describe(parent)
@@ -680,7 +680,20 @@ impl Btf {
     /// Finds `name` among the members of a struct/union, descending into
     /// anonymous struct/union members (C forbids the same name at two places
     /// in that flattened namespace, so the first hit is the only one).
-    fn find_member(&self, parent: Type<'_>, name: &str, depth: usize) -> Result<Option<Found>> {
+    fn find_member(&self, parent: Type<'_>, name: &str) -> Result<Option<Found>> {
+        self.find_member_in(parent, name, 0, &mut HashSet::new())
+    }
+
+    /// `fruitless` holds the anonymous members' types already searched in
+    /// vain. Corrupt BTF can make one type the anonymous member of many at
+    /// every level; searched again each time, that costs exponential time.
+    fn find_member_in(
+        &self,
+        parent: Type<'_>,
+        name: &str,
+        depth: usize,
+        fruitless: &mut HashSet<u32>,
+    ) -> Result<Option<Found>> {
         ensure!(
             depth < MAX_DEPTH,
             "anonymous members nested deeper than {MAX_DEPTH} in {}; BTF looks corrupt",
@@ -697,11 +710,17 @@ impl Btf {
             }
             if member_name.is_empty() {
                 let inner = self.skip_modifiers(m.type_id)?;
-                if is_composite(inner.kind())
-                    && let Some(mut found) = self.find_member(inner, name, depth + 1)?
-                {
-                    found.bit_offset += u64::from(m.bit_offset);
-                    return Ok(Some(found));
+                if !is_composite(inner.kind()) || fruitless.contains(&inner.id) {
+                    continue;
+                }
+                match self.find_member_in(inner, name, depth + 1, fruitless)? {
+                    Some(mut found) => {
+                        found.bit_offset += u64::from(m.bit_offset);
+                        return Ok(Some(found));
+                    }
+                    None => {
+                        fruitless.insert(inner.id);
+                    }
                 }
             }
         }
@@ -745,7 +764,10 @@ impl Btf {
                 }
                 kind => bail!("{} has no size ({})", self.describe(ty), kind_name(kind)),
             };
-            return u32::try_from(count * u64::from(size)).context("size overflows u32");
+            return count
+                .checked_mul(u64::from(size))
+                .and_then(|bytes| u32::try_from(bytes).ok())
+                .context("size overflows u32");
         }
         bail!("type id {id}: arrays nested deeper than {MAX_DEPTH}; BTF looks corrupt")
     }
@@ -1066,6 +1088,43 @@ mod tests {
         assert!(split.has_func("do_thing"));
         // The base is unchanged by layering.
         assert!(!base.has_func("mod_func"));
+    }
+
+    #[test]
+    fn array_sizes_that_overflow_are_errors() {
+        let mut b = Builder::base();
+        let int = b.add("int", KIND_INT, false, 0, 4, &[1 << 24 | 32]);
+        let mut arr = int;
+        for _ in 0..3 {
+            arr = b.add("", KIND_ARRAY, false, 0, 0, &[arr, int, u32::MAX]);
+        }
+        b.composite(KIND_STRUCT, "s", false, 4, &[("huge", arr, 0)]);
+        let btf = Btf::from_bytes(b.finish(24)).unwrap();
+        let e = format!("{:#}", btf.member_size("s.huge").unwrap_err());
+        assert!(e.contains("size overflows u32"), "{e}");
+    }
+
+    #[test]
+    fn shared_anonymous_members_are_searched_once() {
+        // Each level holds the level below twice: 2^48 paths down to `leaf`.
+        let mut b = Builder::base();
+        let int = b.add("int", KIND_INT, false, 0, 4, &[1 << 24 | 32]);
+        let mut level = b.composite(KIND_STRUCT, "", false, 4, &[("leaf", int, 0)]);
+        for _ in 0..48 {
+            level = b.composite(KIND_UNION, "", false, 4, &[("", level, 0), ("", level, 0)]);
+        }
+        b.composite(
+            KIND_STRUCT,
+            "top",
+            false,
+            8,
+            &[("", level, 0), ("last", int, 32)],
+        );
+        let btf = Btf::from_bytes(b.finish(24)).unwrap();
+        assert_eq!(btf.member_offset("top.leaf").unwrap(), 0);
+        assert_eq!(btf.member_offset("top.last").unwrap(), 4);
+        let e = format!("{:#}", btf.member_offset("top.nope").unwrap_err());
+        assert!(e.contains("has no member `nope`"), "{e}");
     }
 
     #[test]

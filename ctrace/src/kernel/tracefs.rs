@@ -368,8 +368,10 @@ fn parse_symbol_pair(pair: &str) -> Option<(u64, &str)> {
         .or_else(|| value.strip_prefix("0X"))
     {
         u64::from_str_radix(hex, 16).ok()?
-    } else if let Some(negative) = value.strip_prefix('-') {
-        (-negative.parse::<i64>().ok()?) as u64
+    } else if value.starts_with('-') {
+        // Parsed with its sign: negating the digits overflows for i64::MIN,
+        // and would let "--5" through as 5.
+        value.parse::<i64>().ok()? as u64
     } else {
         value.parse().ok()?
     };
@@ -540,6 +542,17 @@ print fmt: \"skbaddr=%p protocol=%u location=%p\", REC->skbaddr, REC->protocol, 
         assert_eq!(f.symbolic_value("reason", "Y"), Some(3));
         assert_eq!(f.symbolic_value("big", "ALL"), Some(u64::MAX));
         assert_eq!(f.symbolic_value("big", "NEG"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn negative_symbol_values() {
+        let mut f = EventFormat::parse("skb", "kfree_skb", &kfree_skb_6_18()).unwrap();
+        f.print_fmt = "\"%s\", __print_symbolic(REC->reason, { -9223372036854775808, \"MIN\" }, \
+                       { --9223372036854775808, \"DOUBLE\" }, { --5, \"TWICE\" })"
+            .to_owned();
+        assert_eq!(f.symbolic_value("reason", "MIN"), Some(1 << 63));
+        assert_eq!(f.symbolic_value("reason", "DOUBLE"), None);
+        assert_eq!(f.symbolic_value("reason", "TWICE"), None);
     }
 
     #[test]

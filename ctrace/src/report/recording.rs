@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt, fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -174,14 +174,30 @@ impl Recording {
             ..Recording::default()
         };
         for (i, path) in files.iter().enumerate() {
-            rec.read_file(path, i == 0)?;
+            let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            rec.read_file(path, BufReader::new(f), i == 0)?;
         }
-        if rec.summaries.is_empty() {
-            match &rec.broken {
+        rec.finish()
+    }
+
+    /// Reads one recording from `input` as [`Recording::read`] reads a
+    /// single file; `file` is what messages call it.
+    pub fn from_reader(file: &Path, input: impl BufRead) -> anyhow::Result<Recording> {
+        let mut rec = Recording {
+            files: vec![file.to_path_buf()],
+            ..Recording::default()
+        };
+        rec.read_file(file, input, true)?;
+        rec.finish()
+    }
+
+    fn finish(mut self) -> anyhow::Result<Recording> {
+        if self.summaries.is_empty() {
+            match &self.broken {
                 Some(b) => bail!("{b}; no summary before it, nothing to report"),
                 None => bail!(
                     "no summary in {}: ctrace writes one per interval (--interval), was it stopped at once?",
-                    files
+                    self.files
                         .iter()
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>()
@@ -189,14 +205,13 @@ impl Recording {
                 ),
             }
         }
-        rec.summaries.sort_by_key(|s| s.time);
-        rec.drops.sort_by_key(|d| d.time);
-        Ok(rec)
+        self.summaries.sort_by_key(|s| s.time);
+        self.drops.sort_by_key(|d| d.time);
+        Ok(self)
     }
 
-    fn read_file(&mut self, path: &Path, first: bool) -> anyhow::Result<()> {
-        let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut lines = BufReader::new(f).lines();
+    fn read_file(&mut self, path: &Path, input: impl BufRead, first: bool) -> anyhow::Result<()> {
+        let mut lines = input.lines();
         let head = match lines.next() {
             Some(l) => l.with_context(|| format!("reading {}", path.display()))?,
             None => bail!("{} is empty, not a ctrace recording", path.display()),
@@ -280,6 +295,19 @@ mod tests {
         let b = r.broken.unwrap();
         assert_eq!(b.line, 3);
         assert!(b.why.contains("cut short"), "{b}");
+    }
+
+    #[test]
+    fn any_reader_reads_as_a_file() {
+        let text = format!("{HEAD}\n{SUMMARY}\nnot json\n");
+        let r = Recording::from_reader(Path::new("piped"), text.as_bytes()).unwrap();
+        assert_eq!(r.summaries.len(), 1);
+        assert_eq!(
+            r.broken.unwrap().to_string().split(": ").next(),
+            Some("piped:3")
+        );
+        let e = Recording::from_reader(Path::new("piped"), &b""[..]).unwrap_err();
+        assert!(e.to_string().contains("piped is empty"), "{e}");
     }
 
     #[test]
