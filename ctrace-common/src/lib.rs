@@ -368,36 +368,33 @@ pub mod connect {
         pub const COUNT: u32 = 3;
     }
 
-    /// Record offsets of the socket tracepoints and the struct offsets
-    /// behind them, from tracefs and BTF at run time.
+    /// Where struct sock keeps what the programs read, from BTF at run
+    /// time. The programs are raw tracepoints: they get the socket itself,
+    /// not a formatted record, so the handshakes they are not about cost
+    /// next to nothing.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default)]
     pub struct Layout {
-        /// sock:inet_sock_set_state
-        pub ss_skaddr: u32,
-        pub ss_oldstate: u32,
-        pub ss_newstate: u32,
-        pub ss_sport: u32,
-        pub ss_dport: u32,
-        pub ss_family: u32,
-        pub ss_protocol: u32,
-        pub ss_saddr: u32,
-        pub ss_daddr: u32,
-        pub ss_saddr_v6: u32,
-        pub ss_daddr_v6: u32,
-        /// tcp:tcp_retransmit_skb
-        pub rt_skaddr: u32,
-        pub rt_state: u32,
-        pub rt_dport: u32,
-        /// tcp:tcp_retransmit_synack
-        pub sa_skaddr: u32,
-        pub sa_sport: u32,
-        /// struct sock -> sk_err
+        /// struct sock_common (at the start of struct sock)
+        pub skc_family: u32,
+        pub skc_state: u32,
+        /// Local port, host byte order; 0 once the socket is unhashed.
+        pub skc_num: u32,
+        /// Remote port, network byte order.
+        pub skc_dport: u32,
+        pub skc_daddr: u32,
+        pub skc_rcv_saddr: u32,
+        pub skc_v6_daddr: u32,
+        pub skc_v6_rcv_saddr: u32,
+        /// struct inet_sock: the local port, network byte order. Unlike
+        /// skc_num it survives the unhash that precedes CLOSE.
+        pub inet_sport: u32,
+        /// struct sock
+        pub sk_protocol: u32,
         pub sk_err: u32,
         /// struct sock -> __sk_common.skc_net.net, struct net -> ns.inum
         pub sk_net: u32,
         pub net_inum: u32,
-        pub _pad: u32,
     }
 }
 
@@ -515,6 +512,6 @@ mod tests {
             8 + 8 + size_of::<FlowKey>() + 4 + 1 + 1 + 6
         );
         assert_eq!(size_of::<connect::Failure>() % 8, 0);
-        assert_eq!(size_of::<connect::Layout>(), 20 * 4);
+        assert_eq!(size_of::<connect::Layout>(), 13 * 4);
     }
 }

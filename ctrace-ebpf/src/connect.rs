@@ -1,10 +1,13 @@
 //! The node side: this host's own outgoing TCP connection attempts, and the
 //! SYN-ACKs its listeners had to retransmit.
 //!
-//! `sock:inet_sock_set_state` marks an attempt's start (→ SYN_SENT) and its
-//! end (SYN_SENT → ESTABLISHED or CLOSE); `tcp:tcp_retransmit_skb` counts
-//! retransmitted SYNs; `tcp:tcp_retransmit_synack` counts handshakes that
-//! clients leave hanging on our listeners. How a closed attempt failed is
+//! `inet_sock_set_state` marks an attempt's start (→ SYN_SENT) and its end
+//! (SYN_SENT → ESTABLISHED or CLOSE); `tcp_retransmit_skb` counts
+//! retransmitted SYNs; `tcp_retransmit_synack` counts handshakes that
+//! clients leave hanging on our listeners. They are raw tracepoints: a
+//! socket changes state several times per connection, and a raw tracepoint
+//! hands over the states and the socket without formatting a record, so
+//! the transitions this is not about cost a compare. How a closed attempt failed is
 //! the socket's `sk_err` at that moment: the kernel sets it (ECONNREFUSED
 //! on a RST, ETIMEDOUT when it gives up, an ICMP error's errno) before it
 //! moves the socket to CLOSE; an application that closes first leaves 0.
@@ -14,9 +17,9 @@
 //! evicted from it in a storm still counts.
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use ctrace_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP,
@@ -113,26 +116,26 @@ fn count(key: &TotalKey, events: u64, syn_retransmits: u64, elapsed_ns: u64) {
     }
 }
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn ctrace_sock_set_state(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn ctrace_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let old = ctx.arg::<u64>(1) as i32;
+    let new = ctx.arg::<u64>(2) as i32;
+    if new != TCP_SYN_SENT && old != TCP_SYN_SENT {
+        return 0;
+    }
     let l = CONNECT_LAYOUT.load();
-    let _ = set_state(&ctx, &l);
+    let _ = set_state(&l, ctx.arg::<u64>(0), new);
     0
 }
 
 #[inline(always)]
-fn set_state(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
-    let proto: u16 = unsafe { ctx.read_at(l.ss_protocol as usize) }?;
+fn set_state(l: &Layout, sk: u64, new: i32) -> Result<(), i64> {
+    let proto: u16 = unsafe { read(sk, l.sk_protocol) }?;
     if proto != IPPROTO_TCP as u16 {
         return Ok(());
     }
-    let old: i32 = unsafe { ctx.read_at(l.ss_oldstate as usize) }?;
-    let new: i32 = unsafe { ctx.read_at(l.ss_newstate as usize) }?;
-    if new != TCP_SYN_SENT && old != TCP_SYN_SENT {
-        return Ok(());
-    }
-    let sk: u64 = unsafe { ctx.read_at(l.ss_skaddr as usize) }?;
-    let dport: u16 = unsafe { ctx.read_at(l.ss_dport as usize) }?;
+    let dport = u16::from_be(unsafe { read::<u16>(sk, l.skc_dport) }?);
     let netns = netns_of_sock(l, sk);
     let mut key = TotalKey {
         netns,
@@ -184,25 +187,25 @@ fn set_state(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
         proto: IPPROTO_TCP,
         ..FlowKey::default()
     };
-    flow.sport = unsafe { ctx.read_at(l.ss_sport as usize) }?;
-    let family: u16 = unsafe { ctx.read_at(l.ss_family as usize) }?;
+    flow.sport = u16::from_be(unsafe { read::<u16>(sk, l.inet_sport) }?);
+    let family: u16 = unsafe { read(sk, l.skc_family) }?;
     if family == AF_INET as u16 {
         flow.family = AF_INET;
-        let s: [u8; 4] = unsafe { ctx.read_at(l.ss_saddr as usize) }?;
-        let d: [u8; 4] = unsafe { ctx.read_at(l.ss_daddr as usize) }?;
+        let s: [u8; 4] = unsafe { read(sk, l.skc_rcv_saddr) }?;
+        let d: [u8; 4] = unsafe { read(sk, l.skc_daddr) }?;
         flow.src[..4].copy_from_slice(&s);
         flow.dst[..4].copy_from_slice(&d);
     } else {
         flow.family = AF_INET6;
-        flow.src = unsafe { ctx.read_at(l.ss_saddr_v6 as usize) }?;
-        flow.dst = unsafe { ctx.read_at(l.ss_daddr_v6 as usize) }?;
+        flow.src = unsafe { read(sk, l.skc_v6_rcv_saddr) }?;
+        flow.dst = unsafe { read(sk, l.skc_v6_daddr) }?;
     }
     match CONNECT_EVENTS.reserve::<Failure>(0) {
         Some(mut entry) => {
             entry.write(Failure {
                 ts_ns: now,
-                flow,
                 elapsed_ns,
+                flow,
                 syn_retransmits: retransmits,
                 outcome: key.what,
                 started: started as u8,
@@ -215,21 +218,21 @@ fn set_state(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn ctrace_tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn ctrace_tcp_retransmit_skb(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb[, int err])
     let l = CONNECT_LAYOUT.load();
-    let _ = retransmit(&ctx, &l);
+    let _ = retransmit(&l, ctx.arg::<u64>(0));
     0
 }
 
 #[inline(always)]
-fn retransmit(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
-    let state: i32 = unsafe { ctx.read_at(l.rt_state as usize) }?;
-    if state != TCP_SYN_SENT {
+fn retransmit(l: &Layout, sk: u64) -> Result<(), i64> {
+    let state: u8 = unsafe { read(sk, l.skc_state) }?;
+    if i32::from(state) != TCP_SYN_SENT {
         return Ok(());
     }
-    let sk: u64 = unsafe { ctx.read_at(l.rt_skaddr as usize) }?;
-    let dport: u16 = unsafe { ctx.read_at(l.rt_dport as usize) }?;
+    let dport = u16::from_be(unsafe { read::<u16>(sk, l.skc_dport) }?);
     if let Some(a) = CONNECTING.get_ptr_mut(&sk) {
         // One socket retransmits from its own timer, never concurrently
         // with itself.
@@ -245,18 +248,18 @@ fn retransmit(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
-pub fn ctrace_tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn ctrace_tcp_retransmit_synack(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct request_sock *req): the
+    // listener, whose own port names the service.
     let l = CONNECT_LAYOUT.load();
-    let _ = retransmit_synack(&ctx, &l);
+    let _ = retransmit_synack(&l, ctx.arg::<u64>(0));
     0
 }
 
 #[inline(always)]
-fn retransmit_synack(ctx: &TracePointContext, l: &Layout) -> Result<(), i64> {
-    // The listener's socket and its own (local) port.
-    let sk: u64 = unsafe { ctx.read_at(l.sa_skaddr as usize) }?;
-    let sport: u16 = unsafe { ctx.read_at(l.sa_sport as usize) }?;
+fn retransmit_synack(l: &Layout, sk: u64) -> Result<(), i64> {
+    let sport: u16 = unsafe { read(sk, l.skc_num) }?;
     let key = TotalKey {
         netns: netns_of_sock(l, sk),
         service: service_of(sport),

@@ -5,34 +5,30 @@
 //!
 //! Its own programs from the same object (`ctrace-ebpf/src/connect.rs`),
 //! loaded beside whichever drop tier runs, or alone with `--side node`.
-//! Needs the socket tracepoints and BTF (where `sk_err` and the socket's
-//! namespace are); nothing here depends on conntrack.
+//! Needs raw tracepoints and BTF (struct sock's layout); nothing here
+//! depends on conntrack, nor on tracefs.
 use std::{collections::BTreeMap, time::Duration, time::SystemTime};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePoint,
+    programs::RawTracePoint,
 };
 use ctrace_common::connect::{Count, Failure, Layout, TotalKey, counter, what};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     event::{Clock, Flow, Proto},
-    kernel::{KernelFacts, tracefs::EventFormat},
+    kernel::KernelFacts,
     source::{self, LoadOptions},
 };
 
-/// The tracepoints, as (category, event, program).
-const HOOKS: [(&str, &str, &str); 3] = [
-    ("sock", "inet_sock_set_state", "ctrace_sock_set_state"),
-    ("tcp", "tcp_retransmit_skb", "ctrace_tcp_retransmit_skb"),
-    (
-        "tcp",
-        "tcp_retransmit_synack",
-        "ctrace_tcp_retransmit_synack",
-    ),
+/// The raw tracepoints, as (tracepoint, program).
+const HOOKS: [(&str, &str); 3] = [
+    ("inet_sock_set_state", "ctrace_sock_set_state"),
+    ("tcp_retransmit_skb", "ctrace_tcp_retransmit_skb"),
+    ("tcp_retransmit_synack", "ctrace_tcp_retransmit_synack"),
 ];
 
 /// `--side`: which views run.
@@ -164,63 +160,48 @@ pub struct ConnectCounters {
     pub undecodable: u64,
 }
 
-/// Offsets of the socket tracepoints' records on this kernel, and the sock
-/// and net offsets behind them.
+/// Where struct sock keeps what the programs read, on this kernel.
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<Layout> {
-    let tracefs = facts.tracefs.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     let btf = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let read = |category: &str, event: &str| {
-        EventFormat::read(tracefs, category, event)
-            .with_context(|| format!("no {category}:{event} tracepoint"))
-    };
-    let field = |f: &EventFormat, name: &str, size: u32| -> anyhow::Result<u32> {
-        let fd = f
-            .field(name)
-            .with_context(|| format!("{} has no `{name}` field", f.name))?;
+    // A member the programs load whole: it must be a plain field of the
+    // size they read (sk_protocol was a bitfield before 5.6).
+    let field = |path: &str, size: u32| -> anyhow::Result<u32> {
+        let have = btf.member_size(path)?;
         anyhow::ensure!(
-            fd.size == size,
-            "{}.{name} is {} bytes, expected {size}",
-            f.name,
-            fd.size
+            have == size,
+            "{path} is {have} bytes on this kernel, the node view reads {size}"
         );
-        Ok(fd.offset)
+        btf.member_offset(path)
     };
-    let ss = read("sock", "inet_sock_set_state")?;
-    let rt = read("tcp", "tcp_retransmit_skb")?;
-    let sa = read("tcp", "tcp_retransmit_synack")?;
     let off = |path: &str| btf.member_offset(path);
     Ok(Layout {
-        ss_skaddr: field(&ss, "skaddr", 8)?,
-        ss_oldstate: field(&ss, "oldstate", 4)?,
-        ss_newstate: field(&ss, "newstate", 4)?,
-        ss_sport: field(&ss, "sport", 2)?,
-        ss_dport: field(&ss, "dport", 2)?,
-        ss_family: field(&ss, "family", 2)?,
-        ss_protocol: field(&ss, "protocol", 2)?,
-        ss_saddr: field(&ss, "saddr", 4)?,
-        ss_daddr: field(&ss, "daddr", 4)?,
-        ss_saddr_v6: field(&ss, "saddr_v6", 16)?,
-        ss_daddr_v6: field(&ss, "daddr_v6", 16)?,
-        rt_skaddr: field(&rt, "skaddr", 8)?,
-        rt_state: field(&rt, "state", 4)?,
-        rt_dport: field(&rt, "dport", 2)?,
-        sa_skaddr: field(&sa, "skaddr", 8)?,
-        sa_sport: field(&sa, "sport", 2)?,
-        sk_err: off("sock.sk_err")?,
+        skc_family: field("sock_common.skc_family", 2)?,
+        skc_state: field("sock_common.skc_state", 1)?,
+        skc_num: field("sock_common.skc_num", 2)?,
+        skc_dport: field("sock_common.skc_dport", 2)?,
+        skc_daddr: field("sock_common.skc_daddr", 4)?,
+        skc_rcv_saddr: field("sock_common.skc_rcv_saddr", 4)?,
+        skc_v6_daddr: field("sock_common.skc_v6_daddr", 16)?,
+        skc_v6_rcv_saddr: field("sock_common.skc_v6_rcv_saddr", 16)?,
+        inet_sport: field("inet_sock.inet_sport", 2)?,
+        sk_protocol: field("sock.sk_protocol", 2)?,
+        sk_err: field("sock.sk_err", 4)?,
         sk_net: off("sock.__sk_common")? + off("sock_common.skc_net")? + off("possible_net_t.net")?,
         net_inum: off("net.ns")? + off("ns_common.inum")?,
-        _pad: 0,
     })
 }
 
 /// Whether the node view can run here, and on what.
 pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
     let l = layout(facts)?;
-    crate::strategy::program_type_loads(aya::programs::ProgramType::TracePoint, "tracepoint")?;
+    crate::strategy::program_type_loads(
+        aya::programs::ProgramType::RawTracePoint,
+        "raw tracepoint",
+    )?;
     Ok(format!(
-        "sock:inet_sock_set_state (newstate at {}), tcp:tcp_retransmit_skb, \
-         tcp:tcp_retransmit_synack; sock.sk_err at {} from BTF",
-        l.ss_newstate, l.sk_err
+        "raw tracepoints inet_sock_set_state, tcp_retransmit_skb, tcp_retransmit_synack; \
+         struct sock from BTF (sk_err at {}, sk_protocol at {})",
+        l.sk_err, l.sk_protocol
     ))
 }
 
@@ -247,15 +228,15 @@ impl ConnectView {
             &opts,
             source::without_router_maps,
         )?;
-        for (category, event, name) in HOOKS {
-            let prog: &mut TracePoint = ebpf
+        for (tracepoint, name) in HOOKS {
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
-            prog.attach(category, event)
-                .with_context(|| format!("attaching to {category}:{event}"))?;
+            prog.attach(tracepoint)
+                .with_context(|| format!("attaching to raw tracepoint {tracepoint}"))?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)

@@ -93,7 +93,7 @@ impl Running {
             let l = rx
                 .recv_timeout(Duration::from_secs(60))
                 .context("ctrace did not start")?;
-            if l.contains("tracing with strategy") {
+            if l.contains("(Ctrl-C to stop)") {
                 break;
             }
         }
@@ -216,18 +216,25 @@ fn fill(topo: &Topology, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn usable_strategies() -> anyhow::Result<Vec<String>> {
+fn probe() -> anyhow::Result<Value> {
     let out = Command::new(ctrace_bin())
         .args(["probe", "--json"])
         .output()?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("ctrace probe --json")?;
-    Ok(v["strategies"]
+    serde_json::from_slice(&out.stdout).context("ctrace probe --json")
+}
+
+fn usable_strategies() -> anyhow::Result<Vec<String>> {
+    Ok(probe()?["strategies"]
         .as_array()
         .context("probe: no strategies")?
         .iter()
         .filter(|s| s["usable"] == true)
         .filter_map(|s| s["strategy"].as_str().map(str::to_string))
         .collect())
+}
+
+fn node_view_usable() -> anyhow::Result<bool> {
+    Ok(probe()?["node_view"]["usable"] == true)
 }
 
 fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<Value> {
@@ -239,13 +246,25 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
             fill(&topo, entries)?;
         }
         let router = topo.router.inode();
-        for s in strategies {
+        // Each drop tier alone (the router view), then the node view alone:
+        // it traces every TCP socket's handshake, the clients' and the
+        // server's in this bench, so its cost is its own row.
+        let mut variants: Vec<(String, Option<&str>, &[&str])> = strategies
+            .iter()
+            .map(|s| (s.clone(), Some(s.as_str()), &["--side", "router"][..]))
+            .collect();
+        if node_view_usable()? {
+            variants.push(("node_view".into(), None, &["--side", "node"][..]));
+        }
+        for (s, strategy, side) in &variants {
             let (mut ratios, mut base) = (vec![], vec![]);
             for _ in 0..rounds {
                 let a = connection_rate(&topo, secs)?;
                 // --occupancy-every 2s: the periodic re-dump is what a
                 // 200,000-entry table makes expensive.
-                let t = Running::start(Some(s), router, &["--occupancy-every", "2s"])?;
+                let mut extra = vec!["--occupancy-every", "2s"];
+                extra.extend_from_slice(side);
+                let t = Running::start(*strategy, router, &extra)?;
                 let b = connection_rate(&topo, secs)?;
                 t.stop()?;
                 base.push(a);
