@@ -392,6 +392,7 @@ pub mod connect {
         /// struct sock
         pub sk_protocol: u32,
         pub sk_err: u32,
+        pub sk_err_soft: u32,
         /// struct sock -> __sk_common.skc_net.net, struct net -> ns.inum
         pub sk_net: u32,
         pub net_inum: u32,
@@ -512,6 +513,6 @@ mod tests {
             8 + 8 + size_of::<FlowKey>() + 4 + 1 + 1 + 6
         );
         assert_eq!(size_of::<connect::Failure>() % 8, 0);
-        assert_eq!(size_of::<connect::Layout>(), 13 * 4);
+        assert_eq!(size_of::<connect::Layout>(), 14 * 4);
     }
 }

@@ -8,9 +8,10 @@
 //! socket changes state several times per connection, and a raw tracepoint
 //! hands over the states and the socket without formatting a record, so
 //! the transitions this is not about cost a compare. How a closed attempt failed is
-//! the socket's `sk_err` at that moment: the kernel sets it (ECONNREFUSED
-//! on a RST, ETIMEDOUT when it gives up, an ICMP error's errno) before it
-//! moves the socket to CLOSE; an application that closes first leaves 0.
+//! the socket's `sk_err` at that moment (else `sk_err_soft`): the kernel
+//! sets it (ECONNREFUSED on a RST, ETIMEDOUT when it gives up, an ICMP
+//! error's errno) before it moves the socket to CLOSE; an application that
+//! closes first leaves 0.
 //!
 //! Totals are counted here, per (namespace, service, outcome); the attempt
 //! map only adds elapsed time and retransmits per attempt, so an attempt
@@ -159,7 +160,13 @@ fn set_state(l: &Layout, sk: u64, new: i32) -> Result<(), i64> {
     key.what = if new == TCP_ESTABLISHED || new == TCP_SYN_RECV {
         what::ESTABLISHED
     } else if new == TCP_CLOSE {
-        let err: i32 = unsafe { read(sk, l.sk_err) }.unwrap_or(0);
+        // An error the application already took (SO_ERROR clears sk_err)
+        // or one that arrived while it held the socket (an ICMP error
+        // during connect() lands in sk_err_soft) still says why.
+        let err = match unsafe { read::<i32>(sk, l.sk_err) }.unwrap_or(0) {
+            0 => unsafe { read::<i32>(sk, l.sk_err_soft) }.unwrap_or(0),
+            e => e,
+        };
         match err {
             0 => what::ABORTED,
             ETIMEDOUT => what::TIMEOUT,

@@ -186,6 +186,7 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<Layout> {
         inet_sport: field("inet_sock.inet_sport", 2)?,
         sk_protocol: field("sock.sk_protocol", 2)?,
         sk_err: field("sock.sk_err", 4)?,
+        sk_err_soft: field("sock.sk_err_soft", 4)?,
         sk_net: off("sock.__sk_common")? + off("sock_common.skc_net")? + off("possible_net_t.net")?,
         net_inum: off("net.ns")? + off("ns_common.inum")?,
     })

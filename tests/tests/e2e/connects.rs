@@ -323,3 +323,105 @@ fn connect_storm_is_counted_exactly_in_bounded_memory() {
         "ctrace grew by {growth:.1} MiB over a storm of {total} failing connects"
     );
 }
+
+/// The other direction: handshakes that clients leave hanging on this
+/// host's listeners show as SYN-ACK retransmits of the listener's service.
+/// SYNs from an address nobody holds: the SYN-ACKs find no one to answer,
+/// and the servers resend them after a second.
+#[test]
+fn half_open_handshakes_are_synack_retransmits_of_the_listener() {
+    if !privileged() || !node_view_usable() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let servers = topo.servers.inode();
+    let _l = traffic::Listeners::start(&topo.servers, &[22, 2380, 4420], &[]).unwrap();
+    let tracer = Tracer::start(&[
+        "--side",
+        "node",
+        "--netns",
+        &servers.to_string(),
+        "--interval",
+        "500ms",
+    ]);
+    // One SYN to each of the flood's ten ports; three have a listener.
+    let nobody = Ipv4Addr::new(10, 10, 0, 99);
+    traffic::syn_flood(&topo.clients, nobody, SERVER_V4, 10).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let records = tracer.stop();
+    let rows = connects(final_summary(&records), servers);
+    for service in ["ssh", "etcd-peer", "nvme-tcp"] {
+        let n = rows
+            .get(service)
+            .and_then(|r| r["synack_retransmits"].as_u64())
+            .unwrap_or(0);
+        assert!(
+            (1..=2).contains(&n),
+            "{service}: {n} SYN-ACK retransmits in 2.5 s for one half-open handshake: {rows:?}"
+        );
+    }
+    for (service, r) in &rows {
+        assert_eq!(
+            r["attempts"], 0,
+            "the servers connected nowhere: {service} {r}"
+        );
+        if !["ssh", "etcd-peer", "nvme-tcp"].contains(&service.as_str()) {
+            assert_eq!(r["synack_retransmits"], 0, "no listener on {service}: {r}");
+        }
+    }
+}
+
+/// A connect the router answers with an ICMP error (it has no route to
+/// the destination) fails as `unreachable`, not as a timeout. A blocking
+/// connect: the first ICMP error arrives while connect() holds the socket
+/// and is kept aside (sk_err_soft); the one answering the retransmitted SYN
+/// a second later ends the attempt. (A non-blocking client that reads
+/// SO_ERROR takes that first error itself and closes: to the kernel, and
+/// so to ctrace, that attempt was aborted. See the README.)
+#[test]
+fn an_icmp_error_is_unreachable() {
+    if !privileged() || !node_view_usable() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let clients = topo.clients.inode();
+    let tracer = Tracer::start(&[
+        "--side",
+        "node",
+        "--netns",
+        &clients.to_string(),
+        "--interval",
+        "500ms",
+    ]);
+    // The clients route everything to the router; the router has no
+    // route to 10.10.9.0/24.
+    let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 10, 9, 9)), 443);
+    let (local, result) = topo
+        .clients
+        .run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(IpAddr::V4(CLIENTS_V4[0]), 0).into())?;
+            let local = s.local_addr()?.as_socket();
+            Ok::<_, std::io::Error>((local, s.connect(&to.into())))
+        })
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let records = tracer.stop();
+    let errno = result.as_ref().err().and_then(std::io::Error::raw_os_error);
+    assert!(
+        matches!(errno, Some(libc::ENETUNREACH | libc::EHOSTUNREACH)),
+        "the client saw {result:?}"
+    );
+    let rows = connects(final_summary(&records), clients);
+    let row = &rows["https"];
+    assert_eq!(row["attempts"], 1, "{row}");
+    assert_eq!(row["unreachable"], 1, "{row}");
+    assert_eq!(row["failed"], 1, "{row}");
+    let rec = records
+        .iter()
+        .find(|r| r["type"] == "connect_failure" && r["dst"] == to.to_string().as_str())
+        .expect("a connect_failure record");
+    assert_eq!(rec["outcome"], "unreachable", "{rec}");
+    assert_eq!(rec["src"], local.unwrap().to_string().as_str());
+}
