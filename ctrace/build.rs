@@ -23,6 +23,9 @@ fn main() -> anyhow::Result<()> {
                  or set CTRACE_EBPF_TOOLCHAIN (or use rustup's `cargo +TOOLCHAIN`)"
             )
         })?;
+    // aya-build watches the eBPF crate; the types it shares with user space
+    // live in ctrace-common, and a stale object would disagree with them.
+    println!("cargo::rerun-if-changed=../ctrace-common/src");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../ctrace-ebpf");
     let root = root.to_str().expect("utf-8 path");
     aya_build::build_ebpf(

@@ -444,6 +444,10 @@ pub struct KernelLayout {
     /// `test_flags::*`: switches that exist only so tests can prove the
     /// self-check catches a blind exact tier.
     pub test_flags: u32,
+    /// tc tier: user space's judge window. A flow that passes younger
+    /// than this cannot have been judged yet and leaves the pending map
+    /// at once; an older one is left for user space to settle.
+    pub tc_window_ns: u64,
     /// [start, end) of `nf_hook_slow` and `nft_do_chain` in kernel text, 0
     /// when unknown: where kfree_skb's `location` says a packet was freed.
     pub hook_slow_start: u64,
@@ -496,7 +500,7 @@ mod tests {
             8 + size_of::<FlowKey>() + 4 + 4 + 4 + 4 + 4
         );
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<KernelLayout>(), 26 * 4 + 4 * 8);
+        assert_eq!(size_of::<KernelLayout>(), 26 * 4 + 5 * 8);
         assert_eq!(size_of::<KernelLayout>() % 8, 0);
         assert_eq!(size_of::<TotalKey>(), 8);
         assert_eq!(size_of::<TotalCount>(), 16);

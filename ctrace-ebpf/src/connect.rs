@@ -160,9 +160,9 @@ fn set_state(l: &Layout, sk: u64, new: i32) -> Result<(), i64> {
     key.what = if new == TCP_ESTABLISHED || new == TCP_SYN_RECV {
         what::ESTABLISHED
     } else if new == TCP_CLOSE {
-        // An error the application already took (SO_ERROR clears sk_err)
-        // or one that arrived while it held the socket (an ICMP error
-        // during connect() lands in sk_err_soft) still says why.
+        // An ICMP error that arrived while connect() held the socket lands
+        // in sk_err_soft; the application may close before a second one
+        // ends the attempt with sk_err.
         let err = match unsafe { read::<i32>(sk, l.sk_err) }.unwrap_or(0) {
             0 => unsafe { read::<i32>(sk, l.sk_err_soft) }.unwrap_or(0),
             e => e,
@@ -196,7 +196,16 @@ fn set_state(l: &Layout, sk: u64, new: i32) -> Result<(), i64> {
     };
     flow.sport = u16::from_be(unsafe { read::<u16>(sk, l.inet_sport) }?);
     let family: u16 = unsafe { read(sk, l.skc_family) }?;
-    if family == AF_INET as u16 {
+    let v6_dst: [u8; 16] = if family == AF_INET6 as u16 {
+        unsafe { read(sk, l.skc_v6_daddr) }?
+    } else {
+        [0; 16]
+    };
+    // A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4 on the
+    // wire, where the router sees it: report it as IPv4 (the kernel keeps
+    // the v4 addresses in skc_daddr and skc_rcv_saddr for it too).
+    let v4_mapped = v6_dst[..10] == [0; 10] && v6_dst[10] == 0xff && v6_dst[11] == 0xff;
+    if family == AF_INET as u16 || v4_mapped {
         flow.family = AF_INET;
         let s: [u8; 4] = unsafe { read(sk, l.skc_rcv_saddr) }?;
         let d: [u8; 4] = unsafe { read(sk, l.skc_daddr) }?;
@@ -205,7 +214,7 @@ fn set_state(l: &Layout, sk: u64, new: i32) -> Result<(), i64> {
     } else {
         flow.family = AF_INET6;
         flow.src = unsafe { read(sk, l.skc_v6_rcv_saddr) }?;
-        flow.dst = unsafe { read(sk, l.skc_v6_daddr) }?;
+        flow.dst = v6_dst;
     }
     match CONNECT_EVENTS.reserve::<Failure>(0) {
         Some(mut entry) => {

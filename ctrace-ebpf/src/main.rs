@@ -35,7 +35,7 @@ mod tc;
 // SAFETY: KernelLayout is plain integers; all-zero is a valid value, and
 // user space always overrides it before load.
 #[unsafe(no_mangle)]
-static LAYOUT: Global<KernelLayout> = Global::new(unsafe { core::mem::zeroed() });
+pub(crate) static LAYOUT: Global<KernelLayout> = Global::new(unsafe { core::mem::zeroed() });
 
 /// First packets of dropped flows. 256 KiB holds ~3600 events, enough for a
 /// burst of new flows between two user-space polls.

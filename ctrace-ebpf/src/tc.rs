@@ -216,14 +216,14 @@ fn ingress(ctx: &TcContext, p: &Packet) {
             tcp_key(p.flow.family, p.seq)
         }
         _ => {
-            if let Some(known) = unsafe { UDP_TUPLES.get(&p.flow) }.copied() {
-                // A later datagram of a flow still held counts as a retry
-                // while the flow has not passed. One whose flow passed and
-                // left the map opens nothing: the tuple got through (user
-                // space forgets the tuples of the flows it judged).
-                if let Some(pending) = PENDING.get_ptr_mut(&known) {
-                    repeat(pending, p);
-                }
+            if let Some(known) = unsafe { UDP_TUPLES.get(&p.flow) }.copied()
+                && let Some(pending) = PENDING.get_ptr_mut(&known)
+            {
+                // A later datagram of a flow still held: counts as a
+                // retry while the flow has not passed. A tuple whose flow
+                // left the map opens a flow anew: fixed tuples (NTP,
+                // WireGuard) must be judged again when dropped later.
+                repeat(pending, p);
                 return;
             }
             datagram_key(ctx, p)
@@ -325,14 +325,16 @@ fn egress(ctx: &TcContext, p: &Packet) {
     }
 }
 
-/// A flow passed. A pending one leaves the map here: with thousands of new
-/// flows a second, passed entries left for user space to sweep filled the
-/// map and made each sweep walk it all. One already judged dropped (a
-/// retransmission got through late) is marked, for user space to settle.
-/// `answer`: the reply must go back to the opener (ISNs of unrelated flows
-/// may clash).
+/// A flow passed. One younger than the judge window cannot have been
+/// judged yet and leaves the map here: with thousands of new flows a
+/// second, passed entries left for user space to sweep filled the map and
+/// made each sweep walk it all. An older one may have been judged dropped
+/// (a retransmission got through late): it is marked, and user space
+/// counts its last packets before it deletes it. `answer`: the reply must
+/// go back to the opener (ISNs of unrelated flows may clash).
 #[inline(always)]
 fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
+    let window_ns = crate::LAYOUT.load().tc_window_ns;
     let Some(pending) = PENDING.get_ptr_mut(key) else {
         return false;
     };
@@ -343,13 +345,15 @@ fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
         {
             return false;
         }
-        match (*pending).state {
-            state::PASSED => return true,
+        if (*pending).state == state::PASSED {
+            return true;
+        }
+        let age = bpf_ktime_get_ns().saturating_sub((*pending).first_ns);
+        if age < window_ns {
             // Another CPU passing the same flow at once finds it gone.
-            state::PENDING => {
-                let _ = PENDING.remove(key);
-            }
-            _ => (*pending).state = state::PASSED,
+            let _ = PENDING.remove(key);
+        } else {
+            (*pending).state = state::PASSED;
         }
     }
     bump(counter::TC_PASSED);

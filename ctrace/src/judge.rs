@@ -82,10 +82,6 @@ pub struct JudgeCounts {
 
 pub struct Judge {
     map: BpfHashMap<MapData, MatchKey, Pending>,
-    /// UDP tuples -> their flow's key. A tuple whose flow left the map is
-    /// one that passed, to the kernel side; a judged flow's tuple goes with
-    /// its entry, so that the tuple can be judged again.
-    udp_tuples: BpfHashMap<MapData, FlowKey, MatchKey>,
     capacity: u32,
     window_ns: u64,
     judged: HashMap<MatchKey, Judged>,
@@ -101,12 +97,8 @@ impl Judge {
         let map = ebpf
             .take_map("PENDING")
             .context("map PENDING missing from the eBPF object")?;
-        let udp_tuples = ebpf
-            .take_map("UDP_TUPLES")
-            .context("map UDP_TUPLES missing from the eBPF object")?;
         Ok(Judge {
             map: BpfHashMap::try_from(map)?,
-            udp_tuples: BpfHashMap::try_from(udp_tuples)?,
             capacity,
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
             judged: HashMap::new(),
@@ -155,16 +147,27 @@ impl Judge {
         let mut announced = 0usize;
         // Streamed, never collected: under a storm the map holds as many
         // flows as it has room for.
+        let self_capacity = self.capacity;
         let Judge {
             map,
-            udp_tuples,
             judged,
             totals,
             counts,
             unattributed,
             ..
         } = self;
+        // The kernel deletes flows that pass while this walks the map, and
+        // a walk whose last key was deleted starts over from the first
+        // bucket: each key is taken once, and the walk is bounded.
+        let mut walked: HashSet<MatchKey> = HashSet::new();
+        let bound = 2 * self_capacity.max(1) as usize;
         for (key, p) in map.iter().filter_map(Result::ok) {
+            if walked.len() >= bound {
+                break;
+            }
+            if !walked.insert(key) {
+                continue;
+            }
             held += 1;
             let quiet = now_ns.saturating_sub(p.last_ns) > linger_ns.max(window_ns);
             if let Some(j) = judged.get_mut(&key) {
@@ -191,14 +194,14 @@ impl Judge {
                     j.dirty = true;
                 }
                 if quiet {
-                    doomed.push((key, Some(j.key)));
+                    doomed.push(key);
                 }
                 continue;
             }
             match p.state {
                 state::PASSED => {
                     if now_ns.saturating_sub(p.last_ns) > window_ns {
-                        doomed.push((key, None));
+                        doomed.push(key);
                     }
                 }
                 _ if p.first_ns < horizon || (flush && p.first_ns < now_ns) => {
@@ -214,7 +217,7 @@ impl Judge {
                             counts.unattributed += 1;
                         }
                         if quiet {
-                            doomed.push((key, Some(p.flow)));
+                            doomed.push(key);
                         }
                         continue;
                     };
@@ -266,11 +269,8 @@ impl Judge {
             }
         }
         counts.pending = held;
-        for (key, flow) in &doomed {
+        for key in &doomed {
             let _ = map.remove(key);
-            if let Some(flow) = flow.filter(|f| f.proto == ctrace_common::IPPROTO_UDP) {
-                let _ = udp_tuples.remove(&flow);
-            }
             judged.remove(key);
             unattributed.remove(key);
         }
@@ -330,15 +330,14 @@ impl Judge {
     /// Forgets namespaces that no longer exist.
     pub fn forget_netns(&mut self, gone: &[u64]) {
         self.totals.retain(|(ns, _, _), _| !gone.contains(ns));
-        let keys: Vec<(MatchKey, FlowKey)> = self
+        let keys: Vec<MatchKey> = self
             .judged
             .iter()
             .filter(|(_, j)| gone.contains(&j.netns))
-            .map(|(k, j)| (*k, j.key))
+            .map(|(k, _)| *k)
             .collect();
-        for (k, flow) in keys {
+        for k in keys {
             let _ = self.map.remove(&k);
-            let _ = self.udp_tuples.remove(&flow);
             self.judged.remove(&k);
         }
     }

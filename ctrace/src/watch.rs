@@ -292,13 +292,13 @@ impl Watcher {
         if source.is_some() {
             monitor.discover();
         }
-        let caps = source.as_ref().map(|s| s.tier().caps);
-        let mut ledger = Ledger::new(
-            caps.unwrap_or(crate::strategy::tracepoint::capabilities(
-                &Default::default(),
-            )),
-            index.names.clone(),
+        // Without the router view nothing is ever settled: the ledger stays
+        // empty, whatever it is told the tier sees.
+        let caps = source.as_ref().map_or_else(
+            || crate::strategy::tracepoint::capabilities(&Default::default()),
+            |s| s.tier().caps,
         );
+        let mut ledger = Ledger::new(caps, index.names.clone());
         for inode in monitor.inodes() {
             ledger.baseline(inode, monitor.latest(inode));
         }

@@ -463,9 +463,10 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
         samples.iter().all(|s| s.1 == maps_at_start),
         "map memory changed: {maps_at_start} -> {samples:?}"
     );
-    // One summary a second: a tick may slip under load, none may vanish.
+    // One summary a second: ticks slip under load (each late tick delays
+    // the next), none may vanish.
     assert!(
-        summaries.len() as u64 >= secs - 5 && widest_gap < 3.0,
+        summaries.len() as u64 >= secs * 8 / 10 && widest_gap < 3.0,
         "{} summaries in {secs}s, widest gap {widest_gap:.2}s",
         summaries.len()
     );

@@ -92,7 +92,10 @@ fn load(
     opts: &LoadOptions<'_>,
     pending: u32,
 ) -> anyhow::Result<(Ebpf, Option<source::KernelLogger>)> {
-    let layout = ctrace_common::KernelLayout::default();
+    let layout = ctrace_common::KernelLayout {
+        tc_window_ns: u64::try_from(opts.judge_window.as_nanos()).unwrap_or(u64::MAX),
+        ..Default::default()
+    };
     let (mut ebpf, logger) = source::load_with(&layout, opts, |loader| {
         loader
             // Withheld on purpose: the programs must load on kernels that

@@ -425,3 +425,53 @@ fn an_icmp_error_is_unreachable() {
     assert_eq!(rec["outcome"], "unreachable", "{rec}");
     assert_eq!(rec["src"], local.unwrap().to_string().as_str());
 }
+
+/// A dual-stack socket connecting to an IPv4 address (::ffff:a.b.c.d, as
+/// Java and `::`-bound clients do) is IPv4 on the wire and is reported so,
+/// to line up with what the router sees.
+#[test]
+fn a_v4_mapped_connect_is_reported_as_ipv4() {
+    if !privileged() || !node_view_usable() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let clients = topo.clients.inode();
+    let tracer = Tracer::start(&[
+        "--side",
+        "node",
+        "--netns",
+        &clients.to_string(),
+        "--interval",
+        "500ms",
+    ]);
+    // Nothing listens on etcd's client port on the client node: refused.
+    let to: SocketAddr = "[::ffff:10.10.0.3]:2379".parse().unwrap();
+    let result = topo
+        .clients
+        .run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            s.set_only_v6(false)?;
+            Ok::<_, std::io::Error>(s.connect(&to.into()))
+        })
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let records = tracer.stop();
+    assert_eq!(
+        result.as_ref().err().and_then(std::io::Error::raw_os_error),
+        Some(libc::ECONNREFUSED),
+        "{result:?}"
+    );
+    let rec = records
+        .iter()
+        .find(|r| r["type"] == "connect_failure" && r["netns"].as_u64() == Some(clients))
+        .expect("a connect_failure record");
+    assert_eq!(rec["family"], "ipv4", "{rec}");
+    assert_eq!(rec["dst"], "10.10.0.3:2379", "{rec}");
+    assert!(
+        rec["src"].as_str().unwrap().starts_with("10.10.0."),
+        "{rec}"
+    );
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert_eq!(rec["service"], "etcd-client", "{rec}");
+}
