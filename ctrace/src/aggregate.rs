@@ -37,7 +37,7 @@ impl serde::Serialize for DropRecord {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let mut r = s.serialize_struct("DropRecord", 11)?;
-        r.serialize_field("time", &crate::sink::rfc3339(self.time))?;
+        r.serialize_field("time", &crate::event::rfc3339(self.time))?;
         r.serialize_field("netns", &self.flow.netns)?;
         r.serialize_field("cause", &self.cause)?;
         r.serialize_field("evidence", self.evidence)?;

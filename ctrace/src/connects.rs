@@ -102,7 +102,7 @@ impl serde::Serialize for ConnectFailure {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let mut r = s.serialize_struct("ConnectFailure", 10)?;
-        r.serialize_field("time", &crate::sink::rfc3339(self.time))?;
+        r.serialize_field("time", &crate::event::rfc3339(self.time))?;
         r.serialize_field("netns", &self.flow.netns)?;
         r.serialize_field("family", self.flow.family())?;
         r.serialize_field("proto", &self.flow.proto)?;

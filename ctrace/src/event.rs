@@ -237,6 +237,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A wall-clock time as every output writes it: RFC 3339, milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// Decodes one ring-buffer record. None for records this build does not
 /// understand (short, or from a newer kernel side), which the caller counts.
 pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {

@@ -394,7 +394,7 @@ impl Tally {
         let mut t = format!(
             "kernel log: table full ×{}, last at {}",
             self.table_full,
-            crate::sink::rfc3339(boot_to_wall(at))
+            crate::event::rfc3339(boot_to_wall(at))
         );
         if self.suppressed > 0 {
             t += &format!(

@@ -83,9 +83,7 @@ pub trait Sink {
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()>;
 }
 
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub use crate::event::rfc3339;
 
 pub fn ttf_text(t: TimeToFull) -> String {
     match t {
