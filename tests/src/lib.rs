@@ -108,6 +108,11 @@ impl Tracer {
     ) -> Tracer {
         let mut cmd = Command::new(ctrace_bin());
         cmd.arg("watch").arg("--json").args(args);
+        // The router view unless a test asks for the node view: loading
+        // both for every test costs minutes in the emulated VMs.
+        if !args.contains(&"--side") {
+            cmd.args(["--side", "router"]);
+        }
         if let Some(s) = strategy {
             cmd.args(["--strategy", s]);
         }

@@ -84,6 +84,8 @@ fn node_view_matches_the_clients_and_the_router() {
         .unwrap()
         .unwrap();
     let tracer = Tracer::start(&[
+        "--side",
+        "both",
         "--netns",
         &router.to_string(),
         "--netns",
