@@ -239,6 +239,22 @@ pub fn ctrace_programs() -> Vec<String> {
         .collect()
 }
 
+/// Bytes of BPF maps a process holds (fdinfo's memlock of map fds).
+pub fn map_bytes(pid: i32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
 pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -351,23 +351,6 @@ fn namespaces_come_and_go_and_the_limit_and_table_change_while_watching() {
     );
 }
 
-/// The memory of ctrace's BPF maps, from the `memlock` lines of its
-/// file descriptors' fdinfo.
-fn map_memlock_bytes(pid: i32) -> u64 {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return 0;
-    };
-    fds.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter(|t| t.contains("map_type:"))
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Soak: a full table and a storm of new flows for minutes
 /// (CTRACE_SOAK_SECS, 120 by default). After a warm-up ctrace's RSS stays
 /// within a stated band, its maps do not grow, no summary goes missing and
@@ -391,7 +374,7 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
     let tracer =
         Tracer::start_summaries_only(&["--netns", &router.to_string(), "--interval", "1s"]);
     let pid = tracer.pid();
-    let maps_at_start = map_memlock_bytes(pid);
+    let maps_at_start = ctrace_tests::map_bytes(pid);
     let before = conntrack_drops(&lab.topo.router);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = Instant::now();
@@ -415,7 +398,7 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
             std::thread::sleep(Duration::from_secs(5));
             if started.elapsed() >= WARM_UP {
                 let rss = ctrace_tests::status_kib(pid, "VmRSS").unwrap_or(0);
-                samples.push((rss, map_memlock_bytes(pid)));
+                samples.push((rss, ctrace_tests::map_bytes(pid)));
             }
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -136,22 +136,6 @@ fn cpu_secs(pid: i32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-/// Bytes of BPF maps a process holds (fdinfo's memlock of map fds).
-fn map_bytes(pid: i32) -> u64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter(|t| t.contains("map_type:"))
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Connections per second from the clients to a server through the
 /// router, over `secs`.
 fn connection_rate(topo: &Topology, secs: f64) -> anyhow::Result<f64> {
@@ -478,7 +462,7 @@ fn footprint() -> anyhow::Result<Value> {
         attach.push(t.attached_after.as_secs_f64());
         std::thread::sleep(Duration::from_secs(2));
         idle.push(ctrace_tests::status_kib(t.pid(), "VmRSS").unwrap_or(0) as f64);
-        maps = map_bytes(t.pid());
+        maps = ctrace_tests::map_bytes(t.pid());
         t.stop()?;
     }
     fill(&topo, 262_144)?;

@@ -42,6 +42,18 @@ fn node_view_usable() -> bool {
     node
 }
 
+/// ctrace with the node view alone, on one namespace.
+fn node_tracer(netns: u64) -> Tracer {
+    Tracer::start(&[
+        "--side",
+        "node",
+        "--netns",
+        &netns.to_string(),
+        "--interval",
+        "500ms",
+    ])
+}
+
 /// The `connects` rows of one namespace, by service.
 fn connects(summary: &Value, netns: u64) -> BTreeMap<String, Value> {
     summary["connects"]
@@ -227,14 +239,7 @@ fn connect_storm_is_counted_exactly_in_bounded_memory() {
     }
     let topo = Topology::build().unwrap();
     let clients = topo.clients.inode();
-    let tracer = Tracer::start(&[
-        "--side",
-        "node",
-        "--netns",
-        &clients.to_string(),
-        "--interval",
-        "500ms",
-    ]);
+    let tracer = node_tracer(clients);
     std::thread::sleep(Duration::from_millis(800));
     let rss_before = ctrace_tests::status_kib(tracer.pid(), "VmRSS").unwrap_or(0);
     const THREADS: u32 = 4;
@@ -338,14 +343,7 @@ fn half_open_handshakes_are_synack_retransmits_of_the_listener() {
     let topo = Topology::build().unwrap();
     let servers = topo.servers.inode();
     let _l = traffic::Listeners::start(&topo.servers, &[22, 2380, 4420], &[]).unwrap();
-    let tracer = Tracer::start(&[
-        "--side",
-        "node",
-        "--netns",
-        &servers.to_string(),
-        "--interval",
-        "500ms",
-    ]);
+    let tracer = node_tracer(servers);
     // One SYN to each of the flood's ten ports; three have a listener.
     let nobody = Ipv4Addr::new(10, 10, 0, 99);
     traffic::syn_flood(&topo.clients, nobody, SERVER_V4, 10).unwrap();
@@ -387,14 +385,7 @@ fn an_icmp_error_is_unreachable() {
     }
     let topo = Topology::build().unwrap();
     let clients = topo.clients.inode();
-    let tracer = Tracer::start(&[
-        "--side",
-        "node",
-        "--netns",
-        &clients.to_string(),
-        "--interval",
-        "500ms",
-    ]);
+    let tracer = node_tracer(clients);
     // The clients route everything to the router; the router has no
     // route to 10.10.9.0/24.
     let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 10, 9, 9)), 443);
@@ -438,14 +429,7 @@ fn a_v4_mapped_connect_is_reported_as_ipv4() {
     }
     let topo = Topology::build().unwrap();
     let clients = topo.clients.inode();
-    let tracer = Tracer::start(&[
-        "--side",
-        "node",
-        "--netns",
-        &clients.to_string(),
-        "--interval",
-        "500ms",
-    ]);
+    let tracer = node_tracer(clients);
     // Nothing listens on etcd's client port on the client node: refused.
     let to: SocketAddr = "[::ffff:10.10.0.3]:2379".parse().unwrap();
     let result = topo
