@@ -142,6 +142,16 @@ pub struct ConnectRow {
 }
 
 impl ConnectRow {
+    /// The failures, by how they ended.
+    pub fn failures(&self) -> [(Outcome, u64); 4] {
+        [
+            (Outcome::Timeout, self.timeouts),
+            (Outcome::Refused, self.refused),
+            (Outcome::Unreachable, self.unreachable),
+            (Outcome::Aborted, self.aborted),
+        ]
+    }
+
     pub fn in_progress(&self) -> u64 {
         self.attempts.saturating_sub(self.established + self.failed)
     }

@@ -513,15 +513,10 @@ fn judge_clients(truth: &Truth, outcome: &Outcome, router: &[Row]) -> Vec<Client
             continue;
         };
         let r = row(&mut rows, service);
-        for (w, n) in [
-            ("attempts", c.attempts),
-            ("established", c.established),
-            ("timeout", c.timeouts),
-            ("refused", c.refused),
-            ("unreachable", c.unreachable),
-            ("aborted", c.aborted),
-        ] {
-            *r.ctrace.entry(w).or_default() += n;
+        *r.ctrace.entry("attempts").or_default() += c.attempts;
+        *r.ctrace.entry("established").or_default() += c.established;
+        for (outcome, n) in c.failures() {
+            *r.ctrace.entry(outcome.name()).or_default() += n;
         }
     }
     for r in rows.values_mut() {

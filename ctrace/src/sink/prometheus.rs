@@ -232,13 +232,8 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
         set_counter(&established, &v, r.established);
         set_counter(&syn_retransmits, &v, r.syn_retransmits);
         set_counter(&synack_retransmits, &v, r.synack_retransmits);
-        for (outcome, n) in [
-            ("timeout", r.timeouts),
-            ("refused", r.refused),
-            ("unreachable", r.unreachable),
-            ("aborted", r.aborted),
-        ] {
-            set_counter(&failures, &[v[0], v[1], v[2], outcome], n);
+        for (outcome, n) in r.failures() {
+            set_counter(&failures, &[v[0], v[1], v[2], outcome.name()], n);
         }
     }
     let lost = f.counter(
