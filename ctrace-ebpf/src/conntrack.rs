@@ -68,7 +68,8 @@ pub struct FrameKey {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Frame {
-    /// The function's first argument (skb or entry).
+    /// The function's first argument (skb or entry); in VERDICTS, the
+    /// task that decided.
     arg: u64,
     /// Something seen during the call (an allocation failure).
     flag: u64,
@@ -86,10 +87,12 @@ static DEPTHS: LruHashMap<FrameKey, u32> = LruHashMap::with_max_entries(8192, 0)
 static FRAMES: LruHashMap<FrameKey, Frame> = LruHashMap::with_max_entries(8192, 0);
 
 /// Verdicts of nf_conntrack_in/confirm for skbs about to be freed: the
-/// kfree_skb tracepoint takes the class from here. Keyed by skb address
-/// with a timestamp, so a mark whose packet was not freed as a netfilter
-/// drop (OVS and act_ct call conntrack directly) cannot taint a later skb
-/// at the same address.
+/// kfree_skb tracepoint takes the class from here. Keyed by skb address;
+/// the value holds the task that decided and when, because the free that
+/// follows a netfilter drop runs on the same task at once. A mark whose
+/// packet was not freed as a netfilter drop (OVS and act_ct call conntrack
+/// directly, and may free it with another reason or consume it) therefore
+/// cannot taint a later skb at the same address on another task, or later.
 #[map]
 static VERDICTS: LruHashMap<u64, Frame> = LruHashMap::with_max_entries(4096, 0);
 
@@ -213,10 +216,18 @@ pub fn take_verdict(skb: u64) -> u8 {
     };
     let _ = VERDICTS.remove(&skb);
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(v.ts_ns) > VERDICT_TTL_NS {
+    if v.arg != task() || now.saturating_sub(v.ts_ns) > VERDICT_TTL_NS {
         return 0;
     }
     v.flag as u8
+}
+
+/// Drops the mark of an skb freed for another reason than a netfilter drop.
+#[inline(always)]
+pub fn forget_verdict(skb: u64) {
+    if skb != 0 {
+        let _ = VERDICTS.remove(&skb);
+    }
 }
 
 /// Hands a drop's class to the free that follows, or counts the packet
@@ -226,7 +237,7 @@ fn report_verdict<C: aya_ebpf::EbpfContext>(ctx: &C, skb: u64, class: u8) {
     let layout = LAYOUT.load();
     if layout.tp_reason != 0 {
         let v = Frame {
-            arg: skb,
+            arg: task(),
             flag: u64::from(class),
             ts_ns: unsafe { bpf_ktime_get_ns() },
         };

@@ -89,11 +89,17 @@ pub fn ctrace_kfree_skb(ctx: TracePointContext) -> u32 {
     let Ok(reason) = (unsafe { ctx.read_at::<u32>(layout.tp_reason as usize) }) else {
         return 0;
     };
+    let skb = unsafe { ctx.read_at::<u64>(layout.tp_skbaddr as usize) };
     if reason != layout.netfilter_drop {
+        // A verdict whose packet went another way (OVS and act_ct call
+        // conntrack directly) must not wait for the next skb at this address.
+        if let Ok(skb) = skb {
+            conntrack::forget_verdict(skb);
+        }
         return 0;
     }
     bump(counter::NETFILTER_DROPS);
-    let Ok(skb) = (unsafe { ctx.read_at::<u64>(layout.tp_skbaddr as usize) }) else {
+    let Ok(skb) = skb else {
         bump(counter::UNDECODED);
         return 0;
     };

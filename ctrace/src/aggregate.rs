@@ -95,7 +95,12 @@ struct EvictionCount {
     service: Option<String>,
     last: u64,
     total: u64,
+    /// Consecutive reads the key was absent from: the map evicted it.
+    absent: u8,
 }
+
+/// What eviction totals are grouped by in the output.
+type EvictionGroupKey = (u64, Option<String>, Proto, Evictor);
 
 pub struct Aggregator {
     flows: HashMap<Flow, FlowEntry>,
@@ -104,6 +109,9 @@ pub struct Aggregator {
     /// Flows dropped from the detail to stay within `cap`.
     forgotten: u64,
     evictions: HashMap<EvictedKey, EvictionCount>,
+    /// Totals of keys the kernel map let go, so that early drops across
+    /// ever new ports keep `evictions` as small as the kernel map.
+    settled_evictions: HashMap<EvictionGroupKey, u64>,
 }
 
 impl Aggregator {
@@ -115,6 +123,7 @@ impl Aggregator {
             clock: 0,
             forgotten: 0,
             evictions: HashMap::new(),
+            settled_evictions: HashMap::new(),
         }
     }
 
@@ -146,6 +155,7 @@ impl Aggregator {
     pub fn retain_netns(&mut self, alive: impl Fn(u64) -> bool) {
         self.flows.retain(|f, _| alive(f.netns));
         self.evictions.retain(|k, _| alive(k.netns));
+        self.settled_evictions.retain(|k, _| alive(k.0));
     }
 
     pub fn is_known(&self, flow: &Flow) -> bool {
@@ -228,21 +238,40 @@ impl Aggregator {
         v
     }
 
-    /// Folds in the kernel's eviction counts; `service` names a port.
+    /// Folds in the kernel's eviction counts (every key the map holds);
+    /// `service` names a port.
     pub fn update_evictions(
         &mut self,
         counts: &[(EvictedKey, u64)],
         service: impl Fn(Proto, u16) -> Option<String>,
     ) {
+        for e in self.evictions.values_mut() {
+            e.absent = e.absent.saturating_add(1);
+        }
         for (key, n) in counts {
             let e = self.evictions.entry(*key).or_insert_with(|| EvictionCount {
                 service: service(key.proto, key.dport),
                 last: 0,
                 total: 0,
+                absent: 0,
             });
             e.total += if *n >= e.last { n - e.last } else { *n };
             e.last = *n;
+            e.absent = 0;
         }
+        // Absent twice, not once: a walk of a map being written can miss a
+        // key, and forgetting a live key's last count would count it again.
+        // A key the map re-creates later counts from zero, as it does there.
+        let settled = &mut self.settled_evictions;
+        self.evictions.retain(|k, e| {
+            if e.absent < 2 {
+                return true;
+            }
+            *settled
+                .entry((k.netns, e.service.take(), k.proto, k.by))
+                .or_default() += e.total;
+            false
+        });
     }
 
     /// Per (netns, service, proto, evictor) eviction totals, biggest first.
@@ -251,6 +280,10 @@ impl Aggregator {
         for (k, e) in &self.evictions {
             *by.entry((k.netns, e.service.as_deref(), k.proto, k.by))
                 .or_default() += e.total;
+        }
+        for ((netns, service, proto, evictor), n) in &self.settled_evictions {
+            *by.entry((*netns, service.as_deref(), *proto, *evictor))
+                .or_default() += n;
         }
         let mut v: Vec<EvictionGroup> = by
             .into_iter()
@@ -357,5 +390,33 @@ mod tests {
         assert_eq!(v.len(), 2);
         assert_eq!((v[0].service.as_deref(), v[0].entries), (Some("dns"), 7));
         assert_eq!((v[1].service.as_deref(), v[1].entries), (None, 1));
+    }
+
+    #[test]
+    fn evictions_on_ever_new_ports_keep_the_detail_bounded() {
+        let mut a = Aggregator::new(10);
+        let key = |dport| EvictedKey {
+            netns: 7,
+            proto: Proto::Tcp,
+            dport,
+            by: Evictor::EarlyDrop,
+        };
+        let name = |_: Proto, port: u16| (port == 22).then(|| "ssh".to_string());
+        // The kernel map holds 4 keys at a time: ssh, and three ports that
+        // change with every read.
+        for read in 0..1000u16 {
+            let mut counts = vec![(key(22), u64::from(read) + 1)];
+            counts.extend((0..3).map(|i| (key(10_000 + read * 3 + i), 2)));
+            a.update_evictions(&counts, name);
+            assert!(a.evictions.len() <= 4 * 3, "{}", a.evictions.len());
+        }
+        let v = a.evictions();
+        assert_eq!(v.len(), 2, "{v:?}");
+        let total = |s: Option<&str>| v.iter().find(|g| g.service.as_deref() == s).unwrap().entries;
+        assert_eq!(total(Some("ssh")), 1000);
+        assert_eq!(total(None), 1000 * 3 * 2);
+        // A namespace that is gone takes its settled totals along.
+        a.retain_netns(|_| false);
+        assert!(a.evictions().is_empty());
     }
 }

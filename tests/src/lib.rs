@@ -72,6 +72,45 @@ pub fn ctrace_bin() -> PathBuf {
     bin
 }
 
+/// A copy of the binary that an unprivileged user can execute: the checkout
+/// may sit under a directory nobody else can enter (/root is 0700 on
+/// Debian). Removed when dropped.
+pub struct ReachableBin {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl ReachableBin {
+    pub fn new() -> ReachableBin {
+        use std::os::unix::fs::PermissionsExt as _;
+        static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "ctrace-reachable-{}-{serial}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctrace");
+        std::fs::copy(ctrace_bin(), &path).unwrap();
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(&dir, open.clone()).unwrap();
+        std::fs::set_permissions(&path, open).unwrap();
+        ReachableBin { dir, path }
+    }
+}
+
+impl Default for ReachableBin {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ReachableBin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A running `ctrace watch --json`, its NDJSON collected as it comes.
 pub struct Tracer {
     child: Child,

@@ -321,18 +321,10 @@ fn missing_privileges_are_explained() {
         return;
     }
     use std::os::unix::process::CommandExt as _;
-    // As `nobody`, with no capabilities at all. The checkout may sit under
-    // a directory nobody cannot enter (/root is 0700): run a copy from a
-    // place anyone can reach.
-    let dir = std::env::temp_dir().join(format!("ctrace-nobody-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bin = dir.join("ctrace");
-    std::fs::copy(ctrace_bin(), &bin).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // As `nobody`, with no capabilities at all.
+    let bin = ctrace_tests::ReachableBin::new();
     let out = unsafe {
-        std::process::Command::new(&bin)
+        std::process::Command::new(&bin.path)
             .args(["watch", "--duration", "1"])
             .pre_exec(|| {
                 if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
@@ -343,7 +335,7 @@ fn missing_privileges_are_explained() {
             .output()
             .unwrap()
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(bin);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");

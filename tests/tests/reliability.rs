@@ -161,7 +161,9 @@ fn each_missing_capability_is_named() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(&format!("(missing: {missing})")), "{err}");
     }
-    // Nobody, no capabilities at all: all three named.
+    // Nobody, no capabilities at all: all three named. Nobody may not be
+    // able to reach the checkout's binary.
+    let bin = ctrace_tests::ReachableBin::new();
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -170,7 +172,7 @@ fn each_missing_capability_is_named() {
             "--inh-caps=-all",
             "--",
         ])
-        .arg(ctrace_bin())
+        .arg(&bin.path)
         .arg("probe")
         .output()
         .unwrap();

@@ -782,6 +782,18 @@ impl Btf {
             .find(|ty| ty.kind() == KIND_INT)
             .map_or(size_of::<usize>() as u32, |ty| ty.size_or_type())
     }
+
+    /// The programs read kernel pointers as 64-bit values: on a kernel with
+    /// smaller ones every struct read would go wrong, so `reader` refuses.
+    pub fn require_64bit_pointers(&self, reader: &str) -> anyhow::Result<()> {
+        let size = self.pointer_size();
+        anyhow::ensure!(
+            size == 8,
+            "this kernel has {size}-byte pointers; {reader} reads kernel pointers as 64-bit \
+             values and would misread every struct (32-bit kernels are not supported by it)"
+        );
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Btf {
@@ -999,6 +1011,20 @@ mod tests {
         assert_eq!(btf.struct_size("outer").unwrap(), 40);
         assert_eq!(btf.struct_size("outer_t").unwrap(), 40);
         assert_eq!(btf.struct_size("inner").unwrap(), 8);
+    }
+
+    #[test]
+    fn a_32bit_kernel_is_refused_by_name() {
+        let btf = Btf::from_bytes(fixture(24).bytes).unwrap();
+        btf.require_64bit_pointers("the tracepoint tier").unwrap();
+        let mut b = Builder::base();
+        b.add("long unsigned int", KIND_INT, false, 0, 4, &[32]);
+        let btf = Btf::from_bytes(b.finish(24)).unwrap();
+        let err = format!("{:#}", btf.require_64bit_pointers("the node view").unwrap_err());
+        assert!(
+            err.contains("4-byte pointers") && err.contains("the node view") && err.contains("32-bit"),
+            "{err}"
+        );
     }
 
     #[test]

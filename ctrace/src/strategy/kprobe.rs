@@ -129,14 +129,7 @@ pub fn conntrack_btf(vmlinux: &Btf) -> anyhow::Result<Btf> {
 /// fields only when the tracepoint is usable), plus struct nf_conn.
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<(KernelLayout, bool)> {
     let vmlinux = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The programs read pointers as 64-bit values.
-    if vmlinux.pointer_size() != 8 {
-        bail!(
-            "this kernel has {}-byte pointers; the kprobe programs read 64-bit pointers \
-             and would misread every struct (32-bit kernels are not supported by this tier)",
-            vmlinux.pointer_size()
-        );
-    }
+    vmlinux.require_64bit_pointers("the kprobe tier")?;
     let (mut l, with_tracepoint) = match tracepoint::layout(facts) {
         Ok(l) => (l, true),
         Err(e) => {

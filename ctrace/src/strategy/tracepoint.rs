@@ -37,6 +37,8 @@ const PROGRAM: &str = "ctrace_kfree_skb";
 /// NETFILTER_DROP = 7) and 6.18 (offset 36, = 12); kernels before 5.17 have
 /// none, and there netfilter drops cannot be told from others at all.
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
+    let btf = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    btf.require_64bit_pointers("the tracepoint tier")?;
     let tracefs = facts.tracefs.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     let format = EventFormat::read(tracefs, CATEGORY, EVENT)?;
     let skbaddr = format
@@ -55,7 +57,6 @@ pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
             reason.size
         );
     }
-    let btf = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     // BTF names the enumerator; the print format is the fallback for a
     // kernel whose BTF lacks the enum.
     let netfilter_drop = match btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP") {
