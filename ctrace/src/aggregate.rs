@@ -16,7 +16,7 @@ use std::{
 use crate::{
     cause::Cause,
     event::{Clock, Flow, Proto},
-    source::{EvictedKey, Evictor, FlowCount},
+    readings::{EvictedKey, Evictor, FlowCount},
     tier::Strategy,
 };
 
@@ -412,7 +412,12 @@ mod tests {
         }
         let v = a.evictions();
         assert_eq!(v.len(), 2, "{v:?}");
-        let total = |s: Option<&str>| v.iter().find(|g| g.service.as_deref() == s).unwrap().entries;
+        let total = |s: Option<&str>| {
+            v.iter()
+                .find(|g| g.service.as_deref() == s)
+                .unwrap()
+                .entries
+        };
         assert_eq!(total(Some("ssh")), 1000);
         assert_eq!(total(None), 1000 * 3 * 2);
         // A namespace that is gone takes its settled totals along.

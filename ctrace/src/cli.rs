@@ -110,7 +110,7 @@ pub struct WatchArgs {
     /// tc tier: how many flows may wait at once for their opening packet to
     /// leave or be answered. Each takes about 150 bytes of kernel memory;
     /// opening packets that find it full are counted as not judged.
-    #[arg(long, default_value_t = crate::source::LoadOptions::DEFAULT_PENDING_FLOWS,
+    #[arg(long, default_value_t = crate::loader::LoadOptions::DEFAULT_PENDING_FLOWS,
           value_name = "N", value_parser = parse_pending_flows)]
     pub pending_flows: u32,
     /// tc tier: how long an opening packet may take to leave the host or be
@@ -120,7 +120,7 @@ pub struct WatchArgs {
     /// tc tier: attach by TCX links or clsact filters instead of probing
     /// (TCX where the kernel takes it, else clsact).
     #[arg(long, value_enum, value_name = "MODE")]
-    pub tc_attach: Option<crate::strategy::tc::AttachMode>,
+    pub tc_attach: Option<crate::loader::TcAttachMode>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics: PORT alone
     /// listens on loopback only. node_exporter's conntrack gauges per
     /// namespace, plus drops by service and cause, occupancy, evictions,

@@ -21,7 +21,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     event::{Clock, Flow, Proto},
     kernel::KernelFacts,
-    source::{self, LoadOptions},
+    loader::{self, LoadOptions},
 };
 
 /// The raw tracepoints, as (tracepoint, program).
@@ -235,10 +235,10 @@ impl ConnectView {
             node_layout: Some(layout(facts)?),
             ..opts.clone()
         };
-        let (mut ebpf, _logger) = source::load_with(
+        let (mut ebpf, _logger) = loader::load_with(
             &ctrace_common::KernelLayout::default(),
             &opts,
-            source::without_router_maps,
+            loader::without_router_maps,
         )?;
         for (tracepoint, name) in HOOKS {
             let prog: &mut RawTracePoint = ebpf

@@ -29,7 +29,7 @@ use ctrace_common::{
 
 use crate::{
     event::{Clock, DropEvent, Flow, KernelEvent, Proto, Tier},
-    source::{FlowCount, KernelTotal},
+    readings::{CorrelationCounts, FlowCount, KernelTotal},
 };
 
 /// Quiet time after which an entry is forgotten: TCP's first SYN
@@ -66,20 +66,6 @@ struct Judged {
     tcp_flags: u8,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct JudgeCounts {
-    /// Entries in the map at the last sweep.
-    pub pending: u64,
-    /// Flows judged dropped.
-    pub judged: u64,
-    /// Pending flows whose interface no watched namespace owns (or two do):
-    /// not attributed.
-    pub unattributed: u64,
-    /// Flows judged dropped but not announced one by one (more in one sweep
-    /// than the detail takes); the totals count them.
-    pub unannounced: u64,
-}
-
 pub struct Judge {
     map: BpfHashMap<MapData, MatchKey, Pending>,
     capacity: u32,
@@ -87,7 +73,7 @@ pub struct Judge {
     judged: HashMap<MatchKey, Judged>,
     /// Cumulative totals by (netns, service, proto).
     totals: HashMap<(u64, u16, u8), (u64, u64)>,
-    counts: JudgeCounts,
+    counts: CorrelationCounts,
     unattributed: HashSet<MatchKey>,
 }
 
@@ -103,7 +89,7 @@ impl Judge {
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
             judged: HashMap::new(),
             totals: HashMap::new(),
-            counts: JudgeCounts::default(),
+            counts: CorrelationCounts::default(),
             unattributed: HashSet::new(),
         })
     }
@@ -112,7 +98,7 @@ impl Judge {
         Duration::from_nanos(self.window_ns)
     }
 
-    pub fn counts(&self) -> JudgeCounts {
+    pub fn counts(&self) -> CorrelationCounts {
         self.counts
     }
 

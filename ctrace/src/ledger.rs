@@ -29,7 +29,7 @@ use crate::{
     cause::{Cause, evidence},
     event::Proto,
     netlink::ctnetlink::CtStats,
-    source::KernelTotal,
+    readings::KernelTotal,
     tier::Capabilities,
 };
 use ctrace_common::class;

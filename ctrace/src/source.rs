@@ -4,238 +4,48 @@
 //! however it exits.
 use std::{collections::HashMap, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ctrace_common::{EvictKey, FlowKey, FlowStats, TotalCount, TotalKey, counter, evicted_by};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent},
-    judge::Judge,
-    services::KernelIndex,
-    strategy,
+    loader::KernelLogger,
+    netns::NetNsInfo,
+    readings::{CorrelationCounts, Counters, EvictedKey, Evictor, FlowCount, KernelTotal},
     tier::Tier,
 };
 
-/// The programs, built by ctrace/build.rs for the target architecture.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace-ebpf"));
-
-pub fn object() -> anyhow::Result<&'static [u8]> {
-    if OBJECT.is_empty() {
-        bail!(
-            "this ctrace was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`"
-        );
-    }
-    Ok(OBJECT)
-}
-
-/// Forwards the programs' aya-log records to the `log` crate.
-pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
-
-/// What every tier's programs are loaded with.
-#[derive(Clone)]
-pub struct LoadOptions<'a> {
-    pub services: &'a KernelIndex,
-    pub kernel_log: bool,
-    /// `ctrace_common::test_flags`; 0 outside tests.
-    pub test_flags: u32,
-    /// tc tier: interfaces to hook (empty: every non-loopback one).
-    pub ifaces: Vec<String>,
-    /// tc tier: flows held at once while their fate is open.
-    pub pending_flows: u32,
-    /// tc tier: how long an opening packet may take to leave or be answered.
-    pub judge_window: Duration,
-    /// tc tier: TCX or clsact; None to probe.
-    pub tc_attach: Option<strategy::tc::AttachMode>,
-    /// The node view's tracepoint and socket layout, when it loads.
-    pub node_layout: Option<ctrace_common::connect::Layout>,
-}
-
-impl<'a> LoadOptions<'a> {
-    pub const DEFAULT_PENDING_FLOWS: u32 = 32768;
-    pub const DEFAULT_JUDGE_WINDOW: Duration = Duration::from_secs(1);
-
-    pub fn new(services: &'a KernelIndex) -> Self {
-        LoadOptions {
-            services,
-            kernel_log: false,
-            test_flags: 0,
-            ifaces: Vec::new(),
-            pending_flows: Self::DEFAULT_PENDING_FLOWS,
-            judge_window: Self::DEFAULT_JUDGE_WINDOW,
-            tc_attach: None,
-            node_layout: None,
-        }
-    }
-}
-
-/// Loads the object with this kernel's layout and fills the service map;
-/// every tier starts here and then loads and attaches its own programs.
-pub fn load(
-    layout: &ctrace_common::KernelLayout,
-    opts: &LoadOptions<'_>,
-) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
-    load_with(layout, opts, without_node_maps)
-}
-
-/// The kernel allocates every map of a loaded object, used or not, and the
-/// object holds both sides' maps: each load shrinks the other side's to
-/// the smallest sizes the kernel accepts (a page for ring buffers).
-pub fn without_node_maps(loader: &mut aya::EbpfLoader<'_>) {
-    loader
-        .map_max_entries("CONNECTING", 1)
-        .map_max_entries("CONNECT_TOTALS", 1)
-        .map_max_entries("CONNECT_EVENTS", page_size());
-}
-
-/// See [`without_node_maps`]: what the node side leaves of the router's.
-pub fn without_router_maps(loader: &mut aya::EbpfLoader<'_>) {
-    for name in [
-        "FLOWS",
-        "TOTALS",
-        "EVICTED",
-        "DEPTHS",
-        "FRAMES",
-        "VERDICTS",
-        "PENDING",
-        "UDP_TUPLES",
-    ] {
-        loader.map_max_entries(name, 1);
-    }
-    loader
-        .map_max_entries("EVENTS", page_size())
-        .map_max_entries("ENTRIES", page_size());
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(n).unwrap_or(4096)
-}
-
-/// [`load`], with a tier's own loader settings (map sizes, BTF).
-pub fn load_with(
-    layout: &ctrace_common::KernelLayout,
-    opts: &LoadOptions<'_>,
-    tier_settings: impl FnOnce(&mut aya::EbpfLoader<'_>),
-) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
-    let layout = ctrace_common::KernelLayout {
-        test_flags: opts.test_flags,
-        ..*layout
-    };
-    let kernel_log = opts.kernel_log;
-    let services = u32::try_from(opts.services.ports.len().max(1)).context("service map size")?;
-    // aya-log's level gate: 0 silences every log site in the programs.
-    let log_level: u8 = if kernel_log { 0xff } else { 0 };
-    let mut loader = aya::EbpfLoader::new();
-    loader
-        .map_max_entries("SERVICES", services)
-        .override_global("LAYOUT", &layout, true)
-        .override_global("AYA_LOG_LEVEL", &log_level, false);
-    if let Some(l) = &opts.node_layout {
-        loader.override_global("CONNECT_LAYOUT", l, true);
-    }
-    tier_settings(&mut loader);
-    let mut ebpf = loader.load(object()?).context("loading the eBPF object")?;
-    {
-        let map = ebpf
-            .map_mut("SERVICES")
-            .context("map SERVICES missing from the eBPF object")?;
-        let mut map: BpfHashMap<_, u32, u16> = BpfHashMap::try_from(map)?;
-        for (key, index) in &opts.services.ports {
-            map.insert(key, index, 0)
-                .context("filling the kernel's service map")?;
-        }
-    }
-    let logger = kernel_logger(&mut ebpf, kernel_log);
-    Ok((ebpf, logger))
-}
-
-fn kernel_logger(ebpf: &mut Ebpf, enabled: bool) -> Option<KernelLogger> {
-    if !enabled {
-        return None;
-    }
-    match aya_log::EbpfLogger::init(ebpf) {
-        Ok(l) => Some(l),
-        Err(e) => {
-            log::warn!("kernel-side logging unavailable: {e}");
-            None
-        }
-    }
-}
-
-/// Kernel-side counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub lost_events: u64,
-    pub netfilter_drops: u64,
-    pub undecoded: u64,
-    pub flow_map_errors: u64,
-    /// Kprobe tier only: conntrack's own decisions.
-    pub evictions: u64,
-    pub gc_evictions: u64,
-    pub inserts: u64,
-    pub deletes: u64,
-    pub alloc_failures: u64,
-    /// Packets the kernel's totals map had no room for.
-    pub totals_full: u64,
-    /// Entry/return state found stale (a missed kretprobe) and reset.
-    pub stale_state: u64,
-    /// tc tier: flows opened on ingress, passed, repeated opening packets,
-    /// and opening packets never judged (map full, key clash).
-    pub tc_opened: u64,
-    pub tc_passed: u64,
-    pub tc_repeated: u64,
-    pub tc_pending_full: u64,
-    pub tc_key_clash: u64,
-    /// tc tier, from user space's sweeps: flows pending now, judged
-    /// dropped so far, and pending flows no watched interface owns.
-    pub tc_pending: u64,
-    pub tc_judged: u64,
-    pub tc_unattributed: u64,
-}
-
-/// A flow's packet count as the kernel map holds it now.
-#[derive(Clone, Copy, Debug)]
-pub struct FlowCount {
-    pub packets: u64,
-    pub first_ns: u64,
-    pub last_ns: u64,
-    pub tcp_flags: u8,
-    /// `ctrace_common::class` bits of the flow's first packet.
-    pub class: u8,
-}
-
-/// Who evicted an entry early.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Evictor {
-    EarlyDrop,
-    Gc,
-}
-
-/// The kernel's eviction count for one (netns, protocol, port, evictor).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EvictedKey {
-    pub netns: u64,
-    pub proto: crate::event::Proto,
-    pub dport: u16,
-    pub by: Evictor,
-}
-
-/// One row of the kernel's drop totals, summed over CPUs: cumulative since
-/// ctrace started, never reset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelTotal {
-    pub netns: u64,
-    pub service: u16,
-    pub proto: crate::event::Proto,
-    pub class: u8,
-    pub packets: u64,
-    pub flows: u64,
+/// What a tier that sees drops by correlation, not in the act (tc), adds to
+/// the source: its programs hold flows whose fate is still open, and it
+/// judges them from user space. The source drives it on its schedule and
+/// hands its verdicts on like ring-buffer drops; its totals stand in for
+/// the kernel's.
+pub trait Correlator: Send {
+    /// Hooks what appeared in the namespaces `wanted` picks; `now` at start
+    /// (otherwise it may wait for its own rescan period).
+    fn attach(&mut self, ebpf: &mut Ebpf, wanted: &dyn Fn(&NetNsInfo) -> bool, now: bool);
+    /// How long a flow may wait for its verdict: the counters sampled this
+    /// long ago match the drops judged now.
+    fn window(&self) -> Duration;
+    /// How often verdicts are due.
+    fn period(&self) -> Duration;
+    /// Judges what happened before `horizon` (CLOCK_MONOTONIC) into `out`;
+    /// `flush`, at exit, judges everything.
+    fn judge(&mut self, horizon: u64, clock: &Clock, out: &mut Vec<KernelEvent>, flush: bool);
+    fn counts(&self) -> CorrelationCounts;
+    /// Cumulative drop totals, as the kernel's totals map holds them on the
+    /// other tiers.
+    fn totals(&self) -> Vec<KernelTotal>;
+    /// Adds per-flow counts of the flows it judged dropped.
+    fn flow_counts(&mut self, out: &mut HashMap<Flow, FlowCount>);
+    fn forget_netns(&mut self, gone: &[u64]);
+    /// Removes what would outlive the process (clsact filters).
+    fn detach(&mut self);
 }
 
 pub struct EventSource {
@@ -253,8 +63,8 @@ pub struct EventSource {
     held: Vec<KernelEvent>,
     undecodable: u64,
     logger: Option<KernelLogger>,
-    /// tc tier: where the programs are attached, and the verdicts.
-    tc: Option<(strategy::tc::Hooks, Judge)>,
+    /// A correlating tier's judge of what its maps hold.
+    correlator: Option<Box<dyn Correlator>>,
     last_sweep: Option<std::time::Instant>,
     // Keeps the programs loaded and attached; dropped last.
     ebpf: Ebpf,
@@ -262,10 +72,8 @@ pub struct EventSource {
 
 impl Drop for EventSource {
     fn drop(&mut self) {
-        // clsact filters outlive the process unless removed, and only from
-        // inside their namespace; TCX links just close.
-        if let Some((hooks, _)) = self.tc.as_mut() {
-            hooks.detach_all();
+        if let Some(c) = self.correlator.as_mut() {
+            c.detach();
         }
     }
 }
@@ -301,68 +109,63 @@ impl EventSource {
             held: Vec::new(),
             undecodable: 0,
             logger,
-            tc: None,
+            correlator: None,
             last_sweep: None,
             ebpf,
         })
     }
 
-    /// Makes this the tc tier's source: drops come from `judge`'s sweeps.
-    pub fn with_tc(mut self, hooks: strategy::tc::Hooks, judge: Judge) -> Self {
-        self.tc = Some((hooks, judge));
+    /// Makes this a correlating tier's source: drops come from its verdicts.
+    pub fn with_correlator(mut self, correlator: Box<dyn Correlator>) -> Self {
+        self.correlator = Some(correlator);
         self
     }
 
-    /// The tc tier's hooks, for output.
-    pub fn tc_hooks(&self) -> Option<&strategy::tc::Hooks> {
-        self.tc.as_ref().map(|(h, _)| h)
-    }
-
-    pub fn judge_counts(&self) -> Option<crate::judge::JudgeCounts> {
-        self.tc.as_ref().map(|(_, j)| j.counts())
-    }
-
-    /// Periodic upkeep: the tc tier hooks interfaces that appeared in the
-    /// namespaces `wanted` picks.
-    pub fn maintain(&mut self, wanted: impl Fn(&crate::netns::NetNsInfo) -> bool) {
-        if let Some((hooks, _)) = self.tc.as_mut() {
-            hooks.refresh(&mut self.ebpf, wanted, false);
-        }
-    }
-
-    /// Hooks every interface of the namespaces `wanted` picks now (tc).
-    pub fn attach_now(&mut self, wanted: impl Fn(&crate::netns::NetNsInfo) -> bool) {
-        if let Some((hooks, _)) = self.tc.as_mut() {
-            hooks.refresh(&mut self.ebpf, wanted, true);
-        }
-    }
-
-    /// The tc tier's judging horizon: counters sampled this long ago match
-    /// the drops judged now. Zero for the other tiers.
-    pub fn verdict_delay(&self) -> Duration {
-        self.tc
+    fn correlation_counts(&self) -> CorrelationCounts {
+        self.correlator
             .as_ref()
-            .map(|(_, j)| j.window())
-            .unwrap_or(Duration::ZERO)
+            .map(|c| c.counts())
+            .unwrap_or_default()
     }
 
-    /// tc tier: whether a sweep is due.
+    /// Periodic upkeep: a correlating tier hooks what appeared in the
+    /// namespaces `wanted` picks.
+    pub fn maintain(&mut self, wanted: impl Fn(&NetNsInfo) -> bool) {
+        if let Some(c) = self.correlator.as_mut() {
+            c.attach(&mut self.ebpf, &wanted, false);
+        }
+    }
+
+    /// Hooks everything of the namespaces `wanted` picks now.
+    pub fn attach_now(&mut self, wanted: impl Fn(&NetNsInfo) -> bool) {
+        if let Some(c) = self.correlator.as_mut() {
+            c.attach(&mut self.ebpf, &wanted, true);
+        }
+    }
+
+    /// A correlating tier's judging horizon: counters sampled this long ago
+    /// match the drops judged now. Zero for tiers that see drops directly.
+    pub fn verdict_delay(&self) -> Duration {
+        self.correlator
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.window())
+    }
+
+    /// Whether a correlating tier's verdicts are due.
     pub fn sweep_due(&self) -> bool {
-        self.tc.is_some()
-            && self
-                .last_sweep
-                .is_none_or(|at| at.elapsed() >= crate::judge::SWEEP_EVERY)
+        self.correlator
+            .as_ref()
+            .is_some_and(|c| self.last_sweep.is_none_or(|at| at.elapsed() >= c.period()))
     }
 
-    /// tc tier: judges what the pending map holds, up to `horizon`
+    /// A correlating tier's verdicts on what happened up to `horizon`
     /// (CLOCK_MONOTONIC); `flush` at exit judges everything.
     pub fn sweep(&mut self, horizon: u64, out: &mut Vec<KernelEvent>, flush: bool) {
-        let Some((hooks, judge)) = self.tc.as_mut() else {
+        let Some(c) = self.correlator.as_mut() else {
             return;
         };
         self.last_sweep = Some(std::time::Instant::now());
-        let now = event::monotonic_ns();
-        judge.sweep(now, horizon, &self.clock, |i| hooks.netns_of(i), out, flush);
+        c.judge(horizon, &self.clock, out, flush);
     }
 
     pub fn tier(&self) -> Tier {
@@ -387,9 +190,10 @@ impl EventSource {
     /// Waits until a ring buffer has something, or `readable` is polled
     /// again by a select with a timer.
     pub async fn readable(&mut self) -> anyhow::Result<()> {
-        if self.tc.is_some() {
-            // Nothing arrives by ring on the tc tier: wake for the sweep.
-            tokio::time::sleep(crate::judge::SWEEP_EVERY).await;
+        if let Some(c) = self.correlator.as_ref() {
+            // Nothing arrives by ring on a correlating tier: wake for the
+            // verdicts.
+            tokio::time::sleep(c.period()).await;
             return Ok(());
         }
         let mut guard = tokio::select! {
@@ -425,7 +229,7 @@ impl EventSource {
                 .iter()
                 .sum())
         };
-        let judge = self.judge_counts().unwrap_or_default();
+        let judge = self.correlation_counts();
         Ok(Counters {
             // A correlating tier announces flows without a ring buffer;
             // the ones it could not announce are its lost events.
@@ -453,8 +257,8 @@ impl EventSource {
 
     /// The kernel's drop totals, every row.
     pub fn totals(&self) -> Vec<KernelTotal> {
-        if let Some((_, judge)) = self.tc.as_ref() {
-            return judge.totals();
+        if let Some(c) = self.correlator.as_ref() {
+            return c.totals();
         }
         self.totals
             .iter()
@@ -478,8 +282,8 @@ impl EventSource {
     pub fn forget_netns(&mut self, gone: &[u64]) {
         let of_gone = |netns: u32| gone.contains(&u64::from(netns));
         remove_keys(&mut self.totals, |k: &TotalKey| of_gone(k.netns));
-        if let Some((_, judge)) = self.tc.as_mut() {
-            judge.forget_netns(gone);
+        if let Some(c) = self.correlator.as_mut() {
+            c.forget_netns(gone);
         }
         remove_keys(&mut self.flows, |k: &FlowKey| of_gone(k.netns));
         let mut queued = Vec::new();
@@ -548,8 +352,8 @@ impl EventSource {
                 out.insert(flow, c);
             }
         }
-        if let Some((_, judge)) = self.tc.as_mut() {
-            judge.flow_counts(&mut out);
+        if let Some(c) = self.correlator.as_mut() {
+            c.flow_counts(&mut out);
         }
         out
     }

@@ -25,11 +25,13 @@ use crate::{
     kernel::KernelFacts,
     kernel::kmsg::{KmsgReader, TableFullWitness, Tally},
     ledger::{Agreement, DropGroup, Ledger},
+    loader::LoadOptions,
     netlink::ctnetlink::CtDumpEntry,
     occupancy::{Breakdown, OccupancyTracker},
+    readings::Counters,
     services::{Catalog, KernelIndex},
     sink::{Sink, Snapshot},
-    source::{Counters, EventSource, LoadOptions},
+    source::EventSource,
     strategy::{self, Choice},
     table::{NetnsFilter, TableMonitor, TableView},
     tier::Strategy,
@@ -58,7 +60,7 @@ pub struct WatchConfig {
     pub ifaces: Vec<String>,
     pub pending_flows: u32,
     pub judge_window: Duration,
-    pub tc_attach: Option<crate::strategy::tc::AttachMode>,
+    pub tc_attach: Option<crate::loader::TcAttachMode>,
     /// Where /proc and /var/log/pods are read to name namespaces.
     pub host_root: std::path::PathBuf,
     /// `--side`: the router view (drops, tables), the node view (this
@@ -782,7 +784,7 @@ impl Watcher {
         // detail learns of them now.
         let clock = self.src().clock();
         let cutoff = self.late_cutoff_ns;
-        let mut late: Vec<(Flow, crate::source::FlowCount)> = counts
+        let mut late: Vec<(Flow, crate::readings::FlowCount)> = counts
             .iter()
             .filter(|(f, c)| {
                 c.first_ns > cutoff && !self.agg.is_known(f) && self.monitor.wants(f.netns)

@@ -85,10 +85,8 @@ impl ReachableBin {
         use std::os::unix::fs::PermissionsExt as _;
         static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "ctrace-reachable-{}-{serial}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("ctrace-reachable-{}-{serial}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ctrace");
         std::fs::copy(ctrace_bin(), &path).unwrap();

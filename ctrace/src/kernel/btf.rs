@@ -1020,9 +1020,14 @@ mod tests {
         let mut b = Builder::base();
         b.add("long unsigned int", KIND_INT, false, 0, 4, &[32]);
         let btf = Btf::from_bytes(b.finish(24)).unwrap();
-        let err = format!("{:#}", btf.require_64bit_pointers("the node view").unwrap_err());
+        let err = format!(
+            "{:#}",
+            btf.require_64bit_pointers("the node view").unwrap_err()
+        );
         assert!(
-            err.contains("4-byte pointers") && err.contains("the node view") && err.contains("32-bit"),
+            err.contains("4-byte pointers")
+                && err.contains("the node view")
+                && err.contains("32-bit"),
             "{err}"
         );
     }

@@ -134,7 +134,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
 
 /// A correlating tier's bookkeeping: every opening packet is either held
 /// (then passed or judged) or counted as never judged.
-pub fn correlation_json(c: &crate::source::Counters) -> Value {
+pub fn correlation_json(c: &crate::readings::Counters) -> Value {
     json!({
         "opened": c.tc_opened,
         "passed": c.tc_passed,

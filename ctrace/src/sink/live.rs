@@ -162,8 +162,8 @@ pub fn render(s: &Snapshot<'_>) -> String {
                     e.proto.name(),
                     e.entries,
                     match e.by {
-                        crate::source::Evictor::EarlyDrop => "early_drop",
-                        crate::source::Evictor::Gc => "gc",
+                        crate::readings::Evictor::EarlyDrop => "early_drop",
+                        crate::readings::Evictor::Gc => "gc",
                     }
                 ),
             );

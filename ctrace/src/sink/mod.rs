@@ -14,7 +14,7 @@ use crate::{
     aggregate::{DropRecord, EvictionGroup, FlowEntry},
     connects::{ConnectCounters, ConnectFailure, ConnectRow},
     ledger::{Agreement, DropGroup, Trust},
-    source::Counters,
+    readings::Counters,
     table::{TableView, TimeToFull},
     tier::{Capabilities, Strategy},
 };

@@ -337,8 +337,8 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     )?;
     for e in &s.evictions {
         let by = match e.by {
-            crate::source::Evictor::EarlyDrop => "early_drop",
-            crate::source::Evictor::Gc => "gc",
+            crate::readings::Evictor::EarlyDrop => "early_drop",
+            crate::readings::Evictor::Gc => "gc",
         };
         set_counter(
             &evictions,

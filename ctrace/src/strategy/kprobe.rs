@@ -22,7 +22,8 @@ use crate::{
         btf::Btf,
         kallsyms::{Kallsyms, available_filter_functions},
     },
-    source::{EventSource, LoadOptions},
+    loader::LoadOptions,
+    source::EventSource,
     strategy::tracepoint,
     tier::{Capabilities, DropSight, Strategy, Tier},
 };
@@ -197,7 +198,7 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
     let (layout, with_tracepoint) = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
     let probeable = Probeable::read(facts)?;
-    let (mut ebpf, logger) = crate::source::load(&layout, opts)?;
+    let (mut ebpf, logger) = crate::loader::load(&layout, opts)?;
     let mut attached: HashSet<&str> = HashSet::new();
     for (name, function, required) in PROBES {
         if let Err(why) = probeable.check(function) {

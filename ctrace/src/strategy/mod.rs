@@ -17,10 +17,7 @@ use anyhow::{Context as _, bail};
 use aya::{programs::ProgramType, sys::is_program_supported};
 
 use crate::kernel::KernelFacts;
-pub use crate::{
-    source::{EventSource, LoadOptions},
-    tier::Strategy,
-};
+pub use crate::{loader::LoadOptions, source::EventSource, tier::Strategy};
 
 /// `--strategy`: a tier, or `auto` for the best one that works here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,11 +24,14 @@ use aya::{
 };
 
 use crate::{
+    event::{self, Clock, Flow, KernelEvent},
     judge::Judge,
     kernel::KernelFacts,
+    loader::{self, LoadOptions, TcAttachMode},
     netlink::rtnetlink::{Link, RtSocket},
     netns::{self, NetNs},
-    source::{self, EventSource, LoadOptions},
+    readings::{CorrelationCounts, FlowCount, KernelTotal},
+    source::{Correlator, EventSource},
     tier::{Capabilities, DropSight, Strategy, Tier},
 };
 
@@ -52,24 +55,6 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     drops: DropSight::Correlated,
 };
 
-/// How the programs are attached on this kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMode {
-    Tcx,
-    Clsact,
-}
-
-impl AttachMode {
-    pub fn describe(self) -> &'static str {
-        match self {
-            AttachMode::Tcx => "TCX links (removed with ctrace's file descriptors)",
-            AttachMode::Clsact => {
-                "clsact filters named ctrace_tc_* (removed at exit; a killed run's are swept at the next start)"
-            }
-        }
-    }
-}
-
 pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {
     super::program_type_loads(
         aya::programs::ProgramType::SchedClassifier,
@@ -91,12 +76,12 @@ pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {
 fn load(
     opts: &LoadOptions<'_>,
     pending: u32,
-) -> anyhow::Result<(Ebpf, Option<source::KernelLogger>)> {
+) -> anyhow::Result<(Ebpf, Option<loader::KernelLogger>)> {
     let layout = ctrace_common::KernelLayout {
         tc_window_ns: u64::try_from(opts.judge_window.as_nanos()).unwrap_or(u64::MAX),
         ..Default::default()
     };
-    let (mut ebpf, logger) = source::load_with(&layout, opts, |loader| {
+    let (mut ebpf, logger) = loader::load_with(&layout, opts, |loader| {
         loader
             // Withheld on purpose: the programs must load on kernels that
             // have none, so any attempt to use it fails the load here too.
@@ -116,7 +101,7 @@ fn load(
             .map_max_entries("VERDICTS", 1)
             .map_max_entries("EVENTS", 4096)
             .map_max_entries("ENTRIES", 4096);
-        source::without_node_maps(loader);
+        loader::without_node_maps(loader);
     })?;
     for name in PROGRAMS {
         let prog: &mut SchedClassifier = ebpf
@@ -131,7 +116,7 @@ fn load(
 
 /// Attaches to loopback of a throwaway namespace: TCX if the kernel takes
 /// it, else clsact.
-fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String)> {
+fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(TcAttachMode, String)> {
     let prog: &mut SchedClassifier = ebpf.program_mut(INGRESS).expect("loaded").try_into()?;
     let tcx = ns.run(|| {
         prog.attach(
@@ -144,7 +129,7 @@ fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String
         .map(|id| prog.detach(id))
     })?;
     match tcx {
-        Ok(_) => Ok((AttachMode::Tcx, String::new())),
+        Ok(_) => Ok((TcAttachMode::Tcx, String::new())),
         Err(e) => {
             let clsact = ns.run(|| -> anyhow::Result<()> {
                 tc::qdisc_add_clsact(c"lo").context("adding a clsact qdisc")?;
@@ -161,7 +146,7 @@ fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String
                 Ok(())
             })?;
             clsact.with_context(|| format!("TCX refused ({e}), and clsact too"))?;
-            Ok((AttachMode::Clsact, format!("; TCX refused: {e}")))
+            Ok((TcAttachMode::Clsact, format!("; TCX refused: {e}")))
         }
     }
 }
@@ -169,12 +154,12 @@ fn probe_mode(ebpf: &mut Ebpf, ns: &NetNs) -> anyhow::Result<(AttachMode, String
 pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
     let (mut ebpf, logger) = load(opts, opts.pending_flows)?;
     let (mode, why) = match opts.tc_attach {
-        Some(AttachMode::Clsact) => (AttachMode::Clsact, " (--tc-attach clsact)".to_string()),
+        Some(TcAttachMode::Clsact) => (TcAttachMode::Clsact, " (--tc-attach clsact)".to_string()),
         wanted => {
             let probe_ns =
                 NetNs::create().context("creating a namespace to probe tc attachment in")?;
             let (mode, why) = probe_mode(&mut ebpf, &probe_ns)?;
-            if wanted == Some(AttachMode::Tcx) && mode != AttachMode::Tcx {
+            if wanted == Some(TcAttachMode::Tcx) && mode != TcAttachMode::Tcx {
                 anyhow::bail!("--tc-attach tcx: this kernel refuses TCX links{why}");
             }
             (mode, why)
@@ -191,11 +176,62 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
     let tier = Tier {
         strategy: Strategy::Tc,
         caps: Capabilities {
-            fd_scoped_cleanup: mode == AttachMode::Tcx,
+            fd_scoped_cleanup: mode == TcAttachMode::Tcx,
             ..CAPABILITIES
         },
     };
-    EventSource::new(ebpf, tier, logger).map(|s| s.with_tc(hooks, judge))
+    EventSource::new(ebpf, tier, logger)
+        .map(|s| s.with_correlator(Box::new(Correlation { hooks, judge })))
+}
+
+/// The tier's verdicts: the hooks tell which namespace a pending flow's
+/// interface belongs to, the judge settles what the pending map holds.
+struct Correlation {
+    hooks: Hooks,
+    judge: Judge,
+}
+
+impl Correlator for Correlation {
+    fn attach(&mut self, ebpf: &mut Ebpf, wanted: &dyn Fn(&netns::NetNsInfo) -> bool, now: bool) {
+        self.hooks.refresh(ebpf, wanted, now);
+    }
+
+    fn window(&self) -> Duration {
+        self.judge.window()
+    }
+
+    fn period(&self) -> Duration {
+        crate::judge::SWEEP_EVERY
+    }
+
+    fn judge(&mut self, horizon: u64, clock: &Clock, out: &mut Vec<KernelEvent>, flush: bool) {
+        let hooks = &self.hooks;
+        let now = event::monotonic_ns();
+        self.judge
+            .sweep(now, horizon, clock, |i| hooks.netns_of(i), out, flush);
+    }
+
+    fn counts(&self) -> CorrelationCounts {
+        self.judge.counts()
+    }
+
+    fn totals(&self) -> Vec<KernelTotal> {
+        self.judge.totals()
+    }
+
+    fn flow_counts(&mut self, out: &mut std::collections::HashMap<Flow, FlowCount>) {
+        self.judge.flow_counts(out);
+    }
+
+    fn forget_netns(&mut self, gone: &[u64]) {
+        self.judge.forget_netns(gone);
+    }
+
+    fn detach(&mut self) {
+        // clsact filters outlive the process unless removed, and only from
+        // inside their namespace; TCX links just close.
+        self.hooks.detach_all();
+    }
 }
 
 /// One interface's two attachments.
@@ -210,7 +246,7 @@ struct Attached {
 
 /// Which interfaces of which namespaces carry the programs.
 pub struct Hooks {
-    mode: AttachMode,
+    mode: TcAttachMode,
     /// `--iface`: only these names; empty for every non-loopback one.
     ifaces: Vec<String>,
     /// netns inode -> ifindex -> links.
@@ -233,7 +269,7 @@ impl Hooks {
         found.next().is_none().then_some(first)
     }
 
-    pub fn mode(&self) -> AttachMode {
+    pub fn mode(&self) -> TcAttachMode {
         self.mode
     }
 
@@ -299,7 +335,7 @@ impl Hooks {
         let have = self.attached.entry(info.inode).or_default();
         have.retain(|index, a| links.iter().any(|l| l.index == *index && l.name == a.name));
         let mut swept = BTreeSet::new();
-        if first_visit && self.mode == AttachMode::Clsact {
+        if first_visit && self.mode == TcAttachMode::Clsact {
             swept = sweep_stale_filters(&ns, &wanted);
         }
         for link in wanted {
@@ -377,7 +413,7 @@ impl Hooks {
 fn attach(
     ebpf: &mut Ebpf,
     ns: &NetNs,
-    mode: AttachMode,
+    mode: TcAttachMode,
     program: &str,
     ifindex: u32,
     dir: TcAttachType,
@@ -389,13 +425,13 @@ fn attach(
         .try_into()?;
     ns.run(|| -> anyhow::Result<SchedClassifierLink> {
         let how = match mode {
-            AttachMode::Tcx => TcAttach::Tcx {
+            TcAttachMode::Tcx => TcAttach::Tcx {
                 attach_type: dir,
                 // First, so a program before us that ends the packet's
                 // journey (a drop, a redirect) cannot hide it from us.
                 order: LinkOrder::first(),
             },
-            AttachMode::Clsact => {
+            TcAttachMode::Clsact => {
                 match tc::qdisc_add_clsact(ifindex) {
                     Ok(()) => *added_clsact = true,
                     Err(e) if is_exists(&e) => {}

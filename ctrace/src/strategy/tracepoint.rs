@@ -10,7 +10,8 @@ use ctrace_common::KernelLayout;
 use super::program_type_loads;
 use crate::{
     kernel::{KernelFacts, kallsyms::Kallsyms, tracefs::EventFormat},
-    source::{EventSource, LoadOptions},
+    loader::LoadOptions,
+    source::EventSource,
     tier::{Capabilities, DropSight, Strategy, Tier},
 };
 
@@ -189,7 +190,7 @@ pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool 
 pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<EventSource> {
     let layout = layout(facts)?;
     log::debug!("kernel layout: {layout:?}");
-    let (mut ebpf, logger) = crate::source::load(&layout, opts)?;
+    let (mut ebpf, logger) = crate::loader::load(&layout, opts)?;
     attach(&mut ebpf)?;
     let tier = Tier {
         strategy: Strategy::Tracepoint,
