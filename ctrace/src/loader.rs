@@ -47,6 +47,8 @@ pub struct LoadOptions<'a> {
     pub kernel_log: bool,
     /// `ctrace_common::test_flags`; 0 outside tests.
     pub test_flags: u32,
+    /// Kernel functions to treat as not probeable; empty outside tests.
+    pub refused_probes: Vec<String>,
     /// tc tier: interfaces to hook (empty: every non-loopback one).
     pub ifaces: Vec<String>,
     /// tc tier: flows held at once while their fate is open.
@@ -68,6 +70,7 @@ impl<'a> LoadOptions<'a> {
             services,
             kernel_log: false,
             test_flags: 0,
+            refused_probes: Vec::new(),
             ifaces: Vec::new(),
             pending_flows: Self::DEFAULT_PENDING_FLOWS,
             judge_window: Self::DEFAULT_JUDGE_WINDOW,

@@ -56,6 +56,8 @@ pub struct WatchConfig {
     pub max_flows: usize,
     /// `ctrace_common::test_flags`.
     pub test_flags: u32,
+    /// Kernel functions to treat as not probeable (tests).
+    pub refused_probes: Vec<String>,
     /// tc tier: `--iface`, `--pending-flows`, `--judge-window`.
     pub ifaces: Vec<String>,
     pub pending_flows: u32,
@@ -242,6 +244,7 @@ impl Watcher {
         let opts = LoadOptions {
             kernel_log: cfg.kernel_log,
             test_flags: cfg.test_flags,
+            refused_probes: cfg.refused_probes.clone(),
             ifaces: cfg.ifaces.clone(),
             pending_flows: cfg.pending_flows,
             judge_window: cfg.judge_window,

@@ -216,6 +216,26 @@ impl Tracer {
 
     /// Sends `signal`, waits for exit and returns every NDJSON record.
     pub fn stop_with(mut self, signal: i32) -> (Vec<Value>, std::process::ExitStatus) {
+        let status = self.finish(signal);
+        (std::mem::take(&mut self.records), status)
+    }
+
+    /// SIGINT: the normal way to stop, which prints the final summary.
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_with_stderr().0
+    }
+
+    /// [`Tracer::stop`], with every line ctrace wrote to stderr.
+    pub fn stop_with_stderr(mut self) -> (Vec<Value>, Vec<String>) {
+        let status = self.finish(libc::SIGINT);
+        assert!(status.success(), "ctrace exited with {status}");
+        (
+            std::mem::take(&mut self.records),
+            std::mem::take(&mut self.log),
+        )
+    }
+
+    fn finish(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.pid(), signal) };
         let status = self.child.wait().expect("waiting for ctrace");
@@ -225,14 +245,7 @@ impl Tracer {
         }
         self.log.extend(self.stderr.try_iter());
         eprintln!("ctrace stderr:\n{}", self.log.join("\n"));
-        (self.records, status)
-    }
-
-    /// SIGINT: the normal way to stop, which prints the final summary.
-    pub fn stop(self) -> Vec<Value> {
-        let (records, status) = self.stop_with(libc::SIGINT);
-        assert!(status.success(), "ctrace exited with {status}");
-        records
+        status
     }
 }
 

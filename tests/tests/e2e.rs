@@ -555,6 +555,66 @@ fn occupancy_matches_a_known_mix() {
     assert!(occ["source"].is_string(), "{occ}");
 }
 
+/// An optional probe that cannot be placed (inlined, cloned, refused) is
+/// named, and occupancy is then kept by dumps: entries deleted while no
+/// delete event can report them still leave the count right.
+#[test]
+fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
+    const TEST: &str = "a_missing_delete_probe_leaves_occupancy_to_dumps";
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let tracer = Tracer::start(&[
+        "--netns",
+        &router.to_string(),
+        "--occupancy-every",
+        "1s",
+        "--interval",
+        "500ms",
+        "--test-refuse-probe",
+        "nf_ct_delete",
+    ]);
+    const N: u64 = 4000;
+    let fill = traffic::fill_table_with(&topo.router, N, mix_entry, |_| {}).unwrap();
+    assert_eq!(fill.created, N);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    for i in 0..N / 2 {
+        ct.delete(&mix_entry(i)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let left = ct.dump(&mut |_| {}).unwrap();
+    let (records, stderr) = tracer.stop_with_stderr();
+    let s = final_summary(&records);
+    // Only a tier with entry events has optional probes to lose.
+    if !tier_can(s, "exact_verdicts", TEST) {
+        return;
+    }
+    assert_eq!(
+        s["capabilities"]["entry_events"], false,
+        "{}",
+        s["capabilities"]
+    );
+    let said = |what: &[&str]| stderr.iter().any(|l| what.iter().all(|w| l.contains(w)));
+    assert!(said(&["nf_ct_delete", "skipped"]), "{stderr:?}");
+    assert!(said(&["nf_ct_delete", "periodic dumps"]), "{stderr:?}");
+    let occ = s["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["inode"] == router)
+        .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
+    assert_eq!(occ["source"], "periodic_dump", "{occ}");
+    let total = occ["total"].as_u64().unwrap();
+    assert!(
+        total.abs_diff(left) <= N / 100,
+        "occupancy {total}, table {left} after deleting {} of {N}: {occ}",
+        N / 2
+    );
+}
+
 #[test]
 fn lab_passes_and_restores_nf_conntrack_max() {
     if !privileged() || !ctrace_tests::ctnetlink() {

@@ -191,4 +191,37 @@ mod tests {
         assert_eq!(super::nearest_hz(96.0), Some(100));
         assert_eq!(super::nearest_hz(600.0), None);
     }
+
+    /// HZ measured from jiffies is the kernel's CONFIG_HZ, where the
+    /// kernel's config can be read to check it (/proc/config.gz here).
+    #[test]
+    fn measured_hz_is_the_configured_one() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED measured_hz_is_the_configured_one: /proc/timer_list needs root");
+            return;
+        }
+        // A reading is refused when the machine stalls mid-measure: retry.
+        let Some(measured) = (0..3).find_map(|_| super::measure_hz()) else {
+            panic!("three measurements of HZ failed");
+        };
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let configured = super::config_hz(release.trim()).or_else(|| {
+            let out = std::process::Command::new("zcat")
+                .arg("/proc/config.gz")
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        match configured {
+            Some(hz) => assert_eq!(measured, hz),
+            None => {
+                eprintln!("no kernel config to check against; measured HZ {measured}");
+                assert!(super::HZ_CHOICES.contains(&measured));
+            }
+        }
+    }
 }

@@ -425,6 +425,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         kernel_log: false,
         max_flows: crate::aggregate::DEFAULT_MAX_FLOWS,
         test_flags: 0,
+        refused_probes: Vec::new(),
         ifaces: Vec::new(),
         pending_flows: crate::loader::LoadOptions::DEFAULT_PENDING_FLOWS,
         judge_window: crate::loader::LoadOptions::DEFAULT_JUDGE_WINDOW,
@@ -609,5 +610,53 @@ mod tests {
         let r = report(&[(2, 0, 0), (2, 0, 0)], 0, 0);
         assert!(!r.passed());
         assert!(r.render().contains("NO CONNECTION FAILED"));
+    }
+
+    /// The restore writes through the handle opened where the sysctl was
+    /// set: dropped on a thread inside another namespace, where the path
+    /// names that namespace's read-only copy, the value still comes back.
+    #[test]
+    fn a_sysctl_is_restored_from_inside_another_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new(NF_CONNTRACK_MAX).exists() {
+            eprintln!(
+                "SKIPPED a_sysctl_is_restored_from_inside_another_namespace: needs root and nf_conntrack"
+            );
+            return;
+        }
+        let read = || -> u64 {
+            fs::read_to_string(NF_CONNTRACK_MAX)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = read();
+        // Puts the value back from here should the code under test fail to.
+        struct Backstop(u64);
+        impl Drop for Backstop {
+            fn drop(&mut self) {
+                let _ = fs::write(NF_CONNTRACK_MAX, self.0.to_string());
+            }
+        }
+        let _backstop = Backstop(before);
+        let guard = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 1).to_string()).unwrap();
+        assert_eq!(read(), before + 1);
+        let child = crate::netns::NetNs::create().unwrap();
+        let writable_inside = child
+            .run(move || {
+                let writable = fs::OpenOptions::new()
+                    .write(true)
+                    .open(NF_CONNTRACK_MAX)
+                    .is_ok();
+                drop(guard);
+                writable
+            })
+            .unwrap();
+        assert_eq!(
+            read(),
+            before,
+            "not restored from inside a child namespace (its own copy writable: {writable_inside})"
+        );
     }
 }

@@ -201,7 +201,12 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
     let (mut ebpf, logger) = crate::loader::load(&layout, opts)?;
     let mut attached: HashSet<&str> = HashSet::new();
     for (name, function, required) in PROBES {
-        if let Err(why) = probeable.check(function) {
+        let refused = opts
+            .refused_probes
+            .iter()
+            .any(|f| f == function)
+            .then(|| format!("{function} refused (--test-refuse-probe)"));
+        if let Err(why) = refused.map_or_else(|| probeable.check(function), Err) {
             if *required {
                 bail!("{why}");
             }
@@ -236,8 +241,14 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
     };
     let entry_events = all_attached(ENTRY_EVENT_FUNCTIONS);
     if !entry_events {
+        let missing: Vec<&str> = ENTRY_EVENT_FUNCTIONS
+            .iter()
+            .copied()
+            .filter(|f| !all_attached(&[f]))
+            .collect();
         log::warn!(
-            "not every insert/delete probe attached: occupancy is kept by periodic dumps instead"
+            "no probe on {}: occupancy is kept by periodic dumps instead of insert/delete events",
+            missing.join(", ")
         );
     }
     let tier = Tier {
