@@ -210,8 +210,8 @@ fn parse_addr(key: &str, v: &str, v4: bool) -> Result<IpAddr> {
 /// kernel prints `[OFFLOAD]` instead of `[ASSURED]`). As in the dump, ICMP
 /// and ICMPv6 entries carry the echo identifier in `sport` and `type << 8
 /// | code` in `dport`, GRE entries their keys, and protocols without ports
-/// zeros. A zone that applies to the reply direction only reads 0, as in
-/// the dump.
+/// zeros. A zone that applies to one direction only (`zone-orig=`,
+/// `zone-reply=`) is the entry's zone, as in the dump.
 ///
 /// `Ok(None)` for families other than IPv4 and IPv6; a line that does not
 /// have this shape is an error.
@@ -260,7 +260,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
     };
     let (mut src, mut dst) = (None, None);
     let (mut icmp_type, mut icmp_code) = (0u8, 0u8);
-    let (mut zone, mut zone_orig) = (None, None);
+    let (mut zone, mut zone_orig, mut zone_reply) = (None, None, None);
     // The reply tuple starts at the second `src=`: everything of the tuple
     // is taken from the original direction only.
     let mut reply = false;
@@ -310,6 +310,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
         match key {
             "zone" => zone = Some(parse_u16(key, value)?),
             "zone-orig" => zone_orig = Some(parse_u16(key, value)?),
+            "zone-reply" => zone_reply = Some(parse_u16(key, value)?),
             "mark" => {
                 e.mark = value
                     .parse()
@@ -324,7 +325,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
             "code" => icmp_code = parse_u8(key, value)?,
             "srckey" => e.sport = parse_hex_u16(key, value)?,
             "dstkey" => e.dport = parse_hex_u16(key, value)?,
-            // zone-reply, packets, bytes, secctx, delta-time, use, and
+            // packets, bytes, secctx, delta-time, use, and
             // whatever a later kernel adds.
             _ => {}
         }
@@ -341,7 +342,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
     }
     // As ctnetlink: CTA_ZONE when the zone covers both directions,
     // CTA_TUPLE_ZONE in the original tuple when it is that direction's only.
-    e.zone = zone.or(zone_orig).unwrap_or(0);
+    e.zone = zone.or(zone_orig).or(zone_reply).unwrap_or(0);
     Ok(Some(e))
 }
 
@@ -658,6 +659,15 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
             v6.zone, 5,
             "an original-direction zone counts, as in the dump"
         );
+        let reply_zoned = one(
+            "ipv4     2 udp      17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2 [UNREPLIED] \
+             src=10.0.0.2 dst=10.0.0.1 sport=2 dport=1 zone-reply=11 mark=0 use=1",
+        );
+        assert_eq!(
+            (reply_zoned.zone, reply_zoned.sport, reply_zoned.dport),
+            (11, 1, 2),
+            "a reply-direction zone counts, as in the dump"
+        );
 
         let icmp6 = one(
             "ipv6     10 icmpv6   58 29 src=fd00:0000:0000:0000:0000:0000:0000:0001 \
@@ -689,7 +699,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
         );
         assert_eq!(
             (other.proto, other.sport, other.dport, other.zone),
-            (89, 0, 0, 0)
+            (89, 0, 0, 9)
         );
 
         // Offloaded: no timeout and no state; [OFFLOAD] instead of [ASSURED].

@@ -236,8 +236,8 @@ impl CtEntry {
     /// table fill, so it allocates nothing.
     fn encode(&self, m: &mut MsgBuilder) {
         m.header(&nfgenmsg(self.family, 0));
-        self.tuple(m, CTA_TUPLE_ORIG, false);
-        self.tuple(m, CTA_TUPLE_REPLY, true);
+        self.tuple(m, CTA_TUPLE_ORIG, false, None);
+        self.tuple(m, CTA_TUPLE_REPLY, true, None);
         m.be32(CTA_TIMEOUT, self.timeout_secs);
         m.be32(CTA_STATUS, self.status | IPS_CONFIRMED);
         if let Some(state) = self.tcp_state {
@@ -249,7 +249,8 @@ impl CtEntry {
         }
     }
 
-    fn tuple(&self, m: &mut MsgBuilder, ty: u16, reply: bool) {
+    /// `zone`: a zone for this direction only (CTA_TUPLE_ZONE).
+    fn tuple(&self, m: &mut MsgBuilder, ty: u16, reply: bool, zone: Option<u16>) {
         let (src, dst, sport, dport) = if reply {
             (self.dst, self.src, self.dport, self.sport)
         } else {
@@ -291,6 +292,9 @@ impl CtEntry {
                     }
                 }
             });
+            if let Some(zone) = zone {
+                m.be16(CTA_TUPLE_ZONE, zone);
+            }
         });
     }
 }
@@ -482,8 +486,8 @@ pub struct CtDumpEntry {
     /// conntrack's entry id (CTA_ID): unique among live entries, reused
     /// after deletion.
     pub id: u32,
-    /// Conntrack zone, 0 for the default zone. A zone that applies to the
-    /// original direction only is reported too.
+    /// Conntrack zone, 0 for the default zone. A zone that applies to one
+    /// direction only is reported too.
     pub zone: u16,
     /// ct mark, 0 when unset.
     pub mark: u32,
@@ -515,13 +519,19 @@ impl CtDumpEntry {
             zone: 0,
             mark: 0,
         };
-        let (mut have_tuple, mut top_zone, mut orig_zone) = (false, None, None);
+        let (mut have_tuple, mut top_zone, mut orig_zone, mut reply_zone) =
+            (false, None, None, None);
         for a in m.attrs(NFGENMSG_LEN)? {
             let a = a?;
             match a.ty {
                 CTA_TUPLE_ORIG => {
                     orig_zone = e.parse_orig_tuple(&a, v4)?;
                     have_tuple = true;
+                }
+                CTA_TUPLE_REPLY => {
+                    if let Some(z) = a.nested().find(CTA_TUPLE_ZONE)? {
+                        reply_zone = Some(z.be16()?);
+                    }
                 }
                 CTA_STATUS => e.status = a.be32()?,
                 CTA_TIMEOUT => e.timeout_secs = a.be32()?,
@@ -545,8 +555,9 @@ impl CtDumpEntry {
             );
         }
         // CTA_ZONE when the zone covers both directions, CTA_TUPLE_ZONE in
-        // the original tuple when it is that direction's only.
-        e.zone = top_zone.or(orig_zone).unwrap_or(0);
+        // the tuple of the one direction it covers otherwise. The kernel
+        // side reads the zone's id whatever its direction: keyed alike.
+        e.zone = top_zone.or(orig_zone).or(reply_zone).unwrap_or(0);
         Ok(Some(e))
     }
 
@@ -701,7 +712,7 @@ impl CtSocket {
         entry.validate()?;
         let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_DELETE), 0);
         msg.header(&nfgenmsg(entry.family, 0));
-        entry.tuple(&mut msg, CTA_TUPLE_ORIG, false);
+        entry.tuple(&mut msg, CTA_TUPLE_ORIG, false, None);
         self.0
             .request_ack(msg)
             .with_context(|| format!("deleting conntrack entry {entry:?}"))
@@ -1068,6 +1079,30 @@ mod dump_tests {
     }
 
     #[test]
+    fn netlink_ctnetlink_dump_entry_zone_of_the_reply_direction() {
+        let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
+        m.header(&nfgenmsg(libc::AF_INET as u8, 0));
+        let tuple = |m: &mut MsgBuilder, zone: Option<u16>| {
+            m.nested(CTA_TUPLE_IP, |m| {
+                m.bytes(CTA_IP_V4_SRC, &[10, 0, 0, 1])
+                    .bytes(CTA_IP_V4_DST, &[10, 0, 0, 2]);
+            })
+            .nested(CTA_TUPLE_PROTO, |m| {
+                m.u8(CTA_PROTO_NUM, IPPROTO_UDP)
+                    .be16(CTA_PROTO_SRC_PORT, 1)
+                    .be16(CTA_PROTO_DST_PORT, 2);
+            });
+            if let Some(z) = zone {
+                m.be16(CTA_TUPLE_ZONE, z);
+            }
+        };
+        m.nested(CTA_TUPLE_ORIG, |m| tuple(m, None));
+        m.nested(CTA_TUPLE_REPLY, |m| tuple(m, Some(11)));
+        let d = parse(m.as_bytes()).unwrap().unwrap();
+        assert_eq!((d.zone, d.sport, d.dport), (11, 1, 2));
+    }
+
+    #[test]
     fn netlink_ctnetlink_dump_entry_rejects_malformed() {
         // No original tuple.
         let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
@@ -1139,11 +1174,38 @@ mod dump_tests {
         zoned.encode(&mut m);
         m.be16(CTA_ZONE, 7).be32(CTA_MARK, 0x42);
         ct.socket().request_ack(m).unwrap();
+        // And one whose zone covers the reply direction only.
+        let reply_zoned = CtEntry::assured(IPPROTO_UDP, v4(5), 1001, v4(6), 53, 30);
+        let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), NLM_F_CREATE | NLM_F_EXCL);
+        m.header(&nfgenmsg(reply_zoned.family, 0));
+        reply_zoned.tuple(&mut m, CTA_TUPLE_ORIG, false, None);
+        reply_zoned.tuple(&mut m, CTA_TUPLE_REPLY, true, Some(11));
+        m.be32(CTA_TIMEOUT, reply_zoned.timeout_secs)
+            .be32(CTA_STATUS, reply_zoned.status | IPS_CONFIRMED);
+        ct.socket().request_ack(m).unwrap();
 
         let mut dumped = Vec::new();
         let n = ct.dump(&mut |e| dumped.push(*e)).unwrap();
-        assert_eq!(n, created.len() as u64 + 1);
+        assert_eq!(n, created.len() as u64 + 2);
         assert_eq!(dumped.len() as u64, n);
+        // The kernel side keys entries by the zone's id whatever its
+        // direction; the dump and procfs must read it alike.
+        let by_procfs = crate::kernel::procfs::ProcConntrack::open(Some(&ns))
+            .and_then(|mut p| {
+                let mut zone = None;
+                p.dump(&mut |e| {
+                    if e.sport == reply_zoned.sport && e.src == reply_zoned.src {
+                        zone = Some(e.zone);
+                    }
+                })?;
+                Ok(zone)
+            })
+            .unwrap();
+        let by_dump = dumped
+            .iter()
+            .find(|d| d.sport == reply_zoned.sport && d.src == reply_zoned.src)
+            .map(|d| d.zone);
+        assert_eq!((by_dump, by_procfs), (Some(11), Some(11)));
         for c in created.iter().chain([&zoned]) {
             let d = dumped
                 .iter()
