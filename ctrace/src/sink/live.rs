@@ -322,3 +322,74 @@ impl<W: Write> Sink for LiveSink<W> {
         self.out.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        ledger::{Agreement, Trust},
+        table::{TableSource, TableView, TimeToFull},
+        tier::Strategy,
+    };
+
+    #[test]
+    fn a_disagreeing_exact_tier_is_said_plainly() {
+        let table = TableView {
+            inode: 7,
+            name: None,
+            source: TableSource::Ctnetlink,
+            entries: 100,
+            max: 100,
+            stats: Default::default(),
+            rates: vec![],
+            insert_rate: 0.0,
+            drop_rate: 5.0,
+            time_to_full: TimeToFull::Full,
+            names: Default::default(),
+        };
+        let render_with = |trust| {
+            render(&Snapshot {
+                time: SystemTime::UNIX_EPOCH,
+                elapsed: Duration::from_secs(1),
+                strategy: Some(Strategy::Kprobe),
+                caps: None,
+                counters: Default::default(),
+                tables: vec![table.clone()],
+                occupancy: vec![],
+                groups: vec![],
+                evictions: vec![],
+                agreement: vec![Agreement {
+                    netns: 7,
+                    attributed: 10,
+                    kernel: 40,
+                    ratio: Some(0.25),
+                    table_full: 10,
+                    unseen: 30,
+                    trust,
+                }],
+                top_flows: vec![],
+                flows_forgotten: 0,
+                kernel_log: None,
+                connects: vec![],
+                connect_counters: None,
+                is_final: false,
+            })
+        };
+        let out = render_with(Trust::Disagrees);
+        let line = out
+            .lines()
+            .find(|l| l.contains("self-check"))
+            .unwrap_or_else(|| panic!("no self-check line:\n{out}"));
+        for part in [
+            "10 of conntrack's 40 drops attributed (ratio 0.250)",
+            "EXACT TIER DISAGREES",
+            "causes inferred until it agrees",
+            "30 never seen",
+        ] {
+            assert!(line.contains(part), "{part:?} missing: {line}");
+        }
+        assert!(!render_with(Trust::Exact).contains("DISAGREES"));
+    }
+}
