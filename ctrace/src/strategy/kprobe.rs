@@ -265,3 +265,57 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
     };
     EventSource::new(ebpf, tier, logger)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `probe` says of a function a probe would attach to but never
+    /// (or not always) fire on.
+    #[test]
+    fn functions_a_probe_would_miss_are_refused_with_the_reason() {
+        let kallsyms = "\
+ffffffff81200000 t __nf_conntrack_alloc.isra.0 [nf_conntrack]
+ffffffff81200400 t early_drop [nf_conntrack]
+ffffffff81200800 t early_drop.constprop.0 [nf_conntrack]
+ffffffff81200c00 t nf_conntrack_in [nf_conntrack]
+ffffffff81201000 t gc_worker [nf_conntrack]
+ffffffff81201400 t nf_ct_delete [nf_conntrack]
+";
+        let wanted: Vec<&str> = PROBES.iter().map(|p| p.1).collect();
+        let dir = std::env::temp_dir().join(format!("ctrace-ftrace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // gc_worker is in kallsyms but not traceable (inlined into its
+        // only caller, or notrace): a kprobe there may never fire.
+        std::fs::write(
+            dir.join("available_filter_functions"),
+            "nf_conntrack_in [nf_conntrack]\nnf_ct_delete [nf_conntrack]\nearly_drop [nf_conntrack]\n",
+        )
+        .unwrap();
+        let p = Probeable {
+            syms: Kallsyms::parse(kallsyms.lines(), &wanted),
+            ftrace: available_filter_functions(&dir, &wanted),
+        };
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(p.check("nf_conntrack_in"), Ok(()));
+        assert_eq!(p.check("nf_ct_delete"), Ok(()));
+        let why = |f: &str| p.check(f).unwrap_err();
+        assert!(
+            why("__nf_conntrack_alloc")
+                .contains("only as compiler clones (__nf_conntrack_alloc.isra.0)"),
+            "{}",
+            why("__nf_conntrack_alloc")
+        );
+        assert!(
+            why("early_drop").contains("also has compiler clones"),
+            "{}",
+            why("early_drop")
+        );
+        assert!(
+            why("gc_worker").contains("not in available_filter_functions"),
+            "{}",
+            why("gc_worker")
+        );
+        assert!(why("__nf_conntrack_confirm").contains("not in /proc/kallsyms"));
+    }
+}
