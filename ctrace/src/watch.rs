@@ -636,6 +636,13 @@ impl Watcher {
             occ.last_dump = Some(Instant::now());
             occ.lost_at_dump = lost_events;
         }
+        if dumped {
+            // A dump builds the new breakdown beside the old one: hand the
+            // old one's pages back, or glibc may keep them and resident
+            // memory steps up by a breakdown's size (megabytes for a large
+            // table) for good.
+            crate::kernel::return_freed_memory();
+        }
     }
 
     fn occupancy_views(&self, tables: &[TableView]) -> Vec<(u64, &'static str, Breakdown)> {

@@ -337,6 +337,15 @@ pub struct FullLab {
     _listeners: traffic::Listeners,
 }
 
+/// The documented memory bound (README, "Memory") for a table of
+/// `entries` and the default flow cap, in MiB.
+pub fn memory_bound_mib(entries: u64) -> f64 {
+    ctrace::MEMORY_BASE_MIB
+        + entries as f64 * ctrace::MEMORY_PER_TABLE_ENTRY_BYTES / (1024.0 * 1024.0)
+        + ctrace::aggregate::DEFAULT_MAX_FLOWS as f64 * ctrace::MEMORY_PER_FLOW_BYTES
+            / (1024.0 * 1024.0)
+}
+
 pub fn full_lab() -> FullLab {
     let topo = Topology::build().expect("building namespaces");
     let tcp: Vec<u16> = LAB_SERVICES

@@ -678,15 +678,6 @@ fn flood_count() -> u64 {
         .unwrap_or(600_000)
 }
 
-/// The documented memory bound (README, "Memory") for a table of
-/// `entries` and the default flow cap, in MiB.
-fn memory_bound_mib(entries: u64) -> f64 {
-    ctrace::MEMORY_BASE_MIB
-        + entries as f64 * ctrace::MEMORY_PER_TABLE_ENTRY_BYTES / (1024.0 * 1024.0)
-        + ctrace::aggregate::DEFAULT_MAX_FLOWS as f64 * ctrace::MEMORY_PER_FLOW_BYTES
-            / (1024.0 * 1024.0)
-}
-
 #[test]
 fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
     if !privileged() || !ctrace_tests::ctnetlink() {
@@ -723,7 +714,7 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
         .map(|(_, v)| v.1)
         .sum();
     let agreement = ctrace_tests::agreement(s, router).cloned();
-    let bound = memory_bound_mib(entries);
+    let bound = ctrace_tests::memory_bound_mib(entries);
     eprintln!(
         "flood: {} SYNs with distinct tuples in {:.2}s ({:.0}/s); kernel drop delta {kernel}; \
          ctrace table_full {table_full}; lost events {}; RSS {:.1} -> {:.1} MiB, peak {:.1} MiB \

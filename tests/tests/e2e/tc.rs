@@ -510,7 +510,7 @@ fn tc_flood_of_distinct_flows_is_accounted_for_in_bounded_memory() {
         .map(|(_, v)| v.1)
         .sum();
     let c = &s["correlation"];
-    let bound = super::memory_bound_mib(entries)
+    let bound = ctrace_tests::memory_bound_mib(entries)
         + PENDING as f64 * ctrace::MEMORY_PER_PENDING_FLOW_BYTES / (1024.0 * 1024.0);
     eprintln!(
         "tc flood: {} SYNs in {:.2}s ({:.0}/s); kernel drop delta {kernel}; ctrace table_full \
