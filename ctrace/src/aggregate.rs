@@ -238,15 +238,19 @@ impl Aggregator {
         v
     }
 
-    /// Folds in the kernel's eviction counts (every key the map holds);
-    /// `service` names a port.
+    /// Folds in the kernel's eviction counts: every key the map holds, of
+    /// every namespace, when `complete`; `service` names a port.
     pub fn update_evictions(
         &mut self,
         counts: &[(EvictedKey, u64)],
+        complete: bool,
         service: impl Fn(Proto, u16) -> Option<String>,
     ) {
-        for e in self.evictions.values_mut() {
-            e.absent = e.absent.saturating_add(1);
+        // Only a complete read shows which keys the map let go.
+        if complete {
+            for e in self.evictions.values_mut() {
+                e.absent = e.absent.saturating_add(1);
+            }
         }
         for (key, n) in counts {
             let e = self.evictions.entry(*key).or_insert_with(|| EvictionCount {
@@ -274,14 +278,16 @@ impl Aggregator {
         });
     }
 
-    /// Per (netns, service, proto, evictor) eviction totals, biggest first.
-    pub fn evictions(&self) -> Vec<EvictionGroup> {
+    /// Per (netns, service, proto, evictor) eviction totals of the
+    /// namespaces `wanted` picks, biggest first.
+    pub fn evictions(&self, wanted: impl Fn(u64) -> bool) -> Vec<EvictionGroup> {
         let mut by: BTreeMap<(u64, Option<&str>, Proto, Evictor), u64> = BTreeMap::new();
-        for (k, e) in &self.evictions {
+        for (k, e) in self.evictions.iter().filter(|(k, _)| wanted(k.netns)) {
             *by.entry((k.netns, e.service.as_deref(), k.proto, k.by))
                 .or_default() += e.total;
         }
-        for ((netns, service, proto, evictor), n) in &self.settled_evictions {
+        let settled = self.settled_evictions.iter().filter(|(k, _)| wanted(k.0));
+        for ((netns, service, proto, evictor), n) in settled {
             *by.entry((*netns, service.as_deref(), *proto, *evictor))
                 .or_default() += n;
         }
@@ -382,11 +388,11 @@ mod tests {
             by: Evictor::EarlyDrop,
         };
         let name = |_: Proto, port: u16| (port == 53).then(|| "dns".to_string());
-        a.update_evictions(&[(key(53), 3), (key(5353), 1)], name);
-        a.update_evictions(&[(key(53), 5)], name);
+        a.update_evictions(&[(key(53), 3), (key(5353), 1)], true, name);
+        a.update_evictions(&[(key(53), 5)], true, name);
         // The map dropped the key and counted afresh: 5 read before, 2 now.
-        a.update_evictions(&[(key(53), 2)], name);
-        let v = a.evictions();
+        a.update_evictions(&[(key(53), 2)], true, name);
+        let v = a.evictions(|_| true);
         assert_eq!(v.len(), 2);
         assert_eq!((v[0].service.as_deref(), v[0].entries), (Some("dns"), 7));
         assert_eq!((v[1].service.as_deref(), v[1].entries), (None, 1));
@@ -407,10 +413,10 @@ mod tests {
         for read in 0..1000u16 {
             let mut counts = vec![(key(22), u64::from(read) + 1)];
             counts.extend((0..3).map(|i| (key(10_000 + read * 3 + i), 2)));
-            a.update_evictions(&counts, name);
+            a.update_evictions(&counts, true, name);
             assert!(a.evictions.len() <= 4 * 3, "{}", a.evictions.len());
         }
-        let v = a.evictions();
+        let v = a.evictions(|_| true);
         assert_eq!(v.len(), 2, "{v:?}");
         let total = |s: Option<&str>| {
             v.iter()
@@ -422,6 +428,28 @@ mod tests {
         assert_eq!(total(None), 1000 * 3 * 2);
         // A namespace that is gone takes its settled totals along.
         a.retain_netns(|_| false);
-        assert!(a.evictions().is_empty());
+        assert!(a.evictions(|_| true).is_empty());
+    }
+
+    #[test]
+    fn an_incomplete_read_of_the_eviction_map_forgets_nothing() {
+        let mut a = Aggregator::new(10);
+        let key = EvictedKey {
+            netns: 7,
+            proto: Proto::Udp,
+            dport: 53,
+            by: Evictor::EarlyDrop,
+        };
+        let name = |_: Proto, _: u16| Some("dns".to_string());
+        a.update_evictions(&[(key, 5)], true, name);
+        // Two walks cut short miss the key, which the map still holds.
+        a.update_evictions(&[], false, name);
+        a.update_evictions(&[], false, name);
+        a.update_evictions(&[(key, 6)], true, name);
+        assert_eq!(a.evictions(|_| true)[0].entries, 6, "counted once");
+        assert!(
+            a.evictions(|n| n != 7).is_empty(),
+            "output picks namespaces"
+        );
     }
 }

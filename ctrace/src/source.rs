@@ -299,11 +299,17 @@ impl EventSource {
     }
 
     /// Current eviction counts from the kernel's LRU map (kprobe tier;
-    /// empty elsewhere).
-    pub fn evicted_counts(&self) -> Vec<(EvictedKey, u64)> {
-        self.evicted
+    /// empty elsewhere), and whether the walk saw every key: a lookup that
+    /// failed mid-walk leaves keys out that are still there.
+    pub fn evicted_counts(&self) -> (Vec<(EvictedKey, u64)>, bool) {
+        let mut complete = true;
+        let counts = self
+            .evicted
             .iter()
-            .filter_map(Result::ok)
+            .filter_map(|r| {
+                complete &= r.is_ok();
+                r.ok()
+            })
             .filter_map(|(k, per_cpu)| {
                 let n: u64 = per_cpu.iter().sum();
                 let key = EvictedKey {
@@ -318,7 +324,8 @@ impl EventSource {
                 };
                 (n > 0).then_some((key, n))
             })
-            .collect()
+            .collect();
+        (counts, complete)
     }
 
     /// Current per-flow counts from the kernel's LRU map.

@@ -576,6 +576,12 @@ impl Watcher {
     }
 
     fn entry_changed(&mut self, e: &EntryEvent) {
+        // Without every insert/delete probe, events would keep a one-sided
+        // count between dumps (inserts without their deletes): dumps alone
+        // keep occupancy then.
+        if !self.tier().is_some_and(|t| t.caps.entry_events) {
+            return;
+        }
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
@@ -752,7 +758,7 @@ impl Watcher {
             tables,
             occupancy,
             groups: self.ledger.groups(),
-            evictions: self.agg.evictions(),
+            evictions: self.agg.evictions(|n| self.monitor.wants(n)),
             agreement: self.ledger.agreement(),
             top_flows: self.agg.top_flows(10),
             flows_forgotten: self.agg.forgotten(),
@@ -814,12 +820,15 @@ impl Watcher {
             )?;
         }
         self.agg.update_counts(&counts, &clock);
-        let mut evicted = self.src().evicted_counts();
-        evicted.retain(|(k, _)| self.monitor.wants(k.netns));
+        // Every namespace's keys: which the map let go is told by their
+        // absence, and a namespace `--netns` misses for one discovery must
+        // not look like that. The output picks the watched ones.
+        let (evicted, complete) = self.src().evicted_counts();
         let catalog = &self.catalog;
-        self.agg.update_evictions(&evicted, |proto, port| {
-            catalog.lookup(proto, port).map(str::to_string)
-        });
+        self.agg
+            .update_evictions(&evicted, complete, |proto, port| {
+                catalog.lookup(proto, port).map(str::to_string)
+            });
         let counters = self.src().counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
         self.read_kernel_log();
@@ -886,7 +895,7 @@ impl Watcher {
                 None => Counters::default(),
             },
             groups: self.ledger.groups(),
-            evictions: self.agg.evictions(),
+            evictions: self.agg.evictions(|n| self.monitor.wants(n)),
             agreement: self.ledger.agreement(),
             occupancy: self.occupancy_views(&tables),
             tables,

@@ -239,11 +239,22 @@ impl Tracer {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.pid(), signal) };
         let status = self.child.wait().expect("waiting for ctrace");
-        for l in self.lines.try_iter() {
+        // The readers may still be forwarding the last lines (the final
+        // summary): take everything until they reach the end of the pipes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rest = |rx: &mpsc::Receiver<String>| -> Vec<String> {
+            let mut v = Vec::new();
+            while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                v.push(l);
+            }
+            v
+        };
+        for l in rest(&self.lines) {
             self.records
                 .push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")));
         }
-        self.log.extend(self.stderr.try_iter());
+        let log = rest(&self.stderr);
+        self.log.extend(log);
         eprintln!("ctrace stderr:\n{}", self.log.join("\n"));
         status
     }

@@ -607,6 +607,15 @@ fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
         .find(|o| o["inode"] == router)
         .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
     assert_eq!(occ["source"], "periodic_dump", "{occ}");
+    // Between dumps too: insert events alone would count the fill's
+    // entries without the deletes.
+    for summary in records.iter().filter(|r| r["type"] == "summary") {
+        for o in summary["occupancy"].as_array().into_iter().flatten() {
+            if o["inode"] == router {
+                assert_eq!(o["source"], "periodic_dump", "{o}");
+            }
+        }
+    }
     let total = occ["total"].as_u64().unwrap();
     assert!(
         total.abs_diff(left) <= N / 100,

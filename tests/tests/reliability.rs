@@ -373,7 +373,8 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(120)
-        .max(40);
+        // Thirds of at least four samples after the warm-up.
+        .max(80);
     let lab = full_lab();
     let router = lab.topo.router.inode();
     let entries = ctrace::netlink::ctnetlink::CtSocket::open(Some(&lab.topo.router))

@@ -340,8 +340,8 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
     if matches!(proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
         e.dport = u16::from_be_bytes([icmp_type, icmp_code]);
     }
-    // As ctnetlink: CTA_ZONE when the zone covers both directions,
-    // CTA_TUPLE_ZONE in the original tuple when it is that direction's only.
+    // As ctnetlink: `zone=` when the zone covers both directions,
+    // `zone-orig=` or `zone-reply=` when it covers that direction only.
     e.zone = zone.or(zone_orig).or(zone_reply).unwrap_or(0);
     Ok(Some(e))
 }
