@@ -507,6 +507,30 @@ fn mix_entry(i: u64) -> ctrace::netlink::ctnetlink::CtEntry {
     }
 }
 
+/// ctrace on the router with occupancy re-read every second.
+fn occupancy_tracer(router: u64, extra: &[&str]) -> Tracer {
+    let router = router.to_string();
+    let mut args = vec![
+        "--netns",
+        &router,
+        "--occupancy-every",
+        "1s",
+        "--interval",
+        "500ms",
+    ];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
+/// The router's occupancy in a summary, if it has one.
+fn occupancy_of(summary: &serde_json::Value, router: u64) -> Option<&serde_json::Value> {
+    summary["occupancy"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|o| o["inode"] == router)
+}
+
 #[test]
 fn occupancy_matches_a_known_mix() {
     if !privileged() || !ctrace_tests::ctnetlink() {
@@ -514,14 +538,7 @@ fn occupancy_matches_a_known_mix() {
     }
     let topo = Topology::build().unwrap();
     let router = topo.router.inode();
-    let tracer = Tracer::start(&[
-        "--netns",
-        &router.to_string(),
-        "--occupancy-every",
-        "1s",
-        "--interval",
-        "500ms",
-    ]);
+    let tracer = occupancy_tracer(router, &[]);
     // Filled while ctrace runs: the kprobe tier follows the inserts, the
     // tracepoint tier re-dumps.
     const N: u64 = 20_000;
@@ -530,11 +547,7 @@ fn occupancy_matches_a_known_mix() {
     std::thread::sleep(Duration::from_millis(2500));
     let records = tracer.stop();
     let s = final_summary(&records);
-    let occ = s["occupancy"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["inode"] == router)
+    let occ = occupancy_of(s, router)
         .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
     let total = occ["total"].as_u64().unwrap();
     // The router's own healthy traffic is nil here: the table is the mix.
@@ -566,16 +579,7 @@ fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
     }
     let topo = Topology::build().unwrap();
     let router = topo.router.inode();
-    let tracer = Tracer::start(&[
-        "--netns",
-        &router.to_string(),
-        "--occupancy-every",
-        "1s",
-        "--interval",
-        "500ms",
-        "--test-refuse-probe",
-        "nf_ct_delete",
-    ]);
+    let tracer = occupancy_tracer(router, &["--test-refuse-probe", "nf_ct_delete"]);
     const N: u64 = 4000;
     let fill = traffic::fill_table_with(&topo.router, N, mix_entry, |_| {}).unwrap();
     assert_eq!(fill.created, N);
@@ -600,20 +604,14 @@ fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
     let said = |what: &[&str]| stderr.iter().any(|l| what.iter().all(|w| l.contains(w)));
     assert!(said(&["nf_ct_delete", "skipped"]), "{stderr:?}");
     assert!(said(&["nf_ct_delete", "periodic dumps"]), "{stderr:?}");
-    let occ = s["occupancy"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["inode"] == router)
+    let occ = occupancy_of(s, router)
         .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
     assert_eq!(occ["source"], "periodic_dump", "{occ}");
     // Between dumps too: insert events alone would count the fill's
     // entries without the deletes.
     for summary in records.iter().filter(|r| r["type"] == "summary") {
-        for o in summary["occupancy"].as_array().into_iter().flatten() {
-            if o["inode"] == router {
-                assert_eq!(o["source"], "periodic_dump", "{o}");
-            }
+        if let Some(o) = occupancy_of(summary, router) {
+            assert_eq!(o["source"], "periodic_dump", "{o}");
         }
     }
     let total = occ["total"].as_u64().unwrap();
