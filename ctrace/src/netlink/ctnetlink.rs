@@ -1058,28 +1058,9 @@ mod dump_tests {
         );
     }
 
-    #[test]
-    fn netlink_ctnetlink_dump_entry_zone_of_the_original_direction() {
-        let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
-        m.header(&nfgenmsg(libc::AF_INET as u8, 0));
-        m.nested(CTA_TUPLE_ORIG, |m| {
-            m.nested(CTA_TUPLE_IP, |m| {
-                m.bytes(CTA_IP_V4_SRC, &[10, 0, 0, 1])
-                    .bytes(CTA_IP_V4_DST, &[10, 0, 0, 2]);
-            })
-            .nested(CTA_TUPLE_PROTO, |m| {
-                m.u8(CTA_PROTO_NUM, IPPROTO_UDP)
-                    .be16(CTA_PROTO_SRC_PORT, 1)
-                    .be16(CTA_PROTO_DST_PORT, 2);
-            })
-            .be16(CTA_TUPLE_ZONE, 9);
-        });
-        let d = parse(m.as_bytes()).unwrap().unwrap();
-        assert_eq!(d.zone, 9);
-    }
-
-    #[test]
-    fn netlink_ctnetlink_dump_entry_zone_of_the_reply_direction() {
+    /// A dumped UDP entry 10.0.0.1:1 -> 10.0.0.2:2 whose zone covers one
+    /// direction only: CTA_TUPLE_ZONE in that direction's tuple.
+    fn dump_with_tuple_zones(orig: Option<u16>, reply: Option<u16>) -> CtDumpEntry {
         let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
         m.header(&nfgenmsg(libc::AF_INET as u8, 0));
         let tuple = |m: &mut MsgBuilder, zone: Option<u16>| {
@@ -1096,9 +1077,20 @@ mod dump_tests {
                 m.be16(CTA_TUPLE_ZONE, z);
             }
         };
-        m.nested(CTA_TUPLE_ORIG, |m| tuple(m, None));
-        m.nested(CTA_TUPLE_REPLY, |m| tuple(m, Some(11)));
-        let d = parse(m.as_bytes()).unwrap().unwrap();
+        m.nested(CTA_TUPLE_ORIG, |m| tuple(m, orig));
+        m.nested(CTA_TUPLE_REPLY, |m| tuple(m, reply));
+        parse(m.as_bytes()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn netlink_ctnetlink_dump_entry_zone_of_the_original_direction() {
+        let d = dump_with_tuple_zones(Some(9), None);
+        assert_eq!(d.zone, 9);
+    }
+
+    #[test]
+    fn netlink_ctnetlink_dump_entry_zone_of_the_reply_direction() {
+        let d = dump_with_tuple_zones(None, Some(11));
         assert_eq!((d.zone, d.sport, d.dport), (11, 1, 2));
     }
 
