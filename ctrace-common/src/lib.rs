@@ -221,7 +221,17 @@ pub mod counter {
     /// tc tier: opening packets whose match key (TCP ISN, UDP digest) a
     /// different pending flow already holds: never judged.
     pub const TC_KEY_CLASH: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// tc tier: opening packets and answers on a hooked device that
+    /// `DEVICES` does not name (its address changed since the last
+    /// rescan, or it is shared with another namespace): not held, never
+    /// judged, shown.
+    pub const TC_UNKNOWN_DEVICE: u32 = 16;
+    /// tc tier: frames that still carry an 802.1Q/802.1ad tag, in data or
+    /// in metadata, or a PPPoE header: they reach the IP stack (and
+    /// conntrack) on an upper device, where ctrace sees them, so they are
+    /// skipped here, never misread.
+    pub const TC_ENCAPSULATED: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// The tc tier: a packet that opens a flow is held as pending on ingress
@@ -239,9 +249,33 @@ pub mod tc {
         /// TCP: the initial sequence number. UDP: a digest of the IPv4 ID
         /// (0 on IPv6), the UDP length and the first payload bytes.
         pub id: u32,
+        /// The namespace that holds the flow, as `DEVICES` numbers it: a
+        /// flow belongs to the namespace it was held in, and only that
+        /// namespace's packets pass it.
+        pub slot: u32,
         pub proto: u8,
         pub family: u8,
         pub _pad: [u8; 2],
+    }
+
+    /// A hooked device as a tc program can tell it: ifindexes repeat
+    /// across namespaces (every pod has a low-numbered `eth0`), the
+    /// device's own hardware address in the frame (destination on
+    /// ingress, source on egress) almost never does.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+    pub struct DeviceKey {
+        pub ifindex: u32,
+        /// The device's address; zero for devices without a link-layer
+        /// header (PPP, WireGuard, tun); `GROUP` for frames sent to a
+        /// group address, registered only for an ifindex no other watched
+        /// namespace uses.
+        pub mac: [u8; 6],
+        pub _pad: [u8; 2],
+    }
+
+    impl DeviceKey {
+        pub const GROUP: [u8; 6] = [0xff; 6];
     }
 
     pub mod state {
@@ -253,13 +287,15 @@ pub mod tc {
         pub const JUDGED: u8 = 2;
     }
 
-    /// One flow opened on ingress. `flow.netns` is 0: a tc program cannot
-    /// see its namespace; user space knows it from `ifindex`.
+    /// One flow opened on ingress. `flow.netns` is the key's slot: a tc
+    /// program cannot see its namespace's inode; user space maps slots to
+    /// namespaces.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default)]
     pub struct Pending {
         pub flow: FlowKey,
-        /// Interface the opening packet arrived on.
+        /// Interface the opening packet arrived on: its forwarded copy
+        /// leaves with this as `ingress_ifindex`.
         pub ifindex: u32,
         pub first_ns: u64,
         pub last_ns: u64,
@@ -474,6 +510,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::tc::MatchKey {}
+    unsafe impl aya::Pod for super::tc::DeviceKey {}
     unsafe impl aya::Pod for super::tc::Pending {}
     unsafe impl aya::Pod for super::connect::TotalKey {}
     unsafe impl aya::Pod for super::connect::Count {}
@@ -504,7 +541,8 @@ mod tests {
         assert_eq!(size_of::<KernelLayout>() % 8, 0);
         assert_eq!(size_of::<TotalKey>(), 8);
         assert_eq!(size_of::<TotalCount>(), 16);
-        assert_eq!(size_of::<tc::MatchKey>(), 8);
+        assert_eq!(size_of::<tc::MatchKey>(), 12);
+        assert_eq!(size_of::<tc::DeviceKey>(), 12);
         assert_eq!(
             size_of::<tc::Pending>(),
             size_of::<FlowKey>() + 4 + 8 + 8 + 4 + 2 + 1 + 1

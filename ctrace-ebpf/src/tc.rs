@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use ctrace_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, counter, service_key,
-    tc::{MatchKey, Pending, state},
+    tc::{DeviceKey, MatchKey, Pending, state},
 };
 
 use crate::{SERVICES, bump};
@@ -31,6 +31,15 @@ const NEXT: i32 = -1;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+/// Tags and headers that mean the packet is not IP on this device yet.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_PPP_DISC: u16 = 0x8863;
+const ETH_P_PPP_SES: u16 = 0x8864;
+
+/// `__sk_buff.pkt_type` of a frame addressed to another host: the IP
+/// stack drops it before conntrack sees it.
+const PACKET_OTHERHOST: u32 = 3;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -43,16 +52,25 @@ const TCP_ACK: u8 = 0x10;
 #[map]
 static PENDING: HashMap<MatchKey, Pending> = HashMap::with_max_entries(1, 0);
 
-/// UDP tuples (as they arrived) -> their pending flow's key: tells a
-/// flow's later datagrams from a new flow, and lets a datagram going back
-/// to the tuple pass it. LRU: losing one only makes a later datagram look
-/// like a new flow, which then passes as it leaves.
+/// UDP tuples (as they arrived, `netns` = the holding namespace's slot)
+/// -> their pending flow's key: tells a flow's later datagrams from a new
+/// flow, and lets a datagram going back to the tuple pass it. LRU: losing
+/// one only makes a later datagram look like a new flow, which then passes
+/// as it leaves.
 #[map]
 static UDP_TUPLES: LruHashMap<FlowKey, MatchKey> = LruHashMap::with_max_entries(1, 0);
+
+/// Hooked devices -> the slot of their namespace. Written by user space as
+/// it hooks and rescans.
+#[map]
+static DEVICES: HashMap<DeviceKey, u32> = HashMap::with_max_entries(1, 0);
 
 /// The headers ctrace reads, from one packet.
 struct Packet {
     flow: FlowKey,
+    /// The hooked device's own address as the frame carries it:
+    /// destination on ingress, source on egress; zero without L2.
+    mac: [u8; 6],
     /// Offset of the L4 payload.
     payload: usize,
     tcp_flags: u8,
@@ -65,7 +83,7 @@ struct Packet {
 
 #[classifier]
 pub fn ctrace_tc_ingress(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, ETH_HLEN) {
+    if let Some(p) = parse(&ctx, ETH_HLEN, 0) {
         ingress(&ctx, &p);
     }
     NEXT
@@ -73,7 +91,7 @@ pub fn ctrace_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn ctrace_tc_egress(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, ETH_HLEN) {
+    if let Some(p) = parse(&ctx, ETH_HLEN, 6) {
         egress(&ctx, &p);
     }
     NEXT
@@ -83,7 +101,7 @@ pub fn ctrace_tc_egress(ctx: TcContext) -> i32 {
 /// packet starts at the IP header.
 #[classifier]
 pub fn ctrace_tc_ingress_l3(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, 0) {
+    if let Some(p) = parse(&ctx, 0, 0) {
         ingress(&ctx, &p);
     }
     NEXT
@@ -91,22 +109,63 @@ pub fn ctrace_tc_ingress_l3(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn ctrace_tc_egress_l3(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, 0) {
+    if let Some(p) = parse(&ctx, 0, 0) {
         egress(&ctx, &p);
     }
     NEXT
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext, l2: usize) -> Option<Packet> {
+fn skb(ctx: &TcContext) -> *const __sk_buff {
+    ctx.as_ptr() as *const __sk_buff
+}
+
+/// `N` bytes at `offset`: straight from the packet where its linear part
+/// holds them (no helper call), else copied by the helper (a header in a
+/// paged fragment is rare, never misread).
+#[inline(always)]
+fn bytes<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N <= ctx.data_end() {
+        // SAFETY: bounds-checked against data_end just above.
+        Some(unsafe { *(start as *const [u8; N]) })
+    } else {
+        ctx.load(offset).ok()
+    }
+}
+
+/// Reads what a tc program needs, leaving at the first byte that shows the
+/// packet cannot open a flow or answer one. `mac_at`: where the hooked
+/// device's own address sits in the Ethernet header (0: destination, 6:
+/// source), when `l2` is non-zero.
+#[inline(always)]
+fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
+    // SAFETY: plain readable fields of the program's __sk_buff.
+    let (protocol, vlan_present) = unsafe { ((*skb(ctx)).protocol, (*skb(ctx)).vlan_present) };
     // __sk_buff.protocol is the ethertype in network byte order.
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let ethertype = u16::from_be(protocol as u16);
+    if vlan_present != 0
+        || matches!(
+            ethertype,
+            ETH_P_8021Q | ETH_P_8021AD | ETH_P_PPP_DISC | ETH_P_PPP_SES
+        )
+    {
+        // Tagged for a VLAN device above this one (the tag is in metadata
+        // on both hooks), or still in its tag or PPPoE header: the IP
+        // stack meets it on that upper device.
+        bump(counter::TC_ENCAPSULATED);
+        return None;
+    }
     let mut flow = FlowKey::default();
     let mut ip_id = 0u16;
     let l4 = match ethertype {
         ETH_P_IP => {
-            let hdr: [u8; 20] = ctx.load(l2).ok()?;
+            let hdr: [u8; 20] = bytes(ctx, l2)?;
             if hdr[0] >> 4 != 4 {
+                return None;
+            }
+            flow.proto = hdr[9];
+            if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
                 return None;
             }
             // Only a first fragment carries the L4 header.
@@ -114,17 +173,19 @@ fn parse(ctx: &TcContext, l2: usize) -> Option<Packet> {
                 return None;
             }
             flow.family = AF_INET;
-            flow.proto = hdr[9];
             flow.src[..4].copy_from_slice(&hdr[12..16]);
             flow.dst[..4].copy_from_slice(&hdr[16..20]);
             ip_id = u16::from_be_bytes([hdr[4], hdr[5]]);
             l2 + ((hdr[0] & 0x0f) as usize) * 4
         }
         ETH_P_IPV6 => {
-            let hdr: [u8; 40] = ctx.load(l2).ok()?;
-            flow.family = AF_INET6;
+            let hdr: [u8; 40] = bytes(ctx, l2)?;
             // Extension headers are not walked: such flows are not judged.
             flow.proto = hdr[6];
+            if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
+                return None;
+            }
+            flow.family = AF_INET6;
             flow.src.copy_from_slice(&hdr[8..24]);
             flow.dst.copy_from_slice(&hdr[24..40]);
             l2 + 40
@@ -133,6 +194,7 @@ fn parse(ctx: &TcContext, l2: usize) -> Option<Packet> {
     };
     let mut p = Packet {
         flow,
+        mac: [0; 6],
         payload: 0,
         tcp_flags: 0,
         seq: 0,
@@ -140,33 +202,60 @@ fn parse(ctx: &TcContext, l2: usize) -> Option<Packet> {
         ip_id,
         udp_len: 0,
     };
-    match p.flow.proto {
-        IPPROTO_TCP => {
-            let hdr: [u8; 14] = ctx.load(l4).ok()?;
-            p.flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
-            p.flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
-            p.seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-            p.ack_seq = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-            p.tcp_flags = hdr[13];
+    if p.flow.proto == IPPROTO_TCP {
+        let hdr: [u8; 14] = bytes(ctx, l4)?;
+        p.tcp_flags = hdr[13];
+        // Only opening packets (SYN) and answers to them (SYN-ACK, RST)
+        // matter; the bulk of any link is neither.
+        if p.tcp_flags & (TCP_SYN | TCP_RST) == 0 {
+            return None;
         }
-        IPPROTO_UDP => {
-            let hdr: [u8; 8] = ctx.load(l4).ok()?;
-            p.flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
-            p.flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
-            p.udp_len = u16::from_be_bytes([hdr[4], hdr[5]]);
-            p.payload = l4 + 8;
-        }
-        _ => return None,
+        p.flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+        p.flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        p.seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        p.ack_seq = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    } else {
+        let hdr: [u8; 8] = bytes(ctx, l4)?;
+        p.flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+        p.flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        p.udp_len = u16::from_be_bytes([hdr[4], hdr[5]]);
+        p.payload = l4 + 8;
+    }
+    if l2 != 0 {
+        p.mac = bytes(ctx, mac_at)?;
     }
     Some(p)
+}
+
+/// The slot of the namespace that owns the hooked device this packet is
+/// on, from the device's address in the frame.
+#[inline(always)]
+fn slot(ctx: &TcContext, p: &Packet) -> Option<u32> {
+    // SAFETY: a plain readable field of the program's __sk_buff.
+    let ifindex = unsafe { (*skb(ctx)).ifindex };
+    let mut key = DeviceKey {
+        ifindex,
+        mac: p.mac,
+        _pad: [0; 2],
+    };
+    if key.mac[0] & 1 != 0 {
+        key.mac = DeviceKey::GROUP;
+    }
+    match unsafe { DEVICES.get(&key) } {
+        Some(s) => Some(*s),
+        None => {
+            bump(counter::TC_UNKNOWN_DEVICE);
+            None
+        }
+    }
 }
 
 /// A datagram's identity across NAT: the IPv4 ID and the payload are
 /// forwarded untouched (the checksum and ports are not). FNV-1a over what
 /// there is; a datagram shorter than 8 payload bytes hashes its length.
 #[inline(always)]
-fn datagram_key(ctx: &TcContext, p: &Packet) -> MatchKey {
-    let head: [u8; 8] = ctx.load(p.payload).unwrap_or([0; 8]);
+fn datagram_key(ctx: &TcContext, p: &Packet, slot: u32) -> MatchKey {
+    let head: [u8; 8] = bytes(ctx, p.payload).unwrap_or([0; 8]);
     let mut h: u32 = 0x811c_9dc5;
     let mut mix = |b: u8| {
         h ^= b as u32;
@@ -183,6 +272,7 @@ fn datagram_key(ctx: &TcContext, p: &Packet) -> MatchKey {
     }
     MatchKey {
         id: h,
+        slot,
         proto: IPPROTO_UDP,
         family: p.flow.family,
         _pad: [0; 2],
@@ -190,16 +280,10 @@ fn datagram_key(ctx: &TcContext, p: &Packet) -> MatchKey {
 }
 
 #[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is the program's __sk_buff; ifindex is a
-    // plain readable field on every tc hook.
-    unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex }
-}
-
-#[inline(always)]
-fn tcp_key(family: u8, isn: u32) -> MatchKey {
+fn tcp_key(family: u8, isn: u32, slot: u32) -> MatchKey {
     MatchKey {
         id: isn,
+        slot,
         proto: IPPROTO_TCP,
         family,
         _pad: [0; 2],
@@ -208,38 +292,49 @@ fn tcp_key(family: u8, isn: u32) -> MatchKey {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext, p: &Packet) {
-    let key = match p.flow.proto {
-        IPPROTO_TCP => {
-            if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-                return;
-            }
-            tcp_key(p.flow.family, p.seq)
+    if p.flow.proto == IPPROTO_TCP
+        && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN
+    {
+        return;
+    }
+    // SAFETY: plain readable fields of the program's __sk_buff.
+    let (ifindex, pkt_type) = unsafe { ((*skb(ctx)).ifindex, (*skb(ctx)).pkt_type) };
+    if pkt_type == PACKET_OTHERHOST {
+        // Seen in promiscuous mode, addressed to another host: the IP
+        // stack never takes it in.
+        return;
+    }
+    let Some(slot) = slot(ctx, p) else {
+        return;
+    };
+    let mut flow = p.flow;
+    flow.netns = slot;
+    let key = if flow.proto == IPPROTO_TCP {
+        tcp_key(flow.family, p.seq, slot)
+    } else {
+        if let Some(known) = unsafe { UDP_TUPLES.get(&flow) }.copied()
+            && let Some(pending) = PENDING.get_ptr_mut(&known)
+        {
+            // A later datagram of a flow still held: counts as a retry
+            // while the flow has not passed. A tuple whose flow left the
+            // map opens a flow anew: fixed tuples (NTP, WireGuard) must be
+            // judged again when dropped later.
+            repeat(pending, &flow, p.tcp_flags);
+            return;
         }
-        _ => {
-            if let Some(known) = unsafe { UDP_TUPLES.get(&p.flow) }.copied()
-                && let Some(pending) = PENDING.get_ptr_mut(&known)
-            {
-                // A later datagram of a flow still held: counts as a
-                // retry while the flow has not passed. A tuple whose flow
-                // left the map opens a flow anew: fixed tuples (NTP,
-                // WireGuard) must be judged again when dropped later.
-                repeat(pending, p);
-                return;
-            }
-            datagram_key(ctx, p)
-        }
+        datagram_key(ctx, p, slot)
     };
     if let Some(pending) = PENDING.get_ptr_mut(&key) {
-        repeat(pending, p);
+        repeat(pending, &flow, p.tcp_flags);
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let service = unsafe { SERVICES.get(&service_key(p.flow.proto, p.flow.dport)) }
+    let service = unsafe { SERVICES.get(&service_key(flow.proto, flow.dport)) }
         .copied()
         .unwrap_or(0);
     let fresh = Pending {
-        flow: p.flow,
-        ifindex: ifindex(ctx),
+        flow,
+        ifindex,
         first_ns: now,
         last_ns: now,
         packets: 1,
@@ -250,8 +345,8 @@ fn ingress(ctx: &TcContext, p: &Packet) {
     match PENDING.insert(&key, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => {
             bump(counter::TC_OPENED);
-            if p.flow.proto == IPPROTO_UDP {
-                let _ = UDP_TUPLES.insert(&p.flow, &key, 0);
+            if flow.proto == IPPROTO_UDP {
+                let _ = UDP_TUPLES.insert(&flow, &key, 0);
             }
         }
         // E2BIG: full. EEXIST: another CPU's packet with the same key got
@@ -265,16 +360,16 @@ fn ingress(ctx: &TcContext, p: &Packet) {
 /// retransmitted SYN, a retried query), or a different flow whose key
 /// clashes, which cannot be judged.
 #[inline(always)]
-fn repeat(pending: *mut Pending, p: &Packet) {
+fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8) {
     // SAFETY: a value pointer from the map, valid during this program run;
     // fields are written by concurrent CPUs without tearing (aligned
     // scalars), and a lost update only undercounts retries.
     unsafe {
-        let same = (*pending).flow.src == p.flow.src
-            && (*pending).flow.dst == p.flow.dst
-            && (*pending).flow.sport == p.flow.sport
-            && (*pending).flow.dport == p.flow.dport
-            && (*pending).flow.proto == p.flow.proto;
+        let same = (*pending).flow.src == flow.src
+            && (*pending).flow.dst == flow.dst
+            && (*pending).flow.sport == flow.sport
+            && (*pending).flow.dport == flow.dport
+            && (*pending).flow.proto == flow.proto;
         if !same {
             bump(counter::TC_KEY_CLASH);
             return;
@@ -284,44 +379,72 @@ fn repeat(pending: *mut Pending, p: &Packet) {
         }
         (*pending).packets += 1;
         (*pending).last_ns = bpf_ktime_get_ns();
-        (*pending).tcp_flags |= p.tcp_flags;
+        (*pending).tcp_flags |= tcp_flags;
     }
     bump(counter::TC_REPEATED);
 }
 
+/// What may pass a held flow.
+enum Passer<'a> {
+    /// The flow's own packet, forwarded: it arrived on `ingress_ifindex`.
+    Forwarded(u32),
+    /// An answer this namespace sent itself, which must go back to the
+    /// opener (ISNs of unrelated flows may clash).
+    Answer(&'a Packet),
+    /// A datagram back to the opener's tuple, found by that tuple.
+    Reply,
+}
+
 #[inline(always)]
 fn egress(ctx: &TcContext, p: &Packet) {
-    match p.flow.proto {
-        IPPROTO_TCP => {
-            let f = p.tcp_flags;
-            if f & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-                // The opening SYN leaves: forwarded, after any NAT.
-                pass(&tcp_key(p.flow.family, p.seq), None);
-            } else if f & TCP_ACK != 0 && f & (TCP_SYN | TCP_RST) != 0 {
-                // This host answers a SYN (SYN-ACK, or RST for a closed
-                // port): its ack is the ISN + 1, its destination the
-                // opener.
-                let key = tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1));
-                pass(&key, Some(p));
-            }
+    let f = p.tcp_flags;
+    let opening = p.flow.proto == IPPROTO_TCP && f & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+    let answer = p.flow.proto == IPPROTO_TCP && f & TCP_ACK != 0;
+    if p.flow.proto == IPPROTO_TCP && !opening && !answer {
+        return;
+    }
+    // SAFETY: a plain readable field of the program's __sk_buff. 0 for a
+    // packet this namespace sent itself.
+    let from = unsafe { (*skb(ctx)).ingress_ifindex };
+    if opening && from == 0 {
+        // This namespace's own SYN, a client's retransmission among them:
+        // it passes no flow, its own or another namespace's.
+        return;
+    }
+    let Some(slot) = slot(ctx, p) else {
+        return;
+    };
+    if p.flow.proto == IPPROTO_TCP {
+        if opening {
+            // The opening SYN leaves: forwarded, after any NAT.
+            pass(
+                &tcp_key(p.flow.family, p.seq, slot),
+                Passer::Forwarded(from),
+            );
+        } else if from == 0 {
+            // This namespace answers a SYN (SYN-ACK, or RST for a closed
+            // port): its ack is the ISN + 1, its destination the opener.
+            let key = tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1), slot);
+            pass(&key, Passer::Answer(p));
         }
-        _ => {
-            // Forwarded: the same datagram leaves.
-            if pass(&datagram_key(ctx, p), None) {
-                return;
-            }
-            // Answered by this host: a datagram back to the opener's tuple.
-            let back = FlowKey {
-                src: p.flow.dst,
-                dst: p.flow.src,
-                sport: p.flow.dport,
-                dport: p.flow.sport,
-                ..p.flow
-            };
-            if let Some(key) = unsafe { UDP_TUPLES.get(&back) }.copied() {
-                pass(&key, None);
-            }
-        }
+        return;
+    }
+    if from != 0 {
+        // Forwarded: the same datagram leaves.
+        pass(&datagram_key(ctx, p, slot), Passer::Forwarded(from));
+        return;
+    }
+    // Answered by this namespace: a datagram back to the opener's tuple.
+    let back = FlowKey {
+        src: p.flow.dst,
+        dst: p.flow.src,
+        sport: p.flow.dport,
+        dport: p.flow.sport,
+        netns: slot,
+        ..p.flow
+    };
+    if let Some(key) = unsafe { UDP_TUPLES.get(&back) }.copied() {
+        pass(&key, Passer::Reply);
     }
 }
 
@@ -330,23 +453,24 @@ fn egress(ctx: &TcContext, p: &Packet) {
 /// second, passed entries left for user space to sweep filled the map and
 /// made each sweep walk it all. An older one may have been judged dropped
 /// (a retransmission got through late): it is marked, and user space
-/// counts its last packets before it deletes it. `answer`: the reply must
-/// go back to the opener (ISNs of unrelated flows may clash).
+/// counts its last packets before it deletes it.
 #[inline(always)]
-fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
+fn pass(key: &MatchKey, by: Passer<'_>) {
     let window_ns = crate::LAYOUT.load().tc_window_ns;
     let Some(pending) = PENDING.get_ptr_mut(key) else {
-        return false;
+        return;
     };
     // SAFETY: as in `repeat`.
     unsafe {
-        if let Some(a) = answer
-            && ((*pending).flow.src != a.flow.dst || (*pending).flow.sport != a.flow.dport)
-        {
-            return false;
-        }
-        if (*pending).state == state::PASSED {
-            return true;
+        let ours = match by {
+            Passer::Forwarded(from) => (*pending).ifindex == from,
+            Passer::Answer(a) => {
+                (*pending).flow.src == a.flow.dst && (*pending).flow.sport == a.flow.dport
+            }
+            Passer::Reply => true,
+        };
+        if !ours || (*pending).state == state::PASSED {
+            return;
         }
         let age = bpf_ktime_get_ns().saturating_sub((*pending).first_ns);
         if age < window_ns {
@@ -357,5 +481,4 @@ fn pass(key: &MatchKey, answer: Option<&Packet>) -> bool {
         }
     }
     bump(counter::TC_PASSED);
-    true
 }

@@ -107,7 +107,7 @@ impl Judge {
     /// passes the time of the counter sample these verdicts settle against,
     /// so packets and the counter rises they caused are counted together.
     /// Flows judged now are appended to `out`; `netns_of` names the
-    /// namespace of an ifindex. `flush`: the last sweep, when every pending
+    /// namespace of a key's slot. `flush`: the last sweep, when every pending
     /// flow and packet counts.
     pub fn sweep(
         &mut self,
@@ -191,7 +191,7 @@ impl Judge {
                     }
                 }
                 _ if p.first_ns < horizon || (flush && p.first_ns < now_ns) => {
-                    let netns = netns_of(p.ifindex);
+                    let netns = netns_of(key.slot);
                     let flow = netns.and_then(|ns| {
                         let mut k = p.flow;
                         k.netns = u32::try_from(ns).unwrap_or(0);

@@ -40,4 +40,4 @@ pub const MEMORY_PER_TABLE_ENTRY_BYTES: f64 = 96.0;
 pub const MEMORY_PER_FLOW_BYTES: f64 = 400.0;
 /// tc tier: user space's record of each flow the pending map can hold
 /// (`--pending-flows`), judged and lingering for retransmissions.
-pub const MEMORY_PER_PENDING_FLOW_BYTES: f64 = 128.0;
+pub const MEMORY_PER_PENDING_FLOW_BYTES: f64 = 144.0;

@@ -304,6 +304,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         kernel_log: None,
         connects: vec![],
         connect_counters: None,
+        devices: vec![],
+        device_warnings: vec![],
         is_final: true,
     };
     if args.json {

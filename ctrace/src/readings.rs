@@ -27,6 +27,10 @@ pub struct Counters {
     pub tc_repeated: u64,
     pub tc_pending_full: u64,
     pub tc_key_clash: u64,
+    /// tc tier: opening packets and answers on a device the device map
+    /// does not name, and frames skipped for a tag or PPPoE header.
+    pub tc_unknown_device: u64,
+    pub tc_encapsulated: u64,
     /// tc tier, from user space's sweeps: flows pending now, judged
     /// dropped so far, and pending flows no watched interface owns.
     pub tc_pending: u64,
@@ -81,10 +85,22 @@ pub struct CorrelationCounts {
     pub pending: u64,
     /// Flows judged dropped.
     pub judged: u64,
-    /// Pending flows whose interface no watched namespace owns (or two do):
+    /// Pending flows whose namespace slot names no watched namespace (it
+    /// went away before they were judged):
     /// not attributed.
     pub unattributed: u64,
     /// Flows judged dropped but not announced one by one (more in one sweep
     /// than the detail takes); the totals count them.
     pub unannounced: u64,
+}
+
+/// What a tier that hooks devices (tc) decided for one device, and why:
+/// shown by `probe`, the live view and the JSON summary.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceChoice {
+    pub netns: u64,
+    pub name: String,
+    pub ifindex: u32,
+    pub hooked: bool,
+    pub why: String,
 }

@@ -16,7 +16,9 @@ use crate::{
     event::{self, Clock, Flow, KernelEvent},
     loader::KernelLogger,
     netns::NetNsInfo,
-    readings::{CorrelationCounts, Counters, EvictedKey, Evictor, FlowCount, KernelTotal},
+    readings::{
+        CorrelationCounts, Counters, DeviceChoice, EvictedKey, Evictor, FlowCount, KernelTotal,
+    },
     tier::Tier,
 };
 
@@ -44,6 +46,14 @@ pub trait Correlator: Send {
     /// Adds per-flow counts of the flows it judged dropped.
     fn flow_counts(&mut self, out: &mut HashMap<Flow, FlowCount>);
     fn forget_netns(&mut self, gone: &[u64]);
+    /// The devices it decided on, hooked or not, and why.
+    fn devices(&self) -> Vec<DeviceChoice> {
+        Vec::new()
+    }
+    /// What it cannot see, in words.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Removes what would outlive the process (clsact filters).
     fn detach(&mut self);
 }
@@ -119,6 +129,14 @@ impl EventSource {
     pub fn with_correlator(mut self, correlator: Box<dyn Correlator>) -> Self {
         self.correlator = Some(correlator);
         self
+    }
+
+    /// A device-hooking tier's choices and warnings (empty elsewhere).
+    pub fn devices(&self) -> (Vec<DeviceChoice>, Vec<String>) {
+        self.correlator
+            .as_ref()
+            .map(|c| (c.devices(), c.warnings()))
+            .unwrap_or_default()
     }
 
     fn correlation_counts(&self) -> CorrelationCounts {
@@ -252,6 +270,8 @@ impl EventSource {
             tc_repeated: sum(counter::TC_REPEATED)?,
             tc_pending_full: sum(counter::TC_PENDING_FULL)?,
             tc_key_clash: sum(counter::TC_KEY_CLASH)?,
+            tc_unknown_device: sum(counter::TC_UNKNOWN_DEVICE)?,
+            tc_encapsulated: sum(counter::TC_ENCAPSULATED)?,
         })
     }
 

@@ -749,6 +749,11 @@ impl Watcher {
             Some(n) => (n.rows(), Some(n.view.counters()?)),
             None => (Vec::new(), None),
         };
+        let (devices, device_warnings) = self
+            .source
+            .as_ref()
+            .map(|s| s.devices())
+            .unwrap_or_default();
         let snap = Snapshot {
             time: SystemTime::now(),
             elapsed: self.started.elapsed(),
@@ -765,6 +770,8 @@ impl Watcher {
             kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
             connects,
             connect_counters,
+            devices,
+            device_warnings,
             is_final,
         };
         for s in sinks.iter_mut() {

@@ -16,10 +16,15 @@ use crate::netns::NetNs;
 pub const RTM_NEWLINK: u16 = 16;
 pub const RTM_GETLINK: u16 = 18;
 pub const RTM_NEWADDR: u16 = 20;
+pub const RTM_GETADDR: u16 = 22;
 pub const RTM_NEWROUTE: u16 = 24;
 
 // linux/if_link.h
+pub const IFLA_ADDRESS: u16 = 1;
 pub const IFLA_IFNAME: u16 = 3;
+pub const IFLA_LINK: u16 = 5;
+pub const IFLA_MASTER: u16 = 10;
+pub const IFLA_VLAN_ID: u16 = 1;
 pub const IFLA_LINKINFO: u16 = 18;
 pub const IFLA_NET_NS_FD: u16 = 28;
 pub const IFLA_EXT_MASK: u16 = 29;
@@ -42,6 +47,7 @@ pub const RTA_GATEWAY: u16 = 5;
 pub const RT_TABLE_MAIN: u8 = 254;
 pub const RTPROT_STATIC: u8 = 4;
 pub const RT_SCOPE_UNIVERSE: u8 = 0;
+pub const RT_SCOPE_LINK: u8 = 253;
 pub const RTN_UNICAST: u8 = 1;
 
 const IFF_UP: u32 = 0x1;
@@ -127,6 +133,16 @@ pub struct Link {
     /// ARPHRD_* (linux/if_arp.h): what header its packets start with.
     pub arphrd: u16,
     pub up: bool,
+    /// IFLA_INFO_KIND: "bridge", "vlan", "veth", "dsa", ...; empty for a
+    /// plain NIC (and for PPP, which reports none).
+    pub kind: String,
+    /// IFLA_MASTER: the bridge or bond this link is a port of, 0 for none.
+    pub master: u32,
+    /// IFLA_LINK: the device this one sits on (a VLAN's or DSA port's
+    /// lower device; a veth's peer, in another namespace), 0 for none.
+    pub lower: u32,
+    /// IFLA_ADDRESS when it is a 6-byte hardware address.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -186,20 +202,104 @@ impl RtSocket {
                 }
                 let h = reply.header(IFINFOMSG_LEN)?;
                 let index = i32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
-                let mut name = String::new();
-                if let Some(a) = reply.attrs(IFINFOMSG_LEN)?.find(IFLA_IFNAME)? {
-                    name = a.str()?.to_string();
-                }
-                links.push(Link {
+                let mut link = Link {
                     index: u32::try_from(index).unwrap_or(0),
-                    name,
+                    name: String::new(),
                     arphrd: u16::from_ne_bytes([h[2], h[3]]),
                     up: u32::from_ne_bytes([h[8], h[9], h[10], h[11]]) & IFF_UP != 0,
-                });
+                    kind: String::new(),
+                    master: 0,
+                    lower: 0,
+                    mac: None,
+                };
+                for a in reply.attrs(IFINFOMSG_LEN)? {
+                    let a = a?;
+                    match a.ty {
+                        IFLA_IFNAME => link.name = a.str()?.to_string(),
+                        IFLA_MASTER => link.master = a.u32()?,
+                        IFLA_LINK => link.lower = a.u32()?,
+                        IFLA_ADDRESS => link.mac = a.payload.try_into().ok(),
+                        IFLA_LINKINFO => {
+                            if let Some(k) = a.nested().find(IFLA_INFO_KIND)? {
+                                link.kind = k.str()?.to_string();
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                links.push(link);
                 Ok(())
             })
             .context("listing links")?;
         Ok(links)
+    }
+
+    /// Links (by index) that carry an address of global or site scope:
+    /// the ones the IP stack itself uses (an IPv6 link-local address,
+    /// which every up Ethernet device gets, does not count).
+    pub fn addressed_links(&mut self) -> Result<std::collections::BTreeSet<u32>> {
+        let mut msg = MsgBuilder::new(RTM_GETADDR, 0);
+        msg.header(&[0u8; 8]);
+        let mut found = std::collections::BTreeSet::new();
+        self.0
+            .dump(msg, |reply| {
+                if reply.ty != RTM_NEWADDR {
+                    return Ok(());
+                }
+                let h = reply.header(8)?;
+                if h[3] < RT_SCOPE_LINK {
+                    found.insert(u32::from_ne_bytes([h[4], h[5], h[6], h[7]]));
+                }
+                Ok(())
+            })
+            .context("listing addresses")?;
+        Ok(found)
+    }
+
+    /// Creates a bridge (`ip link add NAME type bridge`).
+    pub fn add_bridge(&mut self, name: &str) -> Result<()> {
+        check_ifname(name)?;
+        let mut msg = MsgBuilder::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
+        msg.header(&ifinfomsg(0, 0, 0))
+            .str(IFLA_IFNAME, name)
+            .nested(IFLA_LINKINFO, |m| {
+                m.str(IFLA_INFO_KIND, "bridge");
+            });
+        self.0
+            .request_ack(msg)
+            .with_context(|| format!("creating bridge {name}"))
+    }
+
+    /// Creates VLAN `id` on `lower` (`ip link add NAME link LOWER type
+    /// vlan id ID`).
+    pub fn add_vlan(&mut self, name: &str, lower: &str, id: u16) -> Result<()> {
+        check_ifname(name)?;
+        let lower_index = self.link_index(lower)?;
+        let mut msg = MsgBuilder::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
+        msg.header(&ifinfomsg(0, 0, 0))
+            .str(IFLA_IFNAME, name)
+            .u32(IFLA_LINK, lower_index)
+            .nested(IFLA_LINKINFO, |m| {
+                m.str(IFLA_INFO_KIND, "vlan").nested(IFLA_INFO_DATA, |m| {
+                    m.u16(IFLA_VLAN_ID, id);
+                });
+            });
+        self.0
+            .request_ack(msg)
+            .with_context(|| format!("creating VLAN {name} (id {id} on {lower})"))
+    }
+
+    /// Makes `port` a port of `master` (`ip link set PORT master MASTER`).
+    pub fn set_master(&mut self, port: &str, master: &str) -> Result<()> {
+        check_ifname(port)?;
+        let master_index = self.link_index(master)?;
+        let mut msg = MsgBuilder::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(0, 0, 0))
+            .str(IFLA_IFNAME, port)
+            .u32(IFLA_MASTER, master_index);
+        self.0
+            .request_ack(msg)
+            .with_context(|| format!("adding {port} to {master}"))
     }
 
     /// How many tc filters hang off the clsact qdisc of link `index`,

@@ -129,6 +129,8 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             .caps
             .filter(|c| c.drops == crate::tier::DropSight::Correlated)
             .map(|_| correlation_json(&s.counters)),
+        "devices": s.devices,
+        "warnings": s.device_warnings,
     })
 }
 
@@ -143,6 +145,8 @@ pub fn correlation_json(c: &crate::readings::Counters) -> Value {
         "pending": c.tc_pending,
         "not_judged_map_full": c.tc_pending_full,
         "not_judged_key_clash": c.tc_key_clash,
+        "not_judged_unknown_device": c.tc_unknown_device,
+        "skipped_encapsulated": c.tc_encapsulated,
         "unattributed": c.tc_unattributed,
     })
 }

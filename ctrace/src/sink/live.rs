@@ -214,15 +214,28 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &mut o,
             format!(
                 "opening packets: {} flows held, {} passed, {} judged dropped, {} pending; \
-                 not judged: {} (map full) + {} (key clash)",
+                 not judged: {} (map full) + {} (key clash) + {} (unknown device); \
+                 {} tagged/PPPoE frames left to their upper device",
                 c.tc_opened,
                 c.tc_passed,
                 c.tc_judged,
                 c.tc_pending,
                 c.tc_pending_full,
-                c.tc_key_clash
+                c.tc_key_clash,
+                c.tc_unknown_device,
+                c.tc_encapsulated
             ),
         );
+        let hooked: Vec<String> = s
+            .devices
+            .iter()
+            .filter(|d| d.hooked)
+            .map(|d| format!("{}@{}", crate::sink::terminal_safe(&d.name), d.netns))
+            .collect();
+        w(&mut o, format!("hooked: {}", hooked.join(" ")));
+        for warning in &s.device_warnings {
+            w(&mut o, format!("WARNING: {warning}"));
+        }
     }
     if s.counters.totals_full > 0 {
         w(
@@ -373,6 +386,8 @@ mod tests {
                 flows_forgotten: 0,
                 kernel_log: None,
                 connects: vec![],
+                devices: vec![],
+                device_warnings: vec![],
                 connect_counters: None,
                 is_final: false,
             })

@@ -45,6 +45,10 @@ pub struct Snapshot<'a> {
     /// service, and its own losses; None when it is off.
     pub connects: Vec<ConnectRow>,
     pub connect_counters: Option<ConnectCounters>,
+    /// A device-hooking tier (tc): every device of the watched namespaces,
+    /// hooked or not and why, and what it cannot see.
+    pub devices: Vec<crate::readings::DeviceChoice>,
+    pub device_warnings: Vec<String>,
     pub is_final: bool,
 }
 
@@ -111,4 +115,19 @@ pub fn netns_label(t: &TableView) -> String {
         l += &format!(" [{}]", t.names.processes.join(","));
     }
     l
+}
+
+/// A name from the system (an interface name may hold any byte but `/`,
+/// `:` and whitespace) made safe for a terminal: control characters are
+/// shown as `\xNN` escapes, never sent raw.
+pub fn terminal_safe(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

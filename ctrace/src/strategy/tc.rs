@@ -17,11 +17,17 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{
         LinkOrder, SchedClassifier, TcAttach, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLink},
     },
 };
+
+use ctrace_common::tc::DeviceKey;
+
+mod devices;
+pub use devices::DeviceChoice;
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent},
@@ -44,6 +50,9 @@ const PROGRAMS: [&str; 4] = [INGRESS, EGRESS, INGRESS_L3, EGRESS_L3];
 
 /// How often interfaces are re-listed, to hook the ones that appeared.
 const RESCAN: Duration = Duration::from_secs(2);
+/// Rows of the kernel's device map: hooked devices of every watched
+/// namespace, plus one group-address row each.
+const DEVICE_ROWS: u32 = 8192;
 
 pub const CAPABILITIES: Capabilities = Capabilities {
     exact_verdicts: false,
@@ -93,6 +102,7 @@ fn load(
             })
             .map_max_entries("PENDING", pending)
             .map_max_entries("UDP_TUPLES", pending)
+            .map_max_entries("DEVICES", DEVICE_ROWS)
             // Unused here: the smallest sizes the kernel accepts.
             .map_max_entries("FLOWS", 1)
             .map_max_entries("EVICTED", 1)
@@ -166,12 +176,7 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
         }
     };
     log::info!("tc tier: attaching as {}{why}", mode.describe());
-    let hooks = Hooks {
-        mode,
-        ifaces: opts.ifaces.clone(),
-        attached: BTreeMap::new(),
-        last_scan: None,
-    };
+    let hooks = Hooks::new(&mut ebpf, mode, opts.ifaces.clone())?;
     let judge = Judge::new(&mut ebpf, opts.judge_window, opts.pending_flows)?;
     let tier = Tier {
         strategy: Strategy::Tc,
@@ -208,7 +213,7 @@ impl Correlator for Correlation {
         let hooks = &self.hooks;
         let now = event::monotonic_ns();
         self.judge
-            .sweep(now, horizon, clock, |i| hooks.netns_of(i), out, flush);
+            .sweep(now, horizon, clock, |slot| hooks.netns_of(slot), out, flush);
     }
 
     fn counts(&self) -> CorrelationCounts {
@@ -227,6 +232,14 @@ impl Correlator for Correlation {
         self.judge.forget_netns(gone);
     }
 
+    fn devices(&self) -> Vec<DeviceChoice> {
+        self.hooks.choices()
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.hooks.warnings()
+    }
+
     fn detach(&mut self) {
         // clsact filters outlive the process unless removed, and only from
         // inside their namespace; TCX links just close.
@@ -238,51 +251,85 @@ impl Correlator for Correlation {
 struct Attached {
     name: String,
     index: u32,
+    /// Its hardware address, as frames carry it; None without L2.
+    mac: Option<[u8; 6]>,
     links: Vec<SchedClassifierLink>,
     /// ctrace added the clsact qdisc: it goes at exit if nothing else
     /// hangs off it by then.
     added_clsact: bool,
 }
 
-/// Which interfaces of which namespaces carry the programs.
+/// Which interfaces of which namespaces carry the programs, and how the
+/// programs tell those namespaces apart.
 pub struct Hooks {
     mode: TcAttachMode,
-    /// `--iface`: only these names; empty for every non-loopback one.
+    /// `--iface`: only these names; empty for every device `devices`
+    /// picks.
     ifaces: Vec<String>,
     /// netns inode -> ifindex -> links.
     attached: BTreeMap<u64, BTreeMap<u32, Attached>>,
+    /// netns inode -> the slot its flows are keyed by in the kernel. Never
+    /// reused: a flow of a namespace that went away cannot be taken for a
+    /// new one's.
+    slots: BTreeMap<u64, u32>,
+    next_slot: u32,
+    /// The kernel's device map, and what was last written to it.
+    devices: BpfHashMap<MapData, DeviceKey, u32>,
+    written: BTreeMap<DeviceKey, u32>,
+    /// What was decided for each device, per namespace.
+    choices: BTreeMap<u64, Vec<DeviceChoice>>,
+    /// Per namespace: what the tc tier cannot see there, in words.
+    warnings: BTreeMap<u64, Vec<String>>,
     last_scan: Option<Instant>,
 }
 
 impl Hooks {
-    /// Interfaces by (netns, ifindex), for naming a pending flow's
-    /// namespace.
-    pub fn netns_of(&self, ifindex: u32) -> Option<u64> {
-        let mut found = self
-            .attached
+    fn new(ebpf: &mut Ebpf, mode: TcAttachMode, ifaces: Vec<String>) -> anyhow::Result<Hooks> {
+        let map = ebpf
+            .take_map("DEVICES")
+            .context("map DEVICES missing from the eBPF object")?;
+        Ok(Hooks {
+            mode,
+            ifaces,
+            attached: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            next_slot: 1,
+            devices: BpfHashMap::try_from(map)?,
+            written: BTreeMap::new(),
+            choices: BTreeMap::new(),
+            warnings: BTreeMap::new(),
+            last_scan: None,
+        })
+    }
+
+    /// The namespace a pending flow's slot stands for.
+    pub fn netns_of(&self, slot: u32) -> Option<u64> {
+        self.slots
             .iter()
-            .filter(|(_, ifs)| ifs.contains_key(&ifindex))
-            .map(|(ns, _)| *ns);
-        let first = found.next()?;
-        // Two watched namespaces with the same ifindex cannot be told apart
-        // by a tc program; such flows are not attributed.
-        found.next().is_none().then_some(first)
+            .find(|(_, s)| **s == slot)
+            .map(|(ns, _)| *ns)
     }
 
     pub fn mode(&self) -> TcAttachMode {
         self.mode
     }
 
-    pub fn interfaces(&self) -> Vec<(u64, String)> {
-        self.attached
+    /// Every device of the watched namespaces, hooked or not, and why.
+    pub fn choices(&self) -> Vec<DeviceChoice> {
+        self.choices.values().flatten().cloned().collect()
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
             .iter()
-            .flat_map(|(ns, ifs)| ifs.values().map(move |a| (*ns, a.name.clone())))
+            .flat_map(|(ns, w)| w.iter().map(move |w| format!("netns {ns}: {w}")))
             .collect()
     }
 
-    /// Hooks every interface of the watched namespaces that is not hooked
-    /// yet, and forgets those that went away. Runs at most every RESCAN
-    /// unless `now`.
+    /// Hooks the devices `devices::choose` picks in the watched namespaces,
+    /// unhooks those it no longer picks (a port added to a bridge, a device
+    /// gone), and rewrites the kernel's device map. Runs at most every
+    /// RESCAN unless `now`.
     pub fn refresh(
         &mut self,
         ebpf: &mut Ebpf,
@@ -317,23 +364,59 @@ impl Hooks {
             // The devices went with the namespace, and their hooks with
             // them; the links only need closing.
             self.attached.remove(&ns);
+            self.slots.remove(&ns);
+            self.choices.remove(&ns);
+            self.warnings.remove(&ns);
         }
+        self.write_devices();
     }
 
     fn refresh_netns(&mut self, ebpf: &mut Ebpf, info: &netns::NetNsInfo) -> anyhow::Result<()> {
         let ns = NetNs::open(&info.path)?;
-        let links = RtSocket::open(Some(&ns))?.links()?;
+        let mut rt = RtSocket::open(Some(&ns))?;
+        let links = rt.links()?;
+        let addressed = rt.addressed_links()?;
+        let choices = devices::choose(info.inode, &links, &addressed, &self.ifaces);
         let wanted: Vec<&Link> = links
             .iter()
-            .filter(|l| l.arphrd != Link::ARPHRD_LOOPBACK)
-            // Down links carry nothing (sit0 and friends exist in every
-            // namespace of some kernels); a rescan hooks them once up.
-            .filter(|l| l.up)
-            .filter(|l| self.ifaces.is_empty() || self.ifaces.contains(&l.name))
+            .filter(|l| choices.iter().any(|c| c.ifindex == l.index && c.hooked))
             .collect();
+        let bridged =
+            links.iter().any(|l| l.kind == "bridge") && links.iter().any(|l| l.master != 0);
+        self.warnings
+            .insert(info.inode, namespace_warnings(&ns, bridged));
+        self.choices.insert(info.inode, choices);
+        if !self.slots.contains_key(&info.inode) {
+            self.slots.insert(info.inode, self.next_slot);
+            self.next_slot += 1;
+        }
         let first_visit = !self.attached.contains_key(&info.inode);
         let have = self.attached.entry(info.inode).or_default();
-        have.retain(|index, a| links.iter().any(|l| l.index == *index && l.name == a.name));
+        let dropped: Vec<u32> = have
+            .iter()
+            .filter(|(index, a)| {
+                !wanted
+                    .iter()
+                    .any(|l| l.index == **index && l.name == a.name)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in dropped {
+            if let Some(old) = have.remove(&index) {
+                log::info!(
+                    "tc tier: unhooked {} (ifindex {index}) in netns {}",
+                    old.name,
+                    info.inode
+                );
+                detach_in(&ns, old);
+            }
+        }
+        for l in &wanted {
+            if let Some(a) = have.get_mut(&l.index) {
+                // OpenWrt sets addresses as it brings devices up.
+                a.mac = l.mac.filter(|_| l.arphrd == Link::ARPHRD_ETHER);
+            }
+        }
         let mut swept = BTreeSet::new();
         if first_visit && self.mode == TcAttachMode::Clsact {
             swept = sweep_stale_filters(&ns, &wanted);
@@ -379,6 +462,7 @@ impl Hooks {
             let holder = Attached {
                 name: link.name.clone(),
                 index: link.index,
+                mac: link.mac.filter(|_| l2),
                 links,
                 added_clsact,
             };
@@ -387,6 +471,28 @@ impl Hooks {
             }
         }
         Ok(())
+    }
+
+    /// Brings the kernel's device map in line with the hooked devices.
+    fn write_devices(&mut self) {
+        let rows = device_rows(&self.attached, &self.slots);
+        for key in self.written.keys() {
+            if !rows.contains_key(key) {
+                let _ = self.devices.remove(key);
+            }
+        }
+        for (key, slot) in &rows {
+            if self.written.get(key) != Some(slot)
+                && let Err(e) = self.devices.insert(key, slot, 0)
+            {
+                log::warn!(
+                    "tc tier: device map: ifindex {}: {e}: its flows are counted as on an \
+                     unknown device",
+                    key.ifindex
+                );
+            }
+        }
+        self.written = rows;
     }
 
     /// Removes every attachment, each inside its own namespace (a clsact
@@ -408,6 +514,77 @@ impl Hooks {
             }
         }
     }
+}
+
+/// The device map's rows: (ifindex, own address) -> slot for each hooked
+/// device, and (ifindex, GROUP) for frames to a group address where no
+/// other namespace hooks that ifindex. A key two namespaces share (the
+/// same ifindex and address, or two L3 devices of one ifindex) is left out:
+/// its packets count as on an unknown device rather than in the wrong
+/// namespace.
+fn device_rows(
+    attached: &BTreeMap<u64, BTreeMap<u32, Attached>>,
+    slots: &BTreeMap<u64, u32>,
+) -> BTreeMap<DeviceKey, u32> {
+    let mut rows: BTreeMap<DeviceKey, Option<u32>> = BTreeMap::new();
+    let mut put = |key: DeviceKey, slot: u32| {
+        rows.entry(key)
+            .and_modify(|s| {
+                if *s != Some(slot) {
+                    *s = None;
+                }
+            })
+            .or_insert(Some(slot));
+    };
+    for (ns, ifs) in attached {
+        let Some(&slot) = slots.get(ns) else {
+            continue;
+        };
+        for a in ifs.values() {
+            let key = |mac| DeviceKey {
+                ifindex: a.index,
+                mac,
+                _pad: [0; 2],
+            };
+            put(key(a.mac.unwrap_or([0; 6])), slot);
+            if a.mac.is_some() {
+                put(key(DeviceKey::GROUP), slot);
+            }
+        }
+    }
+    rows.into_iter()
+        .filter_map(|(k, s)| s.map(|s| (k, s)))
+        .collect()
+}
+
+/// What the tc tier cannot see in a namespace. With br_netfilter on,
+/// bridged frames meet conntrack at the bridge ports, before the bridge
+/// device where ctrace holds them: a flow the full table drops there never
+/// reaches ctrace.
+fn namespace_warnings(ns: &NetNs, bridged: bool) -> Vec<String> {
+    if !bridged {
+        return Vec::new();
+    }
+    let on = ns
+        .run(|| {
+            ["iptables", "ip6tables"]
+                .into_iter()
+                .filter(|t| {
+                    std::fs::read_to_string(format!("/proc/sys/net/bridge/bridge-nf-call-{t}"))
+                        .is_ok_and(|v| v.trim() == "1")
+                })
+                .map(|t| format!("net.bridge.bridge-nf-call-{t}=1"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if on.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "br_netfilter conntracks bridged frames at the bridge ports ({}): flows a full table \
+         drops there are not seen by the tc tier, which holds them on the bridge",
+        on.join(", ")
+    )]
 }
 
 fn attach(
@@ -465,6 +642,7 @@ fn detach_in(ns: &NetNs, a: Attached) {
         index,
         links,
         added_clsact,
+        ..
     } = a;
     if let Err(e) = ns.run(move || drop(links)) {
         log::warn!(
