@@ -60,6 +60,10 @@ static PENDING: HashMap<MatchKey, Pending> = HashMap::with_max_entries(1, 0);
 #[map]
 static UDP_TUPLES: LruHashMap<FlowKey, MatchKey> = LruHashMap::with_max_entries(1, 0);
 
+/// `UDP_TUPLES` value of a tuple this namespace opened itself: datagrams
+/// arriving on it are answers. No real key has protocol 0.
+const ANSWER_TO_OWN: u8 = 0;
+
 /// Hooked devices -> the slot of their namespace. Written by user space as
 /// it hooks and rescans.
 #[map]
@@ -312,7 +316,12 @@ fn ingress(ctx: &TcContext, p: &Packet) {
     let key = if flow.proto == IPPROTO_TCP {
         tcp_key(flow.family, p.seq, slot)
     } else {
-        if let Some(known) = unsafe { UDP_TUPLES.get(&flow) }.copied()
+        let known = unsafe { UDP_TUPLES.get(&flow) }.copied();
+        if known.is_some_and(|k| k.proto == ANSWER_TO_OWN) {
+            // An answer to a datagram this namespace sent: no new flow.
+            return;
+        }
+        if let Some(known) = known
             && let Some(pending) = PENDING.get_ptr_mut(&known)
         {
             // A later datagram of a flow still held: counts as a retry
@@ -443,8 +452,19 @@ fn egress(ctx: &TcContext, p: &Packet) {
         netns: slot,
         ..p.flow
     };
-    if let Some(key) = unsafe { UDP_TUPLES.get(&back) }.copied() {
-        pass(&key, Passer::Reply);
+    match unsafe { UDP_TUPLES.get(&back) }.copied() {
+        Some(key) if key.proto == ANSWER_TO_OWN => {}
+        Some(key) => pass(&key, Passer::Reply),
+        None => {
+            // This namespace opens a flow of its own (a client's query):
+            // what comes back on its tuple is an answer, not a flow to
+            // hold.
+            let own = MatchKey {
+                proto: ANSWER_TO_OWN,
+                ..MatchKey::default()
+            };
+            let _ = UDP_TUPLES.insert(&back, &own, 0);
+        }
     }
 }
 

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod openwrt;
+
 use ctrace::{
     lab::{LAB_SERVICES, topology::Topology, traffic},
     netlink::ctnetlink::CtSocket,

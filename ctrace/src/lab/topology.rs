@@ -37,7 +37,7 @@ pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 2);
 /// ssh, its DNS) answer there.
 pub const ROUTER_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const ROUTER_SERVER_SIDE_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
-const ROUTER_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 1);
+pub const ROUTER_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 1);
 const ROUTER_SERVER_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 1);
 
 pub struct Topology {
@@ -52,6 +52,9 @@ impl Topology {
         let clients = NetNs::create().context("creating the clients namespace")?;
         let router = NetNs::create().context("creating the router namespace")?;
         let servers = NetNs::create().context("creating the servers namespace")?;
+        for ns in [&clients, &router, &servers] {
+            no_dad(ns)?;
+        }
 
         let mut rt = RtSocket::open(Some(&router))?;
         rt.add_veth("to-clients", "eth0", &clients)?;
@@ -122,6 +125,15 @@ impl Topology {
             anchors,
         })
     }
+}
+
+/// IPv6 duplicate address detection off for the links a namespace will
+/// get: a new link's link-local address stays tentative for a second or
+/// so, and neighbour discovery cannot start from it, so the first IPv6
+/// packet a fresh router forwards waits (seen: a first connect of 2 s).
+pub fn no_dad(ns: &NetNs) -> anyhow::Result<()> {
+    ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0")?;
+    ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0")
 }
 
 impl Drop for Topology {

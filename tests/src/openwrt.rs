@@ -1,0 +1,168 @@
+//! A router namespace built like OpenWrt's defaults, for the tc tier's
+//! field-shape tests:
+//!
+//! ```text
+//!   lan-a (10.10.0.2, fd10::2) --veth-- lan1 \
+//!                                             br-lan (10.10.0.1, fd10::1)  router  wan[.7] (10.10.1.1) --veth-- servers (10.10.1.2)
+//!   lan-b (10.10.0.3, fd10::3) --veth-- lan2 /                            masquerade
+//! ```
+//!
+//! The WAN is a VLAN upper (`wan.7` on `wan`) where the kernel has 802.1Q,
+//! else the plain `wan` device. br_netfilter is off in the router, as on a
+//! stock OpenWrt (kmod-br-netfilter is not installed by default). Every
+//! client and the server sit on an `eth0` of their own, so at least three
+//! namespaces share ifindex numbers.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::mpsc,
+    thread::JoinHandle,
+};
+
+use anyhow::Context as _;
+use ctrace::{
+    netlink::{nftables, rtnetlink::RtSocket},
+    netns::NetNs,
+};
+
+pub const LAN_V4: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 10, 0, 2), Ipv4Addr::new(10, 10, 0, 3)];
+pub const LAN_V6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 2),
+    Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 3),
+];
+pub const ROUTER_LAN_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+pub const ROUTER_LAN_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 1);
+const ROUTER_WAN_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
+const ROUTER_WAN_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 1);
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 2);
+/// The WAN's VLAN id where 802.1Q exists.
+pub const WAN_VLAN: u16 = 7;
+
+pub struct OpenWrtLab {
+    pub lans: [NetNs; 2],
+    pub router: NetNs,
+    pub servers: NetNs,
+    /// The WAN's IP device: `wan.7`, or `wan` without 802.1Q.
+    pub wan: &'static str,
+    anchors: Vec<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+impl OpenWrtLab {
+    pub fn build() -> anyhow::Result<OpenWrtLab> {
+        let lans = [NetNs::create()?, NetNs::create()?];
+        let router = NetNs::create()?;
+        let servers = NetNs::create()?;
+        for ns in lans.iter().chain([&router, &servers]) {
+            ctrace::lab::topology::no_dad(ns)?;
+        }
+
+        let mut rt = RtSocket::open(Some(&router))?;
+        rt.add_bridge("br-lan")?;
+        for (port, lan) in ["lan1", "lan2"].into_iter().zip(&lans) {
+            rt.add_veth(port, "eth0", lan)?;
+            rt.set_master(port, "br-lan")?;
+            rt.set_up(port)?;
+        }
+        rt.add_address("br-lan", IpAddr::V4(ROUTER_LAN_V4), 24)?;
+        rt.add_address("br-lan", IpAddr::V6(ROUTER_LAN_V6), 64)?;
+        rt.set_up("br-lan")?;
+        rt.add_veth("wan", "eth0", &servers)?;
+        rt.set_up("wan")?;
+        let mut srt = RtSocket::open(Some(&servers))?;
+        srt.set_up("eth0")?;
+        let (wan, server_dev) = match rt.add_vlan("wan.7", "wan", WAN_VLAN) {
+            Ok(()) => {
+                srt.add_vlan("eth0.7", "eth0", WAN_VLAN)?;
+                ("wan.7", "eth0.7")
+            }
+            Err(e) => {
+                eprintln!("no 802.1Q here ({e:#}): the WAN is the plain wan device");
+                ("wan", "eth0")
+            }
+        };
+        rt.add_address(wan, IpAddr::V4(ROUTER_WAN_V4), 24)?;
+        rt.add_address(wan, IpAddr::V6(ROUTER_WAN_V6), 64)?;
+        rt.set_up(wan)?;
+        router.set_sysctl("net/ipv4/ip_forward", "1")?;
+        router.set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        bridge_netfilter(&router, false)?;
+
+        for (i, lan) in lans.iter().enumerate() {
+            let mut rt = RtSocket::open(Some(lan))?;
+            rt.add_address("eth0", IpAddr::V4(LAN_V4[i]), 24)?;
+            rt.add_address("eth0", IpAddr::V6(LAN_V6[i]), 64)?;
+            rt.set_up("eth0")?;
+            rt.add_route(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                0,
+                IpAddr::V4(ROUTER_LAN_V4),
+            )?;
+            rt.add_route(
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                0,
+                IpAddr::V6(ROUTER_LAN_V6),
+            )?;
+        }
+        srt.add_address(server_dev, IpAddr::V4(SERVER_V4), 24)?;
+        srt.add_address(server_dev, IpAddr::V6(SERVER_V6), 64)?;
+        srt.set_up(server_dev)?;
+        srt.add_route(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            0,
+            IpAddr::V4(ROUTER_WAN_V4),
+        )?;
+        srt.add_route(
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            0,
+            IpAddr::V6(ROUTER_WAN_V6),
+        )?;
+
+        nftables::enable_conntrack(&router).context("turning conntrack on in the router")?;
+        nftables::masquerade(&router)?;
+
+        let mut anchors = Vec::new();
+        for (ns, name) in [
+            (&lans[0], "lan-a"),
+            (&lans[1], "lan-b"),
+            (&router, "router"),
+            (&servers, "servers"),
+        ] {
+            let (tx, rx) = mpsc::channel::<()>();
+            let handle = ns.spawn(&format!("owrt-{name}"), move || {
+                let _ = rx.recv();
+            })?;
+            anchors.push((tx, handle));
+        }
+        Ok(OpenWrtLab {
+            lans,
+            router,
+            servers,
+            wan,
+            anchors,
+        })
+    }
+}
+
+/// Turns br_netfilter's calls into IPv4/IPv6 netfilter on or off for
+/// bridged frames in `ns`. Returns false where br_netfilter is absent
+/// (nothing to turn). The namespace is the test's own: the setting goes
+/// with it.
+pub fn bridge_netfilter(ns: &NetNs, on: bool) -> anyhow::Result<bool> {
+    let present = ns.run(|| std::path::Path::new("/proc/sys/net/bridge").exists())?;
+    if !present {
+        return Ok(false);
+    }
+    let v = if on { "1" } else { "0" };
+    ns.set_sysctl("net/bridge/bridge-nf-call-iptables", v)?;
+    ns.set_sysctl("net/bridge/bridge-nf-call-ip6tables", v)?;
+    Ok(true)
+}
+
+impl Drop for OpenWrtLab {
+    fn drop(&mut self) {
+        for (tx, handle) in self.anchors.drain(..) {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
