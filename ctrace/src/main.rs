@@ -347,6 +347,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let verdicts = strategy::probe(&facts);
     let auto = strategy::select(strategy::Choice::Auto, &verdicts).ok();
     let node = ctrace::connects::probe(&facts).map_err(|e| format!("{e:#}"));
+    let devices = strategy::tc::devices_here().map_err(|e| format!("{e:#}"));
     if args.json {
         let tiers: Vec<_> = verdicts
             .iter()
@@ -361,6 +362,10 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             "node_view": match &node {
                 Ok(why) => json!({"usable": true, "reason": why}),
                 Err(why) => json!({"usable": false, "reason": why}),
+            },
+            "tc_devices": match &devices {
+                Ok(d) => json!(d),
+                Err(why) => json!({"error": why}),
             },
         });
         println!("{v}");
@@ -384,6 +389,20 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         match &node {
             Ok(why) => println!("node view (--side node): yes  {why}"),
             Err(why) => println!("node view (--side node): no   {why}"),
+        }
+        match &devices {
+            Ok(d) => {
+                println!("tc tier devices (this namespace):");
+                for c in d {
+                    let mark = if c.hooked { "hook" } else { "skip" };
+                    println!(
+                        "  {:<16} {mark}  {}",
+                        sink::terminal_safe(&c.name),
+                        sink::terminal_safe(&c.why)
+                    );
+                }
+            }
+            Err(why) => println!("tc tier devices: cannot list: {why}"),
         }
     }
     Ok(if auto.is_some() {

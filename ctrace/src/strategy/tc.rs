@@ -79,6 +79,18 @@ pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {
     ))
 }
 
+/// What the tc tier would hook in ctrace's own namespace, and why (for
+/// `probe`: a router's devices live there).
+pub fn devices_here() -> anyhow::Result<Vec<DeviceChoice>> {
+    let inode = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .context("reading /proc/self/ns/net")?;
+    let mut rt = RtSocket::open(None)?;
+    let links = rt.links()?;
+    let addressed = rt.addressed_links()?;
+    Ok(devices::choose(inode, &links, &addressed, &[]))
+}
+
 /// Loads the object for the tc tier: no kernel BTF (stock OpenWrt has
 /// none, and the programs need none), and the other tiers' big maps
 /// shrunk to nothing.

@@ -706,6 +706,14 @@ fn tc_is_what_auto_picks_without_btf_and_probe_says_why() {
     let kprobe = line("kprobe");
     assert!(kprobe.contains(" no "), "{kprobe}");
     assert!(text.contains("auto picks: tc"), "{text}");
+    // Which devices it would hook here, and why the others not.
+    assert!(text.contains("tc tier devices (this namespace):"), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("lo ")
+            && l.contains("skip")
+            && l.contains("loopback")),
+        "{text}"
+    );
 }
 
 /// A storm of distinct flows into a full table: every dropped SYN is judged

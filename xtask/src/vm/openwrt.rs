@@ -433,6 +433,8 @@ mod tests {
             "CONFIG_NET_XGRESS=y",
             "CONFIG_NF_CONNTRACK_PROCFS=y",
             "CONFIG_NF_CT_NETLINK=m",
+            "CONFIG_BRIDGE=y",
+            "CONFIG_VLAN_8021Q=y",
         ] {
             assert!(COMMON.lines().any(|l| l == line), "{line}");
         }
