@@ -633,6 +633,31 @@ fn tc_hooks_never_outlive_ctrace() {
                 std::thread::sleep(Duration::from_millis(100));
             }
             assert_eq!(late.len(), 4, "a new interface was not hooked: {late:?}");
+            // late0 becomes a bridge port: the bridge is hooked instead.
+            rt.add_bridge("late-br").unwrap();
+            rt.set_master("late0", "late-br").unwrap();
+            rt.set_up("late-br").unwrap();
+            let want = [
+                "late-br Egress ctrace_tc_egress",
+                "late-br Ingress ctrace_tc_ingress",
+                "late1 Egress ctrace_tc_egress",
+                "late1 Ingress ctrace_tc_ingress",
+            ];
+            for _ in 0..50 {
+                late = tcx_left(router)
+                    .into_iter()
+                    .filter(|l| l.starts_with("late"))
+                    .collect();
+                late.sort();
+                if late == want {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(
+                late, want,
+                "a new bridge port stays hooked, or its bridge is not"
+            );
         }
         t.stop_with(signal);
         let mut left = tcx_left(router);
