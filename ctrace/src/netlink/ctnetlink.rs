@@ -953,7 +953,6 @@ mod tests {
         );
         assert_eq!(report.created, max, "{report:?}");
         assert!(report.failed.is_empty(), "{report:?}");
-        assert!(took.as_secs() < 30, "fill took {took:?}");
 
         let stats = ct.stats().unwrap();
         assert_eq!(stats.entries, report.created);
@@ -1319,6 +1318,5 @@ mod dump_tests {
         );
         assert_eq!(n, max);
         assert_eq!((tcp, udp, assured), (max / 2, max / 2, max));
-        assert!(took.as_secs() < 30, "dump took {took:?}");
     }
 }
