@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod openwrt;
+pub mod pppoe;
 
 use ctrace::{
     lab::{LAB_SERVICES, topology::Topology, traffic},

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! The WAN is a VLAN upper (`wan.7` on `wan`) where the kernel has 802.1Q,
-//! else the plain `wan` device. br_netfilter is off in the router, as on a
+//! else the plain `wan` device. With [`Wan::Pppoe`] the WAN's IP device is
+//! `pppoe-wan`, a PPPoE session over that device (VLAN 7 and PPPoE, as
+//! some ISPs run it), to a PPP device in the servers' namespace. br_netfilter is off in the router, as on a
 //! stock OpenWrt (kmod-br-netfilter is not installed by default). Every
 //! client and the server sit on an `eth0` of their own, so at least three
 //! namespaces share ifindex numbers.
@@ -38,17 +40,38 @@ pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd10, 1, 0, 0, 0, 0, 0, 2);
 /// The WAN's VLAN id where 802.1Q exists.
 pub const WAN_VLAN: u16 = 7;
 
+/// How the router reaches the servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wan {
+    /// Addresses on `wan.7` (or `wan` without 802.1Q).
+    Vlan,
+    /// Addresses on `pppoe-wan`, a PPPoE session over `wan.7` (or `wan`).
+    Pppoe,
+}
+
+/// The PPPoE session id both ends use.
+const PPPOE_SID: u16 = 0x0ce7;
+
 pub struct OpenWrtLab {
     pub lans: [NetNs; 2],
     pub router: NetNs,
     pub servers: NetNs,
-    /// The WAN's IP device: `wan.7`, or `wan` without 802.1Q.
+    /// The WAN's IP device: `wan.7`, or `wan` without 802.1Q, or
+    /// `pppoe-wan`.
     pub wan: &'static str,
+    /// The device the WAN's IP device sits on, if it is not `wan` itself.
+    pub wan_lower: Option<&'static str>,
     anchors: Vec<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// Both ends of the PPPoE session, kept open for the lab's life.
+    _pppoe: Vec<crate::pppoe::Session>,
 }
 
 impl OpenWrtLab {
     pub fn build() -> anyhow::Result<OpenWrtLab> {
+        OpenWrtLab::build_with(Wan::Vlan)
+    }
+
+    pub fn build_with(kind: Wan) -> anyhow::Result<OpenWrtLab> {
         let lans = [NetNs::create()?, NetNs::create()?];
         let router = NetNs::create()?;
         let servers = NetNs::create()?;
@@ -70,7 +93,7 @@ impl OpenWrtLab {
         rt.set_up("wan")?;
         let mut srt = RtSocket::open(Some(&servers))?;
         srt.set_up("eth0")?;
-        let (wan, server_dev) = match rt.add_vlan("wan.7", "wan", WAN_VLAN) {
+        let (mut wan, mut server_dev) = match rt.add_vlan("wan.7", "wan", WAN_VLAN) {
             Ok(()) => {
                 srt.add_vlan("eth0.7", "eth0", WAN_VLAN)?;
                 ("wan.7", "eth0.7")
@@ -80,6 +103,32 @@ impl OpenWrtLab {
                 ("wan", "eth0")
             }
         };
+        let mut wan_lower = (wan != "wan").then_some("wan");
+        let mut pppoe = Vec::new();
+        if kind == Wan::Pppoe {
+            rt.set_up(wan)?;
+            srt.set_up(server_dev)?;
+            let mac = |rt: &mut RtSocket, name: &str| -> anyhow::Result<[u8; 6]> {
+                rt.links()?
+                    .into_iter()
+                    .find(|l| l.name == name)
+                    .and_then(|l| l.mac)
+                    .with_context(|| format!("no MAC on {name}"))
+            };
+            let (router_mac, server_mac) = (mac(&mut rt, wan)?, mac(&mut srt, server_dev)?);
+            pppoe.push(crate::pppoe::open(
+                &router,
+                wan,
+                server_mac,
+                PPPOE_SID,
+                "pppoe-wan",
+            )?);
+            pppoe.push(crate::pppoe::open(
+                &servers, server_dev, router_mac, PPPOE_SID, "ppp-isp",
+            )?);
+            wan_lower = Some(wan);
+            (wan, server_dev) = ("pppoe-wan", "ppp-isp");
+        }
         rt.add_address(wan, IpAddr::V4(ROUTER_WAN_V4), 24)?;
         rt.add_address(wan, IpAddr::V6(ROUTER_WAN_V6), 64)?;
         rt.set_up(wan)?;
@@ -138,7 +187,9 @@ impl OpenWrtLab {
             router,
             servers,
             wan,
+            wan_lower,
             anchors,
+            _pppoe: pppoe,
         })
     }
 }

@@ -78,6 +78,18 @@ pub struct VmArgs {
     /// and tracepoint programs cannot load.
     #[arg(long, env = "CTRACE_VM_OPENWRT_STRATEGIES", default_value = "auto tc")]
     pub openwrt_strategies: String,
+    /// Debian rows (`SERIES/ARCH`) that also run the tc tests forced to
+    /// `--strategy tc` (a `tc=tc::` pass: strategy, then its tests). 6.1
+    /// has no TCX, so this proves the clsact path, which the OpenWrt rows
+    /// (6.12, TCX) do not take. Empty: no such pass.
+    #[arg(
+        long = "tc-pass",
+        env = "CTRACE_VM_TC_PASS",
+        value_delimiter = ',',
+        default_value = "6.1/x86_64",
+        value_name = "SERIES/ARCH"
+    )]
+    pub tc_pass: Vec<String>,
     /// Wall-clock limit per VM, in seconds; qemu is killed after it.
     #[arg(
         long = "vm-timeout",
@@ -185,6 +197,10 @@ struct Binaries {
     busybox: PathBuf,
 }
 
+/// A pass that runs only the tc tests, on the tc tier: `STRATEGY=FILTER`
+/// (see init.sh).
+const TC_PASS: &str = "tc=tc::";
+
 /// `auto tracepoint` or `auto,tracepoint` -> the words.
 fn strategy_list(s: &str) -> Vec<String> {
     s.split([' ', ','])
@@ -204,8 +220,15 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         bail!("--openwrt-strategies is empty");
     }
     let strategies_for = |k: &kernel::Kernel| match k.origin {
-        kernel::Origin::Debian => &strategies,
-        kernel::Origin::OpenWrt { .. } => &openwrt_strategies,
+        kernel::Origin::Debian => {
+            let mut s = strategies.clone();
+            let row = format!("{}/{}", k.series, k.arch.name());
+            if args.tc_pass.contains(&row) {
+                s.push(TC_PASS.to_string());
+            }
+            s
+        }
+        kernel::Origin::OpenWrt { .. } => openwrt_strategies.clone(),
     };
     // `--kernel openwrt` selects the kernel built here, the other names
     // Debian's; only openwrt names mean no Debian kernel at all.
@@ -303,7 +326,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
                 for k in kernels {
                     outcomes.push(report::VmReport {
                         kernel: k.clone(),
-                        strategies: strategies_for(k).clone(),
+                        strategies: strategies_for(k),
                         wall: Duration::ZERO,
                         outcome: report::Outcome::failed_to_start(format!(
                             "building the {} binaries failed: {e:#}",
@@ -328,7 +351,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
                         arch,
                         kernel: &prepared.vmlinuz,
                         initrd: &image,
-                        append: cmdline(arch, strategies, filter, args),
+                        append: cmdline(arch, &strategies, filter, args),
                         memory_mib: args.memory,
                         smp: smp(arch, &k.origin),
                         timeout: Duration::from_secs(args.vm_timeout),
@@ -497,6 +520,7 @@ mod tests {
             arches: vec![],
             strategies: String::new(),
             openwrt_strategies: String::new(),
+            tc_pass: vec![],
             vm_timeout: 1,
             run_timeout: 300,
             ct_max: Some(4096),

@@ -289,6 +289,18 @@ impl RtSocket {
             .with_context(|| format!("creating VLAN {name} (id {id} on {lower})"))
     }
 
+    /// Renames a link that is down (`ip link set OLD name NEW`).
+    pub fn rename(&mut self, old: &str, new: &str) -> Result<()> {
+        check_ifname(new)?;
+        let index = self.link_index(old)?;
+        let mut msg = MsgBuilder::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(index as i32, 0, 0))
+            .str(IFLA_IFNAME, new);
+        self.0
+            .request_ack(msg)
+            .with_context(|| format!("renaming {old} to {new}"))
+    }
+
     /// Makes `port` a port of `master` (`ip link set PORT master MASTER`).
     pub fn set_master(&mut self, port: &str, master: &str) -> Result<()> {
         check_ifname(port)?;

@@ -143,6 +143,10 @@ struct OpenWrtRouter {
 
 fn openwrt_router() -> OpenWrtRouter {
     let lab = openwrt::OpenWrtLab::build().expect("building the OpenWrt-shaped router");
+    openwrt_serving(lab)
+}
+
+fn openwrt_serving(lab: openwrt::OpenWrtLab) -> OpenWrtRouter {
     let servers = traffic::Listeners::start(&lab.servers, &[2380, 4420], &[]).unwrap();
     let router = traffic::Listeners::start(&lab.router, &[22], &[53]).unwrap();
     OpenWrtRouter {
@@ -442,6 +446,39 @@ fn tc_openwrt_shaped_router_matches_ground_truth() {
     }
     let r = openwrt_router();
     let summary = full_table_run(&r.shape(), true, "OpenWrt shape, every namespace watched");
+    check_openwrt_hooks(&r, &summary);
+}
+
+/// The same router with its WAN on `pppoe-wan`, a PPPoE session over the
+/// VLAN upper (or `wan`), masqueraded; every namespace watched. The PPP
+/// device is hooked (it carries IP, no Ethernet header); the session's
+/// frames on its lower are counted as encapsulated, never misread.
+#[test]
+fn tc_openwrt_pppoe_wan_matches_ground_truth() {
+    if !tc_wanted() {
+        return;
+    }
+    let lab = match openwrt::OpenWrtLab::build_with(openwrt::Wan::Pppoe) {
+        Ok(lab) => lab,
+        Err(e) if format!("{e:#}").contains("no PPPoE in this kernel") => {
+            eprintln!("SKIPPED: {e:#}");
+            return;
+        }
+        Err(e) => panic!("building the PPPoE router: {e:#}"),
+    };
+    let r = openwrt_serving(lab);
+    let summary = full_table_run(
+        &r.shape(),
+        true,
+        "OpenWrt shape over PPPoE, every namespace watched",
+    );
+    check_openwrt_hooks(&r, &summary);
+}
+
+/// The bridge and the WAN's IP device are hooked, the bridge's ports and
+/// a VLAN-only lower are not; repeats are retransmissions only; no
+/// warnings; >= 3 namespaces share an ifindex.
+fn check_openwrt_hooks(r: &OpenWrtRouter, summary: &Value) {
     let router = r.lab.router.inode();
     let devices: Vec<&Value> = summary["devices"]
         .as_array()
@@ -461,20 +498,28 @@ fn tc_openwrt_shaped_router_matches_ground_truth() {
     for port in ["lan1", "lan2"] {
         assert!(!hooked(port), "{devices:?}");
     }
-    if r.lab.wan != "wan" {
+    if devices.iter().any(|d| d["name"] == "wan.7") {
         assert!(
             !hooked("wan"),
             "a VLAN-only lower is not hooked: {devices:?}"
         );
     }
     let c = &summary["correlation"];
+    if r.lab.wan == "pppoe-wan" {
+        // The session's lower carries no address of its own but is an
+        // Ethernet device (or VLAN upper) with no master: hooked, and the
+        // PPPoE frames it sees are counted, not parsed as IP.
+        let lower = r.lab.wan_lower.unwrap();
+        assert!(hooked(lower), "{devices:?}");
+        assert!(c["skipped_encapsulated"].as_u64() > Some(0), "{c}");
+    }
     assert_eq!(
         c["repeated"].as_u64(),
-        Some(summary_retransmissions(&summary)),
+        Some(summary_retransmissions(summary)),
         "each packet is held once, on the bridge: repeats are retransmissions only: {c}"
     );
     assert_eq!(summary["warnings"].as_array().map(Vec::len), Some(0));
-    let collide = colliding_ifindexes(&summary);
+    let collide = colliding_ifindexes(summary);
     assert!(
         collide.values().any(|ns| ns.len() >= 3),
         "the test needs >= 3 namespaces sharing an ifindex: {collide:?}"

@@ -31,7 +31,11 @@ use crate::{run, step};
 /// conntrack itself and its netlink interface (table fill and statistics),
 /// nf_tables with the `ct` expression (the lab's stateful ruleset turns
 /// conntrack on in a namespace), veth (the lab's links). The rest are their
-/// dependencies, named so a missing one is reported by name.
+/// dependencies, named so a missing one is reported by name. The tc pass
+/// (see `DEBIAN_TC_SERIES` in vm.rs) adds what the OpenWrt-shaped router
+/// is built from: clsact and cls_bpf (no TCX before 6.6), a bridge with
+/// br_netfilter as on a host that loads it, 802.1Q uppers, masquerade.
+/// Debian's cloud kernels build no PPP: PPPoE is tested in the OpenWrt rows.
 pub const WANTED_MODULES: &[&str] = &[
     "libcrc32c",
     "nf_defrag_ipv4",
@@ -42,6 +46,14 @@ pub const WANTED_MODULES: &[&str] = &[
     "nf_tables",
     "nft_ct",
     "veth",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "sch_ingress",
+    "cls_bpf",
+    "bridge",
+    "br_netfilter",
+    "8021q",
 ];
 
 /// One kernel package of the matrix.
@@ -256,7 +268,9 @@ pub struct Prepared {
 /// Downloads and extracts `k` once; later runs use the cache.
 pub fn prepare(host: &Host, apt: &Apt, k: &Kernel, cache: &Path) -> anyhow::Result<Prepared> {
     let dir = k.dir(cache);
-    if !dir.join(COMPLETE).exists() {
+    // The marker names the modules taken, so a changed list re-extracts.
+    let marker = WANTED_MODULES.join(" ");
+    if fs::read_to_string(dir.join(COMPLETE)).ok().as_deref() != Some(marker.as_str()) {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         step(&format!(
@@ -272,7 +286,7 @@ pub fn prepare(host: &Host, apt: &Apt, k: &Kernel, cache: &Path) -> anyhow::Resu
         extract(host, &x, &dir).with_context(|| format!("extracting {}", deb.display()))?;
         fs::remove_dir_all(&tmp)?;
         fs::write(dir.join(PACKAGE), format!("{} {}\n", k.package, k.version))?;
-        fs::write(dir.join(COMPLETE), "")?;
+        fs::write(dir.join(COMPLETE), &marker)?;
     } else {
         step(&format!(
             "kernel {} {}: cached ({})",

@@ -61,7 +61,7 @@ pub const HOST_PACKAGES: &[&str] = &[
 /// tc tier's needs. nf_conntrack_netlink is built (`=m`) but neither
 /// shipped nor loaded: a router without kmod-nf-conntrack-netlink has no
 /// ctnetlink. Conntrack, nf_tables and veth are built in.
-const MODULES: &[&str] = &["sch_ingress", "cls_bpf", "act_bpf"];
+const MODULES: &[&str] = &["sch_ingress", "cls_bpf", "act_bpf", "pppoe"];
 
 /// At most two jobs: the machine is shared and has two cores.
 const MAX_JOBS: usize = 2;
@@ -435,6 +435,7 @@ mod tests {
             "CONFIG_NF_CT_NETLINK=m",
             "CONFIG_BRIDGE=y",
             "CONFIG_VLAN_8021Q=y",
+            "CONFIG_PPPOE=m",
         ] {
             assert!(COMMON.lines().any(|l| l == line), "{line}");
         }
