@@ -16,7 +16,7 @@ NVMe-over-TCP replicas. ctrace catches each dropped flow as it happens, says why
 (table_full, rule, invalid), names the service it belonged to, and shows how full every \
 namespace's table is and how fast it fills.\n\nWithout a subcommand, ctrace runs `watch`.",
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it\n  ctrace -q --record --metrics 0.0.0.0:9465 --metrics-notrack\n                                  as a service: record, serve metrics even when full\n  ctrace report /tmp/ctrace/recording.ndjson --html report.html\n\nExit status: 0 when done; 1 when tracing failed after it started; 2 when it could\nnot start: bad input, missing privileges or kernel features (the message names which)"
+    after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it\n  ctrace -q --record --metrics 0.0.0.0:9465 --metrics-notrack\n                                  as a service: record, serve metrics even when full\n  ctrace report /var/run/ctrace/recording.ndjson --html report.html\n\nExit status: 0 when done; 1 when tracing failed after it started; 2 when it could\nnot start: bad input, missing privileges or kernel features (the message names which)"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -142,7 +142,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "FILE")]
     pub textfile: Option<PathBuf>,
     /// Record drops and summaries (NDJSON) for `ctrace report`; FILE
-    /// defaults to /tmp/ctrace/recording.ndjson (tmpfs on routers, whose
+    /// defaults to /var/run/ctrace/recording.ndjson (tmpfs on routers, whose
     /// flash wears). Flushed every interval; rotated by --record-size.
     #[arg(long, value_name = "FILE", num_args = 0..=1,
           default_missing_value = crate::sink::record::DEFAULT_PATH)]

@@ -268,8 +268,9 @@ fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
         endpoint = Some(e);
     }
     if let Some(path) = &args.textfile {
-        // Fail now, not at the first interval.
-        std::fs::write(path, b"")
+        // Fail now, not at the first interval; an empty file is a valid
+        // exposition.
+        sink::files::replace(path, b"", sink::prometheus::TEXTFILE_MODE)
             .with_context(|| format!("--textfile {}: cannot write", path.display()))?;
     }
     if exposition.is_some() || args.textfile.is_some() {

@@ -62,6 +62,8 @@ assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["
 (c,) = spec["containers"]
 sc = c["securityContext"]
 assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+assert spec["automountServiceAccountToken"] is False
 assert sc["capabilities"]["drop"] == ["ALL"]
 allowed = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
 assert set(sc["capabilities"]["add"]) <= allowed, sc["capabilities"]["add"]

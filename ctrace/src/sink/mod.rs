@@ -2,6 +2,7 @@
 //! is made upstream, so the live view, plain lines and NDJSON can never
 //! disagree. A Prometheus exporter or an incident recorder is one more
 //! implementation of [`Sink`].
+pub mod files;
 pub mod json;
 pub mod live;
 pub mod plain;

@@ -58,6 +58,9 @@ impl Exposition {
     }
 }
 
+/// node_exporter runs as its own user: it must be able to read the file.
+pub const TEXTFILE_MODE: u32 = 0o644;
+
 pub struct PrometheusSink {
     exposition: Option<Exposition>,
     /// node_exporter's textfile collector reads `*.prom` files in a
@@ -77,12 +80,9 @@ impl PrometheusSink {
         let Some(path) = &self.textfile else {
             return Ok(());
         };
-        // The collector must never read half a file: write a sibling whose
-        // name it ignores (not *.prom), then rename over the target.
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        // The collector must never read half a file, and its directory is
+        // often another account's: see files::replace.
+        super::files::replace(path, text, TEXTFILE_MODE)
     }
 }
 
@@ -462,4 +462,42 @@ pub fn namespaces(text: &str) -> BTreeSet<String> {
         .filter_map(|l| l.split("netns=\"").nth(1)?.split('"').next())
         .map(str::to_string)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::symlink};
+
+    use super::*;
+
+    /// node_exporter's textfile directory belongs to its own account,
+    /// which can plant links at FILE and at any fixed name beside it.
+    #[test]
+    fn textfile_links_are_replaced_never_followed() {
+        let Some(dir) = crate::sink::files::tests::foreign_dir("textfile") else {
+            return;
+        };
+        let victims = [dir.with_extension("v1"), dir.with_extension("v2")];
+        for v in &victims {
+            fs::write(v, "precious\n").unwrap();
+        }
+        let file = dir.join("ctrace.prom");
+        symlink(&victims[0], &file).unwrap();
+        symlink(&victims[1], dir.join("ctrace.prom.tmp")).unwrap();
+        let sink = PrometheusSink::new(None, Some(file.clone()));
+        sink.write_textfile(b"ctrace_up 1\n").unwrap();
+        let kept: Vec<String> = victims
+            .iter()
+            .map(|v| fs::read_to_string(v).unwrap())
+            .collect();
+        let written = fs::symlink_metadata(&file).map(|m| m.is_file());
+        let text = fs::read_to_string(&file).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        for v in &victims {
+            fs::remove_file(v).unwrap();
+        }
+        assert_eq!(kept, ["precious\n", "precious\n"]);
+        assert_eq!(written.ok(), Some(true));
+        assert_eq!(text, "ctrace_up 1\n");
+    }
 }

@@ -16,15 +16,20 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    Sink, Snapshot,
+    Sink, Snapshot, files,
     json::{drop_json, summary_json},
     rfc3339,
 };
 use crate::aggregate::DropRecord;
 
-/// Where `--record` without a file writes: tmpfs on OpenWrt (and most
-/// distributions), because routers' flash wears.
-pub const DEFAULT_PATH: &str = "/tmp/ctrace/recording.ndjson";
+/// Where `--record` without a file writes: /var/run is tmpfs on OpenWrt
+/// (/tmp/run, spares the flash) and on Debian (/run), and only root can
+/// write it on both, so no other account can take `ctrace/` first, as it
+/// could in /tmp.
+pub const DEFAULT_PATH: &str = "/var/run/ctrace/recording.ndjson";
+/// Recordings hold who talked to whom: readable by their owner only.
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 pub const DEFAULT_KEEP: u32 = 3;
 /// `type` of the first line of every recording file.
@@ -42,12 +47,16 @@ pub struct RecordSink {
 }
 
 impl RecordSink {
-    /// Creates (or truncates) `path`; a recording an earlier run left there
-    /// is rotated away first rather than overwritten.
+    /// Creates `path` fresh; a recording an earlier run left there is
+    /// rotated away first rather than overwritten. Its directory must be
+    /// one only this user can write (made 0700 if missing): the rotated
+    /// names are fixed, and elsewhere another account could plant them.
     pub fn create(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<RecordSink> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)?;
-        }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        files::own_dir(dir, DIR_MODE)?;
         let header = json!({
             "type": HEADER_TYPE,
             "version": FORMAT_VERSION,
@@ -60,14 +69,14 @@ impl RecordSink {
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok()),
         });
-        if path.exists() {
+        if fs::symlink_metadata(path).is_ok() {
             rotate(path, keep)?;
         }
         let mut sink = RecordSink {
             path: path.to_path_buf(),
             max_bytes,
             keep,
-            out: BufWriter::new(File::create(path)?),
+            out: BufWriter::new(files::create_new(path, FILE_MODE)?),
             written: 0,
             header,
         };
@@ -87,7 +96,7 @@ impl RecordSink {
         if self.written > 0 && self.written + text.len() as u64 > self.max_bytes {
             self.out.flush()?;
             rotate(&self.path, self.keep)?;
-            self.out = BufWriter::new(File::create(&self.path)?);
+            self.out = BufWriter::new(files::create_new(&self.path, FILE_MODE)?);
             self.written = 0;
             self.write_header()?;
         }
@@ -109,7 +118,7 @@ fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
     }
     for n in (1..keep).rev() {
         let from = numbered(n);
-        if from.exists() {
+        if fs::symlink_metadata(&from).is_ok() {
             fs::rename(&from, numbered(n + 1))?;
         }
     }
@@ -140,6 +149,44 @@ impl Sink for RecordSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link planted where the recording goes, in a directory another
+    /// account can write (as anyone can make /tmp/ctrace): start is
+    /// refused, and the link's target is never touched.
+    #[test]
+    fn a_planted_link_is_never_followed() {
+        let Some(dir) = files::tests::foreign_dir("record") else {
+            return;
+        };
+        let victim = dir.with_extension("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        let path = dir.join("recording.ndjson");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let refused = RecordSink::create(&path, 1 << 20, 2)
+            .err()
+            .map(|e| e.to_string());
+        let kept = fs::read_to_string(&victim).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_file(&victim).unwrap();
+        assert_eq!(kept, "precious\n");
+        let refused = refused.expect("a directory another user owns is refused");
+        assert!(refused.contains("owned by uid 65534"), "{refused}");
+    }
+
+    #[test]
+    fn a_recording_is_its_owners_alone() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = std::env::temp_dir().join(format!("ctrace-mode-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("r.ndjson");
+        drop(RecordSink::create(&path, 1 << 20, 1).unwrap());
+        // A second run rotates the first one's file away, never reopens it.
+        drop(RecordSink::create(&path, 1 << 20, 1).unwrap());
+        let modes =
+            [&dir, &path, &dir.join("r.ndjson.1")].map(|p| fs::metadata(p).unwrap().mode() & 0o777);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(modes, [0o700, 0o600, 0o600]);
+    }
 
     #[test]
     fn rotation_keeps_the_newest_files() {
