@@ -424,7 +424,9 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let r = ctrace::report::Report::from_recording(&rec);
     print!("{}", r.markdown());
     if let Some(path) = &args.html {
-        std::fs::write(path, r.html()).with_context(|| format!("--html {}", path.display()))?;
+        // Replaced, never opened: a link planted at PATH is not followed.
+        sink::files::replace(path, r.html().as_bytes(), 0o644)
+            .with_context(|| format!("--html {}", path.display()))?;
         eprintln!("ctrace: HTML report written to {}", path.display());
     }
     // The report covers what could be read; a broken file still fails.

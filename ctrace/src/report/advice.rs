@@ -12,6 +12,8 @@
 //! Timeouts: with flows arriving at a steady rate, the entries a state
 //! holds are proportional to its timeout (Little's law), so cutting a
 //! timeout from T to T' removes a share 1 - T'/T of those entries.
+use std::net::IpAddr;
+
 use super::{Report, fill, recording::Header, render::Block};
 
 /// struct nf_conn's slab slot on 64-bit kernels of the 6.x series, for
@@ -49,8 +51,8 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
         format!("{entry} bytes per entry assumed (the recording did not measure it)")
     };
 
-    // 1. The limit.
-    let demand = ns.peak + ns.table_full_flows;
+    // 1. The limit. A recording is untrusted input: nothing here may wrap.
+    let demand = ns.peak.saturating_add(ns.table_full_flows);
     let peak_fill = fill(ns.peak, ns.max);
     b.push(Block::Heading(3, "1. nf_conntrack_max".into()));
     if ns.table_full_flows == 0 && peak_fill < ALERT_FILL * 100.0 {
@@ -58,12 +60,9 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
             "The table peaked at {} of {} entries ({peak_fill:.1}%) and refused nothing: the limit is sufficient for what was recorded.",
             ns.peak, ns.max
         )));
-    } else {
-        let advised = ((demand as f64 / ALERT_FILL).ceil() as u64)
-            .max(1024)
-            .next_power_of_two();
-        let now = ns.max * entry + ns.max * BUCKET_BYTES;
-        let then = advised * entry + advised * BUCKET_BYTES;
+    } else if let Some(advised) = advised_max(demand) {
+        let bytes = |n: u64| n.saturating_mul(entry.saturating_add(BUCKET_BYTES));
+        let (now, then) = (bytes(ns.max), bytes(advised));
         b.push(Block::Para(format!(
             "netns {} held **{} entries** at its peak (limit {}) and refused **{} flows** for a full table: the demand was at least **{demand}** entries. \
              With 20% headroom (so that an 80% alert fires before the table fills) that is {advised} (rounded up to a power of two). \
@@ -83,6 +82,10 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
              printf 'net.netfilter.nf_conntrack_max = {advised}\\nnet.netfilter.nf_conntrack_buckets = {advised}\\n' > /etc/sysctl.d/90-conntrack.conf\n\
              # where nf_conntrack is a module loaded after sysctl runs, size its hash when it loads\n\
              echo 'options nf_conntrack hashsize={advised}' > /etc/modprobe.d/nf_conntrack.conf"
+        )));
+    } else {
+        b.push(Block::Para(format!(
+            "The recorded demand ({demand} entries) is beyond what nf_conntrack_max can be set to ({MAX_SETTABLE}): the recording is damaged or not from a real table, so no limit is advised."
         )));
     }
 
@@ -146,20 +149,33 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
         3,
         "3. Traffic that needs no tracking".into(),
     ));
-    let private: Vec<(&String, u64)> = ns
-        .occupancy
-        .iter()
-        .flat_map(|o| o.by_src_prefix.iter())
-        .filter(|(p, _)| is_private(p))
-        .map(|(p, n)| (p, *n))
+    // Only what parses as a prefix reaches a command, printed back from
+    // its typed form: a key is text from a file someone else may have made.
+    let keys = ns.occupancy.iter().flat_map(|o| o.by_src_prefix.iter());
+    let unparsed = keys
+        .clone()
+        .filter(|(p, _)| p.parse::<Prefix>().is_err())
+        .count();
+    let private: Vec<(Prefix, u64)> = keys
+        .filter_map(|(p, n)| Some((p.parse::<Prefix>().ok()?, *n)))
+        .filter(|(p, _)| p.is_private())
         .collect();
-    let private_total: u64 = private.iter().map(|(_, n)| n).sum();
+    let private_total = private.iter().fold(0u64, |t, (_, n)| t.saturating_add(*n));
     let total = ns.occupancy.as_ref().map_or(0, |o| o.total);
-    if total > 0 && private_total * 10 >= total * 3 {
-        let mut prefixes: Vec<_> = private.clone();
+    if unparsed > 0 {
+        b.push(Block::Para(format!(
+            "{unparsed} source prefix key(s) in the recording are not prefixes and were left out."
+        )));
+    }
+    if total > 0 && u128::from(private_total) * 10 >= u128::from(total) * 3 {
+        let mut prefixes = private.clone();
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.1));
-        let set: Vec<&str> = prefixes.iter().take(4).map(|(p, _)| p.as_str()).collect();
-        let (v4, v6): (Vec<&str>, Vec<&str>) = set.iter().partition(|p| !p.contains(':'));
+        let set: Vec<String> = prefixes
+            .iter()
+            .take(4)
+            .map(|(p, _)| p.to_string())
+            .collect();
+        let (v4, v6): (Vec<&String>, Vec<&String>) = set.iter().partition(|p| !p.contains(':'));
         b.push(Block::Para(format!(
             "{private_total} entries ({:.0}%) came from private prefixes ({}). If that traffic stays inside your networks and needs no NAT or stateful filtering, exempting it from conntrack frees those entries (rules must then accept `ct state untracked` where they filter it).",
             fill(private_total, total),
@@ -174,7 +190,11 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
             if list.is_empty() {
                 continue;
             }
-            let s = list.join(", ");
+            let s = list
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             for chain in ["pre", "out"] {
                 cmd += &format!(
                     "nft add rule inet notrack_intra {chain} {fam} saddr {{ {s} }} {fam} daddr {{ {s} }} notrack\n"
@@ -197,10 +217,79 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
     b
 }
 
+/// nf_conntrack_max is an int sysctl: the largest power of two it takes.
+const MAX_SETTABLE: u64 = 1 << 30;
+
+/// The limit for `demand` entries with the alert's headroom, rounded up to
+/// a power of two; None past what the sysctl can hold.
+fn advised_max(demand: u64) -> Option<u64> {
+    let wanted = (demand as f64 / ALERT_FILL).ceil();
+    if wanted > MAX_SETTABLE as f64 {
+        return None;
+    }
+    (wanted as u64).max(1024).checked_next_power_of_two()
+}
+
 /// Entries a state would hold fewer with its timeout cut from `default` to
 /// `advised`, at a steady arrival rate (Little's law).
 fn fewer(entries: u64, default: u64, advised: u64) -> u64 {
-    entries * (default - advised) / default
+    (u128::from(entries) * u128::from(default - advised) / u128::from(default)) as u64
+}
+
+/// A source prefix as occupancy keys it (`10.10.0.0/24`, `fd00:1::/64`),
+/// parsed: only this form is ever printed into a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Prefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Prefix, ()> {
+        let (addr, len) = s.split_once('/').ok_or(())?;
+        let addr: IpAddr = addr.parse().map_err(|_| ())?;
+        // Digits only: u8's parser would take a leading `+`.
+        if len.is_empty() || !len.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(());
+        }
+        let len: u8 = len.parse().map_err(|_| ())?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        if len > bits {
+            return Err(());
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    /// The network address (host bits cleared, as nft wants it) and length.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let net = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        write!(f, "{net}/{}", self.len)
+    }
+}
+
+impl Prefix {
+    /// RFC 1918 and IPv6 ULA.
+    fn is_private(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(a) => a.is_private(),
+            IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
+        }
+    }
 }
 
 /// `sysctl -w net.netfilter.KEY=VALUE` as a command block.
@@ -208,25 +297,52 @@ fn sysctl(key: &str, value: u64) -> Block {
     Block::Code("sh", format!("sysctl -w net.netfilter.{key}={value}"))
 }
 
-/// RFC 1918 and IPv6 ULA prefixes as occupancy prints them.
-fn is_private(prefix: &str) -> bool {
-    let addr = prefix.split('/').next().unwrap_or("");
-    match addr.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(a)) => a.is_private(),
-        Ok(std::net::IpAddr::V6(a)) => (a.segments()[0] & 0xfe00) == 0xfc00,
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn private(s: &str) -> bool {
+        s.parse::<Prefix>().unwrap().is_private()
+    }
+
     #[test]
     fn private_prefixes() {
-        assert!(is_private("10.10.0.0/24"));
-        assert!(is_private("fd00:1::/64"));
-        assert!(!is_private("8.8.8.0/24"));
-        assert!(!is_private("2001:db8::/64"));
+        assert!(private("10.10.0.0/24"));
+        assert!(private("fd00:1::/64"));
+        assert!(!private("8.8.8.0/24"));
+        assert!(!private("2001:db8::/64"));
+    }
+
+    #[test]
+    fn only_prefixes_parse_and_print_back_typed() {
+        for bad in [
+            "10.0.0.0/8;touch /tmp/x;#",
+            "10.0.0.0/8 }; touch /tmp/x",
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/+8",
+            "10.0.0.0/",
+            "fd00::/129",
+            "10.0.0.0/8\n",
+        ] {
+            assert!(bad.parse::<Prefix>().is_err(), "{bad}");
+        }
+        let p: Prefix = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(p.to_string(), "10.0.0.0/8");
+        let p: Prefix = "fd00:1::7/64".parse().unwrap();
+        assert_eq!(p.to_string(), "fd00:1::/64");
+        assert_eq!(
+            "0.0.0.0/0".parse::<Prefix>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+    }
+
+    #[test]
+    fn sizing_never_wraps() {
+        assert_eq!(advised_max(0), Some(1024));
+        assert_eq!(advised_max(100_000), Some(131_072));
+        assert_eq!(advised_max(u64::MAX), None);
+        assert_eq!(advised_max(MAX_SETTABLE), None);
+        assert_eq!(fewer(u64::MAX, 120, 30), u64::MAX / 4 * 3 + 2);
     }
 }

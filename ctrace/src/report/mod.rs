@@ -129,7 +129,8 @@ impl Report {
                     first_rise.entry(sc).or_insert(s.time);
                 }
                 *e = (e.0.max(g.flows), e.1.max(g.packets));
-                *per_service.entry(service).or_default() += g.packets;
+                let t = per_service.entry(service).or_default();
+                *t = t.saturating_add(g.packets);
             }
             for (service, total) in &per_service {
                 let prev = per_service_prev.get(service).copied().unwrap_or(0);
@@ -169,13 +170,14 @@ impl Report {
                     cause: cause.clone(),
                     ..Affected::default()
                 });
-            a.flows += flows;
-            a.packets += packets;
+            // Recordings are untrusted input: counts saturate, never wrap.
+            a.flows = a.flows.saturating_add(*flows);
+            a.packets = a.packets.saturating_add(*packets);
             if cause == "table_full"
                 && let Some(st) = namespaces.get_mut(netns)
             {
-                st.table_full_flows += flows;
-                st.table_full_packets += packets;
+                st.table_full_flows = st.table_full_flows.saturating_add(*flows);
+                st.table_full_packets = st.table_full_packets.saturating_add(*packets);
             }
         }
         // First sightings date a drop to the packet; the summaries bound
@@ -203,7 +205,8 @@ impl Report {
 
         let mut ev: BTreeMap<(String, String), u64> = BTreeMap::new();
         for ((_, service, _, by), n) in evictions {
-            *ev.entry((service, by)).or_default() += n;
+            let t = ev.entry((service, by)).or_default();
+            *t = t.saturating_add(n);
         }
         let mut evictions: Vec<_> = ev.into_iter().map(|((s, b), n)| (s, b, n)).collect();
         evictions.sort_by_key(|e| std::cmp::Reverse(e.2));
@@ -475,4 +478,56 @@ fn top(m: &BTreeMap<String, u64>, total: u64, n: usize) -> String {
         parts.push(format!("{} more", v.len() - n));
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recording made to attack whoever reports on it: a source prefix
+    /// key that is a shell command, counts at u64::MAX.
+    #[test]
+    fn a_hostile_recording_yields_no_command_it_wrote() {
+        let dir = std::env::temp_dir().join(format!("ctrace-hostile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.ndjson");
+        let summary = serde_json::json!({
+            "type": "summary",
+            "time": "2026-12-04T12:00:00Z",
+            "final": true,
+            "netns": [{"inode": 1, "count": 1000, "max": 1000}],
+            "drops": [{"netns": 1, "service": "ssh", "cause": "table_full", "proto": "tcp",
+                       "flows": u64::MAX, "packets": u64::MAX}],
+            "occupancy": [{"inode": 1, "total": 1000, "by_src_prefix": {
+                "10.0.0.0/8;touch /tmp/x;#": 400, "10.1.0.0/16": 600}}],
+        });
+        let drop = serde_json::json!({
+            "type": "drop", "time": "2026-12-04T12:00:00Z", "netns": 1, "cause": "table_full",
+            "service": "ssh", "proto": "tcp", "flows": u64::MAX, "packets": u64::MAX,
+        });
+        std::fs::write(
+            &path,
+            format!(
+                "{{\"type\":\"recording\",\"version\":1}}\n{drop}\n{drop}\n{summary}\n{summary}\n"
+            ),
+        )
+        .unwrap();
+        let rec = Recording::read(std::slice::from_ref(&path)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let md = Report::from_recording(&rec).markdown();
+        let commands: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("nft ") || l.starts_with("sysctl "))
+            .collect();
+        assert!(commands.iter().all(|l| !l.contains("touch")), "{md}");
+        assert!(
+            commands
+                .iter()
+                .any(|l| l.contains("ip saddr { 10.1.0.0/16 }")),
+            "{md}"
+        );
+        assert!(md.contains("were left out"), "{md}");
+        assert!(!md.contains("nf_conntrack_max=0"), "{md}");
+        assert!(md.contains("no limit is advised"), "{md}");
+    }
 }
