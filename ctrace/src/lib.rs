@@ -28,6 +28,7 @@ pub mod sink;
 pub mod source;
 pub mod strategy;
 pub mod table;
+pub mod text;
 pub mod tier;
 pub mod watch;
 

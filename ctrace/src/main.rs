@@ -398,8 +398,8 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
                     let mark = if c.hooked { "hook" } else { "skip" };
                     println!(
                         "  {:<16} {mark}  {}",
-                        sink::terminal_safe(&c.name),
-                        sink::terminal_safe(&c.why)
+                        ctrace::text::terminal(&c.name),
+                        ctrace::text::terminal(&c.why)
                     );
                 }
             }

@@ -67,7 +67,7 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
             "netns {} held **{} entries** at its peak (limit {}) and refused **{} flows** for a full table: the demand was at least **{demand}** entries. \
              With 20% headroom (so that an 80% alert fires before the table fills) that is {advised} (rounded up to a power of two). \
              Kernel memory at that limit: **{}** (was {} at {}), from {entry_note} plus {BUCKET_BYTES} bytes per hash bucket.",
-            ns.label,
+            crate::text::markdown(&ns.label),
             ns.peak,
             ns.max,
             ns.table_full_flows,

@@ -17,7 +17,7 @@ use recording::Occupancy;
 pub use recording::Recording;
 use render::{Block, Plot};
 
-use crate::sink::rfc3339;
+use crate::{sink::rfc3339, text};
 
 /// One namespace's story.
 #[derive(Debug, Default)]
@@ -221,13 +221,15 @@ impl Report {
             }
         }
         let agreement = agreement.into_values().collect();
+        // Everything below that came from the recording is escaped as it
+        // goes into a block (md): a recording is anyone's text.
         let title = format!(
             "ctrace report: {}{}",
-            rec.header.host.as_deref().unwrap_or("unknown host"),
+            md(rec.header.host.as_deref().unwrap_or("unknown host")),
             rec.header
                 .kernel
                 .as_deref()
-                .map(|k| format!(", Linux {k}"))
+                .map(|k| format!(", Linux {}", md(k)))
                 .unwrap_or_default()
         );
         let mut r = Report {
@@ -263,7 +265,7 @@ impl Report {
         let mut b = vec![Block::Heading(1, self.title.clone())];
         let span = self.end.duration_since(self.start).unwrap_or_default();
         b.push(Block::Para(format!(
-            "Recording of {} ({} summaries, {} drop records) from {} to {} ({}), traced with strategy `{}`.",
+            "Recording of {} ({} summaries, {} drop records) from {} to {} ({}), traced with strategy {}.",
             rec.files
                 .iter()
                 .map(|p| format!("`{}`", p.display()))
@@ -274,11 +276,12 @@ impl Report {
             rfc3339(self.start),
             rfc3339(self.end),
             humantime::format_duration(Duration::from_secs(span.as_secs())),
-            self.strategy.as_deref().unwrap_or("?")
+            md(self.strategy.as_deref().unwrap_or("?"))
         )));
         if let Some(broken) = &rec.broken {
             b.push(Block::Para(format!(
-                "**Warning:** {broken}. This report covers what came before."
+                "**Warning:** {}. This report covers what came before.",
+                md(&broken.to_string())
             )));
         }
 
@@ -286,7 +289,7 @@ impl Report {
         for ns in &self.namespaces {
             findings.push(format!(
                 "netns {}: peak **{} of {} entries ({:.1}%)** at {}{}",
-                ns.label,
+                md(&ns.label),
                 ns.peak,
                 ns.max,
                 fill(ns.peak, ns.max),
@@ -310,7 +313,7 @@ impl Report {
         if !names.is_empty() {
             findings.push(format!(
                 "services that lost connections to the full table: **{}**",
-                names.into_iter().collect::<Vec<_>>().join(", ")
+                names.into_iter().map(md).collect::<Vec<_>>().join(", ")
             ));
         }
         b.push(Block::Heading(2, "Summary".into()));
@@ -326,7 +329,7 @@ impl Report {
                 .iter()
                 .map(|ns| {
                     (
-                        format!("netns {}", ns.label),
+                        format!("netns {}", plot_name(&ns.label)),
                         ns.timeline
                             .iter()
                             .map(|(x, c, m)| (*x, fill(*c, *m)))
@@ -343,7 +346,7 @@ impl Report {
                 series: self
                     .drops_over_time
                     .iter()
-                    .map(|(s, p)| (s.clone(), p.clone()))
+                    .map(|(s, p)| (plot_name(s), p.clone()))
                     .collect(),
             }));
         }
@@ -368,8 +371,8 @@ impl Report {
                     .iter()
                     .map(|a| {
                         vec![
-                            a.service.clone(),
-                            a.cause.clone(),
+                            md(&a.service),
+                            md(&a.cause),
                             a.flows.to_string(),
                             a.packets.to_string(),
                             a.first.map(rfc3339).unwrap_or_default(),
@@ -389,14 +392,17 @@ impl Report {
                 if ns.peak > 0 {
                     b.push(Block::Para(format!(
                         "netns {}: no breakdown was recorded with entries in it (tables are re-read every --occupancy-every, 10 s by default, where no kprobe tier keeps them current).",
-                        ns.label
+                        md(&ns.label)
                     )));
                 }
                 continue;
             };
             b.push(Block::Para(format!(
                 "netns {}: breakdown of {} entries ({} assured, {} never answered).",
-                ns.label, o.total, o.assured, o.unreplied
+                md(&ns.label),
+                o.total,
+                o.assured,
+                o.unreplied
             )));
             b.push(Block::Table {
                 head: ["by", "top groups (entries, share)"]
@@ -426,7 +432,7 @@ impl Report {
                     .evictions
                     .iter()
                     .take(10)
-                    .map(|(s, by, n)| vec![s.clone(), by.clone(), n.to_string()])
+                    .map(|(s, by, n)| vec![md(s), md(by), n.to_string()])
                     .collect(),
             });
         }
@@ -438,7 +444,8 @@ impl Report {
         )];
         for (ns, attributed, kernel, trust) in &self.agreement {
             q.push(format!(
-                "netns {ns}: ctrace attributed {attributed} of conntrack's {kernel} drops ({trust})"
+                "netns {ns}: ctrace attributed {attributed} of conntrack's {kernel} drops ({})",
+                md(trust)
             ));
         }
         b.push(Block::Bullets(q));
@@ -457,6 +464,18 @@ impl Report {
     }
 }
 
+/// A series name from the recording, for a plot: sparklines sit in a
+/// Markdown code block, which only a line starting with backticks could
+/// end, so there are none.
+fn plot_name(s: &str) -> String {
+    text::terminal(s).replace('`', "'")
+}
+
+/// Text from the recording, shown as itself in Markdown and HTML.
+fn md(s: &str) -> String {
+    text::markdown(s)
+}
+
 pub fn fill(count: u64, max: u64) -> f64 {
     if max == 0 {
         0.0
@@ -472,7 +491,7 @@ fn top(m: &BTreeMap<String, u64>, total: u64, n: usize) -> String {
     let mut parts: Vec<String> = v
         .iter()
         .take(n)
-        .map(|(k, c)| format!("{k} {c} ({:.0}%)", fill(**c, total)))
+        .map(|(k, c)| format!("{} {c} ({:.0}%)", md(k), fill(**c, total)))
         .collect();
     if v.len() > n {
         parts.push(format!("{} more", v.len() - n));
@@ -529,5 +548,58 @@ mod tests {
         assert!(md.contains("were left out"), "{md}");
         assert!(!md.contains("nf_conntrack_max=0"), "{md}");
         assert!(md.contains("no limit is advised"), "{md}");
+    }
+}
+
+#[cfg(test)]
+mod hostile_names {
+    use super::*;
+
+    /// Names in a recording written to restyle, link or break the report.
+    #[test]
+    fn names_show_as_themselves_in_markdown_and_html() {
+        let dir = std::env::temp_dir().join(format!("ctrace-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.ndjson");
+        let evil = "```x`y|z\n# h1 [a](http://e) <script>alert(1)</script>\u{1b}[31m";
+        let huge = "s".repeat(64 << 10);
+        let summary = serde_json::json!({
+            "type": "summary", "time": "2026-12-04T12:00:00Z", "final": true,
+            "netns": [{"inode": 1, "count": 10, "max": 1000, "processes": [evil]}],
+            "drops": [
+                {"netns": 1, "service": evil, "cause": "table_full", "proto": "tcp", "flows": 1, "packets": 1},
+                {"netns": 1, "service": huge, "cause": "table_full", "proto": "tcp", "flows": 1, "packets": 1},
+            ],
+        });
+        let header = serde_json::json!({"type": "recording", "version": 1, "host": evil});
+        std::fs::write(&path, format!("{header}\n{summary}\n")).unwrap();
+        let rec = Recording::read(std::slice::from_ref(&path)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let r = Report::from_recording(&rec);
+        let md = r.markdown();
+        assert!(!md.contains('\u{1b}'), "raw ESC in the Markdown");
+        // Code blocks show text as it is: look outside them, and make
+        // sure none is ended early.
+        let mut outside = String::new();
+        let mut fenced = false;
+        for line in md.lines() {
+            if line.starts_with("```") {
+                assert!(
+                    fenced || line.len() > 3,
+                    "a name closed a code block: {line}"
+                );
+                fenced = !fenced;
+            } else if !fenced {
+                outside += line;
+                outside.push('\n');
+            }
+        }
+        for raw in ["<script>", "[a](http", "\n# h1", "x`y"] {
+            assert!(!outside.contains(raw), "{raw:?} raw in:\n{md}");
+        }
+        assert!(md.contains("\\<script\\>"), "{md}");
+        let html = r.html();
+        assert!(!html.contains("<script"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     }
 }

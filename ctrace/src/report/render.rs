@@ -162,6 +162,21 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// A line's text without its Markdown escapes, for plain-text places
+/// (the page title).
+fn unescape(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' && chars.peek().is_some_and(char::is_ascii_punctuation) {
+            out.push(chars.next().unwrap());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn md_cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
@@ -227,12 +242,12 @@ code{background:#f6f8fa}";
 pub fn html(title: &str, blocks: &[Block]) -> String {
     let mut out = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>\n",
-        esc(title)
+        esc(&unescape(title))
     );
     for b in blocks {
         match b {
             Block::Heading(level, t) => {
-                let _ = writeln!(out, "<h{level}>{}</h{level}>", esc(t));
+                let _ = writeln!(out, "<h{level}>{}</h{level}>", inline(t));
             }
             Block::Para(t) => {
                 let _ = writeln!(out, "<p>{}</p>", inline(t));
@@ -271,21 +286,37 @@ pub fn html(title: &str, blocks: &[Block]) -> String {
     out
 }
 
-/// Markdown's `code` and **bold** in a line, as HTML.
+/// Markdown's `code`, **bold** and backslash escapes (how text from a
+/// recording is written, see crate::text::markdown) in a line, as HTML.
 fn inline(t: &str) -> String {
     let mut out = String::new();
-    for (i, part) in esc(t).split('`').enumerate() {
-        if i % 2 == 1 {
-            let _ = write!(out, "<code>{part}</code>");
-        } else {
-            for (j, p) in part.split("**").enumerate() {
-                if j % 2 == 1 {
-                    let _ = write!(out, "<strong>{p}</strong>");
-                } else {
-                    out.push_str(p);
-                }
+    let (mut code, mut bold) = (false, false);
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // CommonMark: a backslash escapes ASCII punctuation only, and
+            // not inside a code span.
+            '\\' if !code && chars.peek().is_some_and(char::is_ascii_punctuation) => {
+                out.push_str(&esc(&chars.next().unwrap().to_string()));
             }
+            '`' => {
+                out.push_str(if code { "</code>" } else { "<code>" });
+                code = !code;
+            }
+            '*' if !code && chars.peek() == Some(&'*') => {
+                chars.next();
+                out.push_str(if bold { "</strong>" } else { "<strong>" });
+                bold = !bold;
+            }
+            c => out.push_str(&esc(&c.to_string())),
         }
+    }
+    // Close what a line left open, so that one line cannot style the page.
+    if code {
+        out.push_str("</code>");
+    }
+    if bold {
+        out.push_str("</strong>");
     }
     out
 }

@@ -139,7 +139,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &mut o,
             format!(
                 "  {:<16} {:<11} {:<7} {:>8} {:>9}",
-                g.service.as_deref().unwrap_or("other"),
+                super::service_text(g.service.as_deref()),
                 g.cause.name(),
                 g.proto.name(),
                 g.flows,
@@ -158,7 +158,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 &mut o,
                 format!(
                     "  {:<16} {:<7} {:>8} entries  by {}",
-                    e.service.as_deref().unwrap_or("other"),
+                    super::service_text(e.service.as_deref()),
                     e.proto.name(),
                     e.entries,
                     match e.by {
@@ -183,7 +183,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &mut o,
             format!(
                 "  {:<14} {:<5} {:<28} {:<28} {:>5} {:<8} {:<12} {:<12}",
-                f.first.service.as_deref().unwrap_or("other"),
+                super::service_text(f.first.service.as_deref()),
                 f.first.flow.proto.name(),
                 f.first.flow.src.to_string(),
                 f.first.flow.dst.to_string(),
@@ -230,11 +230,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
             .devices
             .iter()
             .filter(|d| d.hooked)
-            .map(|d| format!("{}@{}", crate::sink::terminal_safe(&d.name), d.netns))
+            .map(|d| format!("{}@{}", crate::text::terminal(&d.name), d.netns))
             .collect();
         w(&mut o, format!("hooked: {}", hooked.join(" ")));
         for warning in &s.device_warnings {
-            w(&mut o, format!("WARNING: {warning}"));
+            w(
+                &mut o,
+                format!("WARNING: {}", crate::text::terminal(warning)),
+            );
         }
     }
     if s.counters.totals_full > 0 {
@@ -282,7 +285,7 @@ fn connects_panel(s: &Snapshot<'_>) -> Vec<String> {
     for r in rows.iter().take(TOP) {
         o.push(format!(
             "  {:<14} {:<11} {:>8} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>10}",
-            r.service.as_deref().unwrap_or("other"),
+            super::service_text(r.service.as_deref()),
             r.netns,
             r.attempts,
             r.established,
@@ -406,5 +409,64 @@ mod tests {
             assert!(line.contains(part), "{part:?} missing: {line}");
         }
         assert!(!render_with(Trust::Exact).contains("DISAGREES"));
+    }
+
+    /// Process names are anyone's: one that sets the terminal's title and
+    /// forges a line must reach the screen as escapes.
+    #[test]
+    fn hostile_process_names_reach_the_screen_escaped() {
+        let table = TableView {
+            inode: 7,
+            name: Some("a\nb".into()),
+            source: TableSource::Ctnetlink,
+            entries: 1,
+            max: 100,
+            stats: Default::default(),
+            rates: vec![],
+            insert_rate: 0.0,
+            drop_rate: 0.0,
+            time_to_full: TimeToFull::NotGrowing,
+            names: crate::pods::NetnsNames {
+                pod: Some("kube-system/x\x1b[2J".into()),
+                processes: vec!["ssh\x1b]0;owned\x07\nctrace: FAKE".into()],
+            },
+        };
+        let plain_table = table.clone();
+        let out = render(&Snapshot {
+            time: SystemTime::UNIX_EPOCH,
+            elapsed: Duration::from_secs(1),
+            strategy: None,
+            caps: None,
+            counters: Default::default(),
+            tables: vec![table],
+            occupancy: vec![],
+            groups: vec![],
+            evictions: vec![],
+            agreement: vec![],
+            top_flows: vec![],
+            flows_forgotten: 0,
+            kernel_log: None,
+            connects: vec![],
+            devices: vec![],
+            device_warnings: vec!["w\x1bx".into()],
+            connect_counters: None,
+            is_final: false,
+        });
+        // The view's own cursor and colour sequences are the only ESCs.
+        let theirs = ["\x1b]0;", "\x1b[2J", "\nctrace: FAKE", "\x07", "a\nb"];
+        for t in theirs {
+            assert!(!out.contains(t), "{t:?} reached the screen raw:\n{out:?}");
+        }
+        assert!(
+            out.contains("ssh\\x1b]0;owned\\x07\\x0actrace: FAKE"),
+            "{out:?}"
+        );
+        assert!(out.contains("pod kube-system/x\\x1b[2J"), "{out:?}");
+        // The label plain lines and `status` print.
+        let label = crate::sink::netns_label(&plain_table);
+        assert_eq!(
+            label,
+            "7 (a\\x0ab) pod kube-system/x\\x1b[2J [ssh\\x1b]0;owned\\x07\\x0actrace: FAKE]"
+        );
     }
 }

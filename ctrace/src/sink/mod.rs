@@ -105,30 +105,25 @@ pub fn ttf_text(t: TimeToFull) -> String {
 /// "4026532301 (router) pod kube-system/etcd-0 [etcd]": the inode, and
 /// every name people know the namespace by.
 pub fn netns_label(t: &TableView) -> String {
+    // Every name here is someone else's text: a netns file name, a pod,
+    // process names any user can set.
+    use crate::text::terminal;
     let mut l = match &t.name {
-        Some(n) => format!("{} ({n})", t.inode),
+        Some(n) => format!("{} ({})", t.inode, terminal(n)),
         None => t.inode.to_string(),
     };
     if let Some(pod) = &t.names.pod {
-        l += &format!(" pod {pod}");
+        l += &format!(" pod {}", terminal(pod));
     }
     if !t.names.processes.is_empty() {
-        l += &format!(" [{}]", t.names.processes.join(","));
+        let names: Vec<String> = t.names.processes.iter().map(|p| terminal(p)).collect();
+        l += &format!(" [{}]", names.join(","));
     }
     l
 }
 
-/// A name from the system (an interface name may hold any byte but `/`,
-/// `:` and whitespace) made safe for a terminal: control characters are
-/// shown as `\xNN` escapes, never sent raw.
-pub fn terminal_safe(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for c in name.chars() {
-        if c.is_control() {
-            out.push_str(&format!("\\x{:02x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// A service name (from the catalog, or the user's files) for a terminal
+/// or a plain line; flows no service claims are `other`.
+pub fn service_text(service: Option<&str>) -> String {
+    crate::text::terminal(service.unwrap_or("other"))
 }
