@@ -258,16 +258,27 @@ pub struct ReportArgs {
     pub html: Option<PathBuf>,
 }
 
-/// Seconds as a bare number, or a humantime duration (`90s`, `5m`).
+/// The longest duration any option takes: deadlines are computed from
+/// it, and a clock plus a huge duration overflows.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 86_400);
+/// Sampling intervals beyond a day would show nothing.
+const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// Seconds as a bare number, or a humantime duration (`90s`, `5m`), from
+/// more than zero to ten years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = match s.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("`{s}`: the duration must be at most 10 years"))?,
         Ok(_) => return Err(format!("`{s}` is not a duration: it must be positive")),
         Err(_) => humantime::parse_duration(s)
             .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 30, 30s, 5m"))?,
     };
     if d.is_zero() {
         return Err(format!("`{s}`: the duration must be more than zero"));
+    }
+    if d > MAX_DURATION {
+        return Err(format!("`{s}`: the duration must be at most 10 years"));
     }
     Ok(d)
 }
@@ -276,6 +287,9 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_millis(100) {
         return Err(format!("`{s}`: the interval must be at least 100ms"));
+    }
+    if d > MAX_INTERVAL {
+        return Err(format!("`{s}`: the interval must be at most 1 day"));
     }
     Ok(d)
 }
@@ -297,6 +311,14 @@ mod tests {
                 .contains("not a duration")
         );
         assert!(parse_interval("10ms").is_err());
+        // Out of range is a usage error, never a panic.
+        for huge in ["1e20", "1e300", "100000000y", "18446744073709551615"] {
+            assert!(
+                parse_duration(huge).unwrap_err().contains("at most"),
+                "{huge}"
+            );
+        }
+        assert!(parse_interval("2d").unwrap_err().contains("at most 1 day"));
     }
 
     #[test]

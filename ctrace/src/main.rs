@@ -238,7 +238,10 @@ fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
             args.record_size >> 10,
             args.record_keep
         );
-        sinks.push(Box::new(rec));
+        sinks.push(Box::new(sink::guard::Guarded::new(
+            "--record",
+            Box::new(rec),
+        )));
     }
     let mut endpoint = None;
     let exposition = args.metrics.map(|_| Exposition::default());
@@ -274,9 +277,9 @@ fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
             .with_context(|| format!("--textfile {}: cannot write", path.display()))?;
     }
     if exposition.is_some() || args.textfile.is_some() {
-        sinks.push(Box::new(PrometheusSink::new(
-            exposition,
-            args.textfile.clone(),
+        sinks.push(Box::new(sink::guard::Guarded::new(
+            "--textfile",
+            Box::new(PrometheusSink::new(exposition, args.textfile.clone())),
         )));
     }
     Ok(Outputs { sinks, endpoint })
@@ -307,6 +310,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         connect_counters: None,
         devices: vec![],
         device_warnings: vec![],
+        sink_health: vec![],
         is_final: true,
     };
     if args.json {
@@ -448,7 +452,10 @@ async fn lab(args: LabArgs) -> anyhow::Result<ExitCode> {
             sink::record::DEFAULT_KEEP,
         )
         .with_context(|| format!("--record {}", path.display()))?;
-        sinks.push(Box::new(rec));
+        sinks.push(Box::new(sink::guard::Guarded::new(
+            "--record",
+            Box::new(rec),
+        )));
     }
     let report = ctrace::lab::run(&args, sinks).await.context("lab")?;
     Ok(if report.passed() {

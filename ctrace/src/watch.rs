@@ -772,6 +772,7 @@ impl Watcher {
             connect_counters,
             devices,
             device_warnings,
+            sink_health: sinks.iter().filter_map(|s| s.health()).collect(),
             is_final,
         };
         for s in sinks.iter_mut() {

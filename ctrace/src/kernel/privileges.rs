@@ -42,11 +42,23 @@ pub fn missing_for_tracing() -> Option<String> {
     if !net {
         missing.push("CAP_NET_ADMIN");
     }
-    Some(format!(
+    Some(missing_message(&missing))
+}
+
+/// What to do about missing capabilities, without handing them to every
+/// local user.
+fn missing_message(missing: &[&str]) -> String {
+    format!(
         "ctrace needs root, or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN (missing: {}). \
-         Run it with sudo, or grant them: setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin+ep ctrace",
+         Run it with sudo, or as a service (deploy/ has OpenWrt's and Kubernetes'). \
+         These capabilities amount to root: file capabilities (setcap) on a binary \
+         every local user may run give all of them root. If you set them, first make \
+         the binary executable by one group only, e.g. \
+         `chgrp ctrace-admins ctrace && chmod 0750 ctrace`, then \
+         `setcap cap_bpf,cap_perfmon,cap_net_admin+ep ctrace` \
+         (add cap_sys_admin to watch other namespaces).",
         missing.join(", ")
-    ))
+    )
 }
 
 /// CAP_SYS_ADMIN: mounting tracefs, creating and entering namespaces.
@@ -61,4 +73,19 @@ pub fn missing_for_lab() -> Option<String> {
         return missing_for_tracing();
     }
     Some("ctrace lab creates network namespaces and loads eBPF programs: run it as root (CAP_SYS_ADMIN + CAP_NET_ADMIN + CAP_BPF + CAP_PERFMON)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advice_never_hands_root_to_every_user() {
+        let m = missing_message(&["CAP_BPF"]);
+        assert!(m.contains("missing: CAP_BPF"), "{m}");
+        assert!(m.contains("amount to root"), "{m}");
+        let chmod = m.find("chmod 0750").expect("restrict the binary first");
+        let setcap = m.find("setcap cap_").expect("then the capabilities");
+        assert!(chmod < setcap, "{m}");
+    }
 }

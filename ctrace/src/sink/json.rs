@@ -131,6 +131,11 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             .map(|_| correlation_json(&s.counters)),
         "devices": s.devices,
         "warnings": s.device_warnings,
+        "sink_errors": s
+            .sink_health
+            .iter()
+            .map(|h| (h.name.to_string(), json!({"errors": h.errors, "failing": h.failing})))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 

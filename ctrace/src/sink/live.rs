@@ -391,6 +391,7 @@ mod tests {
                 connects: vec![],
                 devices: vec![],
                 device_warnings: vec![],
+                sink_health: vec![],
                 connect_counters: None,
                 is_final: false,
             })
@@ -449,6 +450,7 @@ mod tests {
             connects: vec![],
             devices: vec![],
             device_warnings: vec!["w\x1bx".into()],
+            sink_health: vec![],
             connect_counters: None,
             is_final: false,
         });

@@ -3,6 +3,7 @@
 //! disagree. A Prometheus exporter or an incident recorder is one more
 //! implementation of [`Sink`].
 pub mod files;
+pub mod guard;
 pub mod json;
 pub mod live;
 pub mod plain;
@@ -50,6 +51,8 @@ pub struct Snapshot<'a> {
     /// hooked or not and why, and what it cannot see.
     pub devices: Vec<crate::readings::DeviceChoice>,
     pub device_warnings: Vec<String>,
+    /// Outputs that failed and were kept going (recording, textfile).
+    pub sink_health: Vec<guard::SinkHealth>,
     pub is_final: bool,
 }
 
@@ -86,6 +89,10 @@ pub trait Sink {
     }
     /// Every interval, and once more at exit with `is_final`.
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()>;
+    /// Failures so far, for sinks that outlive them ([`guard::Guarded`]).
+    fn health(&self) -> Option<guard::SinkHealth> {
+        None
+    }
 }
 
 pub use crate::event::rfc3339;

@@ -94,11 +94,12 @@ impl Sink for PrometheusSink {
 
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
         let text = Bytes::from(render(snap).map_err(std::io::Error::other)?);
-        self.write_textfile(&text)?;
+        // The endpoint first: a textfile that cannot be written must not
+        // leave scrapes with stale numbers.
         if let Some(e) = &self.exposition {
-            e.publish(text);
+            e.publish(text.clone());
         }
-        Ok(())
+        self.write_textfile(&text)
     }
 }
 
@@ -246,6 +247,14 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
 }
 
 fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+    let sink_errors = f.counter(
+        "ctrace_sink_errors_total",
+        "Writes an output (the recording, the textfile) failed or skipped while failing; tracing goes on.",
+        &["sink"],
+    )?;
+    for h in &s.sink_health {
+        set_counter(&sink_errors, &[h.name], h.errors);
+    }
     let info = f.gauge(
         "ctrace_build_info",
         "ctrace's version; always 1.",

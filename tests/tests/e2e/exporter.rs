@@ -705,3 +705,55 @@ fn abusive_scrapers_cannot_stall_tracing() {
         "{summaries} summaries in the {closed_in:?} the connections were held"
     );
 }
+
+/// An output that fails (its directory removed, as a full or cleaned /tmp
+/// would) is reported and retried; tracing, the other outputs and the
+/// endpoint go on, and ctrace ends normally.
+#[test]
+fn a_failing_output_never_stops_tracing() {
+    if !privileged() {
+        return;
+    }
+    let dir = tmpdir("sinkfail");
+    let textfile = dir.join("ctrace.prom");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tracer = Tracer::start(&[
+        "--interval",
+        "200ms",
+        "--metrics",
+        &port.to_string(),
+        "--textfile",
+        textfile.to_str().unwrap(),
+    ]);
+    wait_for("a first textfile", Duration::from_secs(10), || {
+        std::fs::read_to_string(&textfile)
+            .ok()
+            .filter(|t| t.contains("ctrace_build_info"))
+            .ok_or_else(|| "not yet".to_string())
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let scrape = get(addr, "/metrics", Duration::from_secs(5)).unwrap();
+    let (records, status) = tracer.stop_with(libc::SIGINT);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(scrape.0, 200);
+    assert!(
+        scrape
+            .1
+            .contains("ctrace_sink_errors_total{sink=\"--textfile\"}"),
+        "{}",
+        scrape.1
+    );
+    let summaries = records.iter().filter(|r| r["type"] == "summary").count();
+    let last = ctrace_tests::final_summary(&records);
+    let errors = &last["sink_errors"]["--textfile"];
+    assert!(errors["errors"].as_u64() > Some(0), "{last}");
+    assert!(
+        errors["failing"]
+            .as_str()
+            .is_some_and(|e| e.contains("No such file")),
+        "{errors}"
+    );
+    assert!(summaries >= 5, "summaries went on: {summaries}");
+}
