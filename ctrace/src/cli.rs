@@ -127,9 +127,10 @@ pub struct WatchArgs {
     /// the self-check, lost events and time to full.
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::exporter::parse_listen)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Exempt the metrics port from conntrack while ctrace runs (an
-    /// nf_tables table `inet ctrace_notrack_PORT` at raw priority, removed
-    /// at exit), so that scrapes still connect when the table is full.
+    /// Exempt connections to this host's metrics port from conntrack while
+    /// ctrace runs (an nf_tables table `inet ctrace_notrack_PORT` at raw
+    /// priority, removed at exit), so that scrapes still connect when the
+    /// table is full. Forwarded traffic to that port stays tracked.
     #[arg(long, requires = "metrics")]
     pub metrics_notrack: bool,
     /// Listen for scrapes inside this network namespace (name, inode or

@@ -8,10 +8,9 @@
 //! in all, and one request per connection.
 //!
 //! A full conntrack table drops the SYN of every new connection, scrapes
-//! included. `--metrics-notrack` exempts the endpoint's port from
-//! conntrack with an nf_tables rule at raw priority (see
-//! [`crate::netlink::nftables::notrack_tcp_port`]), removed when ctrace
-//! exits.
+//! included. `--metrics-notrack` exempts connections to the endpoint
+//! from conntrack with nf_tables rules at raw priority (see
+//! [`crate::netlink::nftables::NotrackRule`]), removed when ctrace exits.
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -94,14 +93,12 @@ pub fn start(opts: Options, exposition: Exposition) -> anyhow::Result<Endpoint> 
     let local = listener.local_addr()?;
     let notrack = if opts.notrack {
         Some(
-            nftables::NotrackRule::install(opts.netns.as_ref(), local.port()).with_context(
-                || {
-                    format!(
-                        "--metrics-notrack: exempting TCP port {} from conntrack",
-                        local.port()
-                    )
-                },
-            )?,
+            nftables::NotrackRule::install(opts.netns.as_ref(), local).with_context(|| {
+                format!(
+                    "--metrics-notrack: exempting TCP port {} from conntrack",
+                    local.port()
+                )
+            })?,
         )
     } else {
         None

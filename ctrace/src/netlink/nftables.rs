@@ -22,14 +22,17 @@
 //! NFTNL_UDATA_RULE_COMMENT TLV that `nft ... comment "..."` writes), which is
 //! how a second call recognises them and does not add them twice, and how a
 //! human reading `nft list ruleset` knows where they came from.
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use anyhow::{Context, Result, bail};
 
 use super::ctnetlink::{IPPROTO_TCP, NFGENMSG_LEN, nfgenmsg};
 use super::{
     MsgBuilder, Msgs, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP_INTR,
-    NLM_F_REQUEST, NLMSG_ERROR, NlError, NlSocket, parse_error,
+    NLM_F_EXCL, NLM_F_REQUEST, NLMSG_ERROR, NlError, NlSocket, parse_error,
 };
 use crate::netns::NetNs;
 
@@ -83,6 +86,12 @@ pub const NFT_MSG_GETGEN: u8 = 16;
 
 // enum nft_table_attributes
 pub const NFTA_TABLE_NAME: u16 = 1;
+pub const NFTA_TABLE_FLAGS: u16 = 2;
+pub const NFTA_TABLE_USERDATA: u16 = 6;
+pub const NFTA_TABLE_OWNER: u16 = 7;
+/// The table belongs to the netlink socket that made it: nobody else can
+/// change it, and the kernel deletes it when that socket closes (5.12+).
+pub const NFT_TABLE_F_OWNER: u32 = 2;
 // enum nft_chain_attributes
 pub const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_NAME: u16 = 3;
@@ -136,6 +145,15 @@ pub const NFTA_IMMEDIATE_DATA: u16 = 2;
 pub const NFTA_META_DREG: u16 = 1;
 pub const NFTA_META_KEY: u16 = 2;
 pub const NFT_META_L4PROTO: u32 = 16;
+pub const NFT_META_NFPROTO: u32 = 15;
+pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub const NFTA_FIB_DREG: u16 = 1;
+pub const NFTA_FIB_RESULT: u16 = 2;
+pub const NFTA_FIB_FLAGS: u16 = 3;
+pub const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+pub const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+/// rtnetlink's RTN_LOCAL: an address of this host.
+pub const RTN_LOCAL: u32 = 2;
 // payload expression: enum nft_payload_attributes, nft_payload_bases
 pub const NFTA_PAYLOAD_DREG: u16 = 1;
 pub const NFTA_PAYLOAD_BASE: u16 = 2;
@@ -284,8 +302,71 @@ enum Rule {
     DropTcpDport(u16),
     /// `masquerade`: source NAT to the outgoing interface's address.
     Masquerade,
-    /// `meta l4proto tcp tcp sport|dport PORT notrack`
-    NotrackTcp { dport: bool, port: u16 },
+    /// `[TO] meta l4proto tcp tcp sport|dport PORT notrack`
+    NotrackTcp { dport: bool, port: u16, to: Dest },
+}
+
+/// Which destinations a NOTRACK rule is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// Any (only for the answers, which leave from the port itself).
+    Any,
+    /// `fib daddr type local`: an address of this host, whichever.
+    Local,
+    /// `ip daddr A` / `ip6 daddr A`: the one address listened on.
+    Addr(IpAddr),
+}
+
+impl Dest {
+    /// Where a listener on `ip` can be reached.
+    pub fn listened(ip: IpAddr) -> Dest {
+        if ip.is_unspecified() {
+            Dest::Local
+        } else {
+            Dest::Addr(ip)
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Dest::Any => String::new(),
+            Dest::Local => "fib daddr type local ".into(),
+            Dest::Addr(IpAddr::V4(a)) => format!("ip daddr {a} "),
+            Dest::Addr(IpAddr::V6(a)) => format!("ip6 daddr {a} "),
+        }
+    }
+
+    fn expressions(self, m: &mut MsgBuilder) {
+        match self {
+            Dest::Any => {}
+            Dest::Local => {
+                expr(m, "fib", |m| {
+                    m.be32(NFTA_FIB_DREG, NFT_REG_1)
+                        .be32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE)
+                        .be32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR);
+                });
+                cmp(m, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
+            }
+            Dest::Addr(ip) => {
+                let (family, offset, bytes) = match ip {
+                    IpAddr::V4(a) => (libc::NFPROTO_IPV4 as u8, 16, a.octets().to_vec()),
+                    IpAddr::V6(a) => (libc::NFPROTO_IPV6 as u8, 24, a.octets().to_vec()),
+                };
+                expr(m, "meta", |m| {
+                    m.be32(NFTA_META_DREG, NFT_REG_1)
+                        .be32(NFTA_META_KEY, NFT_META_NFPROTO);
+                });
+                cmp(m, NFT_CMP_EQ, &[family]);
+                expr(m, "payload", |m| {
+                    m.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+                        .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
+                        .be32(NFTA_PAYLOAD_OFFSET, offset)
+                        .be32(NFTA_PAYLOAD_LEN, bytes.len() as u32);
+                });
+                cmp(m, NFT_CMP_EQ, &bytes);
+            }
+        }
+    }
 }
 
 /// Where a new rule goes in its chain.
@@ -315,8 +396,9 @@ impl Rule {
             Rule::TrackedAccept => "ct state established,related,new accept".to_owned(),
             Rule::DropTcpDport(port) => format!("meta l4proto tcp tcp dport {port} drop"),
             Rule::Masquerade => "masquerade".to_owned(),
-            Rule::NotrackTcp { dport, port } => format!(
-                "meta l4proto tcp tcp {} {port} notrack",
+            Rule::NotrackTcp { dport, port, to } => format!(
+                "{}meta l4proto tcp tcp {} {port} notrack",
+                to.describe(),
                 if dport { "dport" } else { "sport" }
             ),
         }
@@ -359,7 +441,8 @@ impl Rule {
                 verdict(m, NF_DROP);
             }
             Rule::Masquerade => expr(m, "masq", |_| {}),
-            Rule::NotrackTcp { dport, port } => {
+            Rule::NotrackTcp { dport, port, to } => {
+                to.expressions(m);
                 tcp_port_is(m, dport, port);
                 expr(m, "notrack", |_| {});
             }
@@ -694,16 +777,27 @@ impl<'s> Transaction<'s> {
 
 /// A table of its own per port (`table inet ctrace_notrack_PORT`) with two
 /// base chains at raw priority, before conntrack (-200) sees a packet:
-/// `tcp dport PORT notrack` on prerouting (requests from elsewhere) and on
-/// output (requests from this host), and `tcp sport PORT notrack` on
-/// output (the answers). The endpoint's connections then never need a
-/// table entry, so a full table cannot refuse them. The table goes away
-/// when this is dropped, and a table a killed run left behind is replaced
-/// at install.
+/// `fib daddr type local tcp dport PORT notrack` on prerouting (requests
+/// from elsewhere, to this host only: forwarded traffic to any other host
+/// on that port stays tracked, and NATed) and on output (requests from
+/// this host to itself), and `tcp sport PORT notrack` on output (the
+/// answers). With a listen address, `ip daddr ADDR` replaces the fib
+/// test. The endpoint's connections then never need a table entry, so a
+/// full table cannot refuse them.
+///
+/// The table is owned by this process's netlink socket where the kernel
+/// allows (5.12+): nobody else can change it, and it goes away with the
+/// process, even a killed one. It is made only if no table of that name
+/// exists; an existing one is replaced only if it carries ctrace's marker
+/// and no live owner (a killed run's, on an older kernel).
 pub struct NotrackRule {
-    ns: Option<NetNs>,
     table: String,
+    /// The owning socket: closing it deletes an owned table.
+    sock: NlSocket,
 }
+
+/// NFTA_TABLE_USERDATA of ctrace's NOTRACK tables.
+const NOTRACK_MARKER: &[u8] = b"ctrace --metrics-notrack; removed when ctrace exits";
 
 const NOTRACK_CHAINS: [BaseChain; 2] = [
     RAW,
@@ -721,24 +815,69 @@ impl NotrackRule {
         format!("ctrace_notrack_{port}")
     }
 
-    /// Installs the rules in `ns` (ctrace's own namespace when None).
-    pub fn install(ns: Option<&NetNs>, port: u16) -> Result<NotrackRule> {
-        let table = Self::table_name(port);
-        let rule = NotrackRule {
-            ns: ns.map(NetNs::try_clone).transpose()?,
-            table,
-        };
-        if rule.delete()? {
-            log::info!("replaced table inet {} a previous run left", rule.table);
+    /// Installs the rules in `ns` (ctrace's own namespace when None) for
+    /// an endpoint listening on `listen`.
+    pub fn install(ns: Option<&NetNs>, listen: SocketAddr) -> Result<NotrackRule> {
+        let table = Self::table_name(listen.port());
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
+        let mut owned = true;
+        let mut replaced = false;
+        loop {
+            match Self::create(&mut sock, &table, listen, owned) {
+                Ok(()) => break,
+                Err(e) if owned && NlError::errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+                    log::info!("this kernel has no owned nf_tables tables: {e:#}");
+                    owned = false;
+                }
+                // EPERM: it exists and another socket owns it.
+                Err(e)
+                    if matches!(NlError::errno_of(&e), Some(libc::EEXIST | libc::EPERM))
+                        && !replaced =>
+                {
+                    match table_marker(&mut sock, &table)? {
+                        Some((marker, None)) if marker == NOTRACK_MARKER => {
+                            delete_table(ns, &table)?;
+                            log::info!("replaced table inet {table} a killed run left");
+                            replaced = true;
+                        }
+                        Some((_, Some(owner))) => bail!(
+                            "table inet {table} exists, owned by netlink port {owner} (another \
+                             ctrace on this port?): not touched"
+                        ),
+                        _ => bail!(
+                            "table inet {table} exists and is not ctrace's: not touched \
+                             (remove it, or serve metrics on another port)"
+                        ),
+                    }
+                }
+                Err(e) if Dest::listened(listen.ip()) == Dest::Local => {
+                    return Err(e.context(
+                        "the rules match `fib daddr type local` (module nft_fib_inet; \
+                         kmod-nft-fib on OpenWrt); with an address (--metrics ADDR:PORT) \
+                         they need no fib",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut sock = NlSocket::open(NETLINK_NETFILTER, rule.ns.as_ref())?;
-        let table = rule.table.as_str();
-        let mut tx = Transaction::new(&mut sock, 0);
+        Ok(NotrackRule { table, sock })
+    }
+
+    fn create(sock: &mut NlSocket, table: &str, listen: SocketAddr, owned: bool) -> Result<()> {
+        let port = listen.port();
+        let to = Dest::listened(listen.ip());
+        let mut tx = Transaction::new(sock, 0);
         tx.push(
             NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
+            NLM_F_CREATE | NLM_F_EXCL,
             format!("table inet {table}"),
-            |m| table_msg(m, table),
+            |m| {
+                table_msg(m, table);
+                m.bytes(NFTA_TABLE_USERDATA, NOTRACK_MARKER);
+                if owned {
+                    m.be32(NFTA_TABLE_FLAGS, NFT_TABLE_F_OWNER);
+                }
+            },
         );
         for chain in NOTRACK_CHAINS {
             tx.push(
@@ -748,12 +887,12 @@ impl NotrackRule {
                 |m| chain_msg(m, table, chain),
             );
         }
-        for (chain, dport) in [
-            (RAW.name, true),
-            ("raw_output", true),
-            ("raw_output", false),
+        for (chain, dport, to) in [
+            (RAW.name, true, to),
+            ("raw_output", true, to),
+            ("raw_output", false, Dest::Any),
         ] {
-            let r = Rule::NotrackTcp { dport, port };
+            let r = Rule::NotrackTcp { dport, port, to };
             tx.push(
                 NFT_MSG_NEWRULE,
                 Placement::Last.flags(),
@@ -761,19 +900,50 @@ impl NotrackRule {
                 |m| rule_msg(m, table, chain, r),
             );
         }
-        tx.commit()?;
-        Ok(rule)
+        tx.commit()
     }
 
-    fn delete(&self) -> Result<bool> {
-        delete_table(self.ns.as_ref(), &self.table)
+    fn delete(&mut self) -> Result<bool> {
+        delete_table_with(&mut self.sock, &self.table)
+    }
+}
+
+/// The marker (NFTA_TABLE_USERDATA) and owner (netlink port) of `table
+/// inet NAME`; None if there is no such table.
+fn table_marker(sock: &mut NlSocket, name: &str) -> Result<Option<(Vec<u8>, Option<u32>)>> {
+    let mut msg = MsgBuilder::new(nft_msg_type(NFT_MSG_GETTABLE), 0);
+    msg.header(&nfgenmsg(NFPROTO_INET, 0))
+        .str(NFTA_TABLE_NAME, name);
+    let mut found = None;
+    let r = sock.request(msg, |m| {
+        let attrs = m.attrs(NFGENMSG_LEN)?;
+        let marker = attrs
+            .find(NFTA_TABLE_USERDATA)?
+            .map(|a| a.payload.to_vec())
+            .unwrap_or_default();
+        let owner = attrs
+            .find(NFTA_TABLE_OWNER)?
+            .map(|a| a.be32())
+            .transpose()?;
+        found = Some((marker, owner));
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(found),
+        Err(e) if NlError::errno_of(&e) == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
 /// Deletes `table inet NAME` with everything in it; false if there was none.
 pub fn delete_table(ns: Option<&NetNs>, name: &str) -> Result<bool> {
     let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
-    let mut tx = Transaction::new(&mut sock, 0);
+    delete_table_with(&mut sock, name)
+}
+
+/// [`delete_table`] through `sock` (an owned table's owner).
+fn delete_table_with(sock: &mut NlSocket, name: &str) -> Result<bool> {
+    let mut tx = Transaction::new(sock, 0);
     tx.push(
         NFT_MSG_DELTABLE,
         0,
@@ -833,33 +1003,119 @@ mod tests {
     const ROUTER_S6: Ipv6Addr = Ipv6Addr::new(0xfd20, 1, 0, 0, 0, 0, 0, 1);
     const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd20, 1, 0, 0, 0, 0, 0, 2);
 
-    /// The NOTRACK table appears with its three rules, replaces one a
-    /// killed run left, and is gone when the guard drops.
-    #[test]
-    fn notrack_rule_comes_and_goes() {
-        if skip_unless_root("notrack_rule_comes_and_goes") {
-            return;
-        }
-        let ns = NetNs::create().unwrap();
-        let name = NotrackRule::table_name(9465);
-        let first = NotrackRule::install(Some(&ns), 9465).unwrap();
-        assert!(table_exists(Some(&ns), &name).unwrap());
-        // A second install (a restart after SIGKILL) replaces it.
-        std::mem::forget(first);
-        let rule = NotrackRule::install(Some(&ns), 9465).unwrap();
-        let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(&ns)).unwrap();
+    fn notrack_rules(ns: &NetNs, name: &str) -> usize {
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(ns)).unwrap();
         let mut msg = MsgBuilder::new(nft_msg_type(NFT_MSG_GETRULE), 0);
         msg.header(&nfgenmsg(NFPROTO_INET, 0))
-            .str(NFTA_RULE_TABLE, &name);
+            .str(NFTA_RULE_TABLE, name);
         let mut rules = 0;
         sock.dump(msg, |m| {
             rules += usize::from(m.ty == nft_msg_type(NFT_MSG_NEWRULE));
             Ok(())
         })
         .unwrap();
-        assert_eq!(rules, 3);
+        rules
+    }
+
+    /// A table of `name` made by someone else: marked (or not), unowned.
+    fn plant_table(ns: &NetNs, name: &str, marker: Option<&[u8]>) {
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(ns)).unwrap();
+        let mut tx = Transaction::new(&mut sock, 0);
+        tx.push(NFT_MSG_NEWTABLE, NLM_F_CREATE, name.into(), |m| {
+            table_msg(m, name);
+            if let Some(marker) = marker {
+                m.bytes(NFTA_TABLE_USERDATA, marker);
+            }
+        });
+        tx.commit().unwrap();
+    }
+
+    /// The NOTRACK table appears with its three rules, owned by ctrace's
+    /// socket; a second install does not touch it; a marked leftover of a
+    /// killed run is replaced, a table that is not ctrace's never is; the
+    /// table is gone when the guard drops.
+    #[test]
+    fn notrack_rule_comes_and_goes() {
+        if skip_unless_root("notrack_rule_comes_and_goes") {
+            return;
+        }
+        let ns = NetNs::create().unwrap();
+        let at: SocketAddr = "0.0.0.0:9465".parse().unwrap();
+        let name = NotrackRule::table_name(9465);
+        let first = NotrackRule::install(Some(&ns), at).unwrap();
+        assert_eq!(notrack_rules(&ns, &name), 3);
+        let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(&ns)).unwrap();
+        let (marker, owner) = table_marker(&mut sock, &name).unwrap().unwrap();
+        assert_eq!(marker, NOTRACK_MARKER);
+        assert!(owner.is_some(), "owned by the installing socket (5.12+)");
+        let e = NotrackRule::install(Some(&ns), at).err().unwrap();
+        assert!(format!("{e:#}").contains("owned by netlink port"), "{e:#}");
+        drop(first);
+        assert!(!table_exists(Some(&ns), &name).unwrap());
+
+        plant_table(&ns, &name, Some(NOTRACK_MARKER));
+        let rule = NotrackRule::install(Some(&ns), at).unwrap();
+        assert_eq!(notrack_rules(&ns, &name), 3);
         drop(rule);
         assert!(!table_exists(Some(&ns), &name).unwrap());
+
+        plant_table(&ns, &name, None);
+        let e = NotrackRule::install(Some(&ns), at).err().unwrap();
+        assert!(format!("{e:#}").contains("is not ctrace's"), "{e:#}");
+        assert!(table_exists(Some(&ns), &name).unwrap(), "left alone");
+    }
+
+    /// On a masquerading router, the endpoint's NOTRACK rule exempts only
+    /// connections to the router itself: a client's forwarded connection
+    /// to a remote host on the same port stays tracked and NATed.
+    #[test]
+    fn notrack_leaves_forwarded_flows_to_the_port_tracked_and_nated() {
+        if skip_unless_root("notrack_leaves_forwarded_flows_to_the_port_tracked_and_nated") {
+            return;
+        }
+        const PORT: u16 = 9465;
+        let lab = lab();
+        enable_conntrack(&lab.router).unwrap();
+        masquerade(&lab.router).unwrap();
+        let on_router = SocketAddr::new(ROUTER_C4.into(), PORT);
+        let endpoint = lab
+            .router
+            .run(move || TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT)))
+            .unwrap()
+            .unwrap();
+        let _rule =
+            NotrackRule::install(Some(&lab.router), endpoint.local_addr().unwrap()).unwrap();
+        let server = lab
+            .server
+            .run(move || TcpListener::bind(SocketAddr::new(SERVER4.into(), PORT)))
+            .unwrap()
+            .unwrap();
+        let timeout = Duration::from_secs(5);
+
+        // The scrape, to the router itself.
+        lab.client
+            .run(move || TcpStream::connect_timeout(&on_router, timeout))
+            .unwrap()
+            .unwrap();
+        // The forwarded one: NATed to the router's address on the way out.
+        connect(&lab, SERVER4.into(), PORT, timeout).unwrap();
+        let (_, peer) = server.accept().unwrap();
+        assert_eq!(peer.ip(), IpAddr::from(ROUTER_S4), "masqueraded");
+
+        let mut ct = CtSocket::open(Some(&lab.router)).unwrap();
+        let mut to = Vec::new();
+        ct.dump(&mut |e| {
+            if e.dport == PORT {
+                to.push(e.dst);
+            }
+        })
+        .unwrap();
+        assert_eq!(
+            to,
+            [IpAddr::from(SERVER4)],
+            "only the forwarded flow is tracked"
+        );
+        nft_ruleset(&lab.router);
     }
 
     /// Expression names of a rule message, in order, with each expression's

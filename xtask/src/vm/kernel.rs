@@ -34,7 +34,8 @@ use crate::{run, step};
 /// dependencies, named so a missing one is reported by name. The tc pass
 /// (see `DEBIAN_TC_SERIES` in vm.rs) adds what the OpenWrt-shaped router
 /// is built from: clsact and cls_bpf (no TCX before 6.6), a bridge with
-/// br_netfilter as on a host that loads it, 802.1Q uppers, masquerade.
+/// br_netfilter as on a host that loads it, 802.1Q uppers, masquerade;
+/// and fib, which --metrics-notrack's rules use.
 /// Debian's cloud kernels build no PPP: PPPoE is tested in the OpenWrt rows.
 pub const WANTED_MODULES: &[&str] = &[
     "libcrc32c",
@@ -49,6 +50,7 @@ pub const WANTED_MODULES: &[&str] = &[
     "nf_nat",
     "nft_chain_nat",
     "nft_masq",
+    "nft_fib_inet",
     "sch_ingress",
     "cls_bpf",
     "bridge",
