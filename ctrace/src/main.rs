@@ -195,6 +195,12 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     drop(facts);
     kernel::return_freed_memory();
     let mut shutdown = Shutdown::install()?;
+    // Programs attached, outputs open: from here on only what tracing
+    // still needs (README, "Privileges"), and nothing regained by exec.
+    let keep = kernel::privileges::needed_after_attach(args.textfile.is_some());
+    if let Err(e) = kernel::privileges::keep_only(&keep) {
+        eprintln!("ctrace: warning: could not drop capabilities: {e}");
+    }
     match watcher.strategy() {
         Some(s) => eprintln!("ctrace: tracing with strategy {s} (Ctrl-C to stop)"),
         None => {
@@ -418,14 +424,13 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
-    let rec = match ctrace::report::Recording::read(&args.files) {
+    let (r, rec) = match ctrace::report::Report::read(&args.files) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ctrace: {e:#}");
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-    let r = ctrace::report::Report::from_recording(&rec);
     print!("{}", r.markdown());
     if let Some(path) = &args.html {
         // Replaced, never opened: a link planted at PATH is not followed.

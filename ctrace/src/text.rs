@@ -44,15 +44,17 @@ fn is_bidi_control(c: char) -> bool {
 
 /// [`terminal`], then every character Markdown could read as markup
 /// (code spans, emphasis, links and images, raw HTML and entities,
-/// headings) backslash-escaped, so the text shows as itself. A table cell
-/// escapes `|` on top of this (the report's renderer does).
+/// headings) backslash-escaped, so the text shows as itself. `_` stays:
+/// inside a word it is no markup, and names like `table_full` stay
+/// readable in a terminal. A table cell escapes `|` on top of this (the
+/// report's renderer does).
 pub fn markdown(s: &str) -> String {
     let safe = terminal(s);
     let mut out = String::with_capacity(safe.len());
     for c in safe.chars() {
         if matches!(
             c,
-            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '!' | '#' | '~' | '&'
+            '\\' | '`' | '*' | '[' | ']' | '<' | '>' | '!' | '#' | '~' | '&'
         ) {
             out.push('\\');
         }

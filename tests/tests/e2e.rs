@@ -1147,3 +1147,66 @@ fn tracker_drops_are_invalid() {
         "a tracker drop was labelled with another cause: {got:?}"
     );
 }
+
+/// Once tracing, ctrace holds only what it still needs, in every thread
+/// and every set, with no_new_privs; and it still traces: a full table's
+/// drops are attributed after the drop of privileges, as before it.
+#[test]
+fn privileges_after_attach_are_only_what_tracing_needs() {
+    use ctrace::kernel::privileges;
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = privileges::needed_after_attach(false)
+        .into_iter()
+        .filter(|&c| c <= last)
+        .fold(0u64, |m, c| m | 1 << c);
+    let lab = full_lab();
+    let tracer = Tracer::start(&["--netns", &lab.topo.router.inode().to_string()]);
+    let pid = tracer.pid();
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+        };
+        let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        assert_eq!(mask("CapEff:"), want, "{status}");
+        assert_eq!(mask("CapPrm:"), want, "{status}");
+        assert_eq!(mask("CapBnd:"), want, "{status}");
+        assert_eq!(mask("CapInh:"), 0, "{status}");
+        assert_eq!(mask("CapAmb:"), 0, "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        threads += 1;
+    }
+    let ns = &lab.topo.router;
+    let before = conntrack_drops(ns);
+    let attempts = traffic::attempt_all(
+        &lab.topo.clients,
+        &incident_plan(2),
+        Duration::from_millis(2500),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let records = tracer.stop();
+    let kernel = conntrack_drops(ns) - before;
+    let summary = final_summary(&records);
+    eprintln!(
+        "{threads} thread(s) checked; {} attempts, {kernel} kernel drops",
+        attempts.len()
+    );
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    assert!(kernel > 0);
+    let a = ctrace_tests::agreement(summary, ns.inode()).expect("self-check of the router");
+    assert_eq!(a["kernel"].as_u64(), Some(kernel), "{a}");
+    assert_eq!(a["attributed"].as_u64(), Some(kernel), "{a}");
+}

@@ -478,3 +478,79 @@ fn soak_under_a_storm_keeps_memory_flat_and_every_summary() {
     );
     assert_eq!(table_full, kernel, "every drop of the soak counted");
 }
+
+/// A recording made to exhaust `ctrace report`: 16 MiB in which every
+/// summary names a new service, a new namespace and new breakdown keys,
+/// with counts at u64::MAX. The report streams it: its peak memory is
+/// bounded by what it shows, not by the file (before: 1.6 MB took 1.8 GiB).
+#[test]
+fn report_of_a_hostile_recording_is_bounded() {
+    use std::io::Write as _;
+    const SIZE: usize = 16 << 20;
+    const BOUND_KIB: i64 = 256 << 10;
+    let dir = std::env::temp_dir().join(format!("ctrace-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("hostile.ndjson");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    writeln!(out, r#"{{"type":"recording","version":1,"host":"h"}}"#).unwrap();
+    let mut written = 0;
+    let mut i = 0u64;
+    while written < SIZE {
+        let line = serde_json::json!({
+            "type": "summary",
+            "time": humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + i * 1000)
+            ).to_string(),
+            "netns": [{"inode": i, "count": i, "max": u64::MAX, "processes": [format!("p{i}")]}],
+            "drops": [{"netns": i, "service": format!("svc-{i}"), "cause": format!("c{}", i % 7),
+                       "proto": "tcp", "flows": u64::MAX - i, "packets": u64::MAX}],
+            "evictions": [{"netns": i, "service": format!("svc-{i}"), "proto": "tcp",
+                           "entries": i, "by": format!("b{i}")}],
+            "occupancy": [{"inode": i, "total": i + 1,
+                           "by_src_prefix": {format!("10.{}.0.0/16", i % 256): i}}],
+            "agreement": [{"netns": i, "attributed": i, "kernel": i, "trust": "exact"}],
+        })
+        .to_string();
+        writeln!(out, "{line}").unwrap();
+        written += line.len() + 1;
+        i += 1;
+    }
+    drop(out);
+    let started = Instant::now();
+    let child = Command::new(ctrace_bin())
+        .arg("report")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, rss_kib) = wait_with_maxrss(child);
+    let took = started.elapsed();
+    std::fs::remove_dir_all(&dir).unwrap();
+    eprintln!(
+        "report of {} MiB ({i} summaries): {:.1} s, peak RSS {} MiB",
+        SIZE >> 20,
+        took.as_secs_f64(),
+        rss_kib >> 10
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(
+        rss_kib <= BOUND_KIB,
+        "peak RSS {rss_kib} KiB > {BOUND_KIB} KiB"
+    );
+}
+
+/// Waits for `child`; its exit status and its own peak RSS in KiB
+/// (wait4's rusage is the child's alone).
+fn wait_with_maxrss(child: std::process::Child) -> (std::process::ExitStatus, i64) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data the kernel fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into our locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "{}", std::io::Error::last_os_error());
+    (std::process::ExitStatus::from_raw(status), usage.ru_maxrss)
+}

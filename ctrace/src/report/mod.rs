@@ -63,6 +63,7 @@ pub struct Report {
     /// (netns, attributed, kernel, trust) from the last summary.
     pub agreement: Vec<(u64, u64, u64, String)>,
     pub strategy: Option<String>,
+    pub left_out: LeftOut,
     pub blocks: Vec<Block>,
 }
 
@@ -72,95 +73,267 @@ fn secs(t: SystemTime, start: SystemTime) -> f64 {
     t.duration_since(start).unwrap_or_default().as_secs_f64()
 }
 
-impl Report {
-    pub fn from_recording(rec: &Recording) -> Report {
-        let start = rec
-            .summaries
-            .first()
-            .map_or(SystemTime::UNIX_EPOCH, |s| s.time);
-        let end = rec.summaries.last().map_or(start, |s| s.time);
-        let mut namespaces: BTreeMap<u64, NetnsStory> = BTreeMap::new();
-        // Cumulative totals only grow; the largest value seen is the total
-        // (a namespace that vanished drops out of later summaries).
-        let mut groups: BTreeMap<(u64, String, String, String), (u64, u64)> = BTreeMap::new();
-        let mut last_rise: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
-        let mut first_rise: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
-        let mut per_service_prev: BTreeMap<String, u64> = BTreeMap::new();
-        let mut drops_over_time: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        let mut evictions: BTreeMap<(u64, String, String, String), u64> = BTreeMap::new();
-        let (mut evicted, mut gc_evicted, mut lost) = (0, 0, 0);
-        for s in &rec.summaries {
-            let x = secs(s.time, start);
-            for n in &s.netns {
-                let st = namespaces.entry(n.inode).or_insert_with(|| NetnsStory {
-                    inode: n.inode,
-                    ..NetnsStory::default()
-                });
-                st.label = match (&n.name, &n.pod) {
-                    (_, Some(pod)) => format!("{} (pod {pod})", n.inode),
-                    (Some(name), None) => format!("{} ({name})", n.inode),
-                    (None, None) => n.inode.to_string(),
-                };
-                if !n.processes.is_empty() {
-                    st.label += &format!(" [{}]", n.processes.join(", "));
-                }
-                st.timeline.push((x, n.count, n.max));
-                st.max = st.max.max(n.max);
-                if n.count > st.peak || st.peak_at.is_none() {
-                    st.peak = n.count;
-                    st.peak_at = Some(s.time);
-                }
+/// Bounds that keep a report's memory independent of the recording's size
+/// and of how often names change in it: a recording is anyone's file.
+const MAX_NAMESPACES: usize = 64;
+const MAX_SERVICES: usize = 256;
+/// (service or namespace, cause, proto, …) combinations kept.
+const MAX_GROUPS: usize = 4096;
+/// Points per plotted line: pairs are merged (their peak kept) beyond it.
+const MAX_POINTS: usize = 240;
+/// Keys kept per occupancy breakdown (the report shows five).
+const MAX_BREAKDOWN_KEYS: usize = 64;
+/// Where services past [`MAX_SERVICES`] are counted.
+const MORE_SERVICES: &str = "(more services)";
+
+/// What the bounds left out, said in the report.
+#[derive(Debug, Default)]
+pub struct LeftOut {
+    pub namespaces: u64,
+    pub services: u64,
+    pub groups: u64,
+}
+
+/// Folds records into a report as they are read: memory grows with the
+/// namespaces, services and points kept, all bounded, never with the file.
+#[derive(Default)]
+pub struct Builder {
+    start: Option<SystemTime>,
+    end: Option<SystemTime>,
+    namespaces: BTreeMap<u64, NetnsStory>,
+    services: BTreeSet<String>,
+    /// Cumulative totals only grow; the largest value seen is the total
+    /// (a namespace that vanished drops out of later summaries).
+    groups: BTreeMap<(u64, String, String, String), (u64, u64)>,
+    first_rise: BTreeMap<(String, String), SystemTime>,
+    last_rise: BTreeMap<(String, String), SystemTime>,
+    /// First sightings, from drop records.
+    sighted: BTreeMap<(String, String), Option<(SystemTime, SystemTime)>>,
+    per_service_prev: BTreeMap<String, u64>,
+    drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
+    evictions: BTreeMap<(u64, String, String, String), u64>,
+    agreement: BTreeMap<u64, (u64, u64, u64, String)>,
+    evicted: u64,
+    gc_evicted: u64,
+    lost: u64,
+    strategy: Option<String>,
+    left_out: LeftOut,
+}
+
+/// The entry for `key`, made if there is room for one more; None (and
+/// counted) if not.
+fn admit<'m, K: Ord, V: Default>(
+    map: &'m mut BTreeMap<K, V>,
+    key: K,
+    cap: usize,
+    left_out: &mut u64,
+) -> Option<&'m mut V> {
+    if map.len() >= cap && !map.contains_key(&key) {
+        *left_out += 1;
+        return None;
+    }
+    Some(map.entry(key).or_default())
+}
+
+/// Halves a line's points when it grows past [`MAX_POINTS`], keeping each
+/// pair's peak.
+fn thin<T: Copy>(points: &mut Vec<T>, peak: impl Fn(&T, &T) -> T) {
+    if points.len() > MAX_POINTS {
+        *points = points
+            .chunks(2)
+            .map(|c| c.iter().skip(1).fold(c[0], |a, b| peak(&a, b)))
+            .collect();
+    }
+}
+
+/// An occupancy breakdown with each map cut to its largest keys (the
+/// total still counts them all).
+fn bounded(o: &Occupancy) -> Occupancy {
+    let top = |m: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        let mut v: Vec<_> = m.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1));
+        v.into_iter()
+            .take(MAX_BREAKDOWN_KEYS)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    };
+    Occupancy {
+        inode: o.inode,
+        total: o.total,
+        by_service: top(&o.by_service),
+        by_tcp_state: top(&o.by_tcp_state),
+        by_src_prefix: top(&o.by_src_prefix),
+        by_timeout: top(&o.by_timeout),
+        assured: o.assured,
+        unreplied: o.unreplied,
+    }
+}
+
+impl Builder {
+    pub fn add(&mut self, r: recording::Record) {
+        match r {
+            recording::Record::Summary(s) => self.summary(&s),
+            recording::Record::Drop(d) => self.drop(&d),
+        }
+    }
+
+    /// A service name as kept: its own while there is room, else counted
+    /// under [`MORE_SERVICES`].
+    fn service(&mut self, s: Option<&str>) -> String {
+        let s = s.unwrap_or(NO_SERVICE);
+        if self.services.contains(s) {
+            return s.to_string();
+        }
+        if self.services.len() < MAX_SERVICES {
+            self.services.insert(s.to_string());
+            return s.to_string();
+        }
+        self.left_out.services += 1;
+        MORE_SERVICES.to_string()
+    }
+
+    fn summary(&mut self, s: &recording::Summary) {
+        let start = *self.start.get_or_insert(s.time);
+        self.end = Some(self.end.map_or(s.time, |e| e.max(s.time)));
+        let x = secs(s.time, start);
+        for n in &s.netns {
+            let Some(st) = admit(
+                &mut self.namespaces,
+                n.inode,
+                MAX_NAMESPACES,
+                &mut self.left_out.namespaces,
+            ) else {
+                continue;
+            };
+            st.inode = n.inode;
+            st.label = match (&n.name, &n.pod) {
+                (_, Some(pod)) => format!("{} (pod {pod})", n.inode),
+                (Some(name), None) => format!("{} ({name})", n.inode),
+                (None, None) => n.inode.to_string(),
+            };
+            if !n.processes.is_empty() {
+                st.label += &format!(" [{}]", n.processes.join(", "));
             }
-            for o in &s.occupancy {
-                if let Some(st) = namespaces.get_mut(&o.inode)
-                    && st.occupancy.as_ref().is_none_or(|b| o.total > b.total)
-                {
-                    st.occupancy = Some(o.clone());
+            st.timeline.push((x, n.count, n.max));
+            thin(&mut st.timeline, |a, b| {
+                if fill(b.1, b.2) > fill(a.1, a.2) {
+                    (a.0, b.1, b.2)
+                } else {
+                    *a
                 }
+            });
+            st.max = st.max.max(n.max);
+            if n.count > st.peak || st.peak_at.is_none() {
+                st.peak = n.count;
+                st.peak_at = Some(s.time);
             }
-            let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
-            for g in &s.drops {
-                let service = g.service.clone().unwrap_or_else(|| NO_SERVICE.into());
-                let key = (g.netns, service.clone(), g.cause.clone(), g.proto.clone());
-                let e = groups.entry(key).or_default();
-                let sc = (service.clone(), g.cause.clone());
-                if g.packets > e.1 {
-                    last_rise.insert(sc.clone(), s.time);
-                    first_rise.entry(sc).or_insert(s.time);
-                }
-                *e = (e.0.max(g.flows), e.1.max(g.packets));
-                let t = per_service.entry(service).or_default();
-                *t = t.saturating_add(g.packets);
+        }
+        for o in &s.occupancy {
+            if let Some(st) = self.namespaces.get_mut(&o.inode)
+                && st.occupancy.as_ref().is_none_or(|b| o.total > b.total)
+            {
+                st.occupancy = Some(bounded(o));
             }
-            for (service, total) in &per_service {
-                let prev = per_service_prev.get(service).copied().unwrap_or(0);
-                drops_over_time
-                    .entry(service.clone())
-                    .or_default()
-                    .push((x, total.saturating_sub(prev) as f64));
+        }
+        let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
+        for g in &s.drops {
+            let service = self.service(g.service.as_deref());
+            let key = (g.netns, service.clone(), g.cause.clone(), g.proto.clone());
+            let Some(e) = admit(&mut self.groups, key, MAX_GROUPS, &mut self.left_out.groups)
+            else {
+                continue;
+            };
+            let rose = g.packets > e.1;
+            *e = (e.0.max(g.flows), e.1.max(g.packets));
+            let sc = (service.clone(), g.cause.clone());
+            if rose {
+                self.last_rise.insert(sc.clone(), s.time);
+                self.first_rise.entry(sc).or_insert(s.time);
             }
-            // Services without drops this interval: a zero, so lines fall.
-            for (service, series) in drops_over_time.iter_mut() {
-                if !per_service.contains_key(service) {
-                    series.push((x, 0.0));
-                }
+            let t = per_service.entry(service).or_default();
+            *t = t.saturating_add(g.packets);
+        }
+        for (service, total) in &per_service {
+            let prev = self.per_service_prev.get(service).copied().unwrap_or(0);
+            self.drops_over_time
+                .entry(service.clone())
+                .or_default()
+                .push((x, total.saturating_sub(prev) as f64));
+        }
+        // Services without drops this interval: a zero, so lines fall.
+        for (service, series) in self.drops_over_time.iter_mut() {
+            if !per_service.contains_key(service) {
+                series.push((x, 0.0));
             }
-            per_service_prev = per_service;
-            for e in &s.evictions {
-                let key = (
-                    e.netns,
-                    e.service.clone().unwrap_or_else(|| NO_SERVICE.into()),
-                    e.proto.clone(),
-                    e.by.clone(),
-                );
-                let v = evictions.entry(key).or_default();
+            thin(series, |a, b| (a.0, a.1.max(b.1)));
+        }
+        self.per_service_prev = per_service;
+        for e in &s.evictions {
+            let service = self.service(e.service.as_deref());
+            let key = (e.netns, service, e.proto.clone(), e.by.clone());
+            if let Some(v) = admit(
+                &mut self.evictions,
+                key,
+                MAX_GROUPS,
+                &mut self.left_out.groups,
+            ) {
                 *v = (*v).max(e.entries);
             }
-            evicted = evicted.max(s.evicted_total);
-            gc_evicted = gc_evicted.max(s.gc_evicted_total);
-            lost = lost.max(s.lost_events);
         }
+        self.evicted = self.evicted.max(s.evicted_total);
+        self.gc_evicted = self.gc_evicted.max(s.gc_evicted_total);
+        self.lost = self.lost.max(s.lost_events);
+        // The latest word on each namespace, including ones that vanished
+        // before the end (a lab's, a deleted pod's).
+        for a in &s.agreement {
+            if let Some(v) = admit(
+                &mut self.agreement,
+                a.netns,
+                MAX_NAMESPACES,
+                &mut self.left_out.namespaces,
+            ) {
+                *v = (a.netns, a.attributed, a.kernel, a.trust.clone());
+            }
+        }
+        if s.strategy.is_some() {
+            self.strategy.clone_from(&s.strategy);
+        }
+    }
 
+    /// First sightings date a drop to the packet.
+    fn drop(&mut self, d: &recording::Drop) {
+        let key = (self.service(d.service.as_deref()), d.cause.clone());
+        if let Some(v) = admit(
+            &mut self.sighted,
+            key,
+            MAX_GROUPS,
+            &mut self.left_out.groups,
+        ) {
+            *v = Some(v.map_or((d.time, d.time), |(f, l)| (f.min(d.time), l.max(d.time))));
+        }
+    }
+
+    pub fn finish(self, rec: &Recording) -> Report {
+        let Builder {
+            start,
+            end,
+            namespaces: mut ns_map,
+            groups,
+            first_rise,
+            last_rise,
+            sighted,
+            drops_over_time,
+            evictions,
+            agreement,
+            evicted,
+            gc_evicted,
+            lost,
+            strategy,
+            left_out,
+            ..
+        } = self;
+        let start = start.unwrap_or(SystemTime::UNIX_EPOCH);
+        let end = end.unwrap_or(start);
         let mut affected: BTreeMap<(String, String), Affected> = BTreeMap::new();
         for ((netns, service, cause, _), (flows, packets)) in &groups {
             let a = affected
@@ -174,31 +347,23 @@ impl Report {
             a.flows = a.flows.saturating_add(*flows);
             a.packets = a.packets.saturating_add(*packets);
             if cause == "table_full"
-                && let Some(st) = namespaces.get_mut(netns)
+                && let Some(st) = ns_map.get_mut(netns)
             {
                 st.table_full_flows = st.table_full_flows.saturating_add(*flows);
                 st.table_full_packets = st.table_full_packets.saturating_add(*packets);
             }
         }
-        // First sightings date a drop to the packet; the summaries bound
-        // it to the interval where a total rose.
-        for d in &rec.drops {
-            let key = (
-                d.service.clone().unwrap_or_else(|| NO_SERVICE.into()),
-                d.cause.clone(),
-            );
-            if let Some(a) = affected.get_mut(&key) {
-                a.first = Some(a.first.map_or(d.time, |f| f.min(d.time)));
-                a.last = Some(a.last.map_or(d.time, |l| l.max(d.time)));
-            }
-        }
+        // The summaries bound a drop to the interval where a total rose.
         for (key, a) in affected.iter_mut() {
-            if let Some(t) = first_rise.get(key) {
-                a.first = Some(a.first.map_or(*t, |f| f.min(*t)));
-            }
-            if let Some(t) = last_rise.get(key) {
-                a.last = Some(a.last.map_or(*t, |l| l.max(*t)));
-            }
+            let seen = sighted.get(key).copied().flatten();
+            let times = [
+                seen.map(|s| s.0),
+                seen.map(|s| s.1),
+                first_rise.get(key).copied(),
+                last_rise.get(key).copied(),
+            ];
+            a.first = times.iter().flatten().min().copied();
+            a.last = times.iter().flatten().max().copied();
         }
         let mut affected: Vec<Affected> = affected.into_values().collect();
         affected.sort_by_key(|a| std::cmp::Reverse(a.packets));
@@ -210,17 +375,6 @@ impl Report {
         }
         let mut evictions: Vec<_> = ev.into_iter().map(|((s, b), n)| (s, b, n)).collect();
         evictions.sort_by_key(|e| std::cmp::Reverse(e.2));
-
-        let last = rec.summaries.last();
-        // The latest word on each namespace, including ones that vanished
-        // before the end (a lab's, a deleted pod's).
-        let mut agreement: BTreeMap<u64, (u64, u64, u64, String)> = BTreeMap::new();
-        for s in &rec.summaries {
-            for a in &s.agreement {
-                agreement.insert(a.netns, (a.netns, a.attributed, a.kernel, a.trust.clone()));
-            }
-        }
-        let agreement = agreement.into_values().collect();
         // Everything below that came from the recording is escaped as it
         // goes into a block (md): a recording is anyone's text.
         let title = format!(
@@ -236,19 +390,39 @@ impl Report {
             title,
             start,
             end,
-            namespaces: namespaces.into_values().collect(),
+            namespaces: ns_map.into_values().collect(),
             affected,
             drops_over_time,
             evicted,
             gc_evicted,
             evictions,
             lost_events: lost,
-            agreement,
-            strategy: last.and_then(|s| s.strategy.clone()),
+            agreement: agreement.into_values().collect(),
+            strategy,
+            left_out,
             blocks: vec![],
         };
         r.blocks = r.compose(rec);
         r
+    }
+}
+
+impl Report {
+    /// Reads `files` (oldest first) into a report, streaming.
+    pub fn read(files: &[std::path::PathBuf]) -> anyhow::Result<(Report, Recording)> {
+        let mut b = Builder::default();
+        let rec = Recording::read(files, &mut |r| b.add(r))?;
+        Ok((b.finish(&rec), rec))
+    }
+
+    /// One recording from `input`, as [`Report::read`] reads a file.
+    pub fn from_reader(
+        file: &std::path::Path,
+        input: impl std::io::BufRead,
+    ) -> anyhow::Result<(Report, Recording)> {
+        let mut b = Builder::default();
+        let rec = Recording::from_reader(file, input, &mut |r| b.add(r))?;
+        Ok((b.finish(&rec), rec))
     }
 
     /// The namespace the advice is about: the one that refused flows for a
@@ -271,8 +445,8 @@ impl Report {
                 .map(|p| format!("`{}`", p.display()))
                 .collect::<Vec<_>>()
                 .join(", "),
-            rec.summaries.len(),
-            rec.drops.len(),
+            rec.summaries,
+            rec.drops,
             rfc3339(self.start),
             rfc3339(self.end),
             humantime::format_duration(Duration::from_secs(span.as_secs())),
@@ -448,6 +622,16 @@ impl Report {
                 md(trust)
             ));
         }
+        let LeftOut {
+            namespaces,
+            services,
+            groups,
+        } = self.left_out;
+        if namespaces + services + groups > 0 {
+            q.push(format!(
+                "the report keeps {MAX_NAMESPACES} namespaces, {MAX_SERVICES} services and {MAX_GROUPS} groups: {namespaces} namespace, {services} service and {groups} group readings beyond those were left out (services past the limit are counted as {MORE_SERVICES})"
+            ));
+        }
         b.push(Block::Bullets(q));
 
         b.push(Block::Heading(2, "Recommendations".into()));
@@ -531,9 +715,9 @@ mod tests {
             ),
         )
         .unwrap();
-        let rec = Recording::read(std::slice::from_ref(&path)).unwrap();
+        let (r, _) = Report::read(std::slice::from_ref(&path)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        let md = Report::from_recording(&rec).markdown();
+        let md = r.markdown();
         let commands: Vec<&str> = md
             .lines()
             .filter(|l| l.starts_with("nft ") || l.starts_with("sysctl "))
@@ -573,9 +757,8 @@ mod hostile_names {
         });
         let header = serde_json::json!({"type": "recording", "version": 1, "host": evil});
         std::fs::write(&path, format!("{header}\n{summary}\n")).unwrap();
-        let rec = Recording::read(std::slice::from_ref(&path)).unwrap();
+        let (r, _) = Report::read(std::slice::from_ref(&path)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        let r = Report::from_recording(&rec);
         let md = r.markdown();
         assert!(!md.contains('\u{1b}'), "raw ESC in the Markdown");
         // Code blocks show text as it is: look outside them, and make
