@@ -317,6 +317,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         devices: vec![],
         device_warnings: vec![],
         sink_health: vec![],
+        netns_left_out: 0,
         is_final: true,
     };
     if args.json {

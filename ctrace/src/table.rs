@@ -344,7 +344,18 @@ pub struct TableMonitor {
     /// ctrace's own namespace (the host's, usually): shown even while idle,
     /// as node_exporter shows it.
     own: Option<u64>,
+    /// At most this many namespaces are watched (each holds a socket and
+    /// makes metric series), save those with drops; see [`MAX_TABLES`].
+    cap: usize,
+    /// Namespaces the cap left unwatched at the last discovery.
+    left_out: usize,
 }
+
+/// Namespaces watched at most: a node with a thousand pods fits, and a
+/// user who makes namespaces by the thousand cannot make ctrace hold a
+/// socket and metric series for each. Namespaces with drops are watched
+/// beyond it; the rest are counted (`netns_left_out`).
+pub const MAX_TABLES: usize = 1024;
 
 impl TableMonitor {
     /// Sources as `CTRACE_TABLE_SOURCE` says (see [`SourceChoice`]); an
@@ -367,7 +378,14 @@ impl TableMonitor {
             told_procfs: false,
             namer: crate::pods::Namer::new("/"),
             own: NetNs::current().ok().map(|ns| ns.inode()),
+            cap: MAX_TABLES,
+            left_out: 0,
         }
+    }
+
+    /// Namespaces the cap left unwatched at the last discovery.
+    pub fn left_out(&self) -> usize {
+        self.left_out
     }
 
     /// Opens a namespace's reader and says, once per run at warning level
@@ -406,6 +424,12 @@ impl TableMonitor {
     }
 
     pub fn discover(&mut self) {
+        self.discover_preferring(&[]);
+    }
+
+    /// [`TableMonitor::discover`], watching the namespaces in `priority`
+    /// (those with drops) even past the cap.
+    pub fn discover_preferring(&mut self, priority: &[u64]) {
         self.namer.refresh();
         let found = match netns::discover() {
             Ok(f) => f,
@@ -419,9 +443,17 @@ impl TableMonitor {
             .filter(|i| self.filter.matches(i))
             .collect();
         let mut alive = BTreeMap::new();
+        let known: Vec<u64> = wanted.iter().map(|i| i.inode).collect();
+        // Those gone no longer take room.
+        self.tables.retain(|inode, _| known.contains(inode));
+        self.left_out = 0;
         for info in &wanted {
             alive.insert(info.inode, info.name.clone());
             if self.tables.contains_key(&info.inode) || self.unreadable.contains_key(&info.inode) {
+                continue;
+            }
+            if self.tables.len() >= self.cap && !priority.contains(&info.inode) {
+                self.left_out += 1;
                 continue;
             }
             let opened = NetNs::open(&info.path).and_then(|ns| self.open_reader(&ns));
@@ -571,6 +603,48 @@ mod tests {
     use super::*;
     use crate::netlink::ctnetlink::{CtEntry, IPPROTO_UDP};
     use crate::netns::skip_unless_root;
+
+    /// Past the cap, new namespaces are counted, not watched, unless they
+    /// have drops.
+    #[test]
+    fn namespaces_past_the_cap_are_counted_not_watched() {
+        if skip_unless_root("namespaces_past_the_cap_are_counted_not_watched") {
+            return;
+        }
+        let spaces: Vec<NetNs> = (0..5).map(|_| NetNs::create().unwrap()).collect();
+        // A thread in each, so that discovery (which looks at tasks) finds
+        // them; they end when `anchors` drops.
+        let anchors: Vec<_> = spaces
+            .iter()
+            .map(|ns| {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let h = ns
+                    .spawn("cap-test", move || {
+                        let _ = rx.recv();
+                    })
+                    .unwrap();
+                (tx, h)
+            })
+            .collect();
+        let inodes: Vec<String> = spaces.iter().map(|n| n.inode().to_string()).collect();
+        let filter = NetnsFilter::new(inodes).resolve().unwrap();
+        let mut m = TableMonitor::with_source(filter, SourceChoice::Auto);
+        m.cap = 3;
+        m.discover();
+        assert_eq!((m.inodes().len(), m.left_out()), (3, 2));
+        let outside: Vec<u64> = spaces
+            .iter()
+            .map(NetNs::inode)
+            .filter(|i| !m.knows(*i))
+            .collect();
+        m.discover_preferring(&outside[..1]);
+        assert_eq!((m.inodes().len(), m.left_out()), (4, 1));
+        assert!(m.knows(outside[0]));
+        for (tx, h) in anchors {
+            drop(tx);
+            h.join().unwrap();
+        }
+    }
 
     /// A monitor told to use procfs samples a namespace like one using
     /// ctnetlink, says so in its views, and its JSON carries it.

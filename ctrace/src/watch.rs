@@ -510,7 +510,9 @@ impl Watcher {
         self.settled_packets = packets;
         moved.extend(self.pending.iter().map(|d| d.flow.netns));
         if moved.iter().any(|ns| !self.monitor.knows(*ns)) {
-            self.monitor.discover();
+            // Namespaces with drops are watched even past the cap.
+            let with_drops: Vec<u64> = moved.iter().copied().collect();
+            self.monitor.discover_preferring(&with_drops);
         }
         if all {
             moved.extend(self.monitor.inodes());
@@ -773,6 +775,7 @@ impl Watcher {
             devices,
             device_warnings,
             sink_health: sinks.iter().filter_map(|s| s.health()).collect(),
+            netns_left_out: self.monitor.left_out(),
             is_final,
         };
         for s in sinks.iter_mut() {
@@ -873,7 +876,8 @@ impl Watcher {
             return;
         };
         let before: Vec<u64> = self.monitor.inodes();
-        self.monitor.discover();
+        self.monitor
+            .discover_preferring(&self.ledger.netns_with_drops());
         let alive: HashMap<u64, ()> = self.monitor.inodes().into_iter().map(|i| (i, ())).collect();
         let gone: Vec<u64> = before
             .into_iter()

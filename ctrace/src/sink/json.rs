@@ -131,6 +131,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
             .map(|_| correlation_json(&s.counters)),
         "devices": s.devices,
         "warnings": s.device_warnings,
+        "netns_left_out": s.netns_left_out,
         "sink_errors": s
             .sink_health
             .iter()

@@ -240,6 +240,16 @@ pub fn render(s: &Snapshot<'_>) -> String {
             );
         }
     }
+    if s.netns_left_out > 0 {
+        w(
+            &mut o,
+            format!(
+                "{} namespaces not watched: ctrace watches at most {} (those with drops always); narrow with --netns",
+                s.netns_left_out,
+                crate::table::MAX_TABLES
+            ),
+        );
+    }
     if s.counters.totals_full > 0 {
         w(
             &mut o,
@@ -392,6 +402,7 @@ mod tests {
                 devices: vec![],
                 device_warnings: vec![],
                 sink_health: vec![],
+                netns_left_out: 0,
                 connect_counters: None,
                 is_final: false,
             })
@@ -451,6 +462,7 @@ mod tests {
             devices: vec![],
             device_warnings: vec!["w\x1bx".into()],
             sink_health: vec![],
+            netns_left_out: 0,
             connect_counters: None,
             is_final: false,
         });

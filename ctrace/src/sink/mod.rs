@@ -53,6 +53,8 @@ pub struct Snapshot<'a> {
     pub device_warnings: Vec<String>,
     /// Outputs that failed and were kept going (recording, textfile).
     pub sink_health: Vec<guard::SinkHealth>,
+    /// Namespaces not watched: past `table::MAX_TABLES`, without drops.
+    pub netns_left_out: usize,
     pub is_final: bool,
 }
 

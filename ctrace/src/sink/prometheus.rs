@@ -255,6 +255,14 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     for h in &s.sink_health {
         set_counter(&sink_errors, &[h.name], h.errors);
     }
+    let left_out = f.gauge(
+        "ctrace_netns_left_out",
+        "Network namespaces not watched: ctrace watches at most 1024 (those with drops always); narrow with --netns.",
+        &[],
+    )?;
+    left_out
+        .with_label_values::<&str>(&[])
+        .set(s.netns_left_out as i64);
     let info = f.gauge(
         "ctrace_build_info",
         "ctrace's version; always 1.",
