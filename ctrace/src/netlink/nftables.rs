@@ -352,18 +352,8 @@ impl Dest {
                     IpAddr::V4(a) => (libc::NFPROTO_IPV4 as u8, 16, a.octets().to_vec()),
                     IpAddr::V6(a) => (libc::NFPROTO_IPV6 as u8, 24, a.octets().to_vec()),
                 };
-                expr(m, "meta", |m| {
-                    m.be32(NFTA_META_DREG, NFT_REG_1)
-                        .be32(NFTA_META_KEY, NFT_META_NFPROTO);
-                });
-                cmp(m, NFT_CMP_EQ, &[family]);
-                expr(m, "payload", |m| {
-                    m.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                        .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
-                        .be32(NFTA_PAYLOAD_OFFSET, offset)
-                        .be32(NFTA_PAYLOAD_LEN, bytes.len() as u32);
-                });
-                cmp(m, NFT_CMP_EQ, &bytes);
+                meta_is(m, NFT_META_NFPROTO, &[family]);
+                payload_is(m, NFT_PAYLOAD_NETWORK_HEADER, offset, &bytes);
             }
         }
     }
@@ -454,19 +444,29 @@ impl Rule {
 /// decoration: a transport-header payload load reads whatever protocol the
 /// packet carries, so without it UDP to the same port would match too.
 fn tcp_port_is(m: &mut MsgBuilder, dport: bool, port: u16) {
+    meta_is(m, NFT_META_L4PROTO, &[IPPROTO_TCP]);
+    // struct tcphdr: source is the 2 bytes at offset 0, dest at 2.
+    let offset = if dport { 2 } else { 0 };
+    payload_is(m, NFT_PAYLOAD_TRANSPORT_HEADER, offset, &port.to_be_bytes());
+}
+
+/// `meta KEY == value` (the value as long as the key's register holds).
+fn meta_is(m: &mut MsgBuilder, key: u32, value: &[u8]) {
     expr(m, "meta", |m| {
-        m.be32(NFTA_META_DREG, NFT_REG_1)
-            .be32(NFTA_META_KEY, NFT_META_L4PROTO);
+        m.be32(NFTA_META_DREG, NFT_REG_1).be32(NFTA_META_KEY, key);
     });
-    cmp(m, NFT_CMP_EQ, &[IPPROTO_TCP]);
+    cmp(m, NFT_CMP_EQ, value);
+}
+
+/// The packet's bytes at `offset` from header `base` equal `bytes`.
+fn payload_is(m: &mut MsgBuilder, base: u32, offset: u32, bytes: &[u8]) {
     expr(m, "payload", |m| {
-        // struct tcphdr: source is the 2 bytes at offset 0, dest at 2.
         m.be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-            .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER)
-            .be32(NFTA_PAYLOAD_OFFSET, if dport { 2 } else { 0 })
-            .be32(NFTA_PAYLOAD_LEN, 2);
+            .be32(NFTA_PAYLOAD_BASE, base)
+            .be32(NFTA_PAYLOAD_OFFSET, offset)
+            .be32(NFTA_PAYLOAD_LEN, bytes.len() as u32);
     });
-    cmp(m, NFT_CMP_EQ, &port.to_be_bytes());
+    cmp(m, NFT_CMP_EQ, bytes);
 }
 
 /// One NFTA_LIST_ELEM of NFTA_RULE_EXPRESSIONS.
