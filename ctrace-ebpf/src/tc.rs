@@ -160,42 +160,53 @@ fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
         bump(counter::TC_ENCAPSULATED);
         return None;
     }
+    // First only what decides whether the packet matters (version,
+    // protocol, fragment offset, TCP flags): most packets on a link are
+    // TCP segments with neither SYN nor RST, and leave here without their
+    // addresses ever being copied.
+    let (proto, l4) = match ethertype {
+        ETH_P_IP => {
+            let head: [u8; 10] = bytes(ctx, l2)?;
+            // Only a first fragment carries the L4 header.
+            if head[0] >> 4 != 4 || u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
+                return None;
+            }
+            (head[9], l2 + ((head[0] & 0x0f) as usize) * 4)
+        }
+        // Extension headers are not walked: such flows are not judged.
+        ETH_P_IPV6 => (bytes::<7>(ctx, l2)?[6], l2 + 40),
+        _ => return None,
+    };
+    match proto {
+        IPPROTO_TCP => {
+            let [flags]: [u8; 1] = bytes(ctx, l4 + 13)?;
+            // Only opening packets (SYN) and answers to them (SYN-ACK,
+            // RST) matter.
+            if flags & (TCP_SYN | TCP_RST) == 0 {
+                return None;
+            }
+        }
+        IPPROTO_UDP => {}
+        _ => return None,
+    }
     let mut flow = FlowKey::default();
     let mut ip_id = 0u16;
-    let l4 = match ethertype {
+    flow.proto = proto;
+    match ethertype {
         ETH_P_IP => {
             let hdr: [u8; 20] = bytes(ctx, l2)?;
-            if hdr[0] >> 4 != 4 {
-                return None;
-            }
-            flow.proto = hdr[9];
-            if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
-                return None;
-            }
-            // Only a first fragment carries the L4 header.
-            if u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff != 0 {
-                return None;
-            }
             flow.family = AF_INET;
             flow.src[..4].copy_from_slice(&hdr[12..16]);
             flow.dst[..4].copy_from_slice(&hdr[16..20]);
             ip_id = u16::from_be_bytes([hdr[4], hdr[5]]);
-            l2 + ((hdr[0] & 0x0f) as usize) * 4
         }
-        ETH_P_IPV6 => {
+        _ => {
             let hdr: [u8; 40] = bytes(ctx, l2)?;
-            // Extension headers are not walked: such flows are not judged.
-            flow.proto = hdr[6];
-            if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
-                return None;
-            }
             flow.family = AF_INET6;
             flow.src.copy_from_slice(&hdr[8..24]);
             flow.dst.copy_from_slice(&hdr[24..40]);
-            l2 + 40
         }
-        _ => return None,
-    };
+    }
     let mut p = Packet {
         flow,
         mac: [0; 6],
@@ -209,11 +220,6 @@ fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
     if p.flow.proto == IPPROTO_TCP {
         let hdr: [u8; 14] = bytes(ctx, l4)?;
         p.tcp_flags = hdr[13];
-        // Only opening packets (SYN) and answers to them (SYN-ACK, RST)
-        // matter; the bulk of any link is neither.
-        if p.tcp_flags & (TCP_SYN | TCP_RST) == 0 {
-            return None;
-        }
         p.flow.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
         p.flow.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
         p.seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);

@@ -282,10 +282,15 @@ fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
         sink::files::replace(path, b"", sink::prometheus::TEXTFILE_MODE)
             .with_context(|| format!("--textfile {}: cannot write", path.display()))?;
     }
-    if exposition.is_some() || args.textfile.is_some() {
+    // Two sinks, so that a textfile that cannot be written (guarded,
+    // retried) never leaves the endpoint's scrapes with stale numbers.
+    if exposition.is_some() {
+        sinks.push(Box::new(PrometheusSink::new(exposition, None)));
+    }
+    if args.textfile.is_some() {
         sinks.push(Box::new(sink::guard::Guarded::new(
             "--textfile",
-            Box::new(PrometheusSink::new(exposition, args.textfile.clone())),
+            Box::new(PrometheusSink::new(None, args.textfile.clone())),
         )));
     }
     Ok(Outputs { sinks, endpoint })
@@ -435,7 +440,7 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     print!("{}", r.markdown());
     if let Some(path) = &args.html {
         // Replaced, never opened: a link planted at PATH is not followed.
-        sink::files::replace(path, r.html().as_bytes(), 0o644)
+        sink::files::replace(path, r.html().as_bytes(), 0o600)
             .with_context(|| format!("--html {}", path.display()))?;
         eprintln!("ctrace: HTML report written to {}", path.display());
     }

@@ -315,6 +315,8 @@ pub enum Dest {
     Local,
     /// `ip daddr A` / `ip6 daddr A`: the one address listened on.
     Addr(IpAddr),
+    /// `ip saddr A` / `ip6 saddr A`: answers from that address.
+    From(IpAddr),
 }
 
 impl Dest {
@@ -333,6 +335,8 @@ impl Dest {
             Dest::Local => "fib daddr type local ".into(),
             Dest::Addr(IpAddr::V4(a)) => format!("ip daddr {a} "),
             Dest::Addr(IpAddr::V6(a)) => format!("ip6 daddr {a} "),
+            Dest::From(IpAddr::V4(a)) => format!("ip saddr {a} "),
+            Dest::From(IpAddr::V6(a)) => format!("ip6 saddr {a} "),
         }
     }
 
@@ -347,10 +351,21 @@ impl Dest {
                 });
                 cmp(m, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
             }
-            Dest::Addr(ip) => {
+            Dest::Addr(ip) | Dest::From(ip) => {
+                // Offsets of the destination (source) address in the
+                // IPv4 and IPv6 headers.
+                let src = matches!(self, Dest::From(_));
                 let (family, offset, bytes) = match ip {
-                    IpAddr::V4(a) => (libc::NFPROTO_IPV4 as u8, 16, a.octets().to_vec()),
-                    IpAddr::V6(a) => (libc::NFPROTO_IPV6 as u8, 24, a.octets().to_vec()),
+                    IpAddr::V4(a) => (
+                        libc::NFPROTO_IPV4 as u8,
+                        if src { 12 } else { 16 },
+                        a.octets().to_vec(),
+                    ),
+                    IpAddr::V6(a) => (
+                        libc::NFPROTO_IPV6 as u8,
+                        if src { 8 } else { 24 },
+                        a.octets().to_vec(),
+                    ),
                 };
                 meta_is(m, NFT_META_NFPROTO, &[family]);
                 payload_is(m, NFT_PAYLOAD_NETWORK_HEADER, offset, &bytes);
@@ -825,7 +840,15 @@ impl NotrackRule {
         loop {
             match Self::create(&mut sock, &table, listen, owned) {
                 Ok(()) => break,
-                Err(e) if owned && NlError::errno_of(&e) == Some(libc::EOPNOTSUPP) => {
+                // Before 5.12 an unknown table flag is EINVAL (later
+                // kernels without it say EOPNOTSUPP).
+                Err(e)
+                    if owned
+                        && matches!(
+                            NlError::errno_of(&e),
+                            Some(libc::EOPNOTSUPP | libc::EINVAL)
+                        ) =>
+                {
                     log::info!("this kernel has no owned nf_tables tables: {e:#}");
                     owned = false;
                 }
@@ -866,6 +889,13 @@ impl NotrackRule {
     fn create(sock: &mut NlSocket, table: &str, listen: SocketAddr, owned: bool) -> Result<()> {
         let port = listen.port();
         let to = Dest::listened(listen.ip());
+        // Answers leave from the listening socket's port; with an address,
+        // only from that address (another service may use the port on
+        // another one).
+        let from = match to {
+            Dest::Addr(ip) => Dest::From(ip),
+            _ => Dest::Any,
+        };
         let mut tx = Transaction::new(sock, 0);
         tx.push(
             NFT_MSG_NEWTABLE,
@@ -890,7 +920,7 @@ impl NotrackRule {
         for (chain, dport, to) in [
             (RAW.name, true, to),
             ("raw_output", true, to),
-            ("raw_output", false, Dest::Any),
+            ("raw_output", false, from),
         ] {
             let r = Rule::NotrackTcp { dport, port, to };
             tx.push(

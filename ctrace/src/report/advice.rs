@@ -97,7 +97,7 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
         let syn_sent = o.by_tcp_state.get("SYN_SENT").copied().unwrap_or(0);
         let established = o.by_tcp_state.get("ESTABLISHED").copied().unwrap_or(0);
         let unreplied_other = o.unreplied.saturating_sub(syn_sent);
-        if syn_sent * 10 >= total {
+        if u128::from(syn_sent) * 10 >= u128::from(total) {
             any = true;
             let gone = fewer(syn_sent, SYN_SENT_DEFAULT, SYN_SENT_ADVISED);
             b.push(Block::Para(format!(
@@ -109,7 +109,7 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
                 SYN_SENT_ADVISED,
             ));
         }
-        if unreplied_other * 10 >= total {
+        if u128::from(unreplied_other) * 10 >= u128::from(total) {
             any = true;
             let gone = fewer(unreplied_other, UDP_DEFAULT, UDP_ADVISED);
             b.push(Block::Para(format!(
@@ -118,13 +118,13 @@ pub fn advise(r: &Report, h: &Header) -> Vec<Block> {
             )));
             b.push(sysctl("nf_conntrack_udp_timeout", UDP_ADVISED));
         }
-        if established * 2 >= total {
+        if u128::from(established) * 2 >= u128::from(total) {
             any = true;
             // Remaining under a day, with a 5-day timeout: idle 4 days.
-            let idle: u64 = ["10m-1h", "1h-1d"]
+            let idle = ["10m-1h", "1h-1d"]
                 .iter()
                 .filter_map(|k| o.by_timeout.get(*k))
-                .sum();
+                .fold(0u64, |t, n| t.saturating_add(*n));
             b.push(Block::Para(format!(
                 "{established} entries ({:.0}%) were ESTABLISHED. With the default {} day timeout, the {idle} entries with 10 minutes to a day left had been idle for over four days: a {} day timeout would have expired at least those.",
                 fill(established, total),
@@ -283,12 +283,27 @@ impl std::fmt::Display for Prefix {
 }
 
 impl Prefix {
-    /// RFC 1918 and IPv6 ULA.
+    /// Wholly inside RFC 1918 or IPv6 ULA space: the network printed (the
+    /// address with host bits cleared) and its length both, so that
+    /// `10.0.0.0/0` (the whole internet) is not private.
     fn is_private(&self) -> bool {
-        match self.addr {
-            IpAddr::V4(a) => a.is_private(),
-            IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
-        }
+        let ranges: &[(IpAddr, u8)] = &[
+            (IpAddr::V4([10, 0, 0, 0].into()), 8),
+            (IpAddr::V4([172, 16, 0, 0].into()), 12),
+            (IpAddr::V4([192, 168, 0, 0].into()), 16),
+            (IpAddr::V6([0xfc00, 0, 0, 0, 0, 0, 0, 0].into()), 7),
+        ];
+        ranges.iter().any(|&(addr, len)| {
+            let range = Prefix { addr, len };
+            self.len >= len
+                && self.addr.is_ipv4() == addr.is_ipv4()
+                && Prefix {
+                    addr: self.addr,
+                    len,
+                }
+                .to_string()
+                    == range.to_string()
+        })
     }
 }
 
@@ -311,6 +326,17 @@ mod tests {
         assert!(private("fd00:1::/64"));
         assert!(!private("8.8.8.0/24"));
         assert!(!private("2001:db8::/64"));
+        // Wider than the private range: the whole internet, say.
+        for wide in [
+            "10.0.0.0/0",
+            "10.0.0.0/7",
+            "172.16.0.0/11",
+            "fd00::/6",
+            "192.168.0.0/15",
+        ] {
+            assert!(!private(wide), "{wide}");
+        }
+        assert!(private("172.31.0.0/16") && !private("172.32.0.0/16"));
     }
 
     #[test]

@@ -146,6 +146,12 @@ fn thin<T: Copy>(points: &mut Vec<T>, peak: impl Fn(&T, &T) -> T) {
     }
 }
 
+/// A name as kept: no longer than any name is shown
+/// ([`text::MAX_CHARS`]), so that kept names cannot hold megabytes each.
+fn short(s: &str) -> String {
+    s.chars().take(text::MAX_CHARS + 1).collect()
+}
+
 /// An occupancy breakdown with each map cut to its largest keys (the
 /// total still counts them all).
 fn bounded(o: &Occupancy) -> Occupancy {
@@ -154,7 +160,7 @@ fn bounded(o: &Occupancy) -> Occupancy {
         v.sort_by(|a, b| b.1.cmp(a.1));
         v.into_iter()
             .take(MAX_BREAKDOWN_KEYS)
-            .map(|(k, n)| (k.clone(), *n))
+            .map(|(k, n)| (short(k), *n))
             .collect()
     };
     Occupancy {
@@ -177,10 +183,10 @@ impl Builder {
         }
     }
 
-    /// A service name as kept: its own while there is room, else counted
-    /// under [`MORE_SERVICES`].
+    /// A service name as kept: its own (cut to what is shown) while there
+    /// is room, else counted under [`MORE_SERVICES`].
     fn service(&mut self, s: Option<&str>) -> String {
-        let s = s.unwrap_or(NO_SERVICE);
+        let s = &short(s.unwrap_or(NO_SERVICE));
         if self.services.contains(s) {
             return s.to_string();
         }
@@ -207,12 +213,13 @@ impl Builder {
             };
             st.inode = n.inode;
             st.label = match (&n.name, &n.pod) {
-                (_, Some(pod)) => format!("{} (pod {pod})", n.inode),
-                (Some(name), None) => format!("{} ({name})", n.inode),
+                (_, Some(pod)) => format!("{} (pod {})", n.inode, short(pod)),
+                (Some(name), None) => format!("{} ({})", n.inode, short(name)),
                 (None, None) => n.inode.to_string(),
             };
             if !n.processes.is_empty() {
-                st.label += &format!(" [{}]", n.processes.join(", "));
+                let names: Vec<String> = n.processes.iter().take(8).map(|p| short(p)).collect();
+                st.label += &format!(" [{}]", names.join(", "));
             }
             st.timeline.push((x, n.count, n.max));
             thin(&mut st.timeline, |a, b| {
@@ -238,14 +245,14 @@ impl Builder {
         let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
         for g in &s.drops {
             let service = self.service(g.service.as_deref());
-            let key = (g.netns, service.clone(), g.cause.clone(), g.proto.clone());
+            let key = (g.netns, service.clone(), short(&g.cause), short(&g.proto));
             let Some(e) = admit(&mut self.groups, key, MAX_GROUPS, &mut self.left_out.groups)
             else {
                 continue;
             };
             let rose = g.packets > e.1;
             *e = (e.0.max(g.flows), e.1.max(g.packets));
-            let sc = (service.clone(), g.cause.clone());
+            let sc = (service.clone(), short(&g.cause));
             if rose {
                 self.last_rise.insert(sc.clone(), s.time);
                 self.first_rise.entry(sc).or_insert(s.time);
@@ -270,7 +277,7 @@ impl Builder {
         self.per_service_prev = per_service;
         for e in &s.evictions {
             let service = self.service(e.service.as_deref());
-            let key = (e.netns, service, e.proto.clone(), e.by.clone());
+            let key = (e.netns, service, short(&e.proto), short(&e.by));
             if let Some(v) = admit(
                 &mut self.evictions,
                 key,
@@ -292,17 +299,17 @@ impl Builder {
                 MAX_NAMESPACES,
                 &mut self.left_out.namespaces,
             ) {
-                *v = (a.netns, a.attributed, a.kernel, a.trust.clone());
+                *v = (a.netns, a.attributed, a.kernel, short(&a.trust));
             }
         }
-        if s.strategy.is_some() {
-            self.strategy.clone_from(&s.strategy);
+        if let Some(strategy) = &s.strategy {
+            self.strategy = Some(short(strategy));
         }
     }
 
     /// First sightings date a drop to the packet.
     fn drop(&mut self, d: &recording::Drop) {
-        let key = (self.service(d.service.as_deref()), d.cause.clone());
+        let key = (self.service(d.service.as_deref()), short(&d.cause));
         if let Some(v) = admit(
             &mut self.sighted,
             key,

@@ -171,7 +171,7 @@ pub struct Recording {
 /// No line ctrace writes comes near this (a summary of a thousand
 /// namespaces is a few hundred KiB); longer is a broken recording, not a
 /// reason to hold the file in memory.
-pub const MAX_LINE: usize = 8 << 20;
+pub const MAX_LINE: usize = 2 << 20;
 
 #[derive(Deserialize)]
 struct Tag {
@@ -339,7 +339,7 @@ fn take(line: &str) -> Result<Option<Record>, String> {
         // A rotated set read as one, or a record type from a newer ctrace.
         HEADER_TYPE => None,
         other => {
-            log::debug!("skipping a `{other}` record");
+            log::debug!("skipping a `{}` record", crate::text::terminal(other));
             None
         }
     })
@@ -427,6 +427,6 @@ mod tests {
         .unwrap();
         let b = r.broken.unwrap();
         assert_eq!(b.line, 3);
-        assert!(b.why.contains("longer than 8 MiB"), "{b}");
+        assert!(b.why.contains("longer than 2 MiB"), "{b}");
     }
 }

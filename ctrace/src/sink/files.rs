@@ -4,105 +4,215 @@
 //! root's: a file is created fresh (O_EXCL, which never follows a link in
 //! the last component) with O_NOFOLLOW; fixed names (a recording and its
 //! rotations) are used only inside a directory no other account can
-//! write; a file another program reads whole (the metrics textfile) is
-//! written under a random name beside it and renamed over it, never
-//! opened itself.
+//! write, held open and used by handle; a file another program reads
+//! whole (the metrics textfile) is written under a random name beside it
+//! and renamed over it, never opened itself.
 use std::{
+    ffi::{CString, OsStr, OsString},
     fs::{self, File, OpenOptions},
     io::{self, Write as _},
-    os::unix::fs::{
-        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+        },
     },
     path::{Path, PathBuf},
 };
 
-/// Makes sure `dir` is a directory only this user can write: created with
-/// `mode` if missing (its parent must exist), refused with the reason if
-/// it is a link, not a directory, owned by another user, or writable by
-/// group or others. A recording's fixed names are safe only there.
-pub fn own_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    match fs::DirBuilder::new().mode(mode).create(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+/// A directory only this user can write, held open: every name in it is
+/// resolved from this handle (openat, renameat), so swapping the directory
+/// or one of its parents after the check changes nothing.
+pub struct OwnDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl OwnDir {
+    /// Makes sure `dir` is a directory only this user can write: created
+    /// with `mode` if missing (its parent must exist), refused with the
+    /// reason if it is a link, not a directory, owned by another user, or
+    /// writable by group or others. A recording's fixed names are safe
+    /// only there.
+    pub fn open(dir: &Path, mode: u32) -> io::Result<OwnDir> {
+        match fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let refuse = |why: String| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: {why}; ctrace writes fixed file names only in a directory of its \
+                     own (remove it, or choose another path)",
+                    dir.display()
+                ),
+            )
+        };
+        let fd: OwnedFd = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+        {
+            Ok(f) => f.into(),
+            // O_DIRECTORY|O_NOFOLLOW on a link: ENOTDIR (or ELOOP).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                let link = fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+                return Err(refuse(
+                    if link {
+                        "is a symbolic link"
+                    } else {
+                        "is not a directory"
+                    }
+                    .into(),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        // What was opened, not what the path names now.
+        let meta = File::from(fd.try_clone()?).metadata()?;
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(refuse(format!("is owned by uid {}, not {me}", meta.uid())));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "is writable by group or others (mode {:o})",
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(OwnDir {
+            fd,
+            path: dir.to_path_buf(),
+        })
     }
-    let meta = fs::symlink_metadata(dir)?;
-    let refuse = |why: String| {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{}: {why}; ctrace writes fixed file names only in a directory of its \
-                 own (remove it, or choose another path)",
-                dir.display()
-            ),
-        ))
-    };
-    if meta.file_type().is_symlink() {
-        return refuse("is a symbolic link".into());
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    if !meta.is_dir() {
-        return refuse("is not a directory".into());
+
+    /// Creates `name` fresh with `mode`: fails if anything (a file, a
+    /// link) is already there.
+    pub fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
+        at_create_new(&self.fd, name, mode)
     }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me {
-        return refuse(format!("is owned by uid {}, not {me}", meta.uid()));
+
+    /// Whether anything (a link included) is at `name`.
+    pub fn exists(&self, name: &OsStr) -> bool {
+        let Ok(c) = CString::new(name.as_bytes()) else {
+            return false;
+        };
+        // SAFETY: stat is plain data the kernel fills; c is NUL-terminated.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the fd is ours and open.
+        unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) == 0
+        }
     }
-    if meta.mode() & 0o022 != 0 {
-        return refuse(format!(
-            "is writable by group or others (mode {:o})",
-            meta.mode() & 0o7777
+
+    pub fn rename(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        at_rename(&self.fd, from, to)
+    }
+
+    pub fn remove(&self, name: &OsStr) -> io::Result<()> {
+        let c = cstr(name)?;
+        // SAFETY: the fd is ours and open; c is NUL-terminated.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn cstr(name: &OsStr) -> io::Result<CString> {
+    if name.as_bytes().contains(&b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a name, not a path",
         ));
+    }
+    CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
+}
+
+fn at_create_new(dir: &OwnedFd, name: &OsStr, mode: u32) -> io::Result<File> {
+    let c = cstr(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: the fd is ours and open; c is NUL-terminated.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nobody else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn at_rename(dir: &OwnedFd, from: &OsStr, to: &OsStr) -> io::Result<()> {
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: the fd is ours and open; both names are NUL-terminated.
+    let rc = unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// Creates `path` fresh with `mode`: fails if anything (a file, a link)
-/// is already there.
-pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
 /// Replaces `path` with `bytes` as one step for its readers: a random
 /// name beside it (hidden, not `*.prom`, so collectors skip it) is
-/// created fresh, written, synced and renamed over `path`. `path` itself
-/// is never opened, so a link planted there is replaced, not followed.
+/// created fresh, written, synced and renamed over `path`, all relative
+/// to the directory opened once. `path` itself is never opened, so a link
+/// planted there is replaced, not followed.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = sibling(path)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir: OwnedFd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(parent)?
+        .into();
+    let tmp = hidden_sibling(name)?;
     let written = (|| {
-        let mut f = create_new(&tmp, mode)?;
+        let mut f = at_create_new(&dir, &tmp, mode)?;
         f.write_all(bytes)?;
         // The mode asked for, whatever the umask took away.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        at_rename(&dir, &tmp, name)
     })();
     if written.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = cstr(&tmp).map(|c| {
+            // SAFETY: the fd is ours and open; c is NUL-terminated.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }
+        });
     }
     written
 }
 
-/// `.NAME.ctrace-<random>` in `path`'s directory.
-fn sibling(path: &Path) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+/// `.NAME.ctrace-<random>`.
+fn hidden_sibling(name: &OsStr) -> io::Result<OsString> {
     let mut random = [0u8; 8];
     // SAFETY: writes at most random.len() bytes into random.
     let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
     if n != random.len() as isize {
         return Err(io::Error::last_os_error());
     }
-    let mut tmp = std::ffi::OsString::from(".");
+    let mut tmp = OsString::from(".");
     tmp.push(name);
     tmp.push(format!(".ctrace-{:016x}", u64::from_ne_bytes(random)));
-    Ok(path.with_file_name(tmp))
+    Ok(tmp)
 }
 
 #[cfg(test)]
@@ -131,22 +241,22 @@ pub(crate) mod tests {
         let Some(foreign) = foreign_dir("owndir") else {
             return;
         };
-        let e = own_dir(&foreign, 0o700).unwrap_err().to_string();
+        let e = OwnDir::open(&foreign, 0o700).err().unwrap().to_string();
         assert!(e.contains("owned by uid 65534"), "{e}");
 
         let mine = foreign.with_extension("mine");
         let _ = fs::remove_dir_all(&mine);
-        own_dir(&mine, 0o700).unwrap();
+        OwnDir::open(&mine, 0o700).unwrap();
         let mode = fs::metadata(&mine).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
         fs::set_permissions(&mine, fs::Permissions::from_mode(0o1777)).unwrap();
-        let e = own_dir(&mine, 0o700).unwrap_err().to_string();
+        let e = OwnDir::open(&mine, 0o700).err().unwrap().to_string();
         assert!(e.contains("writable by group or others"), "{e}");
 
         let link = foreign.with_extension("link");
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(&mine, &link).unwrap();
-        let e = own_dir(&link, 0o700).unwrap_err().to_string();
+        let e = OwnDir::open(&link, 0o700).err().unwrap().to_string();
         assert!(e.contains("symbolic link"), "{e}");
         for p in [&foreign, &mine] {
             fs::remove_dir_all(p).unwrap();

@@ -8,9 +8,10 @@
 //! each file starting with its own header, so any one of them can be
 //! reported on alone.
 use std::{
+    ffi::{OsStr, OsString},
     fs::{self, File},
     io::{BufWriter, Write as _},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use serde_json::{Value, json};
@@ -37,11 +38,17 @@ pub const HEADER_TYPE: &str = "recording";
 pub const FORMAT_VERSION: u32 = 1;
 
 pub struct RecordSink {
-    path: PathBuf,
+    /// The recording's directory, held open: rotation and new files go
+    /// through it, never through the path again.
+    dir: files::OwnDir,
+    name: OsString,
     max_bytes: u64,
     keep: u32,
     out: BufWriter<File>,
     written: u64,
+    /// A write failed (ENOSPC, say) and may have left half a line: the
+    /// next write starts a new file rather than append after it.
+    torn: bool,
     /// Facts for the header, measured once.
     header: Value,
 }
@@ -56,7 +63,10 @@ impl RecordSink {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        files::own_dir(dir, DIR_MODE)?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+        let dir = files::OwnDir::open(dir, DIR_MODE)?;
         let header = json!({
             "type": HEADER_TYPE,
             "version": FORMAT_VERSION,
@@ -69,15 +79,15 @@ impl RecordSink {
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok()),
         });
-        if fs::symlink_metadata(path).is_ok() {
-            rotate(path, keep)?;
-        }
+        rotate(&dir, name, keep)?;
         let mut sink = RecordSink {
-            path: path.to_path_buf(),
+            out: BufWriter::new(dir.create_new(name, FILE_MODE)?),
+            dir,
+            name: name.to_os_string(),
             max_bytes,
             keep,
-            out: BufWriter::new(files::create_new(path, FILE_MODE)?),
             written: 0,
+            torn: false,
             header,
         };
         sink.write_header()?;
@@ -93,36 +103,56 @@ impl RecordSink {
     fn line(&mut self, v: &Value) -> std::io::Result<()> {
         let mut text = serde_json::to_vec(v)?;
         text.push(b'\n');
-        if self.written > 0 && self.written + text.len() as u64 > self.max_bytes {
-            self.out.flush()?;
-            rotate(&self.path, self.keep)?;
-            self.out = BufWriter::new(files::create_new(&self.path, FILE_MODE)?);
-            self.written = 0;
-            self.write_header()?;
+        let full = self.written > 0 && self.written + text.len() as u64 > self.max_bytes;
+        if self.torn || full {
+            self.next_file()?;
         }
-        self.out.write_all(&text)?;
+        let wrote = self.out.write_all(&text);
+        self.torn = wrote.is_err();
+        wrote?;
         self.written += text.len() as u64;
         Ok(())
+    }
+
+    /// Rotates and starts a new file with its header. After a failed
+    /// write, what the buffer still holds is dropped, not appended to
+    /// the half line before it.
+    fn next_file(&mut self) -> std::io::Result<()> {
+        if !self.torn {
+            self.out.flush()?;
+        }
+        rotate(&self.dir, &self.name, self.keep)?;
+        let file = self.dir.create_new(&self.name, FILE_MODE)?;
+        let old = std::mem::replace(&mut self.out, BufWriter::new(file));
+        drop(old.into_parts());
+        self.written = 0;
+        self.torn = false;
+        self.write_header()
     }
 }
 
 /// FILE.<keep-1> -> FILE.<keep>, …, FILE -> FILE.1; the oldest falls off.
-fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
+/// Names that are missing are skipped, so a rotation that failed halfway
+/// (a full disk) is finished by the next one, never shifts history twice.
+fn rotate(dir: &files::OwnDir, name: &OsStr, keep: u32) -> std::io::Result<()> {
     let numbered = |n: u32| {
-        let mut p = path.as_os_str().to_owned();
+        let mut p = name.to_os_string();
         p.push(format!(".{n}"));
-        PathBuf::from(p)
+        p
     };
+    if !dir.exists(name) {
+        return Ok(());
+    }
     if keep == 0 {
-        return fs::remove_file(path);
+        return dir.remove(name);
     }
     for n in (1..keep).rev() {
         let from = numbered(n);
-        if fs::symlink_metadata(&from).is_ok() {
-            fs::rename(&from, numbered(n + 1))?;
+        if dir.exists(&from) {
+            dir.rename(&from, &numbered(n + 1))?;
         }
     }
-    fs::rename(path, numbered(1))
+    dir.rename(name, &numbered(1))
 }
 
 fn hostname() -> Option<String> {
@@ -186,6 +216,21 @@ mod tests {
             [&dir, &path, &dir.join("r.ndjson.1")].map(|p| fs::metadata(p).unwrap().mode() & 0o777);
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(modes, [0o700, 0o600, 0o600]);
+    }
+
+    /// A rotation that failed halfway (FILE already moved, no new one
+    /// made) is not repeated: history is not shifted a second time.
+    #[test]
+    fn a_rotation_without_a_current_file_shifts_nothing() {
+        let dir = std::env::temp_dir().join(format!("ctrace-rot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let own = files::OwnDir::open(&dir, DIR_MODE).unwrap();
+        fs::write(dir.join("r.ndjson.1"), "older\n").unwrap();
+        rotate(&own, OsStr::new("r.ndjson"), 3).unwrap();
+        let kept = fs::read_to_string(dir.join("r.ndjson.1")).unwrap();
+        let shifted = dir.join("r.ndjson.2").exists();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((kept.as_str(), shifted), ("older\n", false));
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::{
     netns::{self, NetNs},
     readings::{CorrelationCounts, FlowCount, KernelTotal},
     source::{Correlator, EventSource},
+    text,
     tier::{Capabilities, DropSight, Strategy, Tier},
 };
 
@@ -417,7 +418,7 @@ impl Hooks {
             if let Some(old) = have.remove(&index) {
                 log::info!(
                     "tc tier: unhooked {} (ifindex {index}) in netns {}",
-                    old.name,
+                    text::terminal(&old.name),
                     info.inode
                 );
                 detach_in(&ns, old);
@@ -459,14 +460,14 @@ impl Hooks {
                     Err(e) => log::warn!(
                         "tc tier: netns {} {}: attaching {name}: {e:#}",
                         info.inode,
-                        link.name
+                        text::terminal(&link.name)
                     ),
                 }
             }
             if links.len() == 2 {
                 log::info!(
                     "tc tier: hooked {} (ifindex {}) in netns {}",
-                    link.name,
+                    text::terminal(&link.name),
                     link.index,
                     info.inode
                 );
@@ -656,6 +657,8 @@ fn detach_in(ns: &NetNs, a: Attached) {
         added_clsact,
         ..
     } = a;
+    // Interface names are anyone's who can make a namespace.
+    let name = text::terminal(&name);
     if let Err(e) = ns.run(move || drop(links)) {
         log::warn!(
             "tc tier: detaching from {name} in netns {}: {e:#}",
