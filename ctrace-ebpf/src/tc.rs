@@ -179,7 +179,10 @@ fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
     };
     match proto {
         IPPROTO_TCP => {
-            let [flags]: [u8; 1] = bytes(ctx, l4 + 13)?;
+            // Two bytes (data offset, flags): for one, LLVM turns the
+            // bounds check into `start < data_end`, which the verifier
+            // does not take as room for a byte.
+            let [_, flags]: [u8; 2] = bytes(ctx, l4 + 12)?;
             // Only opening packets (SYN) and answers to them (SYN-ACK,
             // RST) matter.
             if flags & (TCP_SYN | TCP_RST) == 0 {
