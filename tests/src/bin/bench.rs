@@ -357,7 +357,10 @@ fn storm(count: u64) -> anyhow::Result<Value> {
     fill(&topo, 262_144 + 16)?;
     let router = topo.router.inode();
     // As a router runs it: serving metrics and recording besides.
-    let rec = std::env::temp_dir().join(format!("ctrace-bench-{}.ndjson", std::process::id()));
+    // A directory of its own (ctrace makes it 0700): it refuses fixed
+    // names in a directory others can write, as /tmp is.
+    let rec_dir = std::env::temp_dir().join(format!("ctrace-bench-{}", std::process::id()));
+    let rec = rec_dir.join("recording.ndjson");
     let rec_arg = rec.display().to_string();
     let t = Running::start(
         None,
@@ -388,7 +391,7 @@ fn storm(count: u64) -> anyhow::Result<Value> {
     let kernel = CtSocket::open(Some(&topo.router))?.stats()?.drop - before;
     let last = t.stop()?;
     let recorded = std::fs::metadata(&rec).map(|m| m.len()).unwrap_or(0);
-    let _ = std::fs::remove_file(&rec);
+    let _ = std::fs::remove_dir_all(&rec_dir);
     let ctrace: u64 = last["drops"]
         .as_array()
         .map(|g| {
