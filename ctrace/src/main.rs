@@ -304,26 +304,10 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     monitor.sample_all();
     let snap = sink::Snapshot {
-        time: std::time::SystemTime::now(),
-        elapsed: started.elapsed(),
-        strategy: None,
-        caps: None,
-        counters: Default::default(),
         tables: monitor.views(&[]),
-        occupancy: vec![],
-        groups: vec![],
-        evictions: vec![],
-        agreement: vec![],
-        top_flows: vec![],
-        flows_forgotten: 0,
-        kernel_log: None,
-        connects: vec![],
-        connect_counters: None,
-        devices: vec![],
-        device_warnings: vec![],
-        sink_health: vec![],
-        netns_left_out: 0,
+        netns_left_out: monitor.left_out(),
         is_final: true,
+        ..sink::Snapshot::idle(std::time::SystemTime::now(), started.elapsed())
     };
     if args.json {
         let mut v = sink::json::summary_json(&snap);

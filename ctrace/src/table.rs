@@ -488,7 +488,6 @@ impl TableMonitor {
                 }
             }
         }
-        self.tables.retain(|inode, _| alive.contains_key(inode));
         self.unreadable.retain(|inode, _| alive.contains_key(inode));
         self.names = alive;
     }

@@ -490,7 +490,9 @@ fn report_of_a_hostile_recording_is_bounded() {
     const BOUND_KIB: i64 = 256 << 10;
     let dir = std::env::temp_dir().join(format!("ctrace-hostile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // create_dir, not create_dir_all: a link planted at that name fails
+    // the test rather than being written through.
+    std::fs::create_dir(&dir).unwrap();
     let path = dir.join("hostile.ndjson");
     let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     writeln!(out, r#"{{"type":"recording","version":1,"host":"h"}}"#).unwrap();

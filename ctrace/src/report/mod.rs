@@ -698,9 +698,6 @@ mod tests {
     /// key that is a shell command, counts at u64::MAX.
     #[test]
     fn a_hostile_recording_yields_no_command_it_wrote() {
-        let dir = std::env::temp_dir().join(format!("ctrace-hostile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.ndjson");
         let summary = serde_json::json!({
             "type": "summary",
             "time": "2026-12-04T12:00:00Z",
@@ -715,15 +712,11 @@ mod tests {
             "type": "drop", "time": "2026-12-04T12:00:00Z", "netns": 1, "cause": "table_full",
             "service": "ssh", "proto": "tcp", "flows": u64::MAX, "packets": u64::MAX,
         });
-        std::fs::write(
-            &path,
-            format!(
-                "{{\"type\":\"recording\",\"version\":1}}\n{drop}\n{drop}\n{summary}\n{summary}\n"
-            ),
-        )
-        .unwrap();
-        let (r, _) = Report::read(std::slice::from_ref(&path)).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let text = format!(
+            "{{\"type\":\"recording\",\"version\":1}}\n{drop}\n{drop}\n{summary}\n{summary}\n"
+        );
+        let (r, _) =
+            Report::from_reader(std::path::Path::new("r.ndjson"), text.as_bytes()).unwrap();
         let md = r.markdown();
         let commands: Vec<&str> = md
             .lines()
@@ -749,9 +742,6 @@ mod hostile_names {
     /// Names in a recording written to restyle, link or break the report.
     #[test]
     fn names_show_as_themselves_in_markdown_and_html() {
-        let dir = std::env::temp_dir().join(format!("ctrace-names-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.ndjson");
         let evil = "```x`y|z\n# h1 [a](http://e) <script>alert(1)</script>\u{1b}[31m";
         let huge = "s".repeat(64 << 10);
         let summary = serde_json::json!({
@@ -763,9 +753,9 @@ mod hostile_names {
             ],
         });
         let header = serde_json::json!({"type": "recording", "version": 1, "host": evil});
-        std::fs::write(&path, format!("{header}\n{summary}\n")).unwrap();
-        let (r, _) = Report::read(std::slice::from_ref(&path)).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let text = format!("{header}\n{summary}\n");
+        let (r, _) =
+            Report::from_reader(std::path::Path::new("r.ndjson"), text.as_bytes()).unwrap();
         let md = r.markdown();
         assert!(!md.contains('\u{1b}'), "raw ESC in the Markdown");
         // Code blocks show text as it is: look outside them, and make

@@ -377,15 +377,8 @@ mod tests {
         };
         let render_with = |trust| {
             render(&Snapshot {
-                time: SystemTime::UNIX_EPOCH,
-                elapsed: Duration::from_secs(1),
                 strategy: Some(Strategy::Kprobe),
-                caps: None,
-                counters: Default::default(),
                 tables: vec![table.clone()],
-                occupancy: vec![],
-                groups: vec![],
-                evictions: vec![],
                 agreement: vec![Agreement {
                     netns: 7,
                     attributed: 10,
@@ -395,16 +388,7 @@ mod tests {
                     unseen: 30,
                     trust,
                 }],
-                top_flows: vec![],
-                flows_forgotten: 0,
-                kernel_log: None,
-                connects: vec![],
-                devices: vec![],
-                device_warnings: vec![],
-                sink_health: vec![],
-                netns_left_out: 0,
-                connect_counters: None,
-                is_final: false,
+                ..Snapshot::idle(SystemTime::UNIX_EPOCH, Duration::from_secs(1))
             })
         };
         let out = render_with(Trust::Disagrees);
@@ -445,26 +429,9 @@ mod tests {
         };
         let plain_table = table.clone();
         let out = render(&Snapshot {
-            time: SystemTime::UNIX_EPOCH,
-            elapsed: Duration::from_secs(1),
-            strategy: None,
-            caps: None,
-            counters: Default::default(),
             tables: vec![table],
-            occupancy: vec![],
-            groups: vec![],
-            evictions: vec![],
-            agreement: vec![],
-            top_flows: vec![],
-            flows_forgotten: 0,
-            kernel_log: None,
-            connects: vec![],
-            devices: vec![],
             device_warnings: vec!["w\x1bx".into()],
-            sink_health: vec![],
-            netns_left_out: 0,
-            connect_counters: None,
-            is_final: false,
+            ..Snapshot::idle(SystemTime::UNIX_EPOCH, Duration::from_secs(1))
         });
         // The view's own cursor and colour sequences are the only ESCs.
         let theirs = ["\x1b]0;", "\x1b[2J", "\nctrace: FAKE", "\x07", "a\nb"];

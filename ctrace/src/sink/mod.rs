@@ -58,6 +58,34 @@ pub struct Snapshot<'a> {
     pub is_final: bool,
 }
 
+impl Snapshot<'_> {
+    /// A snapshot of nothing traced: what `status` and tests fill in.
+    pub fn idle(time: SystemTime, elapsed: Duration) -> Self {
+        Snapshot {
+            time,
+            elapsed,
+            strategy: None,
+            caps: None,
+            counters: Counters::default(),
+            tables: vec![],
+            occupancy: vec![],
+            groups: vec![],
+            evictions: vec![],
+            agreement: vec![],
+            top_flows: vec![],
+            flows_forgotten: 0,
+            kernel_log: None,
+            connects: vec![],
+            connect_counters: None,
+            devices: vec![],
+            device_warnings: vec![],
+            sink_health: vec![],
+            netns_left_out: 0,
+            is_final: false,
+        }
+    }
+}
+
 /// The self-check in words, for the live view and plain lines.
 pub fn agreement_text(a: &Agreement) -> String {
     let ratio = a
