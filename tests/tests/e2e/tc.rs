@@ -219,9 +219,10 @@ fn raise_fd_limit() {
     }
 }
 
-/// conntrack's own `drop` counter in `ns`, from procfs.
-fn conntrack_drops(ns: &NetNs) -> u64 {
-    ProcConntrack::open(Some(ns)).unwrap().stats().unwrap().drop
+/// conntrack's own `drop` and `early_drop` counters in `ns`, from procfs.
+fn conntrack_drops(ns: &NetNs) -> (u64, u64) {
+    let s = ProcConntrack::open(Some(ns)).unwrap().stats().unwrap();
+    (s.drop, s.early_drop)
 }
 
 /// A router table full of real, established etcd-client connections.
@@ -298,16 +299,25 @@ fn full_table_run(shape: &Shape<'_>, watch_all: bool, what: &str) -> Value {
     );
 
     let _full = fill(shape);
-    let before = conntrack_drops(shape.router);
+    let (before, early_before) = conntrack_drops(shape.router);
     let attempts = shape.attempt(4);
     // Past the judging window, so the last retries are judged live too.
     std::thread::sleep(Duration::from_millis(1500));
-    let conntrack = conntrack_drops(shape.router) - before;
+    let (after, early_after) = conntrack_drops(shape.router);
+    let conntrack = after - before;
     let records = tracer.stop();
 
+    // A full table still makes room by evicting an entry that is not
+    // assured (the healthy phase's DNS flows are such, for 30 s), when one
+    // lies near the new flow's hash: such a flow passes, and conntrack
+    // counts an early drop for it. Any other pass means the table was not
+    // full.
+    let (failed_attempts, passed): (Vec<&Attempt>, Vec<&Attempt>) =
+        attempts.iter().partition(|a| !a.ok);
     assert!(
-        attempts.iter().all(|a| !a.ok),
-        "with a full table every new flow must fail: {attempts:?}"
+        passed.len() as u64 <= early_after - early_before && passed.len() < attempts.len() / 4,
+        "with a full table every new flow must fail, but for conntrack's {} early drops: {passed:?}",
+        early_after - early_before
     );
     let failed = failed_by_service(&attempts);
     let summary = final_summary(&records);
@@ -372,7 +382,7 @@ fn full_table_run(shape: &Shape<'_>, watch_all: bool, what: &str) -> Value {
     // and nothing else (the healthy phase's flows least of all) has one.
     let d = drops(&records);
     let mut found = 0;
-    for a in &attempts {
+    for a in &failed_attempts {
         let src = a.local.unwrap().to_string();
         let rec = d
             .iter()
@@ -385,7 +395,7 @@ fn full_table_run(shape: &Shape<'_>, watch_all: bool, what: &str) -> Value {
         assert_eq!(rec["netns"], router);
         found += 1;
     }
-    for a in &healthy {
+    for a in healthy.iter().chain(passed.iter().copied()) {
         let src = a.local.unwrap().to_string();
         assert!(
             !d.iter().any(|r| r["src"] == src.as_str()),
@@ -401,7 +411,7 @@ fn full_table_run(shape: &Shape<'_>, watch_all: bool, what: &str) -> Value {
     eprintln!(
         "tc tier, {what}: recall {found}/{} failed flows, precision {found}/{} records, \
          {packets} packets = conntrack's {conntrack}; correlation {c}",
-        attempts.len(),
+        failed_attempts.len(),
         d.len()
     );
     summary.clone()
@@ -808,11 +818,11 @@ fn tc_flood_of_distinct_flows_is_accounted_for_in_bounded_memory() {
     let entries = FILL as u64;
     let tracer = tc_tracer(None, &["--pending-flows", &PENDING.to_string()]);
     std::thread::sleep(Duration::from_millis(1500));
-    let before = conntrack_drops(&r.lab.router);
+    let (before, _) = conntrack_drops(&r.lab.router);
     let flood =
         traffic::syn_flood(&r.lab.lans[0], openwrt::LAN_V4[0], openwrt::SERVER_V4, n).unwrap();
     std::thread::sleep(Duration::from_millis(3000));
-    let kernel = conntrack_drops(&r.lab.router) - before;
+    let kernel = conntrack_drops(&r.lab.router).0 - before;
     let peak = ctrace_tests::status_kib(tracer.pid(), "VmHWM").unwrap_or(0);
     let records = tracer.stop();
     let s = final_summary(&records);
