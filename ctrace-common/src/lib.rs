@@ -49,7 +49,11 @@ pub struct FlowStats {
     pub tcp_flags: u8,
     /// `class::*` bits of the first packet.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// 1 when the detail budget was spent as the flow began: no event
+    /// announced it, and user space leaves it out of the detail (its
+    /// packets are in the totals, the flow in `TotalCount::held_back`).
+    pub held_back: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Key of the in-kernel eviction aggregate (kprobe tier): whose entries
@@ -126,6 +130,19 @@ pub struct TotalCount {
     pub packets: u64,
     /// Flows whose first packet (as the flow map saw it) was counted here.
     pub flows: u64,
+    /// Of those, the flows the detail budget kept from user space.
+    pub held_back: u64,
+}
+
+/// One CPU's detail budget: how many new flows it has announced in the
+/// current window. Announcing costs user space a decode and a record per
+/// flow; a storm of distinct flows would make that its own bottleneck,
+/// while the totals are already exact in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DetailBudget {
+    pub window_start_ns: u64,
+    pub used: u64,
 }
 
 /// Key of the `SERVICES` map: which catalog entry owns a destination port.
@@ -480,10 +497,16 @@ pub struct KernelLayout {
     /// `test_flags::*`: switches that exist only so tests can prove the
     /// self-check catches a blind exact tier.
     pub test_flags: u32,
+    /// New flows each CPU may announce per `detail_window_ns`; 0 for no
+    /// limit. Flows past it are counted (`TotalCount::held_back`), never
+    /// announced.
+    pub detail_budget: u32,
     /// tc tier: user space's judge window. A flow that passes younger
     /// than this cannot have been judged yet and leaves the pending map
     /// at once; an older one is left for user space to settle.
     pub tc_window_ns: u64,
+    /// The detail budget's window.
+    pub detail_window_ns: u64,
     /// [start, end) of `nf_hook_slow` and `nft_do_chain` in kernel text, 0
     /// when unknown: where kfree_skb's `location` says a packet was freed.
     pub hook_slow_start: u64,
@@ -506,6 +529,7 @@ mod pod {
     unsafe impl aya::Pod for super::EvictKey {}
     unsafe impl aya::Pod for super::TotalKey {}
     unsafe impl aya::Pod for super::TotalCount {}
+    unsafe impl aya::Pod for super::DetailBudget {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}

@@ -4,7 +4,9 @@
 //! reason NETFILTER_DROP, and decodes the flow they belong to. Per-packet
 //! work ends in the kernel: per-(netns, service, proto, evidence) totals
 //! count every packet, a flow-keyed LRU map adds per-flow detail, and only
-//! the first packet of a flow is sent to user space through the ring buffer.
+//! the first packet of a flow is sent to user space through the ring buffer,
+//! while each CPU's detail budget for the interval lasts (the rest are
+//! counted as held back, so a storm costs user space bounded work).
 //! Totals are what users act on, so they depend on neither the ring buffer
 //! nor the LRU: a flood loses detail, never a count.
 //!
@@ -23,9 +25,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ctrace_common::{
-    AF_INET, AF_INET6, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, KernelLayout, TotalCount, TotalKey, class, counter, kind,
-    service_key,
+    AF_INET, AF_INET6, DetailBudget, Event, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, KernelLayout, TotalCount, TotalKey, class, counter,
+    kind, service_key,
 };
 
 mod connect;
@@ -66,6 +68,10 @@ static TOTALS: PerCpuHashMap<TotalKey, TotalCount> = PerCpuHashMap::with_max_ent
 /// catalog before attaching; sized by user space to the catalog.
 #[map]
 pub(crate) static SERVICES: HashMap<u32, u16> = HashMap::with_max_entries(1, 0);
+
+/// Each CPU's detail budget (see `KernelLayout::detail_budget`).
+#[map]
+static BUDGET: PerCpuArray<DetailBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -218,16 +224,26 @@ pub(crate) fn record_drop<C: EbpfContext>(
         last_ns: now,
         tcp_flags,
         flags,
-        _pad: [0; 6],
+        held_back: 0,
+        _pad: [0; 5],
     };
     // BPF_NOEXIST makes "first packet of this flow" a single atomic decision,
     // so one event per flow even when CPUs race on the same flow.
     if FLOWS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
-        count_total(&key, flags, 1);
-        emit(ctx, layout, &key, now, tcp_flags, flags, reason);
+        if take_detail_budget(layout, now) {
+            count_total(&key, flags, 1, 0);
+            emit(ctx, layout, &key, now, tcp_flags, flags, reason);
+        } else {
+            // Kept in the map, so its later packets are not new flows;
+            // marked, so user space leaves it out of the detail too.
+            if let Some(stats) = FLOWS.get_ptr_mut(&key) {
+                unsafe { (*stats).held_back = 1 };
+            }
+            count_total(&key, flags, 1, 1);
+        }
         return Ok(());
     }
-    count_total(&key, flags, 0);
+    count_total(&key, flags, 0, 0);
     match FLOWS.get_ptr_mut(&key) {
         // This CPU's slot; the first packet seen on this CPU starts it.
         Some(stats) => unsafe {
@@ -246,9 +262,34 @@ pub(crate) fn record_drop<C: EbpfContext>(
     Ok(())
 }
 
-/// Adds one packet (and `new_flows`) to the totals of its service.
+/// Spends one of this CPU's announcements of the current window, if any
+/// is left.
 #[inline(always)]
-fn count_total(flow: &FlowKey, class: u8, new_flows: u64) {
+fn take_detail_budget(layout: &KernelLayout, now: u64) -> bool {
+    if layout.detail_budget == 0 {
+        return true;
+    }
+    let Some(b) = BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // This CPU's slot: no other CPU writes it.
+    unsafe {
+        if now.wrapping_sub((*b).window_start_ns) >= layout.detail_window_ns {
+            (*b).window_start_ns = now;
+            (*b).used = 0;
+        }
+        if (*b).used >= u64::from(layout.detail_budget) {
+            return false;
+        }
+        (*b).used += 1;
+    }
+    true
+}
+
+/// Adds one packet (and `new_flows`, of which `held_back` were not
+/// announced) to the totals of its service.
+#[inline(always)]
+fn count_total(flow: &FlowKey, class: u8, new_flows: u64, held_back: u64) {
     let service =
         if flow.proto == IPPROTO_TCP || flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_SCTP {
             let k = service_key(flow.proto, flow.dport);
@@ -267,12 +308,14 @@ fn count_total(flow: &FlowKey, class: u8, new_flows: u64) {
         unsafe {
             (*t).packets += 1;
             (*t).flows += new_flows;
+            (*t).held_back += held_back;
         }
         return;
     }
     let fresh = TotalCount {
         packets: 1,
         flows: new_flows,
+        held_back,
     };
     if TOTALS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
         return;
@@ -283,6 +326,7 @@ fn count_total(flow: &FlowKey, class: u8, new_flows: u64) {
         Some(t) => unsafe {
             (*t).packets += 1;
             (*t).flows += new_flows;
+            (*t).held_back += held_back;
         },
         None => bump(counter::TOTALS_FULL),
     }

@@ -102,6 +102,13 @@ pub struct WatchArgs {
     #[arg(long, default_value_t = crate::aggregate::DEFAULT_MAX_FLOWS, value_name = "N",
           value_parser = parse_max_flows)]
     pub max_flows: usize,
+    /// New dropped flows each CPU announces per interval, for the drop
+    /// records and top flows (0: no limit). In a storm of distinct flows
+    /// the rest are counted per service as held back, so ctrace costs a
+    /// bounded share of a core; per-service totals stay exact either way.
+    #[arg(long, default_value_t = crate::loader::LoadOptions::DEFAULT_DETAIL_BUDGET,
+          value_name = "N")]
+    pub detail_budget: u32,
     /// tc tier: hook only these interfaces (repeatable); default: every
     /// non-loopback interface of each watched namespace, including ones
     /// that appear later.

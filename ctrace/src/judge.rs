@@ -281,6 +281,7 @@ impl Judge {
                     class: class::NOT_FORWARDED,
                     packets,
                     flows,
+                    held_back: 0,
                 },
             )
             .collect()

@@ -66,6 +66,15 @@ pub struct Agreement {
     pub trust: Trust,
 }
 
+/// New flows of one (netns, service) that the kernel's detail budget kept
+/// from user space: in the totals, never announced as drop records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeldBack {
+    pub netns: u64,
+    pub service: Option<String>,
+    pub flows: u64,
+}
+
 /// Attributed totals of one (netns, service, cause, proto).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DropGroup {
@@ -117,6 +126,8 @@ struct NetnsLedger {
     table_full: u64,
     unseen: u64,
     trust: Option<Trust>,
+    /// Cumulative held-back flows by service, as the rows last said.
+    held_back: BTreeMap<u16, u64>,
 }
 
 /// One share of a row's packets.
@@ -163,6 +174,10 @@ impl Ledger {
         let caps = self.caps;
         let n = self.netns.entry(netns).or_default();
         let mut deltas: Vec<(RowKey, u64, u64)> = Vec::new();
+        n.held_back.clear();
+        for r in rows.iter().filter(|r| r.netns == netns && r.held_back > 0) {
+            *n.held_back.entry(r.service).or_default() += r.held_back;
+        }
         for r in rows.iter().filter(|r| r.netns == netns) {
             let key = (r.service, r.proto, r.class);
             let (p0, f0) = n.seen.insert(key, (r.packets, r.flows)).unwrap_or((0, 0));
@@ -291,6 +306,20 @@ impl Ledger {
             .collect();
         v.sort_by(|a, b| b.flows.cmp(&a.flows).then(b.packets.cmp(&a.packets)));
         v
+    }
+
+    /// Flows the detail budget held back, by namespace and service.
+    pub fn held_back(&self) -> Vec<HeldBack> {
+        self.netns
+            .iter()
+            .flat_map(|(netns, n)| {
+                n.held_back.iter().map(move |(&service, &flows)| HeldBack {
+                    netns: *netns,
+                    service: self.service_name(service),
+                    flows,
+                })
+            })
+            .collect()
     }
 
     fn service_name(&self, index: u16) -> Option<String> {
@@ -532,6 +561,7 @@ mod tests {
             class: cls,
             packets,
             flows,
+            held_back: 0,
         }
     }
 

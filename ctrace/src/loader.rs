@@ -59,11 +59,17 @@ pub struct LoadOptions<'a> {
     pub tc_attach: Option<TcAttachMode>,
     /// The node view's tracepoint and socket layout, when it loads.
     pub node_layout: Option<ctrace_common::connect::Layout>,
+    /// New flows each CPU announces per `detail_window` (0: no limit).
+    pub detail_budget: u32,
+    pub detail_window: Duration,
 }
 
 impl<'a> LoadOptions<'a> {
     pub const DEFAULT_PENDING_FLOWS: u32 = 32768;
     pub const DEFAULT_JUDGE_WINDOW: Duration = Duration::from_secs(1);
+    /// New flows per CPU per interval: a few thousand records a second on
+    /// a small router, a small share of a core to decode and write.
+    pub const DEFAULT_DETAIL_BUDGET: u32 = 1000;
 
     pub fn new(services: &'a KernelIndex) -> Self {
         LoadOptions {
@@ -76,6 +82,8 @@ impl<'a> LoadOptions<'a> {
             judge_window: Self::DEFAULT_JUDGE_WINDOW,
             tc_attach: None,
             node_layout: None,
+            detail_budget: Self::DEFAULT_DETAIL_BUDGET,
+            detail_window: Duration::from_secs(1),
         }
     }
 }
@@ -132,6 +140,8 @@ pub fn load_with(
 ) -> anyhow::Result<(Ebpf, Option<KernelLogger>)> {
     let layout = ctrace_common::KernelLayout {
         test_flags: opts.test_flags,
+        detail_budget: opts.detail_budget,
+        detail_window_ns: u64::try_from(opts.detail_window.as_nanos()).unwrap_or(u64::MAX),
         ..*layout
     };
     let kernel_log = opts.kernel_log;

@@ -171,6 +171,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         netns,
         kernel_log: args.kernel_log,
         max_flows: args.max_flows,
+        detail_budget: args.detail_budget,
         ifaces: args.ifaces.clone(),
         pending_flows: args.pending_flows,
         judge_window: args.judge_window,

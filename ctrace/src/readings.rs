@@ -76,6 +76,8 @@ pub struct KernelTotal {
     pub class: u8,
     pub packets: u64,
     pub flows: u64,
+    /// Of `flows`, those the kernel's detail budget never announced.
+    pub held_back: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -76,6 +76,9 @@ pub struct EventSource {
     /// A correlating tier's judge of what its maps hold.
     correlator: Option<Box<dyn Correlator>>,
     last_sweep: Option<std::time::Instant>,
+    /// Whether the kernel takes batch lookups (5.6+); cleared at the
+    /// first refusal.
+    batch_reads: bool,
     // Keeps the programs loaded and attached; dropped last.
     ebpf: Ebpf,
 }
@@ -121,6 +124,7 @@ impl EventSource {
             logger,
             correlator: None,
             last_sweep: None,
+            batch_reads: true,
             ebpf,
         })
     }
@@ -292,6 +296,7 @@ impl EventSource {
                 class: k.class,
                 packets: per_cpu.iter().map(|c| c.packets).sum(),
                 flows: per_cpu.iter().map(|c| c.flows).sum(),
+                held_back: per_cpu.iter().map(|c| c.held_back).sum(),
             })
             .collect()
     }
@@ -351,11 +356,33 @@ impl EventSource {
     /// Current per-flow counts from the kernel's LRU map.
     pub fn flow_counts(&mut self) -> HashMap<Flow, FlowCount> {
         let mut out = HashMap::new();
-        for entry in self.flows.iter() {
+        let entries = match self.batch_reads {
+            true => crate::kernel::map_batch::per_cpu_entries(&self.flows).unwrap_or_else(|e| {
+                log::debug!("batch lookup of the flow map failed ({e}): reading it key by key");
+                self.batch_reads = false;
+                Vec::new()
+            }),
+            false => Vec::new(),
+        };
+        let entries = match self.batch_reads {
+            true => entries,
             // Entries can be evicted between key and value lookups; such a
             // flow simply shows up at the next read, or is carried by the
             // totals user space already holds.
-            let Ok((key, per_cpu)) = entry else { continue };
+            false => self
+                .flows
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (k, v.iter().copied().collect()))
+                .collect(),
+        };
+        for (key, per_cpu) in entries {
+            // Held back by the detail budget: counted in the totals,
+            // never detail (reading them as lost events would undo the
+            // budget).
+            if per_cpu.iter().any(|s| s.held_back != 0) {
+                continue;
+            }
             let Some(flow) = Flow::from_key(&key) else {
                 continue;
             };

@@ -54,6 +54,8 @@ pub struct WatchConfig {
     pub kernel_log: bool,
     /// Flows kept in detail.
     pub max_flows: usize,
+    /// New flows each CPU announces per `interval` (0: no limit).
+    pub detail_budget: u32,
     /// `ctrace_common::test_flags`.
     pub test_flags: u32,
     /// Kernel functions to treat as not probeable (tests).
@@ -249,6 +251,8 @@ impl Watcher {
             pending_flows: cfg.pending_flows,
             judge_window: cfg.judge_window,
             tc_attach: cfg.tc_attach,
+            detail_budget: cfg.detail_budget,
+            detail_window: cfg.interval,
             ..LoadOptions::new(&index)
         };
         let side = cfg.side.unwrap_or(Side::Both);
@@ -769,6 +773,12 @@ impl Watcher {
             agreement: self.ledger.agreement(),
             top_flows: self.agg.top_flows(10),
             flows_forgotten: self.agg.forgotten(),
+            held_back: self
+                .ledger
+                .held_back()
+                .into_iter()
+                .filter(|h| self.monitor.wants(h.netns))
+                .collect(),
             kernel_log: self.kmsg.as_ref().map(|k| k.tally.clone()),
             connects,
             connect_counters,

@@ -767,6 +767,44 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
     let top = s["top_flows"].as_array().expect("top_flows");
     assert!(!top.is_empty(), "the final summary lists no top flows");
     assert_eq!(top[0]["cause"], "table_full", "{}", top[0]);
+
+    // The detail budget: every flow is either announced (a drop record,
+    // unless its event was lost) or counted as held back, and the records
+    // stay within what the budget lets through.
+    let in_router = |v: &&serde_json::Value| v["netns"] == router;
+    let flows: u64 = s["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(in_router)
+        .filter_map(|g| g["flows"].as_u64())
+        .sum();
+    let held_back: u64 = s["detail_held_back"]
+        .as_array()
+        .expect("detail_held_back")
+        .iter()
+        .filter(in_router)
+        .filter_map(|h| h["flows"].as_u64())
+        .sum();
+    let announced = ctrace_tests::drops(&records).len() as u64;
+    let lost = s["lost_events"].as_u64().unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let windows = (s["elapsed_s"].as_f64().unwrap() / 0.5).ceil() as u64 + 1;
+    let budget = ctrace::loader::LoadOptions::DEFAULT_DETAIL_BUDGET as u64 * cpus * windows;
+    eprintln!(
+        "detail budget: {flows} flows = {announced} announced + {held_back} held back \
+         (lost events {lost}; budget {budget} over the run)"
+    );
+    assert_eq!(flows, kernel, "each SYN of the flood is a flow of its own");
+    assert!(held_back > 0, "a storm past the budget held nothing back");
+    assert!(
+        announced <= budget,
+        "{announced} drop records, past the budget of {budget}"
+    );
+    assert!(
+        announced + held_back <= flows && flows <= announced + held_back + lost,
+        "flows neither announced nor held back: {flows} vs {announced} + {held_back} (lost {lost})"
+    );
 }
 
 /// A lab with room in its router's table, ctrace watching the router, and

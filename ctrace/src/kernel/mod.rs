@@ -6,6 +6,7 @@
 pub mod btf;
 pub mod kallsyms;
 pub mod kmsg;
+pub mod map_batch;
 pub mod privileges;
 pub mod procfs;
 pub mod tracefs;

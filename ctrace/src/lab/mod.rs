@@ -424,6 +424,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         netns: NetnsFilter::new(vec![topo.router.inode().to_string()]),
         kernel_log: false,
         max_flows: crate::aggregate::DEFAULT_MAX_FLOWS,
+        detail_budget: crate::loader::LoadOptions::DEFAULT_DETAIL_BUDGET,
         test_flags: 0,
         refused_probes: Vec::new(),
         ifaces: Vec::new(),

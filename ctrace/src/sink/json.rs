@@ -119,6 +119,7 @@ pub fn summary_json(s: &Snapshot<'_>) -> Value {
         "agreement": s.agreement,
         "top_flows": top_flows,
         "flows_forgotten": s.flows_forgotten,
+        "detail_held_back": s.held_back,
         "totals_map_full": s.counters.totals_full,
         "stale_probe_state": s.counters.stale_state,
         "capabilities": s.caps,

@@ -206,6 +206,16 @@ pub fn render(s: &Snapshot<'_>) -> String {
             s.flows_forgotten
         ),
     );
+    let held_back: u64 = s.held_back.iter().map(|h| h.flows).sum();
+    if held_back > 0 {
+        w(
+            &mut o,
+            format!(
+                "detail held back: {held_back} new flows past the per-CPU budget \
+                 (--detail-budget; totals count them)"
+            ),
+        );
+    }
     if s.caps
         .is_some_and(|c| c.drops == crate::tier::DropSight::Correlated)
     {

@@ -40,6 +40,8 @@ pub struct Snapshot<'a> {
     pub top_flows: Vec<&'a FlowEntry>,
     /// Flows dropped from the bounded detail (totals keep them).
     pub flows_forgotten: u64,
+    /// New flows the kernel's detail budget never announced.
+    pub held_back: Vec<crate::ledger::HeldBack>,
     /// Table-full witnesses in the kernel log since start; None when
     /// /dev/kmsg cannot be read (or nothing traces, as in `ctrace status`).
     pub kernel_log: Option<crate::kernel::kmsg::Tally>,
@@ -73,6 +75,7 @@ impl Snapshot<'_> {
             evictions: vec![],
             agreement: vec![],
             top_flows: vec![],
+            held_back: vec![],
             flows_forgotten: 0,
             kernel_log: None,
             connects: vec![],

@@ -469,6 +469,19 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     ] {
         set_counter(&f.counter(name, help, &[])?, &[], v);
     }
+    let held_back = f.counter(
+        "ctrace_detail_held_back_flows_total",
+        "New dropped flows the kernel's detail budget (--detail-budget) kept out of drop records and top flows; their packets are in the drop totals.",
+        &["netns", "service"],
+    )?;
+    for h in &s.held_back {
+        let ns = h.netns.to_string();
+        set_counter(
+            &held_back,
+            &[&ns, h.service.as_deref().unwrap_or(NO_SERVICE)],
+            h.flows,
+        );
+    }
     Ok(())
 }
 

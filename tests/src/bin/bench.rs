@@ -38,6 +38,8 @@ use serde_json::{Value, json};
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 const BENCH_PORT: u16 = 7001;
 const WORKERS: usize = 4;
+/// Distinct SYNs of the storm: the figure issue 17's CPU target is set for.
+const STORM_SYNS: u64 = 600_000;
 /// Connects that failed (timed out or refused) during rate measurements:
 /// a rate is only a rate of the connections that went through.
 static FAILED: AtomicU64 = AtomicU64::new(0);
@@ -106,6 +108,22 @@ impl Running {
 
     fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Waits for the first summary: ctrace has read every table once (the
+    /// start-up occupancy dump, a second of CPU for a full table), so what
+    /// is measured next is tracing, not starting. Returns the summary.
+    fn first_summary(&self) -> anyhow::Result<Value> {
+        loop {
+            let l = self
+                .stdout
+                .recv_timeout(Duration::from_secs(60))
+                .context("ctrace wrote no summary")?;
+            let v: Value = serde_json::from_str(&l)?;
+            if v["type"] == "summary" {
+                return Ok(v);
+            }
+        }
     }
 
     /// Stops it; the final summary.
@@ -374,7 +392,8 @@ fn storm(count: u64) -> anyhow::Result<Value> {
             &rec_arg,
         ],
     )?;
-    std::thread::sleep(Duration::from_secs(1));
+    t.first_summary()?;
+    std::thread::sleep(Duration::from_millis(500));
     let before = CtSocket::open(Some(&topo.router))?.stats()?.drop;
     let cpu0 = cpu_secs(t.pid());
     let t0 = Instant::now();
@@ -565,6 +584,12 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("--snapshot") {
         return snapshot_main(&args[2], &args[3]);
     }
+    // The storm alone, for working on its cost: `bench --storm [SYNS]`.
+    if args.get(1).map(String::as_str) == Some("--storm") {
+        let syns = args.get(2).map_or(Ok(STORM_SYNS), |s| s.parse())?;
+        println!("{}", serde_json::to_string_pretty(&storm(syns)?)?);
+        return Ok(());
+    }
     let out_path = PathBuf::from(
         std::env::var("CTRACE_BENCH_OUT").unwrap_or_else(|_| "target/bench/results.json".into()),
     );
@@ -584,7 +609,7 @@ fn main() -> anyhow::Result<()> {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
         "overhead": overhead(rounds, 1.5, &strategies)?,
-        "storm": storm(300_000)?,
+        "storm": storm(STORM_SYNS)?,
         "snapshot": snapshot()?,
         "footprint": footprint()?,
     });
