@@ -519,6 +519,9 @@ pub mod test_flags {
     /// Ignore conntrack's allocation failures, as a kprobe that attached
     /// but never fires would.
     pub const BLIND_ALLOC: u32 = 1;
+    /// Also load a program no verifier accepts, to prove that a rejection
+    /// reaches the user with the verifier's log and its own exit code.
+    pub const VERIFIER_REJECT: u32 = 2;
 }
 
 #[cfg(feature = "user")]

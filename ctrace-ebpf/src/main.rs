@@ -19,9 +19,9 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, tracepoint},
+    macros::{map, socket_filter, tracepoint},
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{SkBuffContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use ctrace_common::{
@@ -379,6 +379,14 @@ pub(crate) fn submit(ring: &RingBuf, event: &Event) -> bool {
             false
         }
     }
+}
+
+/// Loaded only by tests (`test_flags::VERIFIER_REJECT`): it reads memory
+/// through a plain number, which no verifier accepts.
+#[socket_filter]
+pub fn ctrace_test_rejected(_ctx: SkBuffContext) -> i64 {
+    let at = LAYOUT.load().test_flags as usize as *const u64;
+    unsafe { core::ptr::read_volatile(at) as i64 }
 }
 
 #[cfg(not(test))]

@@ -32,6 +32,10 @@ pub struct GlobalArgs {
     /// More log output on stderr (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// When the kernel's verifier rejects a program, print its whole log
+    /// (by default the last 20 lines, where its verdict is).
+    #[arg(long, global = true)]
+    pub verifier_log: bool,
 }
 
 // Parsed once per run: the size of the largest variant costs nothing.
@@ -175,6 +179,10 @@ pub struct WatchArgs {
     /// the self-check catches it.
     #[arg(long, hide = true)]
     pub test_blind_alloc: bool,
+    /// Test only: also load a program no verifier accepts, to prove what a
+    /// rejection prints and which exit code it ends with.
+    #[arg(long, hide = true)]
+    pub test_verifier_reject: bool,
     /// Test only: treat FUNCTION as not probeable on this kernel, as if
     /// inlined or cloned, to prove what ctrace does without its probe.
     #[arg(long, hide = true, value_name = "FUNCTION")]

@@ -172,7 +172,13 @@ pub struct ConnectCounters {
 
 /// Where struct sock keeps what the programs read, on this kernel.
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<Layout> {
-    let btf = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let btf = facts
+        .btf
+        .as_ref()
+        .map_err(|e| crate::error::CannotRun::NoBtf {
+            what: "the node view",
+            why: e.to_string(),
+        })?;
     btf.require_64bit_pointers("the node view")?;
     // A member the programs load whole: it must be a plain field of the
     // size they read (sk_protocol was a bitfield before 5.6).

@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod cause;
 pub mod cli;
 pub mod connects;
+pub mod error;
 pub mod event;
 pub mod exporter;
 pub mod judge;

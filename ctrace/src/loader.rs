@@ -2,7 +2,7 @@
 //! service catalog into its map, and each side's or tier's map sizes.
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{Ebpf, maps::HashMap as BpfHashMap};
 
 use crate::services::KernelIndex;
@@ -12,9 +12,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ct
 
 pub fn object() -> anyhow::Result<&'static [u8]> {
     if OBJECT.is_empty() {
-        bail!(
-            "this ctrace was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`"
-        );
+        return Err(crate::error::CannotRun::NoPrograms.into());
     }
     Ok(OBJECT)
 }
@@ -167,6 +165,13 @@ pub fn load_with(
             map.insert(key, index, 0)
                 .context("filling the kernel's service map")?;
         }
+    }
+    if opts.test_flags & ctrace_common::test_flags::VERIFIER_REJECT != 0 {
+        let p: &mut aya::programs::SocketFilter = ebpf
+            .program_mut("ctrace_test_rejected")
+            .context("program ctrace_test_rejected missing")?
+            .try_into()?;
+        p.load().context("loading ctrace_test_rejected")?;
     }
     let logger = kernel_logger(&mut ebpf, kernel_log);
     Ok((ebpf, logger))

@@ -25,9 +25,7 @@ use ctrace::{
 };
 use serde_json::json;
 
-/// Exit code for usage errors, as clap uses: bad input and missing
-/// privileges or kernel features the user has to fix before retrying.
-const EXIT_USAGE: u8 = 2;
+use ctrace::error::{EXIT_CANNOT_RUN, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,6 +38,7 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
 
+    let verifier_log = cli.global.verifier_log;
     let command = cli.command.unwrap_or(Command::Watch(cli.watch));
     let needs = match &command {
         Command::Lab(_) => privileges::missing_for_lab(),
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
     };
     if let Some(why) = needs {
         eprintln!("ctrace: {why}");
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(EXIT_CANNOT_RUN);
     }
     if matches!(
         command,
@@ -72,7 +71,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Watch(args) => watch(args).await,
+            Command::Watch(args) => watch(args, verifier_log).await,
             Command::Status(args) => status(args).await,
             Command::Probe(args) => probe(args),
             Command::Lab(args) => lab(args).await,
@@ -82,8 +81,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ctrace: error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("ctrace: error: {}", ctrace::error::render(&e, verifier_log));
+            ExitCode::from(ctrace::error::exit_code(&e))
         }
     }
 }
@@ -142,7 +141,7 @@ fn validated(args: &WatchArgs) -> anyhow::Result<(Catalog, NetnsFilter)> {
     Ok((catalog, netns))
 }
 
-async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+async fn watch(args: WatchArgs, verifier_log: bool) -> anyhow::Result<ExitCode> {
     let (catalog, netns) = match validated(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -184,13 +183,17 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             ctrace_common::test_flags::BLIND_ALLOC
         } else {
             0
+        } | if args.test_verifier_reject {
+            ctrace_common::test_flags::VERIFIER_REJECT
+        } else {
+            0
         },
     };
     let mut watcher = match Watcher::start(cfg, &facts) {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("ctrace: {e:#}");
-            return Ok(ExitCode::from(EXIT_USAGE));
+            eprintln!("ctrace: {}", ctrace::error::render(&e, verifier_log));
+            return Ok(ExitCode::from(ctrace::error::exit_code(&e)));
         }
     };
     drop(facts);
@@ -410,7 +413,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     Ok(if auto.is_some() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_USAGE)
+        ExitCode::from(EXIT_CANNOT_RUN)
     })
 }
 

@@ -261,8 +261,9 @@ impl Watcher {
                 Ok(view) => Some(view),
                 Err(e) if cfg.side.is_none() => {
                     log::warn!(
-                        "node view left out: {e:#} (the router view runs; --side router \
-                         silences this)"
+                        "node view left out: {} (the router view runs; --side router \
+                         silences this)",
+                        crate::error::render(&e, false)
                     );
                     None
                 }

@@ -315,6 +315,45 @@ fn bad_input_is_a_clear_usage_error() {
     }
 }
 
+/// Exit code 3 says "this host cannot run it": a rejected program (with
+/// the verifier's own words) and a tier the kernel lacks, unlike bad input
+/// (2) or a failure while running (1).
+#[test]
+fn what_the_host_cannot_run_exits_3_with_the_reason() {
+    if !privileged() {
+        return;
+    }
+    for full in [false, true] {
+        let mut cmd = std::process::Command::new(ctrace_bin());
+        cmd.args(["watch", "--test-verifier-reject", "--duration", "1"]);
+        if full {
+            cmd.arg("--verifier-log");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("the kernel's verifier rejected the program")
+                && err.contains("verifier log")
+                && err.contains("invalid mem access"),
+            "the verifier's own reason is missing: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Without BTF the tracepoint tier cannot learn its offsets.
+    let out = std::process::Command::new(ctrace_bin())
+        .args(["watch", "--strategy", "tracepoint", "--duration", "1"])
+        .env(ctrace::kernel::WITHHOLD_BTF, "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("strategy tracepoint cannot run on this kernel"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_privileges_are_explained() {
     if !privileged() {
@@ -337,7 +376,7 @@ fn missing_privileges_are_explained() {
     };
     drop(bin);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");
 }
 

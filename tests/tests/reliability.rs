@@ -158,7 +158,7 @@ fn each_missing_capability_is_named() {
             .collect();
         let out = with_caps(&caps.join(","), &["watch", "--duration", "1"]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(out.status.code(), Some(3), "{err}");
         assert!(err.contains(&format!("(missing: {missing})")), "{err}");
     }
     // Nobody, no capabilities at all: all three named. Nobody may not be
@@ -177,7 +177,7 @@ fn each_missing_capability_is_named() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.contains("(missing: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)"),
         "{err}"

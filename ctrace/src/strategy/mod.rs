@@ -16,7 +16,7 @@ use std::str::FromStr;
 use anyhow::{Context as _, bail};
 use aya::{programs::ProgramType, sys::is_program_supported};
 
-use crate::kernel::KernelFacts;
+use crate::{error::CannotRun, kernel::KernelFacts};
 pub use crate::{loader::LoadOptions, source::EventSource, tier::Strategy};
 
 /// `--strategy`: a tier, or `auto` for the best one that works here.
@@ -121,7 +121,11 @@ pub fn select(choice: Choice, verdicts: &[Verdict]) -> anyhow::Result<Strategy> 
                 .find(|v| v.strategy == s)
                 .expect("every strategy is probed");
             if !v.usable {
-                bail!("strategy {s} cannot run on this kernel: {}", v.reason);
+                return Err(CannotRun::Strategy {
+                    strategy: s.to_string(),
+                    reason: v.reason.clone(),
+                }
+                .into());
             }
             Ok(s)
         }
@@ -130,14 +134,13 @@ pub fn select(choice: Choice, verdicts: &[Verdict]) -> anyhow::Result<Strategy> 
             .find(|v| v.usable)
             .map(|v| v.strategy)
             .ok_or_else(|| {
-                let why: Vec<String> = verdicts
-                    .iter()
-                    .map(|v| format!("{}: {}", v.strategy, v.reason))
-                    .collect();
-                anyhow::anyhow!(
-                    "no hook strategy works on this kernel:\n  {}",
-                    why.join("\n  ")
+                CannotRun::NoStrategy(
+                    verdicts
+                        .iter()
+                        .map(|v| format!("{}: {}", v.strategy, v.reason))
+                        .collect(),
                 )
+                .into()
             }),
     }
 }
@@ -152,7 +155,13 @@ pub fn start(
         Strategy::Tracepoint => tracepoint::start(facts, opts)?,
         Strategy::Kprobe => kprobe::start(facts, opts)?,
         Strategy::Tc => tc::start(facts, opts)?,
-        other => bail!("strategy {other} is not implemented in this build"),
+        other => {
+            return Err(CannotRun::Strategy {
+                strategy: other.to_string(),
+                reason: "not implemented in this build".into(),
+            }
+            .into());
+        }
     };
     if source.tier().caps.drop_location {
         let confirmed = tracepoint::kernel_frees_nft_drops_in_nft_do_chain(&mut source);
