@@ -501,6 +501,7 @@ pub struct KernelLayout {
     /// limit. Flows past it are counted (`TotalCount::held_back`), never
     /// announced.
     pub detail_budget: u32,
+    pub _pad: u32,
     /// tc tier: user space's judge window. A flow that passes younger
     /// than this cannot have been judged yet and leaves the pending map
     /// at once; an older one is left for user space to settle.
@@ -564,10 +565,11 @@ mod tests {
             8 + size_of::<FlowKey>() + 4 + 4 + 4 + 4 + 4
         );
         assert_eq!(size_of::<Event>() % 8, 0);
-        assert_eq!(size_of::<KernelLayout>(), 26 * 4 + 5 * 8);
+        assert_eq!(size_of::<KernelLayout>(), 28 * 4 + 6 * 8);
         assert_eq!(size_of::<KernelLayout>() % 8, 0);
         assert_eq!(size_of::<TotalKey>(), 8);
-        assert_eq!(size_of::<TotalCount>(), 16);
+        assert_eq!(size_of::<TotalCount>(), 24);
+        assert_eq!(size_of::<DetailBudget>(), 16);
         assert_eq!(size_of::<tc::MatchKey>(), 12);
         assert_eq!(size_of::<tc::DeviceKey>(), 12);
         assert_eq!(

@@ -21,8 +21,6 @@ use std::thread::{self, JoinHandle};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netlink::rtnetlink::RtSocket;
-
 /// `_IO(NSIO, 0x3)` from linux/nsfs.h: which kind of namespace an nsfs file is.
 const NS_GET_NSTYPE: u32 = (0xb7 << 8) | 0x3;
 
@@ -53,7 +51,9 @@ impl fmt::Debug for NetNs {
 }
 
 impl NetNs {
-    /// A new, empty network namespace with `lo` up, owned by this value.
+    /// A new, empty network namespace, owned by this value. Its `lo` is
+    /// down, as the kernel makes it:
+    /// [`crate::netlink::rtnetlink::new_netns`] brings it up.
     ///
     /// It is made on a throwaway thread (unshare() moves only the calling
     /// thread), which keeps its handle and exits.
@@ -69,13 +69,6 @@ impl NetNs {
                 }
                 let mut ns = NetNs::open(Path::new(THREAD_NETNS))?;
                 ns.created = true;
-                // A new namespace's loopback starts down; nearly everything,
-                // from 127.0.0.1 to local delivery on other addresses, needs it.
-                RtSocket::open(None)
-                    .and_then(|mut rt| rt.set_up("lo"))
-                    .with_context(|| {
-                        format!("bringing up lo in new network namespace {}", ns.inode)
-                    })?;
                 Ok(ns)
             })
             .context("spawning a thread to create a network namespace")?;
@@ -397,35 +390,7 @@ pub(crate) fn skip_unless_root(test: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, TcpListener, TcpStream};
     use std::sync::mpsc;
-
-    #[test]
-    fn netns_create_is_separate_and_has_loopback() {
-        if skip_unless_root("netns_create_is_separate_and_has_loopback") {
-            return;
-        }
-        let here = NetNs::current().unwrap();
-        let ns = NetNs::create().unwrap();
-        assert_ne!(ns.inode(), here.inode());
-        // The caller's thread was not moved.
-        assert_eq!(NetNs::current().unwrap().inode(), here.inode());
-
-        // Inside, /proc/thread-self/ns/net is the new namespace and 127.0.0.1
-        // works, which it would not with lo down.
-        let (inside, echoed) = ns
-            .run(|| {
-                let inside = NetNs::current().unwrap().inode();
-                let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-                let (s, _) = l.accept().unwrap();
-                (inside, s.peer_addr().unwrap() == c.local_addr().unwrap())
-            })
-            .unwrap();
-        assert_eq!(inside, ns.inode());
-        assert!(echoed);
-        assert_eq!(NetNs::current().unwrap().inode(), here.inode());
-    }
 
     #[test]
     fn netns_open_checks_the_namespace_type() {

@@ -557,7 +557,7 @@ mod tests {
         CtEntry, IPPROTO_ICMP, IPPROTO_UDP, IPS_CONFIRMED, TCP_CONNTRACK_ESTABLISHED,
         TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_TIME_WAIT,
     };
-    use crate::netns::{NetNs, skip_unless_root};
+    use crate::netns::skip_unless_root;
     use std::time::Instant;
 
     const AF_INET: u8 = libc::AF_INET as u8;
@@ -1092,7 +1092,7 @@ mod tests {
         if skip_unless_root("occupancy_baseline_of_a_full_table") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let max = ct.stats().unwrap().max;
         if max == 0 || max > 1 << 20 {
@@ -1157,7 +1157,7 @@ mod tests {
             return;
         }
         const N: u32 = 20_000;
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let report = ct
             .create_batch(&mut (0..N).map(|i| to_create(mix(i, N))))
@@ -1247,7 +1247,7 @@ mod tests {
         if skip_unless_root("occupancy_procfs_matches_ctnetlink") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let max = ct.stats().unwrap().max;
         if max < 1000 {

@@ -618,7 +618,9 @@ mod tests {
         if skip_unless_root("namespaces_past_the_cap_are_counted_not_watched") {
             return;
         }
-        let spaces: Vec<NetNs> = (0..5).map(|_| NetNs::create().unwrap()).collect();
+        let spaces: Vec<NetNs> = (0..5)
+            .map(|_| crate::netlink::rtnetlink::new_netns().unwrap())
+            .collect();
         // A thread in each, so that discovery (which looks at tasks) finds
         // them; they end when `anchors` drops.
         let anchors: Vec<_> = spaces
@@ -660,7 +662,7 @@ mod tests {
         if skip_unless_root("table_monitor_on_procfs_says_so") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let created = ct
             .create_batch(&mut (0..10u16).map(|i| {

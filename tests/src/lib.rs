@@ -39,7 +39,7 @@ pub fn privileged() -> bool {
 pub fn ctnetlink() -> bool {
     static AVAILABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let r = AVAILABLE.get_or_init(|| {
-        let ns = ctrace::netns::NetNs::create().map_err(|e| format!("{e:#}"))?;
+        let ns = ctrace::netlink::rtnetlink::new_netns().map_err(|e| format!("{e:#}"))?;
         ctrace::netlink::ctnetlink::CtSocket::open(Some(&ns))
             .map(drop)
             .map_err(|e| format!("{e:#}"))

@@ -72,9 +72,12 @@ impl OpenWrtLab {
     }
 
     pub fn build_with(kind: Wan) -> anyhow::Result<OpenWrtLab> {
-        let lans = [NetNs::create()?, NetNs::create()?];
-        let router = NetNs::create()?;
-        let servers = NetNs::create()?;
+        let lans = [
+            ctrace::netlink::rtnetlink::new_netns()?,
+            ctrace::netlink::rtnetlink::new_netns()?,
+        ];
+        let router = ctrace::netlink::rtnetlink::new_netns()?;
+        let servers = ctrace::netlink::rtnetlink::new_netns()?;
         for ns in lans.iter().chain([&router, &servers]) {
             ctrace::lab::topology::no_dad(ns)?;
         }

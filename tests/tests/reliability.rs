@@ -283,7 +283,7 @@ fn namespaces_come_and_go_and_the_limit_and_table_change_while_watching() {
     }
     let tracer = Tracer::start(&["--interval", "200ms"]);
     // A namespace that tracks connections appears, is seen, and goes.
-    let ns = ctrace::netns::NetNs::create().unwrap();
+    let ns = ctrace::netlink::rtnetlink::new_netns().unwrap();
     let inode = ns.inode();
     // A task inside, as every real namespace has (ctrace finds namespaces
     // through their tasks and /run/netns).

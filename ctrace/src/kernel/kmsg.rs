@@ -581,7 +581,7 @@ mod tests {
         use crate::{
             lab::traffic,
             netlink::{ctnetlink::CtSocket, nftables},
-            netns::{NetNs, skip_unless_root},
+            netns::skip_unless_root,
         };
         use std::net::{Ipv4Addr, UdpSocket};
         if skip_unless_root("kmsg_reader_sees_a_real_table_full") {
@@ -591,7 +591,7 @@ mod tests {
             eprintln!("skipping: {KMSG} not readable");
             return;
         };
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         nftables::enable_conntrack(&ns).unwrap();
         let max = CtSocket::open(Some(&ns)).unwrap().stats().unwrap().max;
         if max == 0 || max > 1 << 20 {

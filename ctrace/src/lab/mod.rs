@@ -643,7 +643,7 @@ mod tests {
         let _backstop = Backstop(before);
         let guard = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 1).to_string()).unwrap();
         assert_eq!(read(), before + 1);
-        let child = crate::netns::NetNs::create().unwrap();
+        let child = crate::netlink::rtnetlink::new_netns().unwrap();
         let writable_inside = child
             .run(move || {
                 let writable = fs::OpenOptions::new()

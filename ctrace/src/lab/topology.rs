@@ -49,9 +49,12 @@ pub struct Topology {
 
 impl Topology {
     pub fn build() -> anyhow::Result<Topology> {
-        let clients = NetNs::create().context("creating the clients namespace")?;
-        let router = NetNs::create().context("creating the router namespace")?;
-        let servers = NetNs::create().context("creating the servers namespace")?;
+        let clients =
+            crate::netlink::rtnetlink::new_netns().context("creating the clients namespace")?;
+        let router =
+            crate::netlink::rtnetlink::new_netns().context("creating the router namespace")?;
+        let servers =
+            crate::netlink::rtnetlink::new_netns().context("creating the servers namespace")?;
         for ns in [&clients, &router, &servers] {
             no_dad(ns)?;
         }

@@ -872,7 +872,7 @@ mod tests {
         if skip_unless_root("netlink_ctnetlink_stats_and_small_batch") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let before = ct.stats().unwrap();
         assert_eq!(before.entries, 0);
@@ -932,7 +932,7 @@ mod tests {
         if skip_unless_root("netlink_ctnetlink_fill_table_to_max") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let max = ct.stats().unwrap().max;
         assert_eq!(max, host_conntrack_max());
@@ -1138,7 +1138,7 @@ mod dump_tests {
         if skip_unless_root("netlink_ctnetlink_dump_round_trips_created_entries") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         assert_eq!(ct.dump(&mut |_| panic!("fresh table")).unwrap(), 0);
 
@@ -1265,7 +1265,7 @@ mod dump_tests {
         if skip_unless_root("netlink_ctnetlink_dump_streams_a_full_table") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut ct = CtSocket::open(Some(&ns)).unwrap();
         let max = ct.stats().unwrap().max;
         if max == 0 || max > 1 << 20 {

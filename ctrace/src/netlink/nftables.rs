@@ -1069,7 +1069,7 @@ mod tests {
         if skip_unless_root("notrack_rule_comes_and_goes") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let at: SocketAddr = "0.0.0.0:9465".parse().unwrap();
         let name = NotrackRule::table_name(9465);
         let first = NotrackRule::install(Some(&ns), at).unwrap();
@@ -1242,9 +1242,9 @@ mod tests {
 
     fn lab() -> Lab {
         let lab = Lab {
-            client: NetNs::create().unwrap(),
-            router: NetNs::create().unwrap(),
-            server: NetNs::create().unwrap(),
+            client: crate::netlink::rtnetlink::new_netns().unwrap(),
+            router: crate::netlink::rtnetlink::new_netns().unwrap(),
+            server: crate::netlink::rtnetlink::new_netns().unwrap(),
         };
         let mut rt = RtSocket::open(Some(&lab.router)).unwrap();
         rt.add_veth("to-client", "eth0", &lab.client).unwrap();
@@ -1470,7 +1470,7 @@ mod tests {
         if skip_unless_root("netlink_nftables_errors_keep_the_errno_and_roll_back") {
             return;
         }
-        let ns = NetNs::create().unwrap();
+        let ns = crate::netlink::rtnetlink::new_netns().unwrap();
         let mut sock = NlSocket::open(NETLINK_NETFILTER, Some(&ns)).unwrap();
         let genid = generation(&mut sock).unwrap();
         let mut tx = Transaction::new(&mut sock, genid);

@@ -154,6 +154,17 @@ impl Link {
 #[derive(Debug)]
 pub struct RtSocket(NlSocket);
 
+/// A new network namespace with its loopback up. The kernel makes `lo`
+/// down, and nearly everything needs it: 127.0.0.1, and local delivery to
+/// the namespace's other addresses, which goes through `lo` too.
+pub fn new_netns() -> Result<NetNs> {
+    let ns = NetNs::create()?;
+    RtSocket::open(Some(&ns))
+        .and_then(|mut rt| rt.set_up("lo"))
+        .with_context(|| format!("bringing up lo in new network namespace {}", ns.inode()))?;
+    Ok(ns)
+}
+
 impl RtSocket {
     /// Opens a socket in `ns`, or in the calling thread's namespace for None.
     pub fn open(ns: Option<&NetNs>) -> Result<RtSocket> {
@@ -481,6 +492,33 @@ mod tests {
     const A6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
     const B6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2);
 
+    #[test]
+    fn new_netns_is_separate_and_has_loopback() {
+        if skip_unless_root("new_netns_is_separate_and_has_loopback") {
+            return;
+        }
+        let here = NetNs::current().unwrap();
+        let ns = new_netns().unwrap();
+        assert_ne!(ns.inode(), here.inode());
+        // The caller's thread was not moved.
+        assert_eq!(NetNs::current().unwrap().inode(), here.inode());
+
+        // Inside, /proc/thread-self/ns/net is the new namespace and 127.0.0.1
+        // works, which it would not with lo down.
+        let (inside, echoed) = ns
+            .run(|| {
+                let inside = NetNs::current().unwrap().inode();
+                let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (s, _) = l.accept().unwrap();
+                (inside, s.peer_addr().unwrap() == c.local_addr().unwrap())
+            })
+            .unwrap();
+        assert_eq!(inside, ns.inode());
+        assert!(echoed);
+        assert_eq!(NetNs::current().unwrap().inode(), here.inode());
+    }
+
     /// The IFLA_IFNAME of an RTM_NEWLINK message.
     fn link_name<'a>(msg: &crate::netlink::Msg<'a>) -> Result<Option<&'a str>> {
         let attrs: Attrs<'a> = msg.attrs(IFINFOMSG_LEN)?;
@@ -552,8 +590,8 @@ mod tests {
             "{host_links:?}"
         );
 
-        let a = NetNs::create().unwrap();
-        let b = NetNs::create().unwrap();
+        let a = new_netns().unwrap();
+        let b = new_netns().unwrap();
         let mut rta = RtSocket::open(Some(&a)).unwrap();
         let mut rtb = RtSocket::open(Some(&b)).unwrap();
         rta.add_veth("veth-a", "veth-b", &b).unwrap();

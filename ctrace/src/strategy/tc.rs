@@ -70,7 +70,8 @@ pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {
         aya::programs::ProgramType::SchedClassifier,
         "tc (sched_cls)",
     )?;
-    let ns = NetNs::create().context("creating a namespace to probe tc attachment in")?;
+    let ns = crate::netlink::rtnetlink::new_netns()
+        .context("creating a namespace to probe tc attachment in")?;
     let index = crate::services::KernelIndex::default();
     let (mut ebpf, _) = load(&LoadOptions::new(&index), 64)?;
     let (mode, why) = probe_mode(&mut ebpf, &ns)?;
@@ -179,8 +180,8 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
     let (mode, why) = match opts.tc_attach {
         Some(TcAttachMode::Clsact) => (TcAttachMode::Clsact, " (--tc-attach clsact)".to_string()),
         wanted => {
-            let probe_ns =
-                NetNs::create().context("creating a namespace to probe tc attachment in")?;
+            let probe_ns = crate::netlink::rtnetlink::new_netns()
+                .context("creating a namespace to probe tc attachment in")?;
             let (mode, why) = probe_mode(&mut ebpf, &probe_ns)?;
             if wanted == Some(TcAttachMode::Tcx) && mode != TcAttachMode::Tcx {
                 anyhow::bail!("--tc-attach tcx: this kernel refuses TCX links{why}");

@@ -144,13 +144,9 @@ pub fn location_note(l: &KernelLayout) -> &'static str {
 /// at the class the kernel side counted it under. The namespace vanishes with this
 /// function. Any failure (no nf_tables, say) means "no".
 pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool {
-    use crate::{
-        netlink::{nftables, rtnetlink::RtSocket},
-        netns::NetNs,
-    };
+    use crate::netlink::{nftables, rtnetlink};
     let probe = || -> anyhow::Result<(u64, u8)> {
-        let ns = NetNs::create()?;
-        RtSocket::open(Some(&ns))?.set_up("lo")?;
+        let ns = rtnetlink::new_netns()?;
         nftables::drop_tcp_dport_before_conntrack(&ns, 9)?;
         ns.run(|| {
             let to = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
