@@ -28,12 +28,58 @@ fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-changed=../ctrace-common/src");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../ctrace-ebpf");
     let root = root.to_str().expect("utf-8 path");
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "ctrace-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::Custom(&toolchain),
-    )
+    println!("cargo::rerun-if-env-changed={VERBOSE_ENV}");
+    let verbose = env::var_os(VERBOSE_ENV).is_some_and(|v| v == "1");
+    let log = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("ebpf-build.log");
+    let (built, output) = with_stdout_in(&log, || {
+        aya_build::build_ebpf(
+            [aya_build::Package {
+                name: "ctrace-ebpf",
+                root_dir: root,
+                ..Default::default()
+            }],
+            aya_build::Toolchain::Custom(&toolchain),
+        )
+    })?;
+    // aya-build echoes every line of the eBPF build as a cargo warning:
+    // forty lines of progress on every build. Cargo's directives pass;
+    // the progress is shown when the build failed, or when asked.
+    for line in output.lines() {
+        match line
+            .strip_prefix("cargo::warning=")
+            .or_else(|| line.strip_prefix("cargo:warning="))
+        {
+            Some(_) if built.is_ok() && !verbose => {}
+            _ => println!("{line}"),
+        }
+    }
+    built
+}
+
+/// Set to 1 to see the eBPF build's progress (`cargo xtask build -v`).
+const VERBOSE_ENV: &str = "CTRACE_EBPF_BUILD_VERBOSE";
+
+/// Runs `f` with this process's stdout (where a build script speaks to
+/// cargo) sent to `log`, and returns what it wrote there.
+fn with_stdout_in<T>(log: &std::path::Path, f: impl FnOnce() -> T) -> anyhow::Result<(T, String)> {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+    let file = fs::File::create(log)?;
+    std::io::stdout().flush()?;
+    // SAFETY: plain descriptor calls on this process's own descriptors;
+    // stdout is flushed around the swap, so nothing buffered crosses it.
+    let saved = unsafe { libc::dup(1) };
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 1) } < 0 {
+        anyhow::bail!(
+            "redirecting the build script's stdout: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let out = f();
+    let _ = std::io::stdout().flush();
+    // SAFETY: as above; `saved` is ours and closed once restored.
+    unsafe {
+        libc::dup2(saved, 1);
+        libc::close(saved);
+    }
+    Ok((out, fs::read_to_string(log)?))
 }

@@ -458,9 +458,11 @@ pub mod connect {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelLayout {
-    /// `skb:kfree_skb` record: offset of `skbaddr` and `reason`.
-    pub tp_skbaddr: u32,
-    pub tp_reason: u32,
+    /// Raw tracepoint `kfree_skb`: 1 + the argument that is the skb, and
+    /// the drop reason, from the tracepoint's prototype in BTF; 0 when the
+    /// tracepoint is not attached (a kprobe tier without it).
+    pub tp_skb_arg: u32,
+    pub tp_reason_arg: u32,
     /// Value of SKB_DROP_REASON_NETFILTER_DROP on this kernel.
     pub netfilter_drop: u32,
     /// struct sk_buff
@@ -490,8 +492,9 @@ pub struct KernelLayout {
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
     pub tuple_protonum: u32,
-    /// `skb:kfree_skb` record: offset of `location`, 0 when absent.
-    pub tp_location: u32,
+    /// Raw tracepoint `kfree_skb`: 1 + the argument that is the free's
+    /// location, 0 when it has none (or its addresses cannot be read).
+    pub tp_location_arg: u32,
     /// struct nf_conn -> zone.id, 0 when the kernel has no zones.
     pub ct_zone: u32,
     /// `test_flags::*`: switches that exist only so tests can prove the

@@ -237,7 +237,7 @@ pub fn forget_verdict(skb: u64) {
 #[inline(always)]
 fn report_verdict<C: aya_ebpf::EbpfContext>(ctx: &C, skb: u64, class: u8) {
     let layout = LAYOUT.load();
-    if layout.tp_reason != 0 {
+    if layout.tp_reason_arg != 0 {
         let v = Frame {
             arg: task(),
             flag: u64::from(class),

@@ -1,6 +1,7 @@
 //! ctrace's kernel programs.
 //!
-//! The tracepoint tier hooks `skb:kfree_skb`, keeps only packets freed with
+//! The tracepoint tier hooks `kfree_skb` as a raw tracepoint (its arguments
+//! typed from BTF, so no tracefs is needed), keeps only packets freed with
 //! reason NETFILTER_DROP, and decodes the flow they belong to. Per-packet
 //! work ends in the kernel: per-(netns, service, proto, evidence) totals
 //! count every packet, a flow-keyed LRU map adds per-flow detail, and only
@@ -10,8 +11,8 @@
 //! Totals are what users act on, so they depend on neither the ring buffer
 //! nor the LRU: a flood loses detail, never a count.
 //!
-//! No kernel layout is compiled in: every offset comes from `LAYOUT`, which
-//! user space fills from BTF and tracefs before loading.
+//! No kernel layout is compiled in: every offset and argument position
+//! comes from `LAYOUT`, which user space fills from BTF before loading.
 #![no_std]
 #![no_main]
 
@@ -19,9 +20,9 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, socket_filter, tracepoint},
+    macros::{map, raw_tracepoint, socket_filter},
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{SkBuffContext, TracePointContext},
+    programs::{RawTracePointContext, SkBuffContext},
 };
 use aya_log_ebpf::debug;
 use ctrace_common::{
@@ -89,31 +90,42 @@ pub(crate) unsafe fn read<T>(base: u64, offset: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }
 }
 
-#[tracepoint(category = "skb", name = "kfree_skb")]
-pub fn ctrace_kfree_skb(ctx: TracePointContext) -> u32 {
+/// Argument `n - 1` of a raw tracepoint (the layout's 1-based numbers).
+/// The verifier takes only constant context offsets; the layout's numbers
+/// are read-only constants to it, so every other arm is dead code it never
+/// checks.
+#[inline(always)]
+fn tp_arg(ctx: &RawTracePointContext, n: u32) -> u64 {
+    match n {
+        1 => ctx.arg::<u64>(0),
+        2 => ctx.arg::<u64>(1),
+        3 => ctx.arg::<u64>(2),
+        _ => 0,
+    }
+}
+
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn ctrace_kfree_skb(ctx: RawTracePointContext) -> i32 {
     let layout = LAYOUT.load();
-    let Ok(reason) = (unsafe { ctx.read_at::<u32>(layout.tp_reason as usize) }) else {
-        return 0;
-    };
-    let skb = unsafe { ctx.read_at::<u64>(layout.tp_skbaddr as usize) };
+    let reason = tp_arg(&ctx, layout.tp_reason_arg) as u32;
+    let skb = tp_arg(&ctx, layout.tp_skb_arg);
     if reason != layout.netfilter_drop {
         // A verdict whose packet went another way (OVS and act_ct call
         // conntrack directly) must not wait for the next skb at this address.
-        if let Ok(skb) = skb {
+        if skb != 0 {
             conntrack::forget_verdict(skb);
         }
         return 0;
     }
     bump(counter::NETFILTER_DROPS);
-    let Ok(skb) = skb else {
+    if skb == 0 {
         bump(counter::UNDECODED);
         return 0;
-    };
+    }
     // The kprobe tier may have seen why conntrack dropped it.
     let mut class = conntrack::take_verdict(skb);
-    if layout.tp_location != 0
-        && let Ok(at) = unsafe { ctx.read_at::<u64>(layout.tp_location as usize) }
-    {
+    if layout.tp_location_arg != 0 {
+        let at = tp_arg(&ctx, layout.tp_location_arg);
         if at >= layout.nft_chain_start && at < layout.nft_chain_end {
             class |= class::AT_NFT_CHAIN;
         } else if at >= layout.hook_slow_start && at < layout.hook_slow_end {

@@ -256,6 +256,14 @@ impl Watcher {
             ..LoadOptions::new(&index)
         };
         let side = cfg.side.unwrap_or(Side::Both);
+        // The router view first: its start-up experiment (a dropped SYN
+        // in a throwaway namespace) must not reach the node view as a
+        // failed connection of this host.
+        let source = if side.router() {
+            Some(Self::start_router(&cfg, facts, &opts)?)
+        } else {
+            None
+        };
         let node = if side.node() {
             match ConnectView::start(facts, &opts) {
                 Ok(view) => Some(view),
@@ -289,11 +297,6 @@ impl Watcher {
                     .unwrap_or_default(),
                 activity: HashMap::new(),
             })
-        } else {
-            None
-        };
-        let source = if side.router() {
-            Some(Self::start_router(&cfg, facts, &opts)?)
         } else {
             None
         };

@@ -235,6 +235,71 @@ fn bpf_perfmon_and_net_admin_are_enough_where_tracefs_is_mounted() {
     );
 }
 
+/// An account that is not root, with CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN
+/// and nothing else, cannot read or mount tracefs: the tracepoint tier
+/// still runs there (a raw tracepoint typed from BTF), where root's probe
+/// says it runs, and traces.
+#[test]
+fn an_unprivileged_account_with_three_capabilities_gets_the_tracepoint_tier() {
+    if !privileged()
+        || !ctrace_tests::ctnetlink()
+        || !have_setpriv("an_unprivileged_account_with_three_capabilities_gets_the_tracepoint_tier")
+    {
+        return;
+    }
+    let probe = |cmd: &mut Command| -> serde_json::Value {
+        let out = cmd.args(["probe", "--json"]).output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let usable = |p: &serde_json::Value, s: &str| {
+        p["strategies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["strategy"] == s && t["usable"] == true)
+    };
+    let root = probe(&mut Command::new(ctrace_bin()));
+    if !usable(&root, "tracepoint") {
+        eprintln!("SKIPPED: no tracepoint tier on this kernel, even for root");
+        return;
+    }
+    let bin = ctrace_tests::ReachableBin::new();
+    let as_nobody = || {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+perfmon,+net_admin",
+            "--ambient-caps=+bpf,+perfmon,+net_admin",
+            "--",
+        ])
+        .arg(&bin.path);
+        c
+    };
+    let nobody = probe(&mut as_nobody());
+    assert!(
+        usable(&nobody, "tracepoint"),
+        "tracepoint tier refused without root: {nobody}"
+    );
+    assert_eq!(nobody["auto"], "tracepoint", "{nobody}");
+    // And it traces: its own namespace (entering others takes SYS_ADMIN).
+    let own = ctrace::netns::NetNs::current().unwrap().inode().to_string();
+    let out = as_nobody()
+        .args(["watch", "--json", "--side", "router", "--duration", "2"])
+        .args(["--strategy", "tracepoint", "--netns", &own])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(final_summary(&records)["strategy"], "tracepoint", "{err}");
+}
+
 #[test]
 fn two_tracers_at_once_both_count_every_drop() {
     if !privileged() || !ctrace_tests::ctnetlink() {

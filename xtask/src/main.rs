@@ -45,6 +45,9 @@ enum Cmd {
         /// Target triple for user space, e.g. aarch64-unknown-linux-musl.
         #[arg(long)]
         target: Option<String>,
+        /// Show the eBPF build's progress (shown anyway when it fails).
+        #[arg(short, long)]
+        verbose: bool,
     },
     /// Build, then run `ctrace lab` (root needed). Extra args go to the lab.
     Lab {
@@ -91,7 +94,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Cmd::Setup => setup().map(|_| ()),
-        Cmd::Build { target } => build(target.as_deref()).map(|_| ()),
+        Cmd::Build { target, verbose } => {
+            if verbose {
+                // SAFETY: single-threaded here, before any child is spawned.
+                unsafe { env::set_var("CTRACE_EBPF_BUILD_VERBOSE", "1") };
+            }
+            build(target.as_deref()).map(|_| ())
+        }
         Cmd::Lab { args } => lab(&args),
         Cmd::Bench => bench(),
         Cmd::Test { filter, no_vm, vm } => test(filter.as_deref()).and_then(|()| {

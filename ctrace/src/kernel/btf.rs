@@ -504,6 +504,47 @@ impl Btf {
         bail!("no enum named `{enum_name}` in kernel BTF")
     }
 
+    /// The arguments a raw tracepoint hands its programs, in order, as
+    /// "struct sk_buff *", "void *", "enum skb_drop_reason", "int": from the
+    /// `btf_trace_<name>` typedef the kernel declares for every tracepoint,
+    /// whose first parameter (the probe's own data) raw tracepoints omit.
+    pub fn tracepoint_args(&self, name: &str) -> Result<Vec<String>> {
+        let typedef = format!("btf_trace_{name}");
+        let id = self
+            .ids_named(&typedef)
+            .find(|&id| self.ty(id).is_ok_and(|t| t.kind() == KIND_TYPEDEF))
+            .ok_or_else(|| anyhow!("no tracepoint `{name}` in kernel BTF (no {typedef})"))?;
+        let ptr = self.skip_modifiers(self.ty(id)?.size_or_type())?;
+        ensure!(
+            ptr.kind() == KIND_PTR,
+            "{typedef} is not a function pointer"
+        );
+        let proto = self.skip_modifiers(ptr.size_or_type())?;
+        ensure!(
+            proto.kind() == KIND_FUNC_PROTO,
+            "{typedef} does not point to a function prototype"
+        );
+        (1..proto.vlen())
+            .map(|i| self.describe_ref(proto.trailing(2 * i + 1)))
+            .collect()
+    }
+
+    /// A C-like spelling of the type `id` refers to, qualifiers and
+    /// typedefs of pointers' targets included as the kernel wrote them.
+    fn describe_ref(&self, id: u32) -> Result<String> {
+        if id == 0 {
+            return Ok("void".into());
+        }
+        let ty = self.skip_modifiers(id)?;
+        Ok(match ty.kind() {
+            KIND_PTR => format!("{} *", self.describe_ref(ty.size_or_type())?),
+            KIND_STRUCT => format!("struct {}", self.name(ty.name_off())?),
+            KIND_UNION => format!("union {}", self.name(ty.name_off())?),
+            KIND_ENUM | KIND_ENUM64 => format!("enum {}", self.name(ty.name_off())?),
+            _ => self.name(ty.name_off())?.to_string(),
+        })
+    }
+
     /// Whether the kernel has a function of this name in BTF: fentry/fexit can
     /// only attach to functions BTF describes (inlined or static-and-elided
     /// functions are absent).
@@ -1191,6 +1232,20 @@ mod tests {
         let btf = Btf::vmlinux().unwrap();
         eprintln!("parsed vmlinux BTF ({btf:?}) in {:?}", start.elapsed());
         Some(btf)
+    }
+
+    #[test]
+    fn host_vmlinux_types_the_kfree_skb_tracepoint() {
+        let Some(btf) = host_vmlinux() else { return };
+        let args = btf.tracepoint_args("kfree_skb").unwrap();
+        eprintln!("kfree_skb: {args:?}");
+        assert_eq!(
+            args[..3],
+            ["struct sk_buff *", "void *", "enum skb_drop_reason"],
+            "{args:?}"
+        );
+        let e = format!("{:#}", btf.tracepoint_args("no_such_event").unwrap_err());
+        assert!(e.contains("no btf_trace_no_such_event"), "{e}");
     }
 
     #[test]

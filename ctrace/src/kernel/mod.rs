@@ -4,6 +4,7 @@
 //! files (`procfs`) and its log (`kmsg`). Nothing here keys on a version
 //! number.
 pub mod btf;
+pub mod found;
 pub mod kallsyms;
 pub mod kmsg;
 pub mod map_batch;

@@ -118,6 +118,28 @@ impl OwnDir {
         }
     }
 
+    /// Reads `name` whole, up to `max` bytes; never through a link.
+    pub fn read(&self, name: &OsStr, max: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read as _;
+        let c = cstr(name)?;
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: the fd is ours and open; c is NUL-terminated.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let mut bytes = Vec::new();
+        file.take(max).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Replaces `name` with `bytes` as one step, as [`replace`] does.
+    pub fn replace(&self, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+        replace_at(&self.fd, name, bytes, mode)
+    }
+
     pub fn rename(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
         at_rename(&self.fd, from, to)
     }
@@ -183,14 +205,18 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(parent)?
         .into();
+    replace_at(&dir, name, bytes, mode)
+}
+
+fn replace_at(dir: &OwnedFd, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = hidden_sibling(name)?;
     let written = (|| {
-        let mut f = at_create_new(&dir, &tmp, mode)?;
+        let mut f = at_create_new(dir, &tmp, mode)?;
         f.write_all(bytes)?;
         // The mode asked for, whatever the umask took away.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        at_rename(&dir, &tmp, name)
+        at_rename(dir, &tmp, name)
     })();
     if written.is_err() {
         let _ = cstr(&tmp).map(|c| {

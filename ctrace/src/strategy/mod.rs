@@ -164,10 +164,36 @@ pub fn start(
         }
     };
     if source.tier().caps.drop_location {
-        let confirmed = tracepoint::kernel_frees_nft_drops_in_nft_do_chain(&mut source);
+        let confirmed = drop_location_usable(&mut source);
         source.set_drop_location(confirmed);
     }
     Ok(source)
+}
+
+/// Whether kfree_skb's location tells rule drops apart here: found by an
+/// experiment once per boot and kernel, then reused.
+fn drop_location_usable(source: &mut EventSource) -> bool {
+    let mut found = crate::kernel::found::Found::load();
+    if let Some(known) = found.as_ref().and_then(|f| f.nft_drop_in_chain) {
+        log::info!(
+            "drop location: {} (found at an earlier start of this boot, {})",
+            if known {
+                "rule drops are told apart"
+            } else {
+                "location evidence unused"
+            },
+            crate::kernel::found::Found::path().display()
+        );
+        return known;
+    }
+    let Some(confirmed) = tracepoint::kernel_frees_nft_drops_in_nft_do_chain(source) else {
+        return false;
+    };
+    if let Some(f) = found.as_mut() {
+        f.nft_drop_in_chain = Some(confirmed);
+        f.store();
+    }
+    confirmed
 }
 
 #[cfg(test)]

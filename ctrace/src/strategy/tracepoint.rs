@@ -1,15 +1,17 @@
-//! The tracepoint tier: `skb:kfree_skb`, filtered to NETFILTER_DROP.
+//! The tracepoint tier: `kfree_skb`, filtered to NETFILTER_DROP, attached
+//! as a raw tracepoint whose arguments are typed from BTF.
 //!
 //! Available wherever tracepoints and BTF are (this host, which forbids
 //! fentry and has no kprobes). It sees drops after the fact, so the cause is
-//! inferred in user space (see `cause`).
+//! inferred in user space (see `cause`). A raw tracepoint needs no tracefs:
+//! it runs with CAP_BPF and CAP_PERFMON alone, where tracefs is root's.
 use anyhow::{Context as _, bail};
-use aya::programs::{ProgramType, TracePoint};
+use aya::programs::{ProgramType, RawTracePoint};
 use ctrace_common::KernelLayout;
 
 use super::program_type_loads;
 use crate::{
-    kernel::{KernelFacts, kallsyms::Kallsyms, tracefs::EventFormat},
+    kernel::{KernelFacts, kallsyms::Kallsyms},
     loader::LoadOptions,
     source::EventSource,
     tier::{Capabilities, DropSight, Strategy, Tier},
@@ -21,7 +23,7 @@ pub fn capabilities(layout: &KernelLayout) -> Capabilities {
     Capabilities {
         exact_verdicts: false,
         entry_events: false,
-        drop_location: layout.tp_location != 0 && layout.nft_chain_end != 0,
+        drop_location: layout.tp_location_arg != 0 && layout.nft_chain_end != 0,
         gc_evictions: false,
         fd_scoped_cleanup: true,
         needs_btf: true,
@@ -29,63 +31,61 @@ pub fn capabilities(layout: &KernelLayout) -> Capabilities {
     }
 }
 
-const CATEGORY: &str = "skb";
-const EVENT: &str = "kfree_skb";
+const TRACEPOINT: &str = "kfree_skb";
 const PROGRAM: &str = "ctrace_kfree_skb";
+/// The program reads arguments 0 to 2 only (see `tp_arg` there).
+const MAX_ARG: usize = 2;
 
-/// Where the tracepoint record and the kernel structs keep what we read,
-/// on this kernel. The reason field moved between 6.1 (offset 28,
-/// NETFILTER_DROP = 7) and 6.18 (offset 36, = 12); kernels before 5.17 have
-/// none, and there netfilter drops cannot be told from others at all.
+/// Where the tracepoint's arguments and the kernel structs keep what we
+/// read, on this kernel: `kfree_skb(skb, location, reason[, rx_sk])` since
+/// 5.17; before, there is no reason and netfilter drops cannot be told from
+/// other frees. NETFILTER_DROP's value changes as reasons are added (7 on
+/// 6.1, 12 on 6.18).
 pub fn layout(facts: &KernelFacts) -> anyhow::Result<KernelLayout> {
     let btf = facts.btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     btf.require_64bit_pointers("the tracepoint tier")?;
-    let tracefs = facts.tracefs.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let format = EventFormat::read(tracefs, CATEGORY, EVENT)?;
-    let skbaddr = format
-        .field("skbaddr")
-        .context("skb:kfree_skb has no skbaddr field")?;
-    let Some(reason) = format.field("reason") else {
+    let args = btf.tracepoint_args(TRACEPOINT)?;
+    let position = |what: &str| args.iter().position(|a| a == what);
+    let skb = position("struct sk_buff *")
+        .with_context(|| format!("kfree_skb has no struct sk_buff * argument: {args:?}"))?;
+    let Some(reason) = position("enum skb_drop_reason") else {
         bail!(
-            "skb:kfree_skb has no `reason` field on this kernel (added in 5.17): \
-             netfilter drops cannot be told from other frees"
+            "kfree_skb has no drop reason on this kernel (added in 5.17): netfilter drops \
+             cannot be told from other frees"
         );
     };
-    if skbaddr.size != 8 || reason.size != 4 {
-        bail!(
-            "skb:kfree_skb fields have unexpected sizes (skbaddr {}, reason {})",
-            skbaddr.size,
-            reason.size
-        );
+    if skb.max(reason) > MAX_ARG {
+        bail!("kfree_skb's arguments are in an order ctrace does not read: {args:?}");
     }
-    // BTF names the enumerator; the print format is the fallback for a
-    // kernel whose BTF lacks the enum.
-    let netfilter_drop = match btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP") {
-        Ok(v) => u32::try_from(v).context("NETFILTER_DROP out of range")?,
-        Err(btf_err) => format
-            .symbolic_value("reason", "NETFILTER_DROP")
-            .map(|v| v as u32)
-            .with_context(|| format!("no NETFILTER_DROP drop reason ({btf_err:#})"))?,
-    };
+    let netfilter_drop = btf
+        .enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")
+        .context("no NETFILTER_DROP drop reason")?;
     let mut layout = KernelLayout {
-        tp_skbaddr: skbaddr.offset,
-        tp_reason: reason.offset,
-        netfilter_drop,
+        tp_skb_arg: skb as u32 + 1,
+        tp_reason_arg: reason as u32 + 1,
+        netfilter_drop: u32::try_from(netfilter_drop).context("NETFILTER_DROP out of range")?,
         ..skb_layout(btf)?
     };
-    add_location(&mut layout, &format);
+    // The location is the free's caller: the untyped pointer after the skb.
+    let location = args
+        .iter()
+        .enumerate()
+        .skip(skb + 1)
+        .find(|(_, a)| *a == "void *")
+        .map(|(i, _)| i)
+        .filter(|&i| i <= MAX_ARG);
+    if let Some(i) = location {
+        add_location(&mut layout, i);
+    }
     Ok(layout)
 }
 
 /// Where kfree_skb was called from tells who dropped: `nft_do_chain` (an
 /// nftables rule or policy, on kernels that free nft drops there) or
 /// `nf_hook_slow` (a hook's NF_DROP: conntrack, iptables, older nft).
-/// Needs the record's `location` and readable symbol addresses; without
-/// either, the evidence is simply not used.
-fn add_location(layout: &mut KernelLayout, format: &EventFormat) {
-    let Some(location) = format.field("location").filter(|f| f.size == 8) else {
-        return;
-    };
+/// Needs readable symbol addresses; without them, the evidence is simply
+/// not used.
+fn add_location(layout: &mut KernelLayout, arg: usize) {
     let Ok(syms) = Kallsyms::read(&["nf_hook_slow", "nft_do_chain"]) else {
         return;
     };
@@ -93,7 +93,7 @@ fn add_location(layout: &mut KernelLayout, format: &EventFormat) {
         log::debug!("no drop-location evidence: nf_hook_slow or nft_do_chain has no address");
         return;
     };
-    layout.tp_location = location.offset;
+    layout.tp_location_arg = arg as u32 + 1;
     (layout.hook_slow_start, layout.hook_slow_end) = hook;
     (layout.nft_chain_start, layout.nft_chain_end) = nft;
 }
@@ -118,22 +118,30 @@ pub fn skb_layout(btf: &crate::kernel::btf::Btf) -> anyhow::Result<KernelLayout>
 
 pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
     let l = layout(facts)?;
-    program_type_loads(ProgramType::TracePoint, "tracepoint")?;
+    program_type_loads(ProgramType::RawTracePoint, "raw tracepoint")?;
     Ok(format!(
-        "skb:kfree_skb has reason at offset {} (NETFILTER_DROP = {}); sk_buff layout from BTF; \
-         cause of each drop is inferred from conntrack's counters{}",
-        l.tp_reason,
+        "raw tracepoint kfree_skb, arguments from BTF (skb #{}, reason #{} of {}, NETFILTER_DROP = {}); \
+         sk_buff layout from BTF; no tracefs needed; cause of each drop is inferred from \
+         conntrack's counters{}",
+        l.tp_skb_arg,
+        l.tp_reason_arg,
+        facts
+            .btf
+            .as_ref()
+            .ok()
+            .and_then(|b| b.tracepoint_args(TRACEPOINT).ok())
+            .map_or(0, |a| a.len()),
         l.netfilter_drop,
         location_note(&l)
     ))
 }
 
 pub fn location_note(l: &KernelLayout) -> &'static str {
-    if l.tp_location != 0 {
+    if l.tp_location_arg != 0 {
         "; kfree_skb records where a packet was freed (nft_do_chain or nf_hook_slow): \
          `watch` checks at start whether this kernel frees nftables drops in nft_do_chain"
     } else {
-        "; no drop-location evidence (no `location` field or no symbol addresses)"
+        "; no drop-location evidence (no `location` argument or no symbol addresses)"
     }
 }
 
@@ -142,8 +150,9 @@ pub fn location_note(l: &KernelLayout) -> &'static str {
 /// Debian's 6.1.192 too: found out, not assumed): one SYN to 127.0.0.1:9
 /// in a throwaway namespace whose raw-priority chain drops it, then a look
 /// at the class the kernel side counted it under. The namespace vanishes with this
-/// function. Any failure (no nf_tables, say) means "no".
-pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool {
+/// function. None when it could not run (no nf_tables, say), which means
+/// "no" for this start.
+pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> Option<bool> {
     use crate::netlink::{nftables, rtnetlink};
     let probe = || -> anyhow::Result<(u64, u8)> {
         let ns = rtnetlink::new_netns()?;
@@ -174,11 +183,11 @@ pub fn kernel_frees_nft_drops_in_nft_do_chain(source: &mut EventSource) -> bool 
                     "an unseen place: location evidence unused"
                 }
             );
-            in_chain
+            Some(in_chain)
         }
         Err(e) => {
             log::info!("drop location not probed ({e:#}): location evidence unused");
-            false
+            None
         }
     }
 }
@@ -197,7 +206,7 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
 
 /// Loads and attaches the kfree_skb program (the kprobe tier uses it too).
 pub fn attach(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let program: &mut TracePoint = ebpf
+    let program: &mut RawTracePoint = ebpf
         .program_mut(PROGRAM)
         .context("the eBPF object has no kfree_skb program")?
         .try_into()?;
@@ -205,7 +214,7 @@ pub fn attach(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
         .load()
         .context("the verifier rejected the kfree_skb program")?;
     program
-        .attach(CATEGORY, EVENT)
-        .context("attaching to skb:kfree_skb")?;
+        .attach(TRACEPOINT)
+        .context("attaching to raw tracepoint kfree_skb")?;
     Ok(())
 }

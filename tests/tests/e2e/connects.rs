@@ -461,3 +461,57 @@ fn a_v4_mapped_connect_is_reported_as_ipv4() {
     assert_eq!(rec["outcome"], "refused", "{rec}");
     assert_eq!(rec["service"], "etcd-client", "{rec}");
 }
+
+/// ctrace's start-up experiment (a SYN to 127.0.0.1:9 dropped in a
+/// throwaway namespace, to learn where this kernel frees rule drops) is in
+/// no view, and a second start of the same boot reuses what it found
+/// instead of repeating it.
+#[test]
+fn own_experiment_is_in_no_view_and_runs_once_per_boot() {
+    if !privileged() || !node_view_usable() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ctrace-facts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = || {
+        let mut cmd = std::process::Command::new(ctrace_tests::ctrace_bin());
+        cmd.args(["watch", "-v", "--json", "--side", "both", "--duration", "2"])
+            .env(ctrace::kernel::found::DIR_ENV, &dir);
+        if let Some(s) = ctrace_tests::strategy() {
+            cmd.args(["--strategy", &s]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (records, err)
+    };
+    let (records, err) = run();
+    let own = |records: &[Value]| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["type"] == "connect_failure" && r["dst"] == "127.0.0.1:9")
+            .cloned()
+            .collect()
+    };
+    assert!(
+        own(&records).is_empty(),
+        "the start-up experiment reached the node view: {:?}",
+        own(&records)
+    );
+    if !err.contains("drop location: an nftables drop was freed") {
+        eprintln!("skipping the second start: this tier runs no experiment ({err})");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let (records, err) = run();
+    assert!(own(&records).is_empty(), "{:?}", own(&records));
+    assert!(
+        err.contains("found at an earlier start of this boot"),
+        "the second start repeated the experiment: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
