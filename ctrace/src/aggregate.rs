@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// A dropped flow at first sighting, attributed. Serialized as the JSON
-/// `drop` record (README, "JSON output"), the one shape every sink shares.
+/// `drop` record (docs/output.md, "JSON output"), the one shape every sink shares.
 #[derive(Clone, Debug)]
 pub struct DropRecord {
     pub time: SystemTime,

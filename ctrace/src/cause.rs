@@ -44,7 +44,7 @@ impl fmt::Display for Cause {
     }
 }
 
-/// Every evidence string, documented in the README's evidence table.
+/// Every evidence string, documented in docs/causes.md's evidence table.
 pub mod evidence {
     /// Exact tiers: the allocation failed inside nf_conntrack_in.
     pub const ALLOC_FAILED: &str = "conntrack_allocation_failed";

@@ -64,7 +64,7 @@ pub struct WatchArgs {
     /// How often to sample tables and refresh the view.
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
-    /// NDJSON on stdout (logs stay on stderr); schema in the README.
+    /// NDJSON on stdout (logs stay on stderr); schema in docs/output.md.
     #[arg(long)]
     pub json: bool,
     /// Name a service: NAME=PROTO/PORT[-PORT][,...], PROTO tcp, udp, sctp

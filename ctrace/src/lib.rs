@@ -33,7 +33,7 @@ pub mod text;
 pub mod tier;
 pub mod watch;
 
-/// ctrace's memory bound (README, "Memory"): a fixed base (binary, parsed
+/// ctrace's memory bound (docs/memory-and-performance.md, "Memory"): a fixed base (binary, parsed
 /// BTF at start-up, ring buffers, per-CPU map reads), plus occupancy's
 /// compact record per table entry twice over (a periodic re-dump builds the
 /// new breakdown beside the old), plus the bounded flow detail.

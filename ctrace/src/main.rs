@@ -200,7 +200,7 @@ async fn watch(args: WatchArgs, verifier_log: bool) -> anyhow::Result<ExitCode> 
     kernel::return_freed_memory();
     let mut shutdown = Shutdown::install()?;
     // Programs attached, outputs open: from here on only what tracing
-    // still needs (README, "Privileges"), and nothing regained by exec.
+    // still needs (docs/usage.md, "Privileges once tracing"), and nothing regained by exec.
     let keep = kernel::privileges::needed_after_attach(args.textfile.is_some());
     if let Err(e) = kernel::privileges::keep_only(&keep) {
         eprintln!("ctrace: warning: could not drop capabilities: {e}");

@@ -351,7 +351,7 @@ pub struct FullLab {
     _listeners: traffic::Listeners,
 }
 
-/// The documented memory bound (README, "Memory") for a table of
+/// The documented memory bound (docs/memory-and-performance.md, "Memory") for a table of
 /// `entries` and the default flow cap, in MiB.
 pub fn memory_bound_mib(entries: u64) -> f64 {
     ctrace::MEMORY_BASE_MIB

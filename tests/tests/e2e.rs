@@ -835,7 +835,12 @@ fn flood_of_distinct_flows_is_counted_exactly_in_bounded_memory() {
          (lost events {lost}; budget {budget} over the run)"
     );
     assert_eq!(flows, kernel, "each SYN of the flood is a flow of its own");
-    assert!(held_back > 0, "a storm past the budget held nothing back");
+    // More flows than the budget lets through over the whole run: some
+    // must have been held back (a slow VM's flood may stay within it).
+    assert!(
+        flows <= budget || held_back > 0,
+        "a storm past the budget held nothing back"
+    );
     assert!(
         announced <= budget,
         "{announced} drop records, past the budget of {budget}"

@@ -64,7 +64,7 @@ fn missing_message(missing: &[&str]) -> String {
 }
 
 /// What a running `watch` still needs once its programs are attached and
-/// its outputs open (README, "Privileges"), whatever the tier:
+/// its outputs open (docs/usage.md, "Privileges once tracing"), whatever the tier:
 /// - CAP_BPF: every bpf() call, map reads included, where unprivileged
 ///   bpf is off (the default);
 /// - CAP_NET_ADMIN: ctnetlink (table statistics and dumps), the tc tier's

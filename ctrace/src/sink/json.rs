@@ -1,5 +1,5 @@
 //! NDJSON on stdout: one object per line, for scripts. The schema is part of
-//! the interface (README, "JSON output"); add keys, never rename them.
+//! the interface (docs/output.md, "JSON output"); add keys, never rename them.
 use std::io::Write;
 
 use serde_json::{Map, Value, json};

@@ -377,7 +377,7 @@ fn half_open_handshakes_are_synack_retransmits_of_the_listener() {
 /// and is kept aside (sk_err_soft); the one answering the retransmitted SYN
 /// a second later ends the attempt. (A non-blocking client that reads
 /// SO_ERROR takes that first error itself and closes: to the kernel, and
-/// so to ctrace, that attempt was aborted. See the README.)
+/// so to ctrace, that attempt was aborted. See docs/usage.md.)
 #[test]
 fn an_icmp_error_is_unreachable() {
     if !privileged() || !node_view_usable() {
