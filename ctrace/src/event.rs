@@ -9,6 +9,8 @@ use std::{
 
 use ctrace_common as wire;
 
+use crate::tier::Strategy;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,
@@ -128,22 +130,12 @@ impl fmt::Display for Flow {
     }
 }
 
-/// Which kernel hook produced an event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tier {
-    Tracepoint,
-    Kprobe,
-    /// Judged in user space from the tc programs' pending flows.
-    Tc,
-}
-
-impl Tier {
-    fn from_wire(t: u8) -> Option<Tier> {
-        match t {
-            wire::tier::TRACEPOINT => Some(Tier::Tracepoint),
-            wire::tier::KPROBE => Some(Tier::Kprobe),
-            _ => None,
-        }
+/// Which tier's hook produced a kernel event, from the wire's tier number.
+fn strategy_from_wire(t: u8) -> Option<Strategy> {
+    match t {
+        wire::tier::TRACEPOINT => Some(Strategy::Tracepoint),
+        wire::tier::KPROBE => Some(Strategy::Kprobe),
+        _ => None,
     }
 }
 
@@ -174,7 +166,29 @@ pub struct EntryEvent {
     pub timeout_jiffies: u32,
     pub tcp_state: u8,
     pub zone: u16,
-    pub tier: Tier,
+    pub tier: Strategy,
+}
+
+impl EntryEvent {
+    /// The entry as a table read would list it. The probes do not read
+    /// its id or mark: 0, as for an entry without them.
+    pub fn entry(&self, hz: u32) -> crate::conntrack::Entry {
+        let (sport, dport) = self.raw_ports;
+        crate::conntrack::Entry {
+            family: self.flow.family_number(),
+            proto: self.flow.proto.number(),
+            src: self.flow.src.ip(),
+            dst: self.flow.dst.ip(),
+            sport,
+            dport,
+            tcp_state: (self.flow.proto == Proto::Tcp).then_some(self.tcp_state),
+            status: self.status,
+            timeout_secs: self.timeout_jiffies / hz.max(1),
+            id: 0,
+            zone: self.zone,
+            mark: 0,
+        }
+    }
 }
 
 /// Anything the kernel side reports.
@@ -196,7 +210,7 @@ pub struct DropEvent {
     /// ledger turns the class into a cause.
     pub class: u8,
     pub reason: u32,
-    pub tier: Tier,
+    pub tier: Strategy,
 }
 
 /// Kernel timestamps are CLOCK_MONOTONIC; output wants wall-clock time.
@@ -252,7 +266,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Option<KernelEvent> {
     // alignment of the ring-buffer slot.
     let raw: wire::Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let flow = Flow::from_key(&raw.key)?;
-    let tier = Tier::from_wire(raw.tier)?;
+    let tier = strategy_from_wire(raw.tier)?;
     let time = clock.wall(raw.ts_ns);
     let change = match raw.kind {
         wire::kind::DROP => {
@@ -394,7 +408,7 @@ mod tests {
             panic!("not an entry event")
         };
         assert_eq!(e.change, EntryChange::Evicted);
-        assert_eq!(e.tier, Tier::Kprobe);
+        assert_eq!(e.tier, Strategy::Kprobe);
         assert_eq!(e.flow.dst.port(), 2380);
     }
 

@@ -28,7 +28,7 @@ use ctrace_common::{
 };
 
 use crate::{
-    event::{Clock, DropEvent, Flow, KernelEvent, Proto, Tier},
+    event::{Clock, DropEvent, Flow, KernelEvent, Proto},
     readings::{CorrelationCounts, FlowCount, KernelTotal},
 };
 
@@ -229,7 +229,7 @@ impl Judge {
                             tcp_flags: p.tcp_flags,
                             class: class::NOT_FORWARDED,
                             reason: 0,
-                            tier: Tier::Tc,
+                            tier: crate::tier::Strategy::Tc,
                         }));
                     } else {
                         counts.unannounced += 1;

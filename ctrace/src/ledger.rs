@@ -27,8 +27,8 @@ use serde::Serialize;
 
 use crate::{
     cause::{Cause, evidence},
+    conntrack::Stats,
     event::Proto,
-    netlink::ctnetlink::CtStats,
     readings::KernelTotal,
     tier::Capabilities,
 };
@@ -113,7 +113,7 @@ type GroupKey = (u16, Cause, Proto);
 struct NetnsLedger {
     /// Cumulative kernel totals at the last settlement.
     seen: HashMap<RowKey, (u64, u64)>,
-    last: Option<CtStats>,
+    last: Option<Stats>,
     carry: Credit,
     /// `drop` credit left over, one bucket per settlement, oldest first.
     aged: std::collections::VecDeque<u64>,
@@ -156,7 +156,7 @@ impl Ledger {
     }
 
     /// First counters of a namespace: its drops are measured from here.
-    pub fn baseline(&mut self, netns: u64, stats: Option<CtStats>) {
+    pub fn baseline(&mut self, netns: u64, stats: Option<Stats>) {
         let n = self.netns.entry(netns).or_default();
         if n.last.is_none() {
             n.last = stats;
@@ -170,7 +170,7 @@ impl Ledger {
     /// Settles one namespace: `rows` are the kernel's cumulative totals for
     /// it (read first), `stats` its counters read right after (None when
     /// they cannot be read).
-    pub fn settle(&mut self, netns: u64, rows: &[KernelTotal], stats: Option<CtStats>) {
+    pub fn settle(&mut self, netns: u64, rows: &[KernelTotal], stats: Option<Stats>) {
         let caps = self.caps;
         let n = self.netns.entry(netns).or_default();
         let mut deltas: Vec<(RowKey, u64, u64)> = Vec::new();
@@ -542,14 +542,14 @@ mod tests {
         }
     }
 
-    fn stats(entries: u64, drop: u64, invalid: u64, insert_failed: u64) -> CtStats {
-        CtStats {
+    fn stats(entries: u64, drop: u64, invalid: u64, insert_failed: u64) -> Stats {
+        Stats {
             entries,
             max: 100,
             drop,
             invalid,
             insert_failed,
-            ..CtStats::default()
+            ..Stats::default()
         }
     }
 

@@ -283,7 +283,7 @@ fn outputs(args: &WatchArgs) -> anyhow::Result<Outputs> {
     if let Some(path) = &args.textfile {
         // Fail now, not at the first interval; an empty file is a valid
         // exposition.
-        sink::files::replace(path, b"", sink::prometheus::TEXTFILE_MODE)
+        ctrace::files::replace(path, b"", sink::prometheus::TEXTFILE_MODE)
             .with_context(|| format!("--textfile {}: cannot write", path.display()))?;
     }
     // Two sinks, so that a textfile that cannot be written (guarded,
@@ -428,7 +428,7 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     print!("{}", r.markdown());
     if let Some(path) = &args.html {
         // Replaced, never opened: a link planted at PATH is not followed.
-        sink::files::replace(path, r.html().as_bytes(), 0o600)
+        ctrace::files::replace(path, r.html().as_bytes(), 0o600)
             .with_context(|| format!("--html {}", path.display()))?;
         eprintln!("ctrace: HTML report written to {}", path.display());
     }

@@ -27,15 +27,14 @@ use std::{
     time::Instant,
 };
 
+use ctrace_common::IPPROTO_TCP;
 use serde_json::{Map, Value, json};
 
 use crate::{
+    conntrack::{self, IPS_ASSURED, IPS_SEEN_REPLY, TableReader, tcp_state_name},
     event::Proto,
-    netlink::ctnetlink::{
-        CtDumpEntry, CtSocket, IPPROTO_TCP, IPS_ASSURED, IPS_SEEN_REPLY, tcp_state_name,
-    },
+    netlink::ctnetlink::CtSocket,
     services::Catalog,
-    table::TableReader,
 };
 
 /// Source prefixes listed in [`Breakdown::by_src_prefix`].
@@ -109,7 +108,7 @@ mod bits {
 }
 
 impl Record {
-    fn new(e: &CtDumpEntry, now: u32) -> Record {
+    fn new(e: &conntrack::Entry, now: u32) -> Record {
         let (prefix, v6) = match e.src {
             IpAddr::V4(a) => (u64::from(u32::from(a) & 0xffff_ff00), 0),
             IpAddr::V6(a) => ((u128::from(a) >> 64) as u64, bits::V6),
@@ -186,8 +185,9 @@ impl Hasher for Fingerprint {
 
 type Records = HashMap<u64, Record, BuildHasherDefault<Fingerprint>>;
 
+/// How a namespace's breakdown is current.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
+pub enum Source {
     /// As of the last baseline dump; nothing applied since.
     Dump,
     /// Events applied since the last baseline.
@@ -245,7 +245,7 @@ impl OccupancyTracker {
     /// [`baseline`](Self::baseline) from whichever source the table
     /// monitor reads the namespace with: ctnetlink, or procfs where
     /// ctnetlink is missing (the same entries, see
-    /// [`crate::kernel::procfs::parse_line`] for what procfs leaves out).
+    /// [`crate::conntrack::procfs::parse_line`] for what procfs leaves out).
     pub fn baseline_from(&mut self, inode: u64, reader: &mut TableReader) -> anyhow::Result<u64> {
         let expected = reader.stats().map_or(0, |s| s.entries);
         self.refill(inode, headroom(expected), |f| reader.dump(f))
@@ -256,7 +256,7 @@ impl OccupancyTracker {
     pub fn baseline_with(
         &mut self,
         inode: u64,
-        dump: impl FnOnce(&mut dyn FnMut(&CtDumpEntry)) -> anyhow::Result<u64>,
+        dump: impl FnOnce(&mut dyn FnMut(&conntrack::Entry)) -> anyhow::Result<u64>,
     ) -> anyhow::Result<u64> {
         self.refill(inode, 0, dump)
     }
@@ -265,7 +265,7 @@ impl OccupancyTracker {
         &mut self,
         inode: u64,
         expected: usize,
-        dump: impl FnOnce(&mut dyn FnMut(&CtDumpEntry)) -> anyhow::Result<u64>,
+        dump: impl FnOnce(&mut dyn FnMut(&conntrack::Entry)) -> anyhow::Result<u64>,
     ) -> anyhow::Result<u64> {
         let now = self.now_secs();
         let OccupancyTracker { keys, tables, .. } = self;
@@ -302,7 +302,7 @@ impl OccupancyTracker {
     ///
     /// Inserting an entry already known replaces its record (a newer state or
     /// timeout); ignored for a namespace without a baseline.
-    pub fn insert(&mut self, inode: u64, e: &CtDumpEntry) {
+    pub fn insert(&mut self, inode: u64, e: &conntrack::Entry) {
         let now = self.now_secs();
         let key = fingerprint(&self.keys, e);
         if let Some(t) = self.tables.get_mut(&inode) {
@@ -314,7 +314,7 @@ impl OccupancyTracker {
     /// Removes an entry by its original tuple and zone (the rest of `e` is
     /// not looked at); unknown entries and namespaces without a baseline are
     /// ignored.
-    pub fn remove(&mut self, inode: u64, e: &CtDumpEntry) {
+    pub fn remove(&mut self, inode: u64, e: &conntrack::Entry) {
         let fp = fingerprint(&self.keys, e);
         if let Some(t) = self.tables.get_mut(&inode) {
             t.records.remove(&fp);
@@ -326,12 +326,9 @@ impl OccupancyTracker {
         self.breakdown_at(inode, self.now_secs())
     }
 
-    /// "dump" when refreshed by periodic dumps, "events" when kept by events after a baseline.
-    pub fn source(&self, inode: u64) -> Option<&'static str> {
-        self.tables.get(&inode).map(|t| match t.source {
-            Source::Dump => "dump",
-            Source::Events => "events",
-        })
+    /// Whether the breakdown is a dump's, or kept by events since one.
+    pub fn source(&self, inode: u64) -> Option<Source> {
+        self.tables.get(&inode).map(|t| t.source)
     }
 
     /// Drops what is known about a namespace (it vanished).
@@ -458,7 +455,7 @@ fn headroom(entries: u64) -> usize {
     n + n / 16
 }
 
-fn fingerprint(keys: &RandomState, e: &CtDumpEntry) -> u64 {
+fn fingerprint(keys: &RandomState, e: &conntrack::Entry) -> u64 {
     keys.hash_one(Key {
         family: e.family,
         proto: e.proto,
@@ -553,11 +550,12 @@ pub fn render_top(b: &Breakdown, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::ctnetlink::{
-        CtEntry, IPPROTO_ICMP, IPPROTO_UDP, IPS_CONFIRMED, TCP_CONNTRACK_ESTABLISHED,
-        TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_TIME_WAIT,
+    use crate::conntrack::{
+        IPS_CONFIRMED, TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_TIME_WAIT,
     };
+    use crate::netlink::ctnetlink::CtEntry;
     use crate::netns::skip_unless_root;
+    use ctrace_common::{IPPROTO_ICMP, IPPROTO_UDP};
     use std::time::Instant;
 
     const AF_INET: u8 = libc::AF_INET as u8;
@@ -575,8 +573,8 @@ mod tests {
         tcp_state: Option<u8>,
         status: u32,
         timeout_secs: u32,
-    ) -> CtDumpEntry {
-        CtDumpEntry {
+    ) -> conntrack::Entry {
+        conntrack::Entry {
             family: if src.is_ipv4() { AF_INET } else { AF_INET6 },
             proto,
             src,
@@ -603,7 +601,7 @@ mod tests {
     /// `n` entries of the known mix: 70% dns udp/53 unreplied from two /24s,
     /// 20% etcd-peer tcp/2380 established and assured with a 5-day timeout,
     /// 10% tcp/9999 SYN_SENT from an IPv6 /64.
-    fn mix(i: u32, n: u32) -> CtDumpEntry {
+    fn mix(i: u32, n: u32) -> conntrack::Entry {
         let dns = n * 7 / 10;
         let etcd = n * 2 / 10;
         let sport = 1024 + (i % 60_000) as u16;
@@ -646,7 +644,7 @@ mod tests {
     }
 
     /// The entry to create over ctnetlink that dumps as `e` (zone 0).
-    fn to_create(e: CtDumpEntry) -> CtEntry {
+    fn to_create(e: conntrack::Entry) -> CtEntry {
         CtEntry {
             family: e.family,
             proto: e.proto,
@@ -660,7 +658,7 @@ mod tests {
         }
     }
 
-    fn load(t: &mut OccupancyTracker, inode: u64, entries: &[CtDumpEntry]) -> u64 {
+    fn load(t: &mut OccupancyTracker, inode: u64, entries: &[conntrack::Entry]) -> u64 {
         t.baseline_with(inode, |f| {
             entries.iter().for_each(f);
             Ok(entries.len() as u64)
@@ -757,7 +755,7 @@ mod tests {
         let entries: Vec<_> = (0..1000).map(|i| mix(i, 1000)).collect();
         assert_eq!(load(&mut t, 1, &entries), 1000);
         check_mix(&t.breakdown(1).unwrap(), 1000, 0.0);
-        assert_eq!(t.source(1), Some("dump"));
+        assert_eq!(t.source(1), Some(Source::Dump));
         assert_eq!(t.len(1), Some(1000));
         assert!(t.breakdown(2).is_none(), "other namespaces are separate");
 
@@ -815,7 +813,7 @@ mod tests {
         );
 
         // The tuple and zone a delete names; the rest does not matter.
-        let key = |proto: u8, sport: u16, zone: u16| CtDumpEntry {
+        let key = |proto: u8, sport: u16, zone: u16| conntrack::Entry {
             proto,
             sport,
             zone,
@@ -831,11 +829,11 @@ mod tests {
 
         load(&mut t, 5, &[]);
         assert_eq!(t.breakdown(5).unwrap().total, 0);
-        assert_eq!(t.source(5), Some("dump"));
+        assert_eq!(t.source(5), Some(Source::Dump));
 
         t.insert(5, &syn);
         t.insert(5, &syn); // double insert
-        assert_eq!(t.source(5), Some("events"));
+        assert_eq!(t.source(5), Some(Source::Events));
         let bd = t.breakdown(5).unwrap();
         assert_eq!((bd.total, bd.unreplied, bd.assured), (1, 1, 0));
 
@@ -878,7 +876,7 @@ mod tests {
 
         // A new baseline replaces everything and is "dump" again.
         load(&mut t, 5, &[syn]);
-        assert_eq!(t.source(5), Some("dump"));
+        assert_eq!(t.source(5), Some(Source::Dump));
         let bd = t.breakdown(5).unwrap();
         assert_eq!(bd.total, 1);
         assert_eq!(bd.by_tcp_state, [("SYN_SENT".to_string(), 1)]);
@@ -1172,7 +1170,7 @@ mod tests {
             start.elapsed().as_secs_f64()
         );
         assert_eq!(seen, u64::from(N));
-        assert_eq!(t.source(ns.inode()), Some("dump"));
+        assert_eq!(t.source(ns.inode()), Some(Source::Dump));
         let b = t.breakdown(ns.inode()).unwrap();
         check_mix(&b, u64::from(N), 0.01);
         // The kernel kept the status each entry was created with: nothing
@@ -1211,7 +1209,7 @@ mod tests {
             1
         );
         t.insert(ns.inode(), &came);
-        assert_eq!(t.source(ns.inode()), Some("events"));
+        assert_eq!(t.source(ns.inode()), Some(Source::Events));
         let by_events = t.breakdown(ns.inode()).unwrap();
         assert_eq!(by_events.total, u64::from(N));
         assert_eq!(
@@ -1223,7 +1221,7 @@ mod tests {
         assert_eq!(get(&by_events.by_src_prefix, "10.30.0.0/24"), 1);
 
         t.baseline(ns.inode(), &mut ct).unwrap();
-        assert_eq!(t.source(ns.inode()), Some("dump"));
+        assert_eq!(t.source(ns.inode()), Some(Source::Dump));
         let by_dump = t.breakdown(ns.inode()).unwrap();
         assert_eq!(by_dump.by_service, by_events.by_service);
         assert_eq!(by_dump.by_tcp_state, by_events.by_tcp_state);
@@ -1241,9 +1239,9 @@ mod tests {
     /// Run alone with --nocapture for the timings.
     #[test]
     fn occupancy_procfs_matches_ctnetlink() {
-        use crate::kernel::procfs::IPS_HW_OFFLOAD;
-        use crate::netlink::ctnetlink::{IPPROTO_GRE, IPPROTO_ICMPV6, IPPROTO_SCTP, IPS_OFFLOAD};
-        use crate::table::{SourceChoice, TableReader, TableSource};
+        use crate::conntrack::procfs::IPS_HW_OFFLOAD;
+        use crate::conntrack::{IPS_OFFLOAD, SourceChoice, TableSource};
+        use ctrace_common::{IPPROTO_GRE, IPPROTO_ICMPV6, IPPROTO_SCTP};
         if skip_unless_root("occupancy_procfs_matches_ctnetlink") {
             return;
         }
@@ -1275,14 +1273,14 @@ mod tests {
             .unwrap();
         assert_eq!(report.created, u64::from(n) + 5, "{report:?}");
 
-        let (mut netlink, _) = TableReader::open(&ns, SourceChoice::Ctnetlink).unwrap();
-        let (mut procfs, _) = TableReader::open(&ns, SourceChoice::Procfs).unwrap();
+        let (mut netlink, _) = crate::table::open_reader(&ns, SourceChoice::Ctnetlink).unwrap();
+        let (mut procfs, _) = crate::table::open_reader(&ns, SourceChoice::Procfs).unwrap();
         assert_eq!(procfs.source(), TableSource::Procfs);
         assert_eq!(netlink.stats().unwrap(), procfs.stats().unwrap());
 
         // What procfs shows of an entry: no id, status only as its flags,
         // timeouts read a moment apart.
-        let shown = |e: &CtDumpEntry| {
+        let shown = |e: &conntrack::Entry| {
             let mut e = *e;
             e.id = 0;
             e.status &= IPS_ASSURED | IPS_SEEN_REPLY | IPS_OFFLOAD | IPS_HW_OFFLOAD;

@@ -14,113 +14,34 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
+    conntrack::{SOURCE_ENV, SourceChoice, Stats, TableReader, TableSource, procfs::ProcConntrack},
     event::monotonic_ns,
-    kernel::procfs::ProcConntrack,
-    netlink::ctnetlink::{CtDumpEntry, CtSocket, CtStats},
+    netlink::ctnetlink::CtSocket,
     netns::{self, NetNs},
 };
 
-/// Where a namespace's statistics and entries come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TableSource {
-    Ctnetlink,
-    /// /proc/net/stat/nf_conntrack, the nf_conntrack_count and _max
-    /// sysctls, and /proc/net/nf_conntrack.
-    Procfs,
-}
-
-impl TableSource {
-    pub fn name(self) -> &'static str {
-        match self {
-            TableSource::Ctnetlink => "ctnetlink",
-            TableSource::Procfs => "procfs",
-        }
-    }
-}
-
-/// Which sources to try, from `CTRACE_TABLE_SOURCE` (`auto`, the default:
-/// ctnetlink, else procfs; `ctnetlink`; `procfs`). Forcing procfs shows
-/// what a router without ctnetlink would, on a machine that has it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SourceChoice {
-    #[default]
-    Auto,
-    Ctnetlink,
-    Procfs,
-}
-
-pub const SOURCE_ENV: &str = "CTRACE_TABLE_SOURCE";
-
-impl SourceChoice {
-    pub fn from_env() -> anyhow::Result<SourceChoice> {
-        Self::parse(std::env::var(SOURCE_ENV).ok().as_deref())
-    }
-
-    /// A value of `CTRACE_TABLE_SOURCE`; None or empty means `auto`.
-    pub fn parse(value: Option<&str>) -> anyhow::Result<SourceChoice> {
-        match value {
-            None | Some("") | Some("auto") => Ok(SourceChoice::Auto),
-            Some("ctnetlink") => Ok(SourceChoice::Ctnetlink),
-            Some("procfs") => Ok(SourceChoice::Procfs),
-            Some(other) => {
-                anyhow::bail!("{SOURCE_ENV}={other:?}: expected auto, ctnetlink or procfs")
-            }
-        }
-    }
-}
-
-/// A namespace's conntrack, read over ctnetlink or procfs: the same
-/// statistics ([`CtStats`]) and entries ([`CtDumpEntry`]) either way.
-#[derive(Debug)]
-pub enum TableReader {
-    Ctnetlink(CtSocket),
-    Procfs(ProcConntrack),
-}
-
-impl TableReader {
-    /// ctnetlink if it answers in `ns`, else procfs (per `choice`). The
-    /// error names both failures when neither works. The second value is
-    /// why ctnetlink was passed over, when procfs is used in `Auto`.
-    pub fn open(ns: &NetNs, choice: SourceChoice) -> anyhow::Result<(TableReader, Option<String>)> {
-        let procfs = || ProcConntrack::open(Some(ns)).map(TableReader::Procfs);
-        match choice {
-            SourceChoice::Ctnetlink => {
-                Ok((TableReader::Ctnetlink(CtSocket::open(Some(ns))?), None))
-            }
-            SourceChoice::Procfs => Ok((procfs()?, None)),
-            SourceChoice::Auto => match CtSocket::open(Some(ns)) {
-                Ok(sock) => Ok((TableReader::Ctnetlink(sock), None)),
-                Err(ct) => match procfs() {
-                    Ok(r) => Ok((r, Some(format!("{ct:#}")))),
-                    Err(p) => Err(p).context(format!(
-                        "conntrack is readable neither over ctnetlink ({ct:#}) nor in procfs"
-                    )),
-                },
+/// Opens `ns`'s conntrack: ctnetlink if it answers there, else procfs (per
+/// `choice`). The error names both failures when neither works. The
+/// second value is why ctnetlink was passed over, when procfs is used in
+/// `Auto`.
+pub fn open_reader(
+    ns: &NetNs,
+    choice: SourceChoice,
+) -> anyhow::Result<(TableReader, Option<String>)> {
+    let procfs = || -> anyhow::Result<TableReader> { Ok(Box::new(ProcConntrack::open(Some(ns))?)) };
+    let ctnetlink = || -> anyhow::Result<TableReader> { Ok(Box::new(CtSocket::open(Some(ns))?)) };
+    match choice {
+        SourceChoice::Ctnetlink => Ok((ctnetlink()?, None)),
+        SourceChoice::Procfs => Ok((procfs()?, None)),
+        SourceChoice::Auto => match ctnetlink() {
+            Ok(r) => Ok((r, None)),
+            Err(ct) => match procfs() {
+                Ok(r) => Ok((r, Some(format!("{ct:#}")))),
+                Err(p) => Err(p).context(format!(
+                    "conntrack is readable neither over ctnetlink ({ct:#}) nor in procfs"
+                )),
             },
-        }
-    }
-
-    pub fn source(&self) -> TableSource {
-        match self {
-            TableReader::Ctnetlink(_) => TableSource::Ctnetlink,
-            TableReader::Procfs(_) => TableSource::Procfs,
-        }
-    }
-
-    pub fn stats(&mut self) -> anyhow::Result<CtStats> {
-        match self {
-            TableReader::Ctnetlink(s) => s.stats(),
-            TableReader::Procfs(p) => p.stats(),
-        }
-    }
-
-    /// Streams every entry of the table to `f`; returns how many.
-    pub fn dump(&mut self, f: &mut dyn FnMut(&CtDumpEntry)) -> anyhow::Result<u64> {
-        match self {
-            TableReader::Ctnetlink(s) => s.dump(f),
-            TableReader::Procfs(p) => p.dump(f),
-        }
+        },
     }
 }
 
@@ -133,11 +54,11 @@ const TREND_WINDOW_NS: u64 = 10_000_000_000;
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
     pub mono_ns: u64,
-    pub stats: CtStats,
+    pub stats: Stats,
 }
 
 /// The statistics as (name, value) pairs, in the order conntrack -S prints them.
-pub fn stat_fields(s: &CtStats) -> [(&'static str, u64); 10] {
+pub fn stat_fields(s: &Stats) -> [(&'static str, u64); 10] {
     [
         ("found", s.found),
         ("invalid", s.invalid),
@@ -170,7 +91,7 @@ pub struct TableView {
     pub source: TableSource,
     pub entries: u64,
     pub max: u64,
-    pub stats: CtStats,
+    pub stats: Stats,
     /// Per-second rates over the last sampling interval, same order as
     /// [`stat_fields`].
     pub rates: Vec<(&'static str, f64)>,
@@ -391,7 +312,7 @@ impl TableMonitor {
     /// Opens a namespace's reader and says, once per run at warning level
     /// (then at debug), when it had to fall back to procfs.
     fn open_reader(&mut self, ns: &NetNs) -> anyhow::Result<TableReader> {
-        let (reader, why) = TableReader::open(ns, self.choice)?;
+        let (reader, why) = open_reader(ns, self.choice)?;
         if reader.source() == TableSource::Procfs {
             let why = why.map_or_else(
                 || format!("{SOURCE_ENV}=procfs"),
@@ -537,7 +458,7 @@ impl TableMonitor {
     }
 
     /// Reads the namespace's statistics now; None when it cannot.
-    pub fn sample(&mut self, inode: u64) -> Option<CtStats> {
+    pub fn sample(&mut self, inode: u64) -> Option<Stats> {
         let t = self.tables.get_mut(&inode)?;
         match t.reader.stats() {
             Ok(stats) => {
@@ -576,7 +497,7 @@ impl TableMonitor {
     }
 
     /// The newest statistics of a namespace.
-    pub fn latest(&self, inode: u64) -> Option<CtStats> {
+    pub fn latest(&self, inode: u64) -> Option<Stats> {
         self.tables.get(&inode)?.latest().map(|s| s.stats)
     }
 
@@ -608,8 +529,9 @@ impl TableMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::ctnetlink::{CtEntry, IPPROTO_UDP};
+    use crate::netlink::ctnetlink::{CtEntry, CtSocket};
     use crate::netns::skip_unless_root;
+    use ctrace_common::IPPROTO_UDP;
 
     /// Past the cap, new namespaces are counted, not watched, unless they
     /// have drops.

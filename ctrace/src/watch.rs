@@ -26,7 +26,6 @@ use crate::{
     kernel::kmsg::{KmsgReader, TableFullWitness, Tally},
     ledger::{Agreement, DropGroup, Ledger},
     loader::LoadOptions,
-    netlink::ctnetlink::CtDumpEntry,
     occupancy::{Breakdown, OccupancyTracker},
     readings::Counters,
     services::{Catalog, KernelIndex},
@@ -595,21 +594,7 @@ impl Watcher {
         let Some(occ) = self.occupancy.as_mut() else {
             return;
         };
-        let (sport, dport) = e.raw_ports;
-        let entry = CtDumpEntry {
-            family: e.flow.family_number(),
-            proto: e.flow.proto.number(),
-            src: e.flow.src.ip(),
-            dst: e.flow.dst.ip(),
-            sport,
-            dport,
-            tcp_state: (e.flow.proto == crate::event::Proto::Tcp).then_some(e.tcp_state),
-            status: e.status,
-            timeout_secs: e.timeout_jiffies / occ.hz,
-            id: 0,
-            zone: e.zone,
-            mark: 0,
-        };
+        let entry = e.entry(occ.hz);
         match e.change {
             EntryChange::Inserted => occ.tracker.insert(e.flow.netns, &entry),
             EntryChange::Evicted | EntryChange::GcEvicted | EntryChange::Deleted => {
@@ -670,7 +655,7 @@ impl Watcher {
             .filter_map(|t| {
                 let b = occ.tracker.breakdown(t.inode)?;
                 let source = match occ.tracker.source(t.inode)? {
-                    "events" => "events",
+                    crate::occupancy::Source::Events => "events",
                     _ if self.tier().is_some_and(|t| t.caps.entry_events) => "dump+events",
                     _ => "periodic_dump",
                 };

@@ -1,6 +1,6 @@
 //! ctnetlink: the bytes as one datagram read from a netlink socket, walked
 //! message by message as `NlSocket` does; each message decoded as a table
-//! dump entry or conntrack event (`CtDumpEntry::from_msg`), NLMSG_ERROR as
+//! dump entry or conntrack event (`conntrack::Entry::from_msg`), NLMSG_ERROR as
 //! an error, and every attribute set walked to the bottom.
 //!
 //! Why the assertions hold: a message lies where the previous one's
@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 
+use ctrace::conntrack::Entry;
 use ctrace::netlink::{
     Attrs, MsgBuilder, Msgs, NLMSG_ERROR, NLMSG_HDRLEN, align4,
     ctnetlink::{
@@ -19,11 +20,11 @@ use ctrace::netlink::{
         CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE,
         CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
         CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP, CTA_TUPLE_ORIG,
-        CTA_TUPLE_PROTO, CTA_ZONE, CtDumpEntry, IPPROTO_ICMP, IPPROTO_ICMPV6, NFGENMSG_LEN,
-        nfgenmsg,
+        CTA_TUPLE_PROTO, CTA_ZONE, NFGENMSG_LEN, nfgenmsg,
     },
     parse_error,
 };
+use ctrace_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 use libfuzzer_sys::fuzz_target;
 
 /// Deeper than any ctnetlink message nests (4 levels); bounds the work.
@@ -49,13 +50,13 @@ fuzz_target!(|data: &[u8]| {
         }
         if m.ty == NLMSG_ERROR {
             let _ = parse_error(&m);
-        } else if let Ok(Some(e)) = CtDumpEntry::from_msg(&m) {
+        } else if let Ok(Some(e)) = Entry::from_msg(&m) {
             let v4 = e.family == AF_INET;
             assert!(e.src.is_ipv4() == v4 && e.dst.is_ipv4() == v4, "{e:?}");
             let mut again = MsgBuilder::new(m.ty, m.flags);
             encode(&mut again, &e);
             let m2 = Msgs::new(again.as_bytes()).next().unwrap().unwrap();
-            assert_eq!(CtDumpEntry::from_msg(&m2).unwrap(), Some(e));
+            assert_eq!(Entry::from_msg(&m2).unwrap(), Some(e));
         }
     }
     assert!(count <= data.len() / NLMSG_HDRLEN);
@@ -78,7 +79,7 @@ fn walk(attrs: Attrs<'_>, parent: &[u8], depth: usize) {
 }
 
 /// The attributes `from_msg` reads, as the kernel lays them out.
-fn encode(b: &mut MsgBuilder, e: &CtDumpEntry) {
+fn encode(b: &mut MsgBuilder, e: &Entry) {
     b.header(&nfgenmsg(e.family, 0));
     b.nested(CTA_TUPLE_ORIG, |b| {
         b.nested(CTA_TUPLE_IP, |b| match (e.src, e.dst) {

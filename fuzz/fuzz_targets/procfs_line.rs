@@ -4,7 +4,7 @@
 
 use std::io::BufReader;
 
-use ctrace::kernel::procfs::{MAX_LINE, for_each_entry, parse_line};
+use ctrace::conntrack::procfs::{MAX_LINE, for_each_entry, parse_line};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! /proc/net/stat/nf_conntrack: any bytes give statistics or an error.
 #![no_main]
 
-use ctrace::kernel::procfs::{parse_number, parse_stat};
+use ctrace::conntrack::procfs::{parse_number, parse_stat};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

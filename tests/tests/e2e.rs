@@ -522,7 +522,7 @@ fn probe_explains_every_tier_and_auto_takes_the_best() {
 
 /// 70% unanswered DNS, 20% established etcd-peer, 10% established other.
 fn mix_entry(i: u64) -> ctrace::netlink::ctnetlink::CtEntry {
-    use ctrace::netlink::ctnetlink::{
+    use ctrace::conntrack::{
         IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED,
     };
     let dst = IpAddr::V4(ctrace::lab::topology::SERVER_V4);

@@ -358,7 +358,7 @@ fn namespaces_come_and_go_and_the_limit_and_table_change_while_watching() {
     let mut ct = ctrace::netlink::ctnetlink::CtSocket::open(Some(&ns)).unwrap();
     ct.create_batch(&mut (0..50u16).map(|i| {
         ctrace::netlink::ctnetlink::CtEntry::assured(
-            ctrace::netlink::ctnetlink::IPPROTO_UDP,
+            ctrace_common::IPPROTO_UDP,
             "10.77.0.1".parse().unwrap(),
             2000 + i,
             "10.77.0.2".parse().unwrap(),

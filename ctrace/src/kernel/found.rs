@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::files::OwnDir;
+use crate::files::OwnDir;
 
 /// Where the facts are kept instead of `/var/run/ctrace` (tests).
 pub const DIR_ENV: &str = "CTRACE_FACTS_DIR";

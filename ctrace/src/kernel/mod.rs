@@ -9,7 +9,6 @@ pub mod kallsyms;
 pub mod kmsg;
 pub mod map_batch;
 pub mod privileges;
-pub mod procfs;
 pub mod tracefs;
 
 use std::path::PathBuf;

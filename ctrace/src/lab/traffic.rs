@@ -16,8 +16,9 @@ use anyhow::Context as _;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{
+    conntrack,
     event::Proto,
-    netlink::ctnetlink::{self, CtEntry, CtSocket},
+    netlink::ctnetlink::{CtEntry, CtSocket},
     netns::NetNs,
 };
 
@@ -309,7 +310,7 @@ pub fn unreplied_dns_entry(i: u64, dst: IpAddr) -> CtEntry {
         proto: 17,
         dport: 53,
         tcp_state: None,
-        status: ctnetlink::IPS_CONFIRMED,
+        status: conntrack::IPS_CONFIRMED,
         timeout_secs: 600,
         ..synthetic_entry(i, dst)
     }

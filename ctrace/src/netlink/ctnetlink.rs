@@ -10,7 +10,12 @@ use std::net::IpAddr;
 use anyhow::{Context, Result, bail};
 
 use super::{MsgBuilder, NETLINK_NETFILTER, NLM_F_CREATE, NLM_F_EXCL, NlError, NlSocket};
+use crate::conntrack::{
+    Entry, IPS_ASSURED, IPS_CONFIRMED, IPS_DYING, IPS_EXPECTED, IPS_SEEN_REPLY, Stats,
+    TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_SYN_SENT2,
+};
 use crate::netns::NetNs;
+use ctrace_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::{Attr, Msg};
@@ -77,41 +82,6 @@ pub const CTA_STATS_CHAIN_TOOLONG: u16 = 15;
 pub const CTA_STATS_GLOBAL_ENTRIES: u16 = 1;
 pub const CTA_STATS_GLOBAL_MAX_ENTRIES: u16 = 2;
 
-// linux/netfilter/nf_conntrack_common.h: enum ip_conntrack_status
-pub const IPS_EXPECTED: u32 = 1 << 0;
-pub const IPS_SEEN_REPLY: u32 = 1 << 1;
-/// Only entries without this bit are candidates for early drop when the
-/// table is full.
-pub const IPS_ASSURED: u32 = 1 << 2;
-/// ctnetlink confirms an entry it creates before applying CTA_STATUS, and
-/// refuses (EBUSY) a status that would clear this bit, so creation always
-/// sends it.
-pub const IPS_CONFIRMED: u32 = 1 << 3;
-pub const IPS_SRC_NAT: u32 = 1 << 4;
-pub const IPS_DST_NAT: u32 = 1 << 5;
-pub const IPS_DYING: u32 = 1 << 9;
-pub const IPS_FIXED_TIMEOUT: u32 = 1 << 10;
-pub const IPS_OFFLOAD: u32 = 1 << 14;
-
-// linux/netfilter/nf_conntrack_tcp.h: enum tcp_conntrack
-pub const TCP_CONNTRACK_NONE: u8 = 0;
-pub const TCP_CONNTRACK_SYN_SENT: u8 = 1;
-pub const TCP_CONNTRACK_SYN_RECV: u8 = 2;
-pub const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
-pub const TCP_CONNTRACK_FIN_WAIT: u8 = 4;
-pub const TCP_CONNTRACK_CLOSE_WAIT: u8 = 5;
-pub const TCP_CONNTRACK_LAST_ACK: u8 = 6;
-pub const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
-pub const TCP_CONNTRACK_CLOSE: u8 = 8;
-pub const TCP_CONNTRACK_SYN_SENT2: u8 = 9;
-
-// IP protocol numbers with ctnetlink tuple support.
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_GRE: u8 = 47;
-pub const IPPROTO_ICMPV6: u8 = 58;
-pub const IPPROTO_SCTP: u8 = 132;
 const ICMP_ECHO: u8 = 8;
 const ICMP_ECHOREPLY: u8 = 0;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
@@ -127,25 +97,6 @@ pub const fn ct_msg_type(msg: u8) -> u16 {
 pub fn nfgenmsg(family: u8, res_id: u16) -> [u8; NFGENMSG_LEN] {
     let id = res_id.to_be_bytes();
     [family, NFNETLINK_V0, id[0], id[1]]
-}
-
-/// Conntrack counters of one network namespace. `entries` and `max` are
-/// gauges; the rest are counters since the namespace was created, summed
-/// over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtStats {
-    pub entries: u64,
-    pub max: u64,
-    pub found: u64,
-    pub invalid: u64,
-    pub insert: u64,
-    pub insert_failed: u64,
-    pub drop: u64,
-    pub early_drop: u64,
-    pub error: u64,
-    pub search_restart: u64,
-    pub clash_resolve: u64,
-    pub chaintoolong: u64,
 }
 
 /// One conntrack entry to create. The reply tuple is the mirror of the
@@ -380,12 +331,12 @@ impl CtSocket {
     /// counters (IPCTNL_MSG_CT_GET_STATS_CPU dump) summed, for the namespace
     /// the socket lives in. Two round trips; cheap enough to poll every
     /// second.
-    pub fn stats(&mut self) -> Result<CtStats> {
+    pub fn stats(&mut self) -> Result<Stats> {
         let (entries, max) = self.global_stats()?;
-        let mut s = CtStats {
+        let mut s = Stats {
             entries,
             max,
-            ..CtStats::default()
+            ..Stats::default()
         };
         let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_GET_STATS_CPU), 0);
         msg.header(&nfgenmsg(libc::AF_UNSPEC as u8, 0));
@@ -456,56 +407,19 @@ impl CtSocket {
     }
 }
 
-/// One conntrack entry as a table dump ([`CtSocket::dump`]) reports it, in
-/// its original direction.
-///
-/// Ports are conntrack's own tuple fields, host byte order: TCP, UDP,
-/// UDP-Lite, SCTP and DCCP ports; GRE keys. ICMP and ICMPv6 have no ports;
-/// their tuple is the echo identifier and the type and code, so for them
-/// `sport` is the identifier and `dport` is `type << 8 | code` (an echo
-/// request, 8/0, reads 0x0800). That keeps two pings between the same hosts
-/// apart, and `sport` is what [`CtEntry`] takes as the identifier. Protocols
-/// left to the generic tracker report 0 for both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtDumpEntry {
-    /// AF_INET or AF_INET6.
-    pub family: u8,
-    /// IP protocol number.
-    pub proto: u8,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub sport: u16,
-    pub dport: u16,
-    /// TCP_CONNTRACK_*, for TCP entries.
-    pub tcp_state: Option<u8>,
-    /// IPS_* bits.
-    pub status: u32,
-    /// Seconds left before the entry expires, as of the dump (0 for entries
-    /// with no timeout, e.g. offloaded ones).
-    pub timeout_secs: u32,
-    /// conntrack's entry id (CTA_ID): unique among live entries, reused
-    /// after deletion.
-    pub id: u32,
-    /// Conntrack zone, 0 for the default zone. A zone that applies to one
-    /// direction only is reported too.
-    pub zone: u16,
-    /// ct mark, 0 when unset.
-    pub mark: u32,
-}
-
-impl CtDumpEntry {
+impl Entry {
     /// Decodes one IPCTNL_MSG_CT_NEW message, as the kernel sends for every
     /// entry of a dump (and in conntrack event notifications). `Ok(None)` for
     /// entries this code has no tuple for (a family other than IPv4/IPv6);
     /// malformed attributes are errors.
-    pub fn from_msg(m: &Msg<'_>) -> Result<Option<CtDumpEntry>> {
+    pub fn from_msg(m: &Msg<'_>) -> Result<Option<Entry>> {
         let family = m.header(NFGENMSG_LEN)?[0];
         let v4 = match i32::from(family) {
             libc::AF_INET => true,
             libc::AF_INET6 => false,
             _ => return Ok(None),
         };
-        let mut e = CtDumpEntry {
+        let mut e = Entry {
             family,
             proto: 0,
             src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -636,20 +550,15 @@ fn v6_from(a: &Attr<'_>) -> Result<Ipv6Addr> {
     Ok(Ipv6Addr::from(octets))
 }
 
-/// conntrack's name for a TCP_CONNTRACK_* state, as `conntrack -L` prints it.
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        TCP_CONNTRACK_NONE => "NONE",
-        TCP_CONNTRACK_SYN_SENT => "SYN_SENT",
-        TCP_CONNTRACK_SYN_RECV => "SYN_RECV",
-        TCP_CONNTRACK_ESTABLISHED => "ESTABLISHED",
-        TCP_CONNTRACK_FIN_WAIT => "FIN_WAIT",
-        TCP_CONNTRACK_CLOSE_WAIT => "CLOSE_WAIT",
-        TCP_CONNTRACK_LAST_ACK => "LAST_ACK",
-        TCP_CONNTRACK_TIME_WAIT => "TIME_WAIT",
-        TCP_CONNTRACK_CLOSE => "CLOSE",
-        TCP_CONNTRACK_SYN_SENT2 => "SYN_SENT2",
-        _ => "UNKNOWN",
+impl crate::conntrack::TableRead for CtSocket {
+    fn source(&self) -> crate::conntrack::TableSource {
+        crate::conntrack::TableSource::Ctnetlink
+    }
+    fn stats(&mut self) -> Result<Stats> {
+        CtSocket::stats(self)
+    }
+    fn dump(&mut self, f: &mut dyn FnMut(&Entry)) -> Result<u64> {
+        CtSocket::dump(self, f)
     }
 }
 
@@ -667,7 +576,7 @@ impl CtSocket {
     ///
     /// A malformed message is an error (after the dump has been read to its
     /// end, so the socket stays usable); `f` is not called after it.
-    pub fn dump(&mut self, f: &mut dyn FnMut(&CtDumpEntry)) -> Result<u64> {
+    pub fn dump(&mut self, f: &mut dyn FnMut(&Entry)) -> Result<u64> {
         let mut msg = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_GET), 0);
         // AF_UNSPEC: ctnetlink filters by family only when one is given.
         msg.header(&nfgenmsg(libc::AF_UNSPEC as u8, 0));
@@ -677,7 +586,7 @@ impl CtSocket {
                 if m.ty != ct_msg_type(IPCTNL_MSG_CT_NEW) {
                     return Ok(());
                 }
-                match CtDumpEntry::from_msg(m)? {
+                match Entry::from_msg(m)? {
                     Some(e) => {
                         seen += 1;
                         f(&e);
@@ -747,6 +656,7 @@ mod tests {
     use super::*;
     use crate::netlink::{Msgs, NLMSG_HDRLEN};
     use crate::netns::skip_unless_root;
+    use ctrace_common::{IPPROTO_GRE, IPPROTO_SCTP, IPPROTO_UDP};
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::time::Instant;
 
@@ -982,8 +892,10 @@ mod tests {
 #[cfg(test)]
 mod dump_tests {
     use super::*;
+    use crate::conntrack::{TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_TIME_WAIT, tcp_state_name};
     use crate::netlink::{Msgs, NLM_F_CREATE, NLM_F_EXCL};
     use crate::netns::skip_unless_root;
+    use ctrace_common::{IPPROTO_GRE, IPPROTO_SCTP, IPPROTO_UDP};
     use std::time::Instant;
 
     fn v4(n: u8) -> IpAddr {
@@ -1004,8 +916,8 @@ mod dump_tests {
         m.as_bytes().to_vec()
     }
 
-    fn parse(bytes: &[u8]) -> Result<Option<CtDumpEntry>> {
-        CtDumpEntry::from_msg(&Msgs::new(bytes).next().unwrap().unwrap())
+    fn parse(bytes: &[u8]) -> Result<Option<Entry>> {
+        Entry::from_msg(&Msgs::new(bytes).next().unwrap().unwrap())
     }
 
     #[test]
@@ -1020,7 +932,7 @@ mod dump_tests {
         let d = parse(&bytes).unwrap().unwrap();
         assert_eq!(
             d,
-            CtDumpEntry {
+            Entry {
                 family: libc::AF_INET as u8,
                 proto: IPPROTO_TCP,
                 src: v4(1),
@@ -1059,7 +971,7 @@ mod dump_tests {
 
     /// A dumped UDP entry 10.0.0.1:1 -> 10.0.0.2:2 whose zone covers one
     /// direction only: CTA_TUPLE_ZONE in that direction's tuple.
-    fn dump_with_tuple_zones(orig: Option<u16>, reply: Option<u16>) -> CtDumpEntry {
+    fn dump_with_tuple_zones(orig: Option<u16>, reply: Option<u16>) -> Entry {
         let mut m = MsgBuilder::new(ct_msg_type(IPCTNL_MSG_CT_NEW), 0);
         m.header(&nfgenmsg(libc::AF_INET as u8, 0));
         let tuple = |m: &mut MsgBuilder, zone: Option<u16>| {
@@ -1181,7 +1093,7 @@ mod dump_tests {
         assert_eq!(dumped.len() as u64, n);
         // The kernel side keys entries by the zone's id whatever its
         // direction; the dump and procfs must read it alike.
-        let by_procfs = crate::kernel::procfs::ProcConntrack::open(Some(&ns))
+        let by_procfs = crate::conntrack::procfs::ProcConntrack::open(Some(&ns))
             .and_then(|mut p| {
                 let mut zone = None;
                 p.dump(&mut |e| {

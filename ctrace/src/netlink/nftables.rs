@@ -29,12 +29,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::ctnetlink::{IPPROTO_TCP, NFGENMSG_LEN, nfgenmsg};
+use super::ctnetlink::{NFGENMSG_LEN, nfgenmsg};
 use super::{
     MsgBuilder, Msgs, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP_INTR,
     NLM_F_EXCL, NLM_F_REQUEST, NLMSG_ERROR, NlError, NlSocket, parse_error,
 };
 use crate::netns::NetNs;
+use ctrace_common::IPPROTO_TCP;
 
 /// The table everything lives in (`table inet ctrace_lab`).
 pub const TABLE: &str = "ctrace_lab";

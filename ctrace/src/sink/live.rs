@@ -70,8 +70,8 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 "netns {}{}",
                 netns_label(t),
                 match t.source {
-                    crate::table::TableSource::Procfs => "   (read from procfs: no ctnetlink)",
-                    crate::table::TableSource::Ctnetlink => "",
+                    crate::conntrack::TableSource::Procfs => "   (read from procfs: no ctnetlink)",
+                    crate::conntrack::TableSource::Ctnetlink => "",
                 }
             ),
         );
@@ -365,8 +365,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        conntrack::TableSource,
         ledger::{Agreement, Trust},
-        table::{TableSource, TableView, TimeToFull},
+        table::{TableView, TimeToFull},
         tier::Strategy,
     };
 

@@ -2,7 +2,6 @@
 //! is made upstream, so the live view, plain lines and NDJSON can never
 //! disagree. A Prometheus exporter or an incident recorder is one more
 //! implementation of [`Sink`].
-pub mod files;
 pub mod guard;
 pub mod json;
 pub mod live;

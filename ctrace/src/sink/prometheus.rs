@@ -82,7 +82,7 @@ impl PrometheusSink {
         };
         // The collector must never read half a file, and its directory is
         // often another account's: see files::replace.
-        super::files::replace(path, text, TEXTFILE_MODE)
+        crate::files::replace(path, text, TEXTFILE_MODE)
     }
 }
 
@@ -504,7 +504,7 @@ mod tests {
     /// which can plant links at FILE and at any fixed name beside it.
     #[test]
     fn textfile_links_are_replaced_never_followed() {
-        let Some(dir) = crate::sink::files::tests::foreign_dir("textfile") else {
+        let Some(dir) = crate::files::tests::foreign_dir("textfile") else {
             return;
         };
         let victims = [dir.with_extension("v1"), dir.with_extension("v2")];

@@ -17,11 +17,11 @@ use std::{
 use serde_json::{Value, json};
 
 use super::{
-    Sink, Snapshot, files,
+    Sink, Snapshot,
     json::{drop_json, summary_json},
     rfc3339,
 };
-use crate::aggregate::DropRecord;
+use crate::{aggregate::DropRecord, files};
 
 /// Where `--record` without a file writes: /var/run is tmpfs on OpenWrt
 /// (/tmp/run, spares the flash) and on Debian (/run), and only root can

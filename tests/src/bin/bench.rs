@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ctrace::{
-    kernel::procfs::ProcConntrack,
+    conntrack::procfs::ProcConntrack,
     lab::{SysctlGuard, topology, topology::Topology, traffic},
     netlink::ctnetlink::CtSocket,
     netns::NetNs,

@@ -14,10 +14,11 @@ use std::{
 use ctrace::{
     lab::incident_plan,
     netlink::{
-        ctnetlink::{CtEntry, CtSocket, IPPROTO_UDP},
+        ctnetlink::{CtEntry, CtSocket},
         nftables::{self, NotrackRule},
     },
 };
+use ctrace_common::IPPROTO_UDP;
 use ctrace_tests::{Tracer, ctrace_bin, privileged};
 use serde_json::Value;
 

@@ -11,8 +11,10 @@ use std::{
 };
 
 use ctrace::{
+    conntrack::SOURCE_ENV,
+    conntrack::procfs::ProcConntrack,
     event::Proto,
-    kernel::{WITHHOLD_BTF, procfs::ProcConntrack},
+    kernel::WITHHOLD_BTF,
     lab::{
         SysctlGuard,
         topology::{
@@ -24,7 +26,6 @@ use ctrace::{
     netlink::nftables,
     netlink::rtnetlink::RtSocket,
     netns::NetNs,
-    table::SOURCE_ENV,
 };
 use ctrace_tests::{Tracer, drops, final_summary, openwrt, privileged, totals};
 use serde_json::Value;

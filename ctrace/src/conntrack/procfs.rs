@@ -24,13 +24,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{
-    netlink::ctnetlink::{
-        CtDumpEntry, CtStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPS_ASSURED,
-        IPS_CONFIRMED, IPS_OFFLOAD, IPS_SEEN_REPLY,
-    },
-    netns::NetNs,
-};
+use super::{Entry, IPS_ASSURED, IPS_CONFIRMED, IPS_OFFLOAD, IPS_SEEN_REPLY, Stats};
+use crate::netns::NetNs;
+use ctrace_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
 
 pub const STAT_FILE: &str = "/proc/thread-self/net/stat/nf_conntrack";
 pub const TABLE_FILE: &str = "/proc/thread-self/net/nf_conntrack";
@@ -46,7 +42,7 @@ pub const IPS_HW_OFFLOAD: u32 = 1 << 15;
 /// without bound.
 pub const MAX_LINE: usize = 4096;
 
-/// Which `CtStats` field a statistics column fills.
+/// Which `Stats` field a statistics column fills.
 ///
 /// Column names differ by kernel version (`searched` and `delete_list`
 /// were dropped, `clashres` and `chainlength` came later), so columns are
@@ -57,7 +53,7 @@ pub const MAX_LINE: usize = 4096;
 /// separate message that ctrace does not read either). The one field only
 /// ctnetlink has is `max`, which procfs gives as the `nf_conntrack_max`
 /// sysctl instead.
-fn stat_field<'a>(s: &'a mut CtStats, column: &str) -> Option<&'a mut u64> {
+fn stat_field<'a>(s: &'a mut Stats, column: &str) -> Option<&'a mut u64> {
     Some(match column {
         "found" => &mut s.found,
         "invalid" => &mut s.invalid,
@@ -78,7 +74,7 @@ fn stat_field<'a>(s: &'a mut CtStats, column: &str) -> Option<&'a mut u64> {
 /// gives: counters summed over the per-CPU rows. `entries` is the
 /// namespace's count, printed in every row rather than per CPU, so it is
 /// taken from the first row; `max` is left 0 (see [`ProcConntrack::stats`]).
-pub fn parse_stat(text: &[u8]) -> Result<CtStats> {
+pub fn parse_stat(text: &[u8]) -> Result<Stats> {
     let text = std::str::from_utf8(text).context("conntrack statistics are not text")?;
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
@@ -86,14 +82,14 @@ pub fn parse_stat(text: &[u8]) -> Result<CtStats> {
         .context("conntrack statistics are empty")?
         .split_ascii_whitespace()
         .collect();
-    let mut probe = CtStats::default();
+    let mut probe = Stats::default();
     if !header
         .iter()
         .any(|c| *c == "entries" || stat_field(&mut probe, c).is_some())
     {
         bail!("conntrack statistics header names no known column: {header:?}");
     }
-    let mut s = CtStats::default();
+    let mut s = Stats::default();
     let mut rows = 0usize;
     for (i, line) in lines.enumerate() {
         let values: Vec<&str> = line.split_ascii_whitespace().collect();
@@ -215,7 +211,7 @@ fn parse_addr(key: &str, v: &str, v4: bool) -> Result<IpAddr> {
 ///
 /// `Ok(None)` for families other than IPv4 and IPv6; a line that does not
 /// have this shape is an error.
-pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
+pub fn parse_line(line: &[u8]) -> Result<Option<Entry>> {
     let line = std::str::from_utf8(line).context("conntrack line is not text")?;
     let mut tokens = line.split_ascii_whitespace();
     let mut next = |what: &str| {
@@ -240,7 +236,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<CtDumpEntry>> {
         .parse()
         .with_context(|| format!("conntrack protocol {proto:?} is not an 8-bit number"))?;
 
-    let mut e = CtDumpEntry {
+    let mut e = Entry {
         family: if v4 {
             libc::AF_INET as u8
         } else {
@@ -364,10 +360,7 @@ pub struct LineReport {
 /// bytes whatever the table size. A malformed line is skipped and counted,
 /// not fatal: one line a later kernel prints differently must not cost the
 /// whole table. Read errors are errors.
-pub fn for_each_entry(
-    input: &mut dyn BufRead,
-    f: &mut dyn FnMut(&CtDumpEntry),
-) -> Result<LineReport> {
+pub fn for_each_entry(input: &mut dyn BufRead, f: &mut dyn FnMut(&Entry)) -> Result<LineReport> {
     let mut report = LineReport::default();
     let mut line: Vec<u8> = Vec::with_capacity(512);
     // True while skipping the rest of an over-long line.
@@ -408,7 +401,7 @@ fn finish_line(
     line: &mut Vec<u8>,
     overlong: &mut bool,
     report: &mut LineReport,
-    f: &mut dyn FnMut(&CtDumpEntry),
+    f: &mut dyn FnMut(&Entry),
 ) {
     if std::mem::take(overlong) {
         report.malformed += 1;
@@ -448,6 +441,18 @@ pub struct ProcConntrack {
     count: Option<File>,
     max: Option<File>,
     buf: Vec<u8>,
+}
+
+impl super::TableRead for ProcConntrack {
+    fn source(&self) -> super::TableSource {
+        super::TableSource::Procfs
+    }
+    fn stats(&mut self) -> Result<Stats> {
+        ProcConntrack::stats(self)
+    }
+    fn dump(&mut self, f: &mut dyn FnMut(&Entry)) -> Result<u64> {
+        ProcConntrack::dump(self, f)
+    }
 }
 
 impl ProcConntrack {
@@ -492,9 +497,9 @@ impl ProcConntrack {
         self.inode
     }
 
-    /// The same statistics [`crate::netlink::ctnetlink::CtSocket::stats`]
+    /// The same statistics `CtSocket::stats` (ctnetlink)
     /// gives (see [`parse_stat`] for which columns map where).
-    pub fn stats(&mut self) -> Result<CtStats> {
+    pub fn stats(&mut self) -> Result<Stats> {
         let inode = self.inode;
         reread(&mut self.stat, &mut self.buf)
             .with_context(|| format!("reading {STAT_FILE} of netns {inode}"))?;
@@ -514,11 +519,11 @@ impl ProcConntrack {
     }
 
     /// Streams the namespace's table, like
-    /// [`crate::netlink::ctnetlink::CtSocket::dump`]: `f` once per entry,
+    /// `CtSocket::dump` (ctnetlink): `f` once per entry,
     /// returns how many. The kernel walks its hash table without a
     /// snapshot, as for a dump, so entries that come or go meanwhile may or
     /// may not be listed.
-    pub fn dump(&mut self, f: &mut dyn FnMut(&CtDumpEntry)) -> Result<u64> {
+    pub fn dump(&mut self, f: &mut dyn FnMut(&Entry)) -> Result<u64> {
         let inode = self.inode;
         let file = self
             .table
@@ -544,9 +549,8 @@ impl ProcConntrack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::ctnetlink::{
-        IPPROTO_GRE, IPPROTO_SCTP, IPPROTO_UDP, TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_SYN_SENT,
-    };
+    use crate::conntrack::{TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_SYN_SENT};
+    use ctrace_common::{IPPROTO_GRE, IPPROTO_SCTP, IPPROTO_UDP};
     use std::{path::Path, time::Instant};
 
     /// This host's 6.18 header and an older one (4.x: `searched`,
@@ -566,7 +570,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
         let s = parse_stat(STAT_6_18.as_bytes()).unwrap();
         assert_eq!(
             s,
-            CtStats {
+            Stats {
                 entries: 0x14,
                 max: 0,
                 found: 0x22,
@@ -604,7 +608,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
         assert!(parse_number(b"x").is_err());
     }
 
-    fn one(line: &str) -> CtDumpEntry {
+    fn one(line: &str) -> Entry {
         parse_line(line.as_bytes())
             .unwrap_or_else(|e| panic!("{line}: {e:#}"))
             .unwrap_or_else(|| panic!("{line}: not an entry"))
