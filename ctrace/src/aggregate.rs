@@ -20,8 +20,9 @@ use crate::{
     tier::Strategy,
 };
 
-/// A dropped flow at first sighting, attributed. Serialized as the JSON
-/// `drop` record (docs/output.md, "JSON output"), the one shape every sink shares.
+/// A dropped flow at first sighting, attributed. Written as the JSON
+/// `drop` record (the record module's `Drop`; docs/output.md, "JSON output"),
+/// the one shape every sink shares.
 #[derive(Clone, Debug)]
 pub struct DropRecord {
     pub time: SystemTime,
@@ -31,25 +32,6 @@ pub struct DropRecord {
     pub evidence: &'static str,
     pub tcp_flags: u8,
     pub strategy: Strategy,
-}
-
-impl serde::Serialize for DropRecord {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct as _;
-        let mut r = s.serialize_struct("DropRecord", 11)?;
-        r.serialize_field("time", &crate::event::rfc3339(self.time))?;
-        r.serialize_field("netns", &self.flow.netns)?;
-        r.serialize_field("cause", &self.cause)?;
-        r.serialize_field("evidence", self.evidence)?;
-        r.serialize_field("family", self.flow.family())?;
-        r.serialize_field("proto", &self.flow.proto)?;
-        r.serialize_field("src", &self.flow.src.to_string())?;
-        r.serialize_field("dst", &self.flow.dst.to_string())?;
-        r.serialize_field("service", &self.service)?;
-        r.serialize_field("tcp_flags", &crate::event::tcp_flags_str(self.tcp_flags))?;
-        r.serialize_field("strategy", &self.strategy)?;
-        r.end()
-    }
 }
 
 #[derive(Clone, Debug)]

@@ -52,7 +52,9 @@ impl Side {
 }
 
 /// How an attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Established,
@@ -96,24 +98,6 @@ pub struct ConnectFailure {
     /// or evicted from the attempt map in a storm).
     pub syn_retransmits: Option<u32>,
     pub elapsed: Option<Duration>,
-}
-
-impl serde::Serialize for ConnectFailure {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct as _;
-        let mut r = s.serialize_struct("ConnectFailure", 10)?;
-        r.serialize_field("time", &crate::event::rfc3339(self.time))?;
-        r.serialize_field("netns", &self.flow.netns)?;
-        r.serialize_field("family", self.flow.family())?;
-        r.serialize_field("proto", &self.flow.proto)?;
-        r.serialize_field("src", &self.flow.src.to_string())?;
-        r.serialize_field("dst", &self.flow.dst.to_string())?;
-        r.serialize_field("service", &self.service)?;
-        r.serialize_field("outcome", &self.outcome)?;
-        r.serialize_field("syn_retransmits", &self.syn_retransmits)?;
-        r.serialize_field("elapsed_ms", &self.elapsed.map(|d| d.as_millis() as u64))?;
-        r.end()
-    }
 }
 
 /// One (namespace, service) of the summary's `connects` section.

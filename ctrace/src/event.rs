@@ -67,6 +67,28 @@ impl serde::Serialize for Proto {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Proto {
+    /// The names [`Proto::name`] writes; `other` reads as protocol 0, the
+    /// number being what output leaves out.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(match s.as_ref() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            "icmp" => Proto::Icmp,
+            "icmpv6" => Proto::Icmpv6,
+            "sctp" => Proto::Sctp,
+            "other" => Proto::Other(0),
+            other => {
+                return Err(serde::de::Error::unknown_variant(
+                    other,
+                    &["tcp", "udp", "icmp", "icmpv6", "sctp", "other"],
+                ));
+            }
+        })
+    }
+}
+
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

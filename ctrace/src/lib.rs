@@ -25,6 +25,7 @@ pub mod netns;
 pub mod occupancy;
 pub mod pods;
 pub mod readings;
+pub mod record;
 pub mod report;
 pub mod services;
 pub mod sink;

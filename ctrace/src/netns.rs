@@ -191,6 +191,12 @@ impl NetNs {
 
 /// setns() the calling thread into `fd`'s network namespace.
 fn enter(fd: BorrowedFd<'_>, inode: u64) -> Result<()> {
+    // A thread starts in its creator's namespace. setns into the one it is
+    // in already would still ask CAP_SYS_ADMIN, which tracing its own
+    // namespace with CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN must not need.
+    if fs::metadata(THREAD_NETNS).is_ok_and(|m| m.ino() == inode) {
+        return Ok(());
+    }
     // SAFETY: plain syscall; only ever called on threads made for the purpose.
     if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error()).with_context(|| {

@@ -7,7 +7,9 @@ use std::fmt;
 use serde::Serialize;
 
 /// A tier's name, for output only: code decides by [`Capabilities`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     Fexit,

@@ -297,7 +297,16 @@ fn an_unprivileged_account_with_three_capabilities_gets_the_tracepoint_tier() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(final_summary(&records)["strategy"], "tracepoint", "{err}");
+    let s = final_summary(&records);
+    assert_eq!(s["strategy"], "tracepoint", "{err}");
+    assert!(
+        s["netns"].as_array().unwrap().iter().any(|n| n["inode"]
+            .as_u64()
+            .map(|i| i.to_string())
+            .as_deref()
+            == Some(&*own)),
+        "its own namespace's table is not read: {s}"
+    );
 }
 
 #[test]

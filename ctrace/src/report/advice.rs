@@ -14,7 +14,8 @@
 //! timeout from T to T' removes a share 1 - T'/T of those entries.
 use std::net::IpAddr;
 
-use super::{Report, fill, recording::Header, render::Block};
+use super::{Report, fill, render::Block};
+use crate::record::Header;
 
 /// struct nf_conn's slab slot on 64-bit kernels of the 6.x series, for
 /// recordings whose kernel did not say (slab merging hides the cache).

@@ -308,8 +308,11 @@ impl Builder {
     }
 
     /// First sightings date a drop to the packet.
-    fn drop(&mut self, d: &recording::Drop) {
-        let key = (self.service(d.service.as_deref()), short(&d.cause));
+    fn drop(&mut self, d: &crate::record::Drop) {
+        let key = (
+            self.service(d.service.as_deref()),
+            d.cause.name().to_string(),
+        );
         if let Some(v) = admit(
             &mut self.sighted,
             key,
@@ -710,7 +713,9 @@ mod tests {
         });
         let drop = serde_json::json!({
             "type": "drop", "time": "2026-12-04T12:00:00Z", "netns": 1, "cause": "table_full",
-            "service": "ssh", "proto": "tcp", "flows": u64::MAX, "packets": u64::MAX,
+            "evidence": "count_at_max", "family": "ipv4", "src": "10.0.0.1:1", "dst": "10.0.0.2:22",
+            "service": "ssh", "proto": "tcp", "tcp_flags": "S", "strategy": "tc",
+            "flows": u64::MAX, "packets": u64::MAX,
         });
         let text = format!(
             "{{\"type\":\"recording\",\"version\":1}}\n{drop}\n{drop}\n{summary}\n{summary}\n"

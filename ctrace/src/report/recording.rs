@@ -13,19 +13,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use crate::sink::record::HEADER_TYPE;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Header {
-    pub version: u32,
-    pub ctrace: Option<String>,
-    pub host: Option<String>,
-    pub kernel: Option<String>,
-    pub conntrack_entry_bytes: Option<u64>,
-    pub buckets: Option<u64>,
-    pub started: Option<String>,
-}
+use crate::record::{self, HEADER_TYPE, Header};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -109,20 +97,6 @@ pub struct Summary {
     pub gc_evicted_total: u64,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct Drop {
-    #[serde(deserialize_with = "time")]
-    pub time: SystemTime,
-    pub netns: u64,
-    pub cause: String,
-    #[serde(default)]
-    pub service: Option<String>,
-    #[serde(default)]
-    pub src: String,
-    #[serde(default)]
-    pub dst: String,
-}
-
 fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)
@@ -151,7 +125,7 @@ impl fmt::Display for Broken {
 /// One record of a recording, handed over as it is read.
 pub enum Record {
     Summary(Box<Summary>),
-    Drop(Drop),
+    Drop(record::Drop),
 }
 
 /// What reading a recording found besides its records, which are streamed
@@ -251,6 +225,9 @@ impl Recording {
         }
         let header: Header = serde_json::from_str(head)
             .with_context(|| format!("{}:1: recording header", path.display()))?;
+        header
+            .check_version()
+            .map_err(|why| anyhow::anyhow!("{}:1: {why}", path.display()))?;
         if first {
             self.header = header;
         }

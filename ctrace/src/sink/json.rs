@@ -9,6 +9,7 @@ use crate::{
     aggregate::DropRecord,
     connects::ConnectFailure,
     event::tcp_flags_str,
+    record::Line,
     table::{TimeToFull, stat_fields},
 };
 
@@ -28,20 +29,12 @@ impl<W: Write> JsonSink<W> {
     }
 }
 
-/// One NDJSON line: the typed record, tagged with its `type`.
-#[derive(serde::Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Line<'a> {
-    Drop(&'a DropRecord),
-    ConnectFailure(&'a ConnectFailure),
-}
-
 pub fn drop_json(rec: &DropRecord) -> Value {
-    serde_json::to_value(Line::Drop(rec)).unwrap_or_default()
+    serde_json::to_value(Line::Drop(rec.into())).unwrap_or_default()
 }
 
 pub fn connect_failure_json(rec: &ConnectFailure) -> Value {
-    serde_json::to_value(Line::ConnectFailure(rec)).unwrap_or_default()
+    serde_json::to_value(Line::ConnectFailure(rec.into())).unwrap_or_default()
 }
 
 pub fn summary_json(s: &Snapshot<'_>) -> Value {

@@ -14,14 +14,18 @@ use std::{
     path::Path,
 };
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
     Sink, Snapshot,
     json::{drop_json, summary_json},
     rfc3339,
 };
-use crate::{aggregate::DropRecord, files};
+use crate::{
+    aggregate::DropRecord,
+    files,
+    record::{Header, Line, SCHEMA_VERSION},
+};
 
 /// Where `--record` without a file writes: /var/run is tmpfs on OpenWrt
 /// (/tmp/run, spares the flash) and on Debian (/run), and only root can
@@ -33,9 +37,6 @@ const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 pub const DEFAULT_KEEP: u32 = 3;
-/// `type` of the first line of every recording file.
-pub const HEADER_TYPE: &str = "recording";
-pub const FORMAT_VERSION: u32 = 1;
 
 pub struct RecordSink {
     /// The recording's directory, held open: rotation and new files go
@@ -50,7 +51,7 @@ pub struct RecordSink {
     /// next write starts a new file rather than append after it.
     torn: bool,
     /// Facts for the header, measured once.
-    header: Value,
+    header: Header,
 }
 
 impl RecordSink {
@@ -67,18 +68,19 @@ impl RecordSink {
             .file_name()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
         let dir = files::OwnDir::open(dir, DIR_MODE)?;
-        let header = json!({
-            "type": HEADER_TYPE,
-            "version": FORMAT_VERSION,
-            "ctrace": env!("CARGO_PKG_VERSION"),
-            "host": hostname(),
-            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
-            // What one table entry costs this kernel, for sizing advice.
-            "conntrack_entry_bytes": crate::kernel::conntrack_entry_bytes(),
-            "buckets": fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
+        let header = Header {
+            version: SCHEMA_VERSION,
+            ctrace: Some(env!("CARGO_PKG_VERSION").to_string()),
+            host: hostname(),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .ok()
+                .map(|s| s.trim().to_string()),
+            conntrack_entry_bytes: crate::kernel::conntrack_entry_bytes(),
+            buckets: fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_buckets")
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok()),
-        });
+            started: None,
+        };
         rotate(&dir, name, keep)?;
         let mut sink = RecordSink {
             out: BufWriter::new(dir.create_new(name, FILE_MODE)?),
@@ -95,9 +97,11 @@ impl RecordSink {
     }
 
     fn write_header(&mut self) -> std::io::Result<()> {
-        let mut h = self.header.clone();
-        h["started"] = json!(rfc3339(std::time::SystemTime::now()));
-        self.line(&h)
+        let line = Line::Recording(Header {
+            started: Some(rfc3339(std::time::SystemTime::now())),
+            ..self.header.clone()
+        });
+        self.line(&serde_json::to_value(line)?)
     }
 
     fn line(&mut self, v: &Value) -> std::io::Result<()> {
@@ -179,6 +183,8 @@ impl Sink for RecordSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::HEADER_TYPE;
+    use serde_json::json;
 
     /// A link planted where the recording goes, in a directory another
     /// account can write (as anyone can make /tmp/ctrace): start is
