@@ -356,26 +356,26 @@ impl EventSource {
     /// Current per-flow counts from the kernel's LRU map.
     pub fn flow_counts(&mut self) -> HashMap<Flow, FlowCount> {
         let mut out = HashMap::new();
-        let entries = match self.batch_reads {
-            true => crate::kernel::map_batch::per_cpu_entries(&self.flows).unwrap_or_else(|e| {
-                log::debug!("batch lookup of the flow map failed ({e}): reading it key by key");
-                self.batch_reads = false;
-                Vec::new()
-            }),
-            false => Vec::new(),
-        };
-        let entries = match self.batch_reads {
-            true => entries,
-            // Entries can be evicted between key and value lookups; such a
-            // flow simply shows up at the next read, or is carried by the
-            // totals user space already holds.
-            false => self
-                .flows
+        let batch = self
+            .batch_reads
+            .then(|| crate::kernel::map_batch::per_cpu_entries(&self.flows))
+            .and_then(|r| {
+                r.inspect_err(|e| {
+                    log::debug!("batch lookup of the flow map failed ({e}): reading it key by key")
+                })
+                .ok()
+            });
+        self.batch_reads = batch.is_some();
+        // Key by key, entries can be evicted between key and value lookups;
+        // such a flow simply shows up at the next read, or is carried by the
+        // totals user space already holds.
+        let entries = batch.unwrap_or_else(|| {
+            self.flows
                 .iter()
                 .filter_map(Result::ok)
                 .map(|(k, v)| (k, v.iter().copied().collect()))
-                .collect(),
-        };
+                .collect()
+        });
         for (key, per_cpu) in entries {
             // Held back by the detail budget: counted in the totals,
             // never detail (reading them as lost events would undo the

@@ -120,17 +120,11 @@ pub fn probe(facts: &KernelFacts) -> anyhow::Result<String> {
     let l = layout(facts)?;
     program_type_loads(ProgramType::RawTracePoint, "raw tracepoint")?;
     Ok(format!(
-        "raw tracepoint kfree_skb, arguments from BTF (skb #{}, reason #{} of {}, NETFILTER_DROP = {}); \
+        "raw tracepoint kfree_skb, arguments from BTF (skb #{}, reason #{}, NETFILTER_DROP = {}); \
          sk_buff layout from BTF; no tracefs needed; cause of each drop is inferred from \
          conntrack's counters{}",
         l.tp_skb_arg,
         l.tp_reason_arg,
-        facts
-            .btf
-            .as_ref()
-            .ok()
-            .and_then(|b| b.tracepoint_args(TRACEPOINT).ok())
-            .map_or(0, |a| a.len()),
         l.netfilter_drop,
         location_note(&l)
     ))
