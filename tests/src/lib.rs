@@ -295,6 +295,17 @@ pub fn totals(
 }
 
 /// Names of loaded BPF programs that are ctrace's.
+/// IDs of the ctrace programs loaded now. Tests compare ID sets, never
+/// counts: an earlier test's programs may still be on their way out (their
+/// release is deferred), and a count would mistake them for this run's.
+pub fn ctrace_program_ids() -> std::collections::BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("ctrace_")))
+        .map(|p| p.id())
+        .collect()
+}
+
 pub fn ctrace_programs() -> Vec<String> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)

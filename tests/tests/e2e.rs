@@ -3,7 +3,11 @@
 //! Ground truth is what the clients saw (failed connects) and what
 //! conntrack counted itself (its per-namespace `drop` statistic). ctrace's
 //! NDJSON must agree with both.
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use ctrace::{
     lab::{LAB_SERVICES, incident_plan, topology::Topology, traffic},
@@ -17,7 +21,7 @@ mod exporter;
 mod tc;
 
 use ctrace_tests::{
-    FullLab, MAX, Tracer, conntrack_drops, ctrace_bin, ctrace_programs, drops, final_summary,
+    FullLab, MAX, Tracer, conntrack_drops, ctrace_bin, ctrace_program_ids, drops, final_summary,
     full_lab, global_max, privileged, totals,
 };
 
@@ -239,11 +243,12 @@ fn no_program_survives_ctrace() {
         ("SIGTERM", libc::SIGTERM),
         ("SIGKILL", libc::SIGKILL),
     ] {
-        let before = ctrace_programs().len();
+        let before = ctrace_program_ids();
         let t = Tracer::start(&[]);
+        let ours: BTreeSet<u32> = ctrace_program_ids().difference(&before).copied().collect();
         assert!(
-            ctrace_programs().len() > before,
-            "ctrace's program is not loaded while it runs"
+            !ours.is_empty(),
+            "ctrace's program is not loaded while it runs (loaded before: {before:?})"
         );
         let (_, status) = t.stop_with(signal);
         if signal != libc::SIGKILL {
@@ -253,15 +258,16 @@ fn no_program_survives_ctrace() {
             );
         }
         // The kernel releases programs asynchronously once the last fd closes.
-        let mut left = ctrace_programs();
+        let still = || -> Vec<u32> { ctrace_program_ids().intersection(&ours).copied().collect() };
+        let mut left = still();
         for _ in 0..50 {
-            if left.len() <= before {
+            if left.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            left = ctrace_programs();
+            left = still();
         }
-        assert!(left.len() <= before, "after {how}, still loaded: {left:?}");
+        assert!(left.is_empty(), "after {how}, still loaded: {left:?}");
     }
     // Also the normal end of a --duration run.
     let out = std::process::Command::new(ctrace_bin())
