@@ -58,7 +58,8 @@ impl FlowEntry {
 
 /// Entries evicted before their time, per (netns, service, proto, who):
 /// whose connections made room for new ones.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct EvictionGroup {
     pub netns: u64,
     pub service: Option<String>,

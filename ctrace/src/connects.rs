@@ -56,6 +56,7 @@ impl Side {
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum Outcome {
     Established,
     Timeout,
@@ -101,11 +102,12 @@ pub struct ConnectFailure {
 }
 
 /// One (namespace, service) of the summary's `connects` section.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct ConnectRow {
     pub netns: u64,
     pub service: Option<String>,
-    pub proto: &'static str,
+    pub proto: Proto,
     /// Sockets that entered SYN_SENT.
     pub attempts: u64,
     pub established: u64,
@@ -126,6 +128,25 @@ pub struct ConnectRow {
 }
 
 impl ConnectRow {
+    /// A row with nothing counted yet.
+    pub fn new(netns: u64, service: Option<String>, proto: Proto) -> ConnectRow {
+        ConnectRow {
+            netns,
+            service,
+            proto,
+            attempts: 0,
+            established: 0,
+            failed: 0,
+            timeouts: 0,
+            refused: 0,
+            unreachable: 0,
+            aborted: 0,
+            syn_retransmits: 0,
+            synack_retransmits: 0,
+            failed_elapsed: Duration::ZERO,
+        }
+    }
+
     /// The failures, by how they ended.
     pub fn failures(&self) -> [(Outcome, u64); 4] {
         [
@@ -142,7 +163,8 @@ impl ConnectRow {
 }
 
 /// Counters of the node side's own losses: never silent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct ConnectCounters {
     /// Failure records the ring buffer had no room for (counted in rows).
     pub lost_events: u64,
@@ -298,11 +320,12 @@ impl ConnectView {
         for (k, per_cpu) in self.totals.iter().filter_map(Result::ok) {
             let r = rows
                 .entry((u64::from(k.netns), k.service))
-                .or_insert_with(|| ConnectRow {
-                    netns: u64::from(k.netns),
-                    service: self.service(k.service),
-                    proto: Proto::from_number(k.proto).name(),
-                    ..ConnectRow::default()
+                .or_insert_with(|| {
+                    ConnectRow::new(
+                        u64::from(k.netns),
+                        self.service(k.service),
+                        Proto::from_number(k.proto),
+                    )
                 });
             let events: u64 = per_cpu.iter().map(|c| c.events).sum();
             let retransmits: u64 = per_cpu.iter().map(|c| c.syn_retransmits).sum();

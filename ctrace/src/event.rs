@@ -67,6 +67,21 @@ impl serde::Serialize for Proto {
     }
 }
 
+#[cfg(test)]
+impl schemars::JsonSchema for Proto {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Proto".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "The IP protocol; `other` for any protocol without a name here.",
+            "type": "string",
+            "enum": ["tcp", "udp", "icmp", "icmpv6", "sctp", "other"],
+        })
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Proto {
     /// The names [`Proto::name`] writes; `other` reads as protocol 0, the
     /// number being what output leaves out.

@@ -23,7 +23,7 @@
 //! depends on the ring buffer or on the kernel's per-flow LRU.
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cause::{Cause, evidence},
@@ -35,8 +35,9 @@ use crate::{
 use ctrace_common::class;
 
 /// How far the self-check trusts the tier in a namespace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum Trust {
     /// Exact tier, and conntrack's counters back every claim.
     Exact,
@@ -49,9 +50,22 @@ pub enum Trust {
     NoCounters,
 }
 
+impl Trust {
+    /// As the JSON output names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trust::Exact => "exact",
+            Trust::Disagrees => "disagrees",
+            Trust::Inferred => "inferred",
+            Trust::NoCounters => "no_counters",
+        }
+    }
+}
+
 /// Self-check of one namespace: what ctrace attributed to causes that
 /// conntrack counts in `drop`, against conntrack's own `drop` delta.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct Agreement {
     pub netns: u64,
     /// Packets labelled table_full, clash or (tracker) invalid.
@@ -68,7 +82,8 @@ pub struct Agreement {
 
 /// New flows of one (netns, service) that the kernel's detail budget kept
 /// from user space: in the totals, never announced as drop records.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct HeldBack {
     pub netns: u64,
     pub service: Option<String>,
@@ -76,7 +91,8 @@ pub struct HeldBack {
 }
 
 /// Attributed totals of one (netns, service, cause, proto).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct DropGroup {
     pub netns: u64,
     pub service: Option<String>,

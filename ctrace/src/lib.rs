@@ -34,6 +34,7 @@ pub mod strategy;
 pub mod table;
 pub mod text;
 pub mod tier;
+pub mod view;
 pub mod watch;
 
 /// ctrace's memory bound (docs/memory-and-performance.md, "Memory"): a fixed base (binary, parsed

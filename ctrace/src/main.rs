@@ -23,7 +23,6 @@ use ctrace::{
     table::{NetnsFilter, TableMonitor},
     watch::{Shutdown, WatchConfig, Watcher},
 };
-use serde_json::json;
 
 use ctrace::error::{EXIT_CANNOT_RUN, EXIT_USAGE};
 
@@ -314,11 +313,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         ..sink::Snapshot::idle(std::time::SystemTime::now(), started.elapsed())
     };
     if args.json {
-        let mut v = sink::json::summary_json(&snap);
-        // No tracing happened: say so rather than print a strategy.
-        v["type"] = json!("status");
-        v["strategy"] = serde_json::Value::Null;
-        println!("{v}");
+        // No tracing happened: the snapshot names no strategy.
+        let line = ctrace::record::Line::Status(Box::new(sink::json::summary(&snap)));
+        sink::json::write_line(&mut std::io::stdout().lock(), &line)?;
     } else {
         if snap.tables.is_empty() {
             println!("no network namespace with active conntrack found");
@@ -354,26 +351,28 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let node = ctrace::connects::probe(&facts).map_err(|e| format!("{e:#}"));
     let devices = strategy::tc::devices_here().map_err(|e| format!("{e:#}"));
     if args.json {
-        let tiers: Vec<_> = verdicts
-            .iter()
-            .map(|v| json!({"strategy": v.strategy.name(), "usable": v.usable, "reason": v.reason}))
-            .collect();
-        let v = json!({
-            "type": "probe",
-            "kernel": facts.release,
-            "btf": facts.btf.is_ok(),
-            "auto": auto.map(|s| s.name()),
-            "strategies": tiers,
-            "node_view": match &node {
-                Ok(why) => json!({"usable": true, "reason": why}),
-                Err(why) => json!({"usable": false, "reason": why}),
+        use ctrace::record::{Devices, Line, Probe, Usable};
+        let line = Line::Probe(Probe {
+            kernel: facts.release.clone(),
+            btf: facts.btf.is_ok(),
+            auto,
+            strategies: verdicts.clone(),
+            node_view: match &node {
+                Ok(why) => Usable {
+                    usable: true,
+                    reason: why.clone(),
+                },
+                Err(why) => Usable {
+                    usable: false,
+                    reason: why.clone(),
+                },
             },
-            "tc_devices": match &devices {
-                Ok(d) => json!(d),
-                Err(why) => json!({"error": why}),
+            tc_devices: match &devices {
+                Ok(d) => Devices::Listed(d.clone()),
+                Err(why) => Devices::Unlisted { error: why.clone() },
             },
         });
-        println!("{v}");
+        sink::json::write_line(&mut std::io::stdout().lock(), &line)?;
     } else {
         println!("kernel {}", facts.release);
         println!(

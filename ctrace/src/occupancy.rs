@@ -28,7 +28,6 @@ use std::{
 };
 
 use ctrace_common::IPPROTO_TCP;
-use serde_json::{Map, Value, json};
 
 use crate::{
     conntrack::{self, IPS_ASSURED, IPS_SEEN_REPLY, TableReader, tcp_state_name},
@@ -192,6 +191,37 @@ pub enum Source {
     Dump,
     /// Events applied since the last baseline.
     Events,
+}
+
+/// How a breakdown shown in a summary is kept current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+pub enum Kept {
+    /// Insert and delete events since the first dump.
+    #[serde(rename = "events")]
+    Events,
+    /// A dump not yet followed by events, on a tier that has them.
+    #[serde(rename = "dump+events")]
+    DumpAndEvents,
+    /// Dumps every period: the tier has no entry events.
+    #[serde(rename = "periodic_dump")]
+    PeriodicDump,
+}
+
+impl Kept {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kept::Events => "events",
+            Kept::DumpAndEvents => "dump+events",
+            Kept::PeriodicDump => "periodic_dump",
+        }
+    }
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 struct Table {
@@ -474,30 +504,6 @@ fn sorted(items: impl Iterator<Item = (String, u64)>) -> Vec<(String, u64)> {
     v
 }
 
-/// The breakdown as one JSON object: the lists become objects of name to
-/// count (`{"total":N,"by_service":{"dns":N,...},...,"assured":N,
-/// "unreplied":N}`). JSON objects are unordered; the counts carry the order.
-pub fn breakdown_json(b: &Breakdown) -> serde_json::Value {
-    let obj = |items: &[(String, u64)]| {
-        Value::Object(
-            items
-                .iter()
-                .map(|(k, n)| (k.clone(), Value::from(*n)))
-                .collect::<Map<_, _>>(),
-        )
-    };
-    json!({
-        "total": b.total,
-        "by_service": obj(&b.by_service),
-        "by_proto": obj(&b.by_proto),
-        "by_tcp_state": obj(&b.by_tcp_state),
-        "assured": b.assured,
-        "unreplied": b.unreplied,
-        "by_src_prefix": obj(&b.by_src_prefix),
-        "by_timeout": obj(&b.by_timeout),
-    })
-}
-
 /// Short lines for a terminal view, each listing its `n` largest groups
 /// and what the rest hold ("services  dns 70.0% (183500)  etcd-peer 20.0%
 /// (52429)  rest 10.0% (26215)"). Percentages are of the whole table.
@@ -556,6 +562,7 @@ mod tests {
     use crate::netlink::ctnetlink::CtEntry;
     use crate::netns::skip_unless_root;
     use ctrace_common::{IPPROTO_ICMP, IPPROTO_UDP};
+    use serde_json::json;
     use std::time::Instant;
 
     const AF_INET: u8 = libc::AF_INET as u8;
@@ -991,7 +998,8 @@ mod tests {
         load(&mut t, 1, &entries);
         let b = t.breakdown(1).unwrap();
 
-        let j = breakdown_json(&b);
+        let j =
+            serde_json::to_value(crate::record::OccupancyLine::of(1, Kept::Events, &b)).unwrap();
         assert_eq!(j["total"], 1000);
         assert_eq!(j["by_service"]["dns"], 700);
         assert_eq!(j["by_service"]["etcd-peer"], 200);

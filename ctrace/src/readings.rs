@@ -50,11 +50,24 @@ pub struct FlowCount {
 }
 
 /// Who evicted an entry early.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum Evictor {
     EarlyDrop,
     Gc,
+}
+
+impl Evictor {
+    /// As the JSON output names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Evictor::EarlyDrop => "early_drop",
+            Evictor::Gc => "gc",
+        }
+    }
 }
 
 /// The kernel's eviction count for one (netns, protocol, port, evictor).
@@ -98,7 +111,8 @@ pub struct CorrelationCounts {
 
 /// What a tier that hooks devices (tc) decided for one device, and why:
 /// shown by `probe`, the live view and the JSON summary.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct DeviceChoice {
     pub netns: u64,
     pub name: String,

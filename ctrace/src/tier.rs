@@ -11,6 +11,7 @@ use serde::Serialize;
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum Strategy {
     Fexit,
     Kprobe,
@@ -44,8 +45,9 @@ impl fmt::Display for Strategy {
 }
 
 /// How a tier learns that a packet was dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum DropSight {
     /// At the free of the packet itself (kfree_skb).
     Direct,
@@ -54,7 +56,8 @@ pub enum DropSight {
     Correlated,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct Capabilities {
     /// Sees conntrack's own verdict per packet (allocation failed, tracker
     /// dropped, confirm failed), so causes need no inference while the

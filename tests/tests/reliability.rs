@@ -560,6 +560,8 @@ fn report_of_a_hostile_recording_is_bounded() {
     use std::io::Write as _;
     const SIZE: usize = 16 << 20;
     const BOUND_KIB: i64 = 256 << 10;
+    const CAUSES: [&str; 5] = ["table_full", "clash", "invalid", "rule", "unknown"];
+    const EVICTORS: [&str; 2] = ["early_drop", "gc"];
     let dir = std::env::temp_dir().join(format!("ctrace-hostile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // create_dir, not create_dir_all: a link planted at that name fails
@@ -577,13 +579,16 @@ fn report_of_a_hostile_recording_is_bounded() {
                 std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + i * 1000)
             ).to_string(),
             "netns": [{"inode": i, "count": i, "max": u64::MAX, "processes": [format!("p{i}")]}],
-            "drops": [{"netns": i, "service": format!("svc-{i}"), "cause": format!("c{}", i % 7),
+            // Causes and evictors are typed: a value ctrace never writes
+            // breaks the line. Every key is new all the same (netns, service).
+            "drops": [{"netns": i, "service": format!("svc-{i}"), "cause": CAUSES[i as usize % 5],
                        "proto": "tcp", "flows": u64::MAX - i, "packets": u64::MAX}],
-            "evictions": [{"netns": i, "service": format!("svc-{i}"), "proto": "tcp",
-                           "entries": i, "by": format!("b{i}")}],
+            "evictions": [{"netns": i, "service": format!("svc-{i}"), "proto": "udp",
+                           "entries": i, "by": EVICTORS[i as usize % 2]}],
             "occupancy": [{"inode": i, "total": i + 1,
                            "by_src_prefix": {format!("10.{}.0.0/16", i % 256): i}}],
-            "agreement": [{"netns": i, "attributed": i, "kernel": i, "trust": "exact"}],
+            "agreement": [{"netns": i, "attributed": i, "kernel": i, "table_full": i,
+                           "unseen": 0, "trust": "exact"}],
         })
         .to_string();
         writeln!(out, "{line}").unwrap();

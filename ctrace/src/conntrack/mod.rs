@@ -109,8 +109,9 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 }
 
 /// Where a namespace's statistics and entries come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub enum TableSource {
     Ctnetlink,
     /// /proc/net/stat/nf_conntrack, the nf_conntrack_count and _max

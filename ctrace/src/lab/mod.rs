@@ -440,8 +440,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
     let node_view = watcher.has_node_view();
     drop(facts);
     crate::kernel::return_freed_memory();
-    watcher.monitor_mut().watch(&topo.router, "lab-router")?;
-    watcher.baseline(topo.router.inode());
+    watcher.watch_netns(&topo.router, "lab-router")?;
     eprintln!(
         "lab: tracing the router (netns {}) with strategy {}",
         topo.router.inode(),

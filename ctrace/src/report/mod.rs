@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use recording::Occupancy;
+use crate::record::OccupancyLine as Occupancy;
 pub use recording::Recording;
 use render::{Block, Plot};
 
@@ -165,8 +165,10 @@ fn bounded(o: &Occupancy) -> Occupancy {
     };
     Occupancy {
         inode: o.inode,
+        source: o.source,
         total: o.total,
         by_service: top(&o.by_service),
+        by_proto: top(&o.by_proto),
         by_tcp_state: top(&o.by_tcp_state),
         by_src_prefix: top(&o.by_src_prefix),
         by_timeout: top(&o.by_timeout),
@@ -198,7 +200,7 @@ impl Builder {
         MORE_SERVICES.to_string()
     }
 
-    fn summary(&mut self, s: &recording::Summary) {
+    fn summary(&mut self, s: &crate::record::Summary) {
         let start = *self.start.get_or_insert(s.time);
         self.end = Some(self.end.map_or(s.time, |e| e.max(s.time)));
         let x = secs(s.time, start);
@@ -245,14 +247,19 @@ impl Builder {
         let mut per_service: BTreeMap<String, u64> = BTreeMap::new();
         for g in &s.drops {
             let service = self.service(g.service.as_deref());
-            let key = (g.netns, service.clone(), short(&g.cause), short(&g.proto));
+            let key = (
+                g.netns,
+                service.clone(),
+                g.cause.name().to_string(),
+                g.proto.name().to_string(),
+            );
             let Some(e) = admit(&mut self.groups, key, MAX_GROUPS, &mut self.left_out.groups)
             else {
                 continue;
             };
             let rose = g.packets > e.1;
             *e = (e.0.max(g.flows), e.1.max(g.packets));
-            let sc = (service.clone(), short(&g.cause));
+            let sc = (service.clone(), g.cause.name().to_string());
             if rose {
                 self.last_rise.insert(sc.clone(), s.time);
                 self.first_rise.entry(sc).or_insert(s.time);
@@ -277,7 +284,12 @@ impl Builder {
         self.per_service_prev = per_service;
         for e in &s.evictions {
             let service = self.service(e.service.as_deref());
-            let key = (e.netns, service, short(&e.proto), short(&e.by));
+            let key = (
+                e.netns,
+                service,
+                e.proto.name().to_string(),
+                e.by.name().to_string(),
+            );
             if let Some(v) = admit(
                 &mut self.evictions,
                 key,
@@ -299,11 +311,11 @@ impl Builder {
                 MAX_NAMESPACES,
                 &mut self.left_out.namespaces,
             ) {
-                *v = (a.netns, a.attributed, a.kernel, short(&a.trust));
+                *v = (a.netns, a.attributed, a.kernel, a.trust.name().to_string());
             }
         }
-        if let Some(strategy) = &s.strategy {
-            self.strategy = Some(short(strategy));
+        if let Some(strategy) = s.strategy {
+            self.strategy = Some(strategy.name().to_string());
         }
     }
 

@@ -1,106 +1,17 @@
 //! Reading recordings back (`watch --record`): the header, drop records and
-//! summaries, typed for the fields the report uses. A line that is not
+//! summaries, as the record types (record.rs) they were written from. A line that is not
 //! JSON, or not a record ctrace writes, ends the reading of its file; where
 //! is kept and told, and what came before is still reported on.
 use std::{
-    collections::BTreeMap,
     fmt, fs,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    time::SystemTime,
 };
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
 use crate::record::{self, HEADER_TYPE, Header};
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct NetnsSample {
-    pub inode: u64,
-    pub name: Option<String>,
-    pub pod: Option<String>,
-    pub processes: Vec<String>,
-    pub count: u64,
-    pub max: u64,
-    pub stats: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Group {
-    pub netns: u64,
-    pub service: Option<String>,
-    pub cause: String,
-    pub proto: String,
-    pub flows: u64,
-    pub packets: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Eviction {
-    pub netns: u64,
-    pub service: Option<String>,
-    pub proto: String,
-    pub entries: u64,
-    pub by: String,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(default)]
-pub struct Occupancy {
-    pub inode: u64,
-    pub total: u64,
-    pub by_service: BTreeMap<String, u64>,
-    pub by_tcp_state: BTreeMap<String, u64>,
-    pub by_src_prefix: BTreeMap<String, u64>,
-    pub by_timeout: BTreeMap<String, u64>,
-    pub assured: u64,
-    pub unreplied: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Agreement {
-    pub netns: u64,
-    pub attributed: u64,
-    pub kernel: u64,
-    pub unseen: u64,
-    pub trust: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Summary {
-    #[serde(deserialize_with = "time")]
-    pub time: SystemTime,
-    #[serde(rename = "final", default)]
-    pub is_final: bool,
-    #[serde(default)]
-    pub strategy: Option<String>,
-    #[serde(default)]
-    pub lost_events: u64,
-    #[serde(default)]
-    pub netns: Vec<NetnsSample>,
-    #[serde(default)]
-    pub drops: Vec<Group>,
-    #[serde(default)]
-    pub evictions: Vec<Eviction>,
-    #[serde(default)]
-    pub occupancy: Vec<Occupancy>,
-    #[serde(default)]
-    pub agreement: Vec<Agreement>,
-    #[serde(default)]
-    pub evicted_total: u64,
-    #[serde(default)]
-    pub gc_evicted_total: u64,
-}
-
-fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)
-}
 
 /// Where a recording stopped making sense.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +35,7 @@ impl fmt::Display for Broken {
 
 /// One record of a recording, handed over as it is read.
 pub enum Record {
-    Summary(Box<Summary>),
+    Summary(Box<record::Summary>),
     Drop(record::Drop),
 }
 

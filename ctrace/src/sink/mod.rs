@@ -31,7 +31,7 @@ pub struct Snapshot<'a> {
     pub counters: Counters,
     pub tables: Vec<TableView>,
     /// Per namespace: how the breakdown is kept, and the breakdown.
-    pub occupancy: Vec<(u64, &'static str, crate::occupancy::Breakdown)>,
+    pub occupancy: Vec<(u64, crate::occupancy::Kept, crate::occupancy::Breakdown)>,
     pub groups: Vec<DropGroup>,
     pub evictions: Vec<EvictionGroup>,
     /// The self-check, per namespace.

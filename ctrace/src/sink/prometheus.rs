@@ -228,7 +228,11 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     )?;
     for r in &s.connects {
         let ns = r.netns.to_string();
-        let v = [&ns, r.service.as_deref().unwrap_or(NO_SERVICE), r.proto];
+        let v = [
+            &ns,
+            r.service.as_deref().unwrap_or(NO_SERVICE),
+            r.proto.name(),
+        ];
         set_counter(&attempts, &v, r.attempts);
         set_counter(&established, &v, r.established);
         set_counter(&syn_retransmits, &v, r.syn_retransmits);

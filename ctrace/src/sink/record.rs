@@ -14,13 +14,7 @@ use std::{
     path::Path,
 };
 
-use serde_json::Value;
-
-use super::{
-    Sink, Snapshot,
-    json::{drop_json, summary_json},
-    rfc3339,
-};
+use super::{Sink, Snapshot, rfc3339};
 use crate::{
     aggregate::DropRecord,
     files,
@@ -101,10 +95,11 @@ impl RecordSink {
             started: Some(rfc3339(std::time::SystemTime::now())),
             ..self.header.clone()
         });
-        self.line(&serde_json::to_value(line)?)
+        self.line(&line)
     }
 
-    fn line(&mut self, v: &Value) -> std::io::Result<()> {
+    /// Writes one record; tests also write other JSON.
+    fn line(&mut self, v: &impl serde::Serialize) -> std::io::Result<()> {
         let mut text = serde_json::to_vec(v)?;
         text.push(b'\n');
         let full = self.written > 0 && self.written + text.len() as u64 > self.max_bytes;
@@ -167,15 +162,15 @@ fn hostname() -> Option<String> {
 
 impl Sink for RecordSink {
     fn dropped_flow(&mut self, rec: &DropRecord) -> std::io::Result<()> {
-        self.line(&drop_json(rec))
+        self.line(&Line::Drop(rec.into()))
     }
 
     fn connect_failure(&mut self, rec: &crate::connects::ConnectFailure) -> std::io::Result<()> {
-        self.line(&super::json::connect_failure_json(rec))
+        self.line(&Line::ConnectFailure(rec.into()))
     }
 
     fn summary(&mut self, snap: &Snapshot<'_>) -> std::io::Result<()> {
-        self.line(&summary_json(snap))?;
+        self.line(&Line::Summary(Box::new(super::json::summary(snap))))?;
         self.out.flush()
     }
 }
@@ -264,7 +259,7 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
         assert_eq!(names, [true, true, true, false]);
         // Every file is a recording on its own, and none outgrew the cap.
-        let head: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        let head: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
         assert_eq!(head["type"], HEADER_TYPE);
         assert!(total <= 3 * 400, "{total}");
     }

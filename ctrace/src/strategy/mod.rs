@@ -44,7 +44,8 @@ impl FromStr for Choice {
 }
 
 /// Whether one tier can run here, and why (not).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 pub struct Verdict {
     pub strategy: Strategy,
     pub usable: bool,

@@ -1,0 +1,521 @@
+//! The router view: packets conntrack dropped (or that never left, on a
+//! correlating tier), settled against conntrack's own counters, labelled
+//! with a cause and a service; the tables' fill and who occupies them; the
+//! kernel log's witnesses.
+//!
+//! It owns the drop tier's event source, the table monitor, the ledger, the
+//! flow detail, occupancy and the kernel log. Ring-buffer readiness feeds
+//! [`RouterView::drain`]; the watcher's timer drives [`RouterView::tick`].
+//! Each settlement reads the kernel's drop totals and, right after, the
+//! counters of the namespaces they moved in; the ledger turns both into
+//! per-service, per-cause totals, and the flows announced since are
+//! labelled with the cause their class got.
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+
+use super::{WatchConfig, settlement::Settlement};
+use crate::{
+    aggregate::{Aggregator, DropRecord, EvictionGroup, FlowEntry},
+    cause::{Cause, evidence},
+    event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
+    kernel::{
+        KernelFacts,
+        kmsg::{KmsgReader, TableFullWitness, Tally},
+    },
+    ledger::{Agreement, DropGroup, Ledger},
+    loader::LoadOptions,
+    netns::NetNs,
+    occupancy::{Breakdown, Kept, OccupancyTracker},
+    readings::Counters,
+    services::Catalog,
+    sink::{Sink, Snapshot},
+    source::EventSource,
+    strategy,
+    table::{TableMonitor, TableView},
+    tier::Tier,
+};
+
+/// Settlements read every row of the kernel's totals; under a flood the
+/// ring wakes the pipeline far more often than that is worth.
+const SETTLE_EVERY: Duration = Duration::from_millis(25);
+
+pub struct RouterView {
+    source: EventSource,
+    monitor: TableMonitor,
+    ledger: Ledger,
+    agg: Aggregator,
+    catalog: Catalog,
+    settlement: Settlement,
+    /// Drained drop events waiting for the settlement that labels them.
+    pending: Vec<DropEvent>,
+    last_settle: Option<Instant>,
+    /// Packets in the kernel's totals per namespace at the last settlement:
+    /// only namespaces whose totals moved need their counters read.
+    settled_packets: HashMap<u64, u64>,
+    /// Kernel flow-map entries older than this were already considered.
+    late_cutoff_ns: u64,
+    occupancy: Option<Occupancy>,
+    /// The kernel log, read for table-full lines since start; None when
+    /// /dev/kmsg cannot be opened.
+    kmsg: Option<KernelLog>,
+}
+
+/// What the router view saw, for callers that judge a run (the lab, tests).
+pub struct RouterOutcome {
+    pub counters: Counters,
+    pub groups: Vec<DropGroup>,
+    pub evictions: Vec<EvictionGroup>,
+    pub agreement: Vec<Agreement>,
+    pub tables: Vec<TableView>,
+    pub flows: Vec<FlowEntry>,
+    pub occupancy: Vec<(u64, Kept, Breakdown)>,
+}
+
+/// Who holds the entries: a baseline dump, then kept by insert/delete
+/// events on tiers that have them, else re-dumped periodically.
+struct Occupancy {
+    tracker: OccupancyTracker,
+    every: Duration,
+    last_dump: Option<Instant>,
+    lost_at_dump: u64,
+    hz: u32,
+}
+
+/// The kernel log as a witness: new records since start, summed.
+struct KernelLog {
+    reader: KmsgReader,
+    tally: Tally,
+    witnesses: Vec<TableFullWitness>,
+}
+
+impl RouterView {
+    /// Probes the drop tiers, attaches the chosen one, and takes the first
+    /// sample of every table, which later drops are measured against.
+    pub fn start(
+        cfg: &WatchConfig,
+        facts: &KernelFacts,
+        opts: &LoadOptions<'_>,
+    ) -> anyhow::Result<RouterView> {
+        let verdicts = strategy::probe(facts);
+        for v in &verdicts {
+            log::debug!(
+                "strategy {}: usable={} ({})",
+                v.strategy,
+                v.usable,
+                v.reason
+            );
+        }
+        let chosen = strategy::select(cfg.strategy, &verdicts)?;
+        let mut source = strategy::start(chosen, facts, opts)
+            .with_context(|| format!("starting the {chosen} strategy"))?;
+        log::debug!("tier capabilities: {:?}", source.tier().caps);
+        let filter = cfg.netns.clone();
+        source.attach_now(|i| filter.matches(i));
+
+        let mut monitor = TableMonitor::new(cfg.netns.clone());
+        monitor.set_host_root(&cfg.host_root);
+        monitor.discover();
+        let mut ledger = Ledger::new(source.tier().caps, opts.services.names.clone());
+        for inode in monitor.inodes() {
+            ledger.baseline(inode, monitor.latest(inode));
+        }
+        let occupancy = cfg.occupancy_every.map(|every| Occupancy {
+            tracker: OccupancyTracker::new(cfg.catalog.clone()),
+            every,
+            last_dump: None,
+            lost_at_dump: 0,
+            hz: facts.hz.max(1),
+        });
+        let kmsg = match KmsgReader::open() {
+            Ok(reader) => Some(KernelLog {
+                reader,
+                tally: Tally::default(),
+                witnesses: Vec::new(),
+            }),
+            Err(e) => {
+                log::info!("no kernel log witness: {e:#}");
+                None
+            }
+        };
+        log::info!(
+            "tracing with strategy {} on kernel {}",
+            source.tier().strategy,
+            facts.release
+        );
+        Ok(RouterView {
+            settlement: Settlement::for_source(&source),
+            source,
+            monitor,
+            ledger,
+            agg: Aggregator::new(cfg.max_flows),
+            catalog: cfg.catalog.clone(),
+            pending: Vec::new(),
+            last_settle: None,
+            settled_packets: HashMap::new(),
+            late_cutoff_ns: 0,
+            occupancy,
+            kmsg,
+        })
+    }
+
+    pub fn tier(&self) -> Tier {
+        self.source.tier()
+    }
+
+    /// Watches one more namespace's table (the lab's router, which it
+    /// names), from a first sample on.
+    pub fn watch(&mut self, ns: &NetNs, name: &str) -> anyhow::Result<()> {
+        self.monitor.watch(ns, name)?;
+        self.ledger
+            .baseline(ns.inode(), self.monitor.latest(ns.inode()));
+        Ok(())
+    }
+
+    pub async fn readable(&mut self) -> anyhow::Result<()> {
+        self.source.readable().await
+    }
+
+    pub fn resync_clock(&mut self) {
+        self.source.resync_clock();
+    }
+
+    /// Drains both rings; entry events update occupancy at once, drop
+    /// events wait for the next settlement (now, if one is due or `force`).
+    pub fn drain(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
+        let mut events = Vec::new();
+        self.source.drain(&mut events);
+        let due = self
+            .last_settle
+            .is_none_or(|at| at.elapsed() >= SETTLE_EVERY);
+        let swept = self
+            .settlement
+            .sweep_if_due(&mut self.source, &mut self.monitor, &mut events);
+        self.take(events);
+        let decision = self
+            .settlement
+            .decide(swept, !self.pending.is_empty(), due, force);
+        if decision.settle {
+            self.settle(sinks, decision.all)?;
+        }
+        Ok(())
+    }
+
+    /// Sorts drained events: drops wait for a settlement, entry changes
+    /// keep occupancy; namespaces outside `--netns` are left out.
+    fn take(&mut self, events: Vec<KernelEvent>) {
+        for e in events {
+            match e {
+                KernelEvent::Drop(d) if self.monitor.wants(d.flow.netns) => self.pending.push(d),
+                KernelEvent::Entry(e) if self.monitor.wants(e.flow.netns) => self.entry_changed(&e),
+                KernelEvent::Drop(_) | KernelEvent::Entry(_) => {}
+            }
+        }
+    }
+
+    /// Reads the kernel's totals, then the counters of every namespace
+    /// they moved in (all of them when `all`), settles the ledger, and
+    /// labels and reports the flows announced since the last settlement.
+    fn settle(&mut self, sinks: &mut [Box<dyn Sink>], all: bool) -> anyhow::Result<()> {
+        self.last_settle = Some(Instant::now());
+        let rows = self.source.totals();
+        let mut packets: HashMap<u64, u64> = HashMap::new();
+        for r in &rows {
+            *packets.entry(r.netns).or_default() += r.packets;
+        }
+        let mut moved: BTreeSet<u64> = packets
+            .iter()
+            .filter(|(ns, n)| self.settled_packets.get(ns) != Some(n) && self.monitor.wants(**ns))
+            .map(|(ns, _)| *ns)
+            .collect();
+        self.settled_packets = packets;
+        moved.extend(self.pending.iter().map(|d| d.flow.netns));
+        if moved.iter().any(|ns| !self.monitor.knows(*ns)) {
+            // Namespaces with drops are watched even past the cap.
+            let with_drops: Vec<u64> = moved.iter().copied().collect();
+            self.monitor.discover_preferring(&with_drops);
+        }
+        if all {
+            moved.extend(self.monitor.inodes());
+        }
+        for ns in moved {
+            if !self.monitor.wants(ns) {
+                continue;
+            }
+            // Rows first, counters right after: see ledger.rs.
+            let Some(stats) = self.settlement.counters(ns, &mut self.monitor) else {
+                continue;
+            };
+            let ns_rows: Vec<_> = rows.iter().filter(|r| r.netns == ns).copied().collect();
+            log::debug!(
+                "settle netns {ns}: {} packets in totals, drop counter {:?}",
+                ns_rows.iter().map(|r| r.packets).sum::<u64>(),
+                stats.map(|s| s.drop)
+            );
+            self.ledger.settle(ns, &ns_rows, stats);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for d in pending {
+            self.report(sinks, d.flow, d.class, d.tcp_flags, d.time, d.mono_ns)?;
+        }
+        Ok(())
+    }
+
+    fn entry_changed(&mut self, e: &EntryEvent) {
+        // Without every insert/delete probe, events would keep a one-sided
+        // count between dumps (inserts without their deletes): dumps alone
+        // keep occupancy then.
+        if !self.tier().caps.entry_events {
+            return;
+        }
+        let Some(occ) = self.occupancy.as_mut() else {
+            return;
+        };
+        let entry = e.entry(occ.hz);
+        match e.change {
+            EntryChange::Inserted => occ.tracker.insert(e.flow.netns, &entry),
+            EntryChange::Evicted | EntryChange::GcEvicted | EntryChange::Deleted => {
+                occ.tracker.remove(e.flow.netns, &entry)
+            }
+            EntryChange::InsertFailed => {}
+        }
+    }
+
+    /// Re-dumps tables when occupancy is due: every period (and for the
+    /// final report) on tiers without entry events; on event tiers only for
+    /// namespaces not yet baselined, and after lost events (which may have
+    /// been inserts or deletes).
+    fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
+        let events_tier = self.tier().caps.entry_events;
+        let Some(occ) = self.occupancy.as_mut() else {
+            return;
+        };
+        let all_due = match occ.last_dump {
+            None => true,
+            Some(_) if is_final => !events_tier,
+            Some(at) => {
+                at.elapsed() >= occ.every && (!events_tier || lost_events > occ.lost_at_dump)
+            }
+        };
+        let mut dumped = false;
+        for inode in self.monitor.inodes() {
+            if !all_due && occ.tracker.source(inode).is_some() {
+                continue;
+            }
+            let Some(reader) = self.monitor.reader(inode) else {
+                continue;
+            };
+            if let Err(e) = occ.tracker.baseline_from(inode, reader) {
+                log::debug!("netns {inode}: occupancy dump failed: {e:#}");
+            }
+            dumped = true;
+        }
+        if all_due || (dumped && occ.last_dump.is_none()) {
+            occ.last_dump = Some(Instant::now());
+            occ.lost_at_dump = lost_events;
+        }
+        if dumped {
+            // A dump builds the new breakdown beside the old one: hand the
+            // old one's pages back, or glibc may keep them and resident
+            // memory steps up by a breakdown's size (megabytes for a large
+            // table) for good.
+            crate::kernel::return_freed_memory();
+        }
+    }
+
+    fn occupancy_views(&self, tables: &[TableView]) -> Vec<(u64, Kept, Breakdown)> {
+        let Some(occ) = self.occupancy.as_ref() else {
+            return vec![];
+        };
+        tables
+            .iter()
+            .filter_map(|t| {
+                let b = occ.tracker.breakdown(t.inode)?;
+                let source = match occ.tracker.source(t.inode)? {
+                    crate::occupancy::Source::Events => Kept::Events,
+                    _ if self.tier().caps.entry_events => Kept::DumpAndEvents,
+                    _ => Kept::PeriodicDump,
+                };
+                Some((t.inode, source, b))
+            })
+            .collect()
+    }
+
+    /// Labels a flow with the cause its class got in the latest settlement
+    /// and reports it if it is new to the detail.
+    fn report(
+        &mut self,
+        sinks: &mut [Box<dyn Sink>],
+        flow: Flow,
+        class: u8,
+        tcp_flags: u8,
+        time: SystemTime,
+        mono_ns: u64,
+    ) -> anyhow::Result<()> {
+        let (cause, why) = self
+            .ledger
+            .label(flow.netns, class)
+            .unwrap_or((Cause::Unknown, evidence::NO_BASELINE));
+        let rec = DropRecord {
+            time,
+            flow,
+            service: self
+                .catalog
+                .lookup(flow.proto, flow.dst.port())
+                .map(str::to_string),
+            cause,
+            evidence: why,
+            tcp_flags,
+            strategy: self.tier().strategy,
+        };
+        if self.agg.observe(rec.clone(), mono_ns) {
+            for s in sinks.iter_mut() {
+                s.dropped_flow(&rec).context("writing output")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tick: the last verdicts when final, settlements, flows whose
+    /// events were lost, evictions, occupancy and the kernel log. Returns
+    /// the kernel side's counters.
+    pub fn tick(
+        &mut self,
+        sinks: &mut [Box<dyn Sink>],
+        is_final: bool,
+    ) -> anyhow::Result<Counters> {
+        let filter = self.monitor.filter().clone();
+        self.source.maintain(|i| filter.matches(i));
+        if is_final {
+            let mut last = Vec::new();
+            self.settlement.finish(&mut self.source, &mut last);
+            self.take(last);
+        }
+        self.drain(sinks, true)?;
+        let counts = self.source.flow_counts();
+        // Flows the map holds but no event announced: their event was lost
+        // (ring buffer full). Their packets are in the totals already; the
+        // detail learns of them now.
+        let clock = self.source.clock();
+        let cutoff = self.late_cutoff_ns;
+        let mut late: Vec<(Flow, crate::readings::FlowCount)> = counts
+            .iter()
+            .filter(|(f, c)| {
+                c.first_ns > cutoff && !self.agg.is_known(f) && self.monitor.wants(f.netns)
+            })
+            .map(|(f, c)| (*f, *c))
+            .collect();
+        self.late_cutoff_ns = counts.values().map(|c| c.first_ns).max().unwrap_or(cutoff);
+        late.sort_by_key(|(_, c)| c.first_ns);
+        for (flow, c) in late {
+            self.report(
+                sinks,
+                flow,
+                c.class,
+                c.tcp_flags,
+                clock.wall(c.first_ns),
+                c.first_ns,
+            )?;
+        }
+        self.agg.update_counts(&counts, &clock);
+        // Every namespace's keys: which the map let go is told by their
+        // absence, and a namespace `--netns` misses for one discovery must
+        // not look like that. The output picks the watched ones.
+        let (evicted, complete) = self.source.evicted_counts();
+        let catalog = &self.catalog;
+        self.agg
+            .update_evictions(&evicted, complete, |proto, port| {
+                catalog.lookup(proto, port).map(str::to_string)
+            });
+        let counters = self.source.counters()?;
+        self.refresh_occupancy(counters.lost_events, is_final);
+        self.read_kernel_log();
+        Ok(counters)
+    }
+
+    /// The view's share of a summary, with the counters its tick returned.
+    pub fn fill<'a>(&'a self, snap: &mut Snapshot<'a>, counters: Counters) {
+        let tables = self.monitor.views(&self.ledger.netns_with_drops());
+        let (devices, device_warnings) = self.source.devices();
+        let tier = self.tier();
+        snap.strategy = Some(tier.strategy);
+        snap.caps = Some(tier.caps);
+        snap.counters = counters;
+        snap.occupancy = self.occupancy_views(&tables);
+        snap.tables = tables;
+        snap.groups = self.ledger.groups();
+        snap.evictions = self.agg.evictions(|n| self.monitor.wants(n));
+        snap.agreement = self.ledger.agreement();
+        snap.top_flows = self.agg.top_flows(10);
+        snap.flows_forgotten = self.agg.forgotten();
+        snap.held_back = self
+            .ledger
+            .held_back()
+            .into_iter()
+            .filter(|h| self.monitor.wants(h.netns))
+            .collect();
+        snap.kernel_log = self.kmsg.as_ref().map(|k| k.tally.clone());
+        snap.devices = devices;
+        snap.device_warnings = device_warnings;
+        snap.netns_left_out = self.monitor.left_out();
+    }
+
+    /// Adds the kernel log's new table-full witnesses to the tally; lines
+    /// that name a namespace outside `--netns` are left out.
+    fn read_kernel_log(&mut self) {
+        let Some(k) = self.kmsg.as_mut() else {
+            return;
+        };
+        k.witnesses.clear();
+        if let Err(e) = k.reader.poll(&mut k.witnesses) {
+            log::warn!("kernel log no longer readable: {e:#}");
+            self.kmsg = None;
+            return;
+        }
+        for w in &k.witnesses {
+            if w.netns.is_none_or(|ns| self.monitor.wants(ns)) {
+                k.tally.add(w);
+            }
+        }
+        k.tally.overwritten = k.reader.overwritten();
+    }
+
+    /// Forgets namespaces that vanished: their kernel rows, ledger, flows
+    /// and occupancy.
+    pub fn forget(&mut self) {
+        let before: Vec<u64> = self.monitor.inodes();
+        self.monitor
+            .discover_preferring(&self.ledger.netns_with_drops());
+        let alive: BTreeSet<u64> = self.monitor.inodes().into_iter().collect();
+        let gone: Vec<u64> = before.into_iter().filter(|i| !alive.contains(i)).collect();
+        if gone.is_empty() {
+            return;
+        }
+        log::info!("namespaces gone: {gone:?}");
+        self.source.forget_netns(&gone);
+        self.ledger.retain(|ns| !gone.contains(&ns));
+        self.agg.retain_netns(|ns| !gone.contains(&ns));
+        if let Some(occ) = self.occupancy.as_mut() {
+            for ns in &gone {
+                occ.tracker.forget(*ns);
+            }
+        }
+    }
+
+    /// The state right now, without waiting for a tick.
+    pub fn outcome(&self) -> anyhow::Result<RouterOutcome> {
+        let tables = self.monitor.views(&self.ledger.netns_with_drops());
+        Ok(RouterOutcome {
+            counters: self.source.counters()?,
+            groups: self.ledger.groups(),
+            evictions: self.agg.evictions(|n| self.monitor.wants(n)),
+            agreement: self.ledger.agreement(),
+            occupancy: self.occupancy_views(&tables),
+            tables,
+            flows: self.agg.flows().cloned().collect(),
+        })
+    }
+}
