@@ -15,7 +15,6 @@ fills, the kernel silently drops every packet that would start a new flow: SSH l
 NVMe-over-TCP replicas. ctrace catches each dropped flow as it happens, says why it was dropped \
 (table_full, rule, invalid), names the service it belonged to, and shows how full every \
 namespace's table is and how fast it fills.\n\nWithout a subcommand, ctrace runs `watch`.",
-    args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  ctrace                          live view of all namespaces\n  ctrace watch --json --duration 60\n  ctrace --service metrics=tcp/9100 --netns 4026531840\n  ctrace probe                    which hooks this kernel allows\n  ctrace lab                      reproduce a full table safely and watch it\n  ctrace -q --record --metrics 0.0.0.0:9465 --metrics-notrack\n                                  as a service: record, serve metrics even when full\n  ctrace report /var/run/ctrace/recording.ndjson --html report.html\n\nExit status: 0 when done; 1 when tracing failed after it started; 2 for bad\ninput (the message names it); 3 when this host cannot run it: missing privileges\nor kernel features, a program the verifier rejected (the message says why)"
 )]
 pub struct Cli {
@@ -36,6 +35,44 @@ pub struct GlobalArgs {
     /// (by default the last 20 lines, where its verdict is).
     #[arg(long, global = true)]
     pub verifier_log: bool,
+}
+
+impl Cli {
+    /// Parses the command line, or exits as clap does. Watch options
+    /// before a subcommand are refused (they would be silently ignored);
+    /// global ones (`-v`, `--verifier-log`) go anywhere.
+    pub fn parse_args() -> Cli {
+        Self::parse_from_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn parse_from_args(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Cli, clap::Error> {
+        use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+        let mut cmd = Cli::command();
+        let m = cmd.try_get_matches_from_mut(args)?;
+        if let Some((sub, _)) = m.subcommand() {
+            let watch_only = WatchArgs::augment_args(clap::Command::new("watch"));
+            let misplaced: Vec<String> = watch_only
+                .get_arguments()
+                .filter(|a| m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+                .map(|a| match a.get_long() {
+                    Some(l) => format!("--{l}"),
+                    None => a.get_id().to_string(),
+                })
+                .collect();
+            if !misplaced.is_empty() {
+                return Err(cmd.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{} before `{sub}`: watch options go without a subcommand or after `watch`",
+                        misplaced.join(", ")
+                    ),
+                ));
+            }
+        }
+        Cli::from_arg_matches(&m).map_err(|e| e.format(&mut cmd))
+    }
 }
 
 // Parsed once per run: the size of the largest variant costs nothing.
@@ -313,6 +350,26 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn global_flags_go_anywhere_watch_options_only_where_they_count() {
+        let ok = |args: &[&str]| {
+            Cli::parse_from_args(std::iter::once("ctrace").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        };
+        assert_eq!(ok(&["-v", "watch", "--json"]).global.verbose, 1);
+        assert_eq!(ok(&["watch", "-vv"]).global.verbose, 2);
+        assert!(ok(&["--verifier-log", "probe"]).global.verifier_log);
+        assert!(ok(&["--json", "--duration", "5"]).watch.json);
+        assert!(matches!(
+            ok(&["-v", "watch", "--json"]).command,
+            Some(Command::Watch(w)) if w.json
+        ));
+        let e = Cli::parse_from_args(["ctrace", "--json", "status"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--json before `status`"), "{e}");
+    }
 
     #[test]
     fn durations() {

@@ -21,6 +21,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// ctrace's directory for what it keeps while the system runs (recordings,
+/// kernel facts): /var/run is tmpfs on OpenWrt (/tmp/run, spares the
+/// flash) and on Debian (/run), and only root can write it on both, so no
+/// other account can take `ctrace/` first, as it could in /tmp. A macro,
+/// so that paths under it stay `&'static str` literals (clap defaults).
+macro_rules! run_dir {
+    () => {
+        "/var/run/ctrace"
+    };
+}
+pub(crate) use run_dir;
+
 /// A directory only this user can write, held open: every name in it is
 /// resolved from this handle (openat, renameat), so swapping the directory
 /// or one of its parents after the check changes nothing.

@@ -5,7 +5,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use ctrace::{
     cli::{Cli, Command, LabArgs, ProbeArgs, ReportArgs, StatusArgs, WatchArgs},
     exporter,
@@ -27,7 +26,7 @@ use ctrace::{
 use ctrace::error::{EXIT_CANNOT_RUN, EXIT_USAGE};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let level = match cli.global.verbose {
         0 => "warn",
         1 => "info",

@@ -19,7 +19,7 @@ use crate::files::OwnDir;
 
 /// Where the facts are kept instead of `/var/run/ctrace` (tests).
 pub const DIR_ENV: &str = "CTRACE_FACTS_DIR";
-const DEFAULT_DIR: &str = "/var/run/ctrace";
+const DEFAULT_DIR: &str = crate::files::run_dir!();
 const FILE: &str = "kernel-facts.json";
 /// Far more than the file ever holds.
 const MAX_BYTES: u64 = 64 * 1024;

@@ -21,11 +21,8 @@ use crate::{
     record::{Header, Line, SCHEMA_VERSION},
 };
 
-/// Where `--record` without a file writes: /var/run is tmpfs on OpenWrt
-/// (/tmp/run, spares the flash) and on Debian (/run), and only root can
-/// write it on both, so no other account can take `ctrace/` first, as it
-/// could in /tmp.
-pub const DEFAULT_PATH: &str = "/var/run/ctrace/recording.ndjson";
+/// Where `--record` without a file writes (see [`files::run_dir`]).
+pub const DEFAULT_PATH: &str = concat!(files::run_dir!(), "/recording.ndjson");
 /// Recordings hold who talked to whom: readable by their owner only.
 const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
