@@ -48,12 +48,22 @@ const MANIFEST_CHECKS: &str = r#"
 import sys, yaml, json, re
 d = sys.argv[1]
 docs = {}
-for f in ["daemonset.yaml", "podmonitor.yaml", "prometheusrule.yaml"]:
+kust = yaml.safe_load(open(f"{d}/kubernetes/kustomization.yaml"))
+for f in kust["resources"]:
     for doc in yaml.safe_load_all(open(f"{d}/kubernetes/{f}")):
         for key in ["apiVersion", "kind", "metadata"]:
             assert key in doc, f"{f}: no {key}"
         assert doc["metadata"].get("name"), f"{f}: unnamed {doc['kind']}"
         docs[doc["kind"]] = doc
+
+assert sorted(kust["resources"]) == ["daemonset.yaml", "podmonitor.yaml", "prometheusrule.yaml"], kust
+(gen,) = kust["configMapGenerator"]
+assert gen["files"] == ["grafana-dashboard.json"], gen
+assert gen["options"]["labels"] == {"grafana_dashboard": "1"}, gen
+ns = docs["Namespace"]
+assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged", ns
+for kind in ["PodMonitor", "PrometheusRule"]:
+    assert docs[kind]["metadata"]["labels"].get("release"), f"{kind}: no release label for kube-prometheus-stack"
 
 ds = docs["DaemonSet"]
 spec = ds["spec"]["template"]["spec"]
@@ -77,6 +87,7 @@ assert any(record.startswith(m["mountPath"] + "/") and not m.get("readOnly") for
 port = int([a.rsplit(":", 1)[1] for a in c["args"] if a.startswith("--metrics=")][0])
 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
 assert ports["metrics"] == port
+assert c["livenessProbe"]["httpGet"]["port"] == "metrics", c.get("livenessProbe")
 pm = docs["PodMonitor"]
 assert pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
@@ -90,7 +101,11 @@ assert len(ids) == len(set(ids)), "duplicate panel ids"
 for p in dash["panels"]:
     assert p["targets"], p["title"]
     for t in p["targets"]:
-        assert re.search(r"\b(ctrace_|node_nf_conntrack_)", t["expr"]), t["expr"]
+        assert re.search(r"\bctrace_", t["expr"]), t["expr"]
+        assert "node_nf_conntrack_" not in t["expr"], t["expr"]
+        assert 'node=~"$node"' in t["expr"], f"{p['title']}: not filtered by node"
+vars = [v["name"] for v in dash["templating"]["list"]]
+assert "node" in vars, vars
 print("manifests ok:", sorted(docs))
 "#;
 

@@ -1,5 +1,13 @@
-//! Prometheus exposition of every summary: node_exporter's conntrack gauges
-//! per namespace, and ctrace's own series.
+//! Prometheus exposition of every summary: conntrack's gauges and
+//! statistics per namespace, and ctrace's own series.
+//!
+//! Every series is `ctrace_`: node_exporter exports the host namespace's
+//! `node_nf_conntrack_*` itself, and the same names from two jobs (or a
+//! `--textfile` beside its collector) would clash. No label is one the
+//! Prometheus Operator sets on every target (`pod`, `namespace`, `node`,
+//! `container`, `service`, `endpoint`, `instance`, `job`), which it would
+//! rename to `exported_*`: a catalog service is `service_name`, a
+//! Kubernetes pod `k8s_namespace` and `k8s_pod`.
 //!
 //! The text is rendered once per interval, from the same snapshot the other
 //! sinks see, and published as one immutable buffer. Scrapes (the HTTP
@@ -8,7 +16,8 @@
 //! interval sees the same numbers.
 //!
 //! Labels are bounded by construction: namespace, service (catalog names or
-//! "other"), cause, protocol, conntrack state; never an address or port.
+//! "other"), cause, protocol, conntrack state; never an address, a port or
+//! free text such as process names.
 use std::{
     collections::BTreeSet,
     path::PathBuf,
@@ -26,9 +35,9 @@ use crate::{
     tier::Strategy,
 };
 
-/// node_exporter's conntrack collector reads these statistics (plus the
-/// deprecated, always-zero `ignore`); same names, same meaning.
-const NODE_EXPORTER_STATS: [&str; 7] = [
+/// The statistics node_exporter's conntrack collector reads (plus the
+/// deprecated, always-zero `ignore`), as counters of ctrace's own.
+const CONNTRACK_STATS: [&str; 7] = [
     "found",
     "invalid",
     "insert",
@@ -149,29 +158,29 @@ pub fn render(s: &Snapshot<'_>) -> prometheus::Result<Vec<u8>> {
     let f = Families {
         registry: Registry::new(),
     };
-    node_exporter_gauges(&f, s)?;
+    conntrack_series(&f, s)?;
     ctrace_series(&f, s)?;
     let mut out = Vec::with_capacity(16 * 1024);
     TextEncoder::new().encode(&f.registry.gather(), &mut out)?;
     Ok(out)
 }
 
-fn node_exporter_gauges(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+fn conntrack_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let entries = f.gauge(
-        "node_nf_conntrack_entries",
+        "ctrace_conntrack_entries",
         "Number of currently allocated flow entries for connection tracking.",
         &["netns"],
     )?;
     let limit = f.gauge(
-        "node_nf_conntrack_entries_limit",
+        "ctrace_conntrack_entries_limit",
         "Maximum size of connection tracking table.",
         &["netns"],
     )?;
-    let stats = NODE_EXPORTER_STATS
+    let stats = CONNTRACK_STATS
         .iter()
         .map(|name| {
-            f.gauge(
-                &format!("node_nf_conntrack_stat_{name}"),
+            f.counter(
+                &format!("ctrace_conntrack_stat_{name}_total"),
                 &format!("conntrack's `{name}` statistic, summed over CPUs."),
                 &["netns"],
             )
@@ -186,7 +195,7 @@ fn node_exporter_gauges(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()
         limit.with_label_values(&[&ns]).set(gauge_value(t.max));
         for (name, v) in stat_fields(&t.stats) {
             if let Some((_, g)) = stats.iter().find(|(n, _)| *n == name) {
-                g.with_label_values(&[&ns]).set(gauge_value(v));
+                set_counter(g, &[&ns], v);
             }
         }
     }
@@ -200,7 +209,7 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let Some(c) = s.connect_counters else {
         return Ok(());
     };
-    let labels = ["netns", "service", "proto"];
+    let labels = ["netns", "service_name", "proto"];
     let attempts = f.counter(
         "ctrace_connect_attempts_total",
         "Outgoing TCP connection attempts of this host (sockets that entered SYN_SENT).",
@@ -214,7 +223,7 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let failures = f.counter(
         "ctrace_connect_failures_total",
         "Outgoing attempts that failed, by how: timeout (no answer), refused (RST), unreachable (ICMP error), aborted (the application gave up first).",
-        &["netns", "service", "proto", "outcome"],
+        &["netns", "service_name", "proto", "outcome"],
     )?;
     let syn_retransmits = f.counter(
         "ctrace_connect_syn_retransmits_total",
@@ -297,8 +306,8 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
 
     let netns_info = f.gauge(
         "ctrace_netns_info",
-        "Names of a network namespace: its /run/netns name, its Kubernetes pod, its main processes; always 1.",
-        &["netns", "name", "pod", "processes"],
+        "Names of a network namespace: its /run/netns name and its Kubernetes pod; always 1. Its processes are in the JSON summary (free text is no label).",
+        &["netns", "netns_name", "k8s_namespace", "k8s_pod"],
     )?;
     let ttf = f.float(
         "ctrace_conntrack_time_to_full_seconds",
@@ -312,14 +321,14 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     )?;
     for t in &s.tables {
         let ns = t.inode.to_string();
-        let names = &t.names;
+        let (k8s_namespace, k8s_pod) = t
+            .names
+            .pod
+            .as_deref()
+            .and_then(|p| p.split_once('/'))
+            .unwrap_or(("", ""));
         netns_info
-            .with_label_values(&[
-                &ns,
-                t.name.as_deref().unwrap_or(""),
-                names.pod.as_deref().unwrap_or(""),
-                &names.processes.join(","),
-            ])
+            .with_label_values(&[&ns, t.name.as_deref().unwrap_or(""), k8s_namespace, k8s_pod])
             .set(1);
         fill.with_label_values(&[&ns]).set(t.fill() / 100.0);
         match t.time_to_full {
@@ -329,7 +338,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
         }
     }
 
-    let labels = ["netns", "service", "cause", "proto"];
+    let labels = ["netns", "service_name", "cause", "proto"];
     let packets = f.counter(
         "ctrace_drops_packets_total",
         "Packets netfilter dropped, by the cause ctrace attributed and the service of the flow.",
@@ -354,7 +363,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let evictions = f.counter(
         "ctrace_evictions_total",
         "Entries conntrack evicted before their time to make room (by early_drop or by the garbage collector above 95% fill), by whose they were.",
-        &["netns", "service", "proto", "by"],
+        &["netns", "service_name", "proto", "by"],
     )?;
     for e in &s.evictions {
         let by = match e.by {
@@ -376,7 +385,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let by_service = f.gauge(
         "ctrace_occupancy_entries",
         "Entries in the table by the service of their destination port.",
-        &["netns", "service"],
+        &["netns", "service_name"],
     )?;
     let by_state = f.gauge(
         "ctrace_occupancy_tcp_state_entries",
@@ -476,7 +485,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     let held_back = f.counter(
         "ctrace_detail_held_back_flows_total",
         "New dropped flows the kernel's detail budget (--detail-budget) kept out of drop records and top flows; their packets are in the drop totals.",
-        &["netns", "service"],
+        &["netns", "service_name"],
     )?;
     for h in &s.held_back {
         let ns = h.netns.to_string();
@@ -492,7 +501,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
 /// Namespaces a snapshot names, for tests and the live view.
 pub fn namespaces(text: &str) -> BTreeSet<String> {
     text.lines()
-        .filter(|l| l.starts_with("node_nf_conntrack_entries{"))
+        .filter(|l| l.starts_with("ctrace_conntrack_entries{"))
         .filter_map(|l| l.split("netns=\"").nth(1)?.split('"').next())
         .map(str::to_string)
         .collect()
