@@ -28,6 +28,8 @@ pub struct DropRecord {
     pub time: SystemTime,
     pub flow: Flow,
     pub service: Option<String>,
+    /// The pods of this node behind the source and destination addresses.
+    pub pods: crate::pods::FlowPods,
     pub cause: Cause,
     pub evidence: &'static str,
     pub tcp_flags: u8,
@@ -308,6 +310,7 @@ mod tests {
             time: SystemTime::UNIX_EPOCH,
             flow: f,
             service: service.map(str::to_string),
+            pods: Default::default(),
             cause: Cause::TableFull,
             evidence: "test",
             tcp_flags: 2,

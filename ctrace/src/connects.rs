@@ -94,6 +94,8 @@ pub struct ConnectFailure {
     pub time: SystemTime,
     pub flow: Flow,
     pub service: Option<String>,
+    /// The pods of this node behind the source and destination addresses.
+    pub pods: crate::pods::FlowPods,
     pub outcome: Outcome,
     /// None where the attempt's start was not seen (started before ctrace,
     /// or evicted from the attempt map in a storm).
@@ -405,6 +407,7 @@ fn decode(bytes: &[u8], clock: &Clock) -> Option<ConnectFailure> {
         time: clock.wall(raw.ts_ns),
         flow,
         service: None,
+        pods: Default::default(),
         outcome,
         syn_retransmits: started.then_some(raw.syn_retransmits),
         elapsed: started.then(|| Duration::from_nanos(raw.elapsed_ns)),

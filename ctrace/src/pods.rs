@@ -9,12 +9,19 @@
 //!
 //! Everything is read under a root directory (`--host-root`), so that a
 //! containerised ctrace can be pointed at the host's /proc and /var/log.
+//!
+//! [`PodAddresses`] turns that around for flows: the pod behind an address
+//! is the pod whose namespace holds an interface with it.
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use crate::{netlink::rtnetlink::RtSocket, netns::NetNs};
 
 /// Processes named per namespace; more would crowd the live view.
 const MAX_PROCESSES: usize = 3;
@@ -58,6 +65,91 @@ impl Namer {
 
     pub fn get(&self, inode: u64) -> NetnsNames {
         self.names.get(&inode).cloned().unwrap_or_default()
+    }
+
+    /// Namespaces a pod owns, with the pod's `namespace/name`.
+    pub fn pods(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.names
+            .iter()
+            .filter_map(|(inode, n)| Some((*inode, n.pod.as_deref()?)))
+    }
+}
+
+/// The pods of this node at either end of a flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowPods {
+    pub src: Option<Arc<str>>,
+    pub dst: Option<Arc<str>>,
+}
+
+/// The pod of this node an address belongs to. Every namespace holding a
+/// process is looked at, not only those with conntrack activity (a pod's
+/// own namespace rarely has any). The node's own namespace names no pod:
+/// hostNetwork pods share it, and with it the node's addresses.
+pub struct PodAddresses {
+    root: PathBuf,
+    namer: Namer,
+    by_ip: HashMap<IpAddr, Arc<str>>,
+    last: Option<Instant>,
+}
+
+impl PodAddresses {
+    pub fn new(root: impl Into<PathBuf>) -> PodAddresses {
+        let root = root.into();
+        PodAddresses {
+            namer: Namer::new(&root),
+            root,
+            by_ip: HashMap::new(),
+            last: None,
+        }
+    }
+
+    /// `namespace/name` of the pod with address `ip`. The map is rebuilt
+    /// when asked and older than a rescan period: pods come and go slowly
+    /// compared with drops, and a node with no drops pays nothing.
+    pub fn pod(&mut self, ip: IpAddr) -> Option<Arc<str>> {
+        if self.last.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
+            self.rebuild();
+        }
+        self.by_ip.get(&ip).cloned()
+    }
+
+    /// The pods at both ends of a flow.
+    pub fn flow(&mut self, src: IpAddr, dst: IpAddr) -> FlowPods {
+        FlowPods {
+            src: self.pod(src),
+            dst: self.pod(dst),
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.last = Some(Instant::now());
+        self.namer.refresh();
+        let node = netns_inode(&self.root.join("proc/1/ns/net"));
+        let paths: HashMap<u64, PathBuf> = match crate::netns::discover() {
+            Ok(all) => all.into_iter().map(|i| (i.inode, i.path)).collect(),
+            Err(e) => {
+                log::debug!("pod addresses: {e:#}");
+                return;
+            }
+        };
+        let mut by_ip = HashMap::new();
+        for (inode, pod) in self.namer.pods() {
+            if Some(inode) == node {
+                continue;
+            }
+            let Some(path) = paths.get(&inode) else {
+                continue;
+            };
+            let pod: Arc<str> = Arc::from(pod);
+            let addrs = NetNs::open(path).and_then(|ns| RtSocket::open(Some(&ns))?.addresses());
+            match addrs {
+                Ok(addrs) => by_ip.extend(addrs.into_iter().map(|ip| (ip, pod.clone()))),
+                // Gone since the scan, or not ours to enter.
+                Err(e) => log::debug!("pod {pod}: addresses unreadable: {e:#}"),
+            }
+        }
+        self.by_ip = by_ip;
     }
 }
 

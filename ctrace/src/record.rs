@@ -89,6 +89,13 @@ pub struct Drop {
     pub src: String,
     pub dst: String,
     pub service: Option<String>,
+    /// `namespace/name` of the pod of this node with the source address;
+    /// null when it is no pod's (hostNetwork pods share the node's).
+    #[serde(default)]
+    pub src_pod: Option<String>,
+    /// The same for the destination address.
+    #[serde(default)]
+    pub dst_pod: Option<String>,
     pub tcp_flags: String,
     pub strategy: Strategy,
 }
@@ -106,6 +113,12 @@ pub struct ConnectFailureLine {
     pub src: String,
     pub dst: String,
     pub service: Option<String>,
+    /// `namespace/name` of the pod of this node with the source address.
+    #[serde(default)]
+    pub src_pod: Option<String>,
+    /// The same for the destination address.
+    #[serde(default)]
+    pub dst_pod: Option<String>,
     pub outcome: Outcome,
     pub syn_retransmits: Option<u32>,
     pub elapsed_ms: Option<u64>,
@@ -141,6 +154,8 @@ impl From<&DropRecord> for Drop {
             src: r.flow.src.to_string(),
             dst: r.flow.dst.to_string(),
             service: r.service.clone(),
+            src_pod: r.pods.src.as_deref().map(str::to_string),
+            dst_pod: r.pods.dst.as_deref().map(str::to_string),
             tcp_flags: crate::event::tcp_flags_str(r.tcp_flags),
             strategy: r.strategy,
         }
@@ -157,6 +172,8 @@ impl From<&ConnectFailure> for ConnectFailureLine {
             src: f.flow.src.to_string(),
             dst: f.flow.dst.to_string(),
             service: f.service.clone(),
+            src_pod: f.pods.src.as_deref().map(str::to_string),
+            dst_pod: f.pods.dst.as_deref().map(str::to_string),
             outcome: f.outcome,
             syn_retransmits: f.syn_retransmits,
             elapsed_ms: f.elapsed.map(|d| d.as_millis() as u64),
@@ -520,6 +537,8 @@ mod tests {
                 src: "10.10.0.3:51117".into(),
                 dst: "10.10.1.2:2380".into(),
                 service: Some("etcd-peer".into()),
+                src_pod: Some("default/client-0".into()),
+                dst_pod: None,
                 tcp_flags: "S".into(),
                 strategy,
             }));
@@ -533,6 +552,8 @@ mod tests {
                 src: "[fd10::2]:43671".into(),
                 dst: "[fd10::1]:22".into(),
                 service: None,
+                src_pod: None,
+                dst_pod: Some("kube-system/etcd-0".into()),
                 outcome,
                 syn_retransmits: Some(1),
                 elapsed_ms: None,
@@ -558,6 +579,8 @@ mod tests {
             src: "10.10.0.3:51117".into(),
             dst: "10.10.1.2:2380".into(),
             service: Some("etcd-peer".into()),
+            src_pod: Some("default/client-0".into()),
+            dst_pod: Some("kube-system/etcd-0".into()),
             tcp_flags: "S".into(),
             strategy: Strategy::Kprobe,
         };

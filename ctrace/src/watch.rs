@@ -149,7 +149,7 @@ impl Watcher {
             .connect_netns
             .clone()
             .unwrap_or_else(|| cfg.netns.clone());
-        match NodeView::start(facts, opts, cfg.catalog.clone(), filter) {
+        match NodeView::start(facts, opts, cfg.catalog.clone(), filter, &cfg.host_root) {
             Ok(view) => Ok(Some(view)),
             Err(e) if cfg.side.is_none() => {
                 log::warn!(

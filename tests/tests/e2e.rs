@@ -17,6 +17,8 @@ use ctrace::{
 mod connects;
 #[path = "e2e/exporter.rs"]
 mod exporter;
+#[path = "e2e/pods.rs"]
+mod pods;
 #[path = "e2e/tc.rs"]
 mod tc;
 

@@ -267,6 +267,47 @@ impl RtSocket {
         Ok(found)
     }
 
+    /// The addresses of global or site scope in this socket's namespace:
+    /// what other hosts reach it by (loopback and link-local left out).
+    pub fn addresses(&mut self) -> Result<Vec<IpAddr>> {
+        let mut msg = MsgBuilder::new(RTM_GETADDR, 0);
+        msg.header(&[0u8; 8]);
+        let mut found = Vec::new();
+        self.0
+            .dump(msg, |reply| {
+                if reply.ty != RTM_NEWADDR {
+                    return Ok(());
+                }
+                // struct ifaddrmsg: family, prefix length, flags, scope, index.
+                let h = reply.header(8)?;
+                if h[3] >= RT_SCOPE_LINK {
+                    return Ok(());
+                }
+                // IPv4 puts the interface's own address in IFA_LOCAL (IFA_ADDRESS
+                // is the peer's on a point-to-point link); IPv6 has only
+                // IFA_ADDRESS.
+                let mut local = None;
+                let mut address = None;
+                for a in reply.attrs(8)? {
+                    let a = a?;
+                    let ip = match a.payload.len() {
+                        4 => <[u8; 4]>::try_from(a.payload).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(a.payload).ok().map(IpAddr::from),
+                        _ => None,
+                    };
+                    match a.ty {
+                        IFA_LOCAL => local = ip,
+                        IFA_ADDRESS => address = ip,
+                        _ => {}
+                    }
+                }
+                found.extend(local.or(address));
+                Ok(())
+            })
+            .context("listing addresses")?;
+        Ok(found)
+    }
+
     /// Creates a bridge (`ip link add NAME type bridge`).
     pub fn add_bridge(&mut self, name: &str) -> Result<()> {
         check_ifname(name)?;

@@ -63,6 +63,9 @@ pub struct Report {
     /// (netns, attributed, kernel, trust) from the last summary.
     pub agreement: Vec<(u64, u64, u64, String)>,
     pub strategy: Option<String>,
+    /// Dropped flows (first sightings) per (pod, end, cause), most first:
+    /// the pods of the traced node behind the addresses.
+    pub pods: Vec<(String, &'static str, String, u64)>,
     pub left_out: LeftOut,
     pub blocks: Vec<Block>,
 }
@@ -109,6 +112,8 @@ pub struct Builder {
     last_rise: BTreeMap<(String, String), SystemTime>,
     /// First sightings, from drop records.
     sighted: BTreeMap<(String, String), Option<(SystemTime, SystemTime)>>,
+    /// First sightings per (pod, end, cause).
+    pods: BTreeMap<(String, &'static str, String), u64>,
     per_service_prev: BTreeMap<String, u64>,
     drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
     evictions: BTreeMap<(u64, String, String, String), u64>,
@@ -333,6 +338,15 @@ impl Builder {
         ) {
             *v = Some(v.map_or((d.time, d.time), |(f, l)| (f.min(d.time), l.max(d.time))));
         }
+        for (pod, end) in [(&d.src_pod, "source"), (&d.dst_pod, "destination")] {
+            let Some(pod) = pod else {
+                continue;
+            };
+            let key = (short(pod), end, d.cause.name().to_string());
+            if let Some(n) = admit(&mut self.pods, key, MAX_GROUPS, &mut self.left_out.groups) {
+                *n = n.saturating_add(1);
+            }
+        }
     }
 
     pub fn finish(self, rec: &Recording) -> Report {
@@ -344,6 +358,7 @@ impl Builder {
             first_rise,
             last_rise,
             sighted,
+            pods,
             drops_over_time,
             evictions,
             agreement,
@@ -395,6 +410,11 @@ impl Builder {
             let t = ev.entry((service, by)).or_default();
             *t = t.saturating_add(n);
         }
+        let mut pods: Vec<_> = pods
+            .into_iter()
+            .map(|((p, e, c), n)| (p, e, c, n))
+            .collect();
+        pods.sort_by_key(|p| std::cmp::Reverse(p.3));
         let mut evictions: Vec<_> = ev.into_iter().map(|((s, b), n)| (s, b, n)).collect();
         evictions.sort_by_key(|e| std::cmp::Reverse(e.2));
         // Everything below that came from the recording is escaped as it
@@ -421,6 +441,7 @@ impl Builder {
             lost_events: lost,
             agreement: agreement.into_values().collect(),
             strategy,
+            pods,
             left_out,
             blocks: vec![],
         };
@@ -613,6 +634,24 @@ impl Report {
                 .iter()
                 .map(|(name, m)| vec![name.to_string(), top(m, o.total, 5)])
                 .collect(),
+            });
+        }
+
+        if !self.pods.is_empty() {
+            b.push(Block::Heading(2, "Pods behind dropped flows".into()));
+            b.push(Block::Para(
+                "The pods of the traced node whose addresses dropped flows came from or went to (first sightings; hostNetwork pods share the node's addresses and are not named).".into(),
+            ));
+            b.push(Block::Table {
+                head: ["pod", "as", "cause", "flows"].map(String::from).to_vec(),
+                rows: self
+                    .pods
+                    .iter()
+                    .take(20)
+                    .map(|(pod, end, cause, n)| {
+                        vec![md(pod), (*end).to_string(), md(cause), n.to_string()]
+                    })
+                    .collect(),
             });
         }
 

@@ -141,6 +141,7 @@ mod tests {
                 dst: "10.10.1.2:22".parse().unwrap(),
             },
             service: Some("ssh".into()),
+            pods: Default::default(),
             cause: crate::cause::Cause::TableFull,
             evidence: "test",
             tcp_flags: 2,

@@ -161,6 +161,16 @@ pub fn netns_label(t: &TableView) -> String {
     l
 }
 
+/// An address and port, with the pod of this node that has the address
+/// ("10.244.1.7:43122 (pod default/web-0)"); the pod's name is someone
+/// else's text.
+pub fn endpoint_text(addr: std::net::SocketAddr, pod: Option<&str>) -> String {
+    match pod {
+        Some(p) => format!("{addr} (pod {})", crate::text::terminal(p)),
+        None => addr.to_string(),
+    }
+}
+
 /// A service name (from the catalog, or the user's files) for a terminal
 /// or a plain line; flows no service claims are `other`.
 pub fn service_text(service: Option<&str>) -> String {

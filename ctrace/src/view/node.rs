@@ -13,6 +13,7 @@ use crate::{
     connects::{ConnectRow, ConnectView},
     kernel::KernelFacts,
     loader::LoadOptions,
+    pods::PodAddresses,
     services::Catalog,
     sink::{Sink, Snapshot},
     table::NetnsFilter,
@@ -21,6 +22,8 @@ use crate::{
 pub struct NodeView {
     view: ConnectView,
     catalog: Catalog,
+    /// The pods of this node behind attempts' addresses.
+    pods: PodAddresses,
     filter: NetnsFilter,
     /// Namespaces by inode with their /run/netns names, for the filter;
     /// refreshed every tick.
@@ -44,10 +47,12 @@ impl NodeView {
         opts: &LoadOptions<'_>,
         catalog: Catalog,
         filter: NetnsFilter,
+        host_root: &std::path::Path,
     ) -> anyhow::Result<NodeView> {
         Ok(NodeView {
             view: ConnectView::start(facts, opts)?,
             catalog,
+            pods: PodAddresses::new(host_root),
             filter,
             names: crate::netns::discover()
                 .map(|all| all.into_iter().map(|i| (i.inode, i.name)).collect())
@@ -86,6 +91,7 @@ impl NodeView {
                 .catalog
                 .lookup(f.flow.proto, f.flow.dst.port())
                 .map(str::to_string);
+            f.pods = self.pods.flow(f.flow.src.ip(), f.flow.dst.ip());
             for s in sinks.iter_mut() {
                 s.connect_failure(&f).context("writing output")?;
             }

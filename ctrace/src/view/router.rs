@@ -30,6 +30,7 @@ use crate::{
     loader::LoadOptions,
     netns::NetNs,
     occupancy::{Breakdown, Kept, OccupancyTracker},
+    pods::PodAddresses,
     readings::Counters,
     services::Catalog,
     sink::{Sink, Snapshot},
@@ -59,6 +60,8 @@ pub struct RouterView {
     /// Kernel flow-map entries older than this were already considered.
     late_cutoff_ns: u64,
     occupancy: Option<Occupancy>,
+    /// The pods of this node behind flows' addresses.
+    pods: PodAddresses,
     /// The kernel log, read for table-full lines since start; None when
     /// /dev/kmsg cannot be opened.
     kmsg: Option<KernelLog>,
@@ -158,6 +161,7 @@ impl RouterView {
             settled_packets: HashMap::new(),
             late_cutoff_ns: 0,
             occupancy,
+            pods: PodAddresses::new(&cfg.host_root),
             kmsg,
         })
     }
@@ -366,6 +370,7 @@ impl RouterView {
                 .catalog
                 .lookup(flow.proto, flow.dst.port())
                 .map(str::to_string),
+            pods: self.pods.flow(flow.src.ip(), flow.dst.ip()),
             cause,
             evidence: why,
             tcp_flags,

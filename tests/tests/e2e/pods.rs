@@ -1,0 +1,267 @@
+//! Pods behind flows, on a node ctrace sees as a kubelet leaves it: each
+//! pod is a process in a network namespace of its own (a veth into the
+//! node), in a kubepods cgroup, with a directory under /var/log/pods. The
+//! real host paths are used (no `--host-root`); everything made is
+//! removed, however the test ends.
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use ctrace::{
+    lab::{
+        topology::SERVER_V4,
+        traffic::{self, Planned},
+    },
+    netlink::{nftables, rtnetlink::RtSocket},
+    netns::NetNs,
+};
+use ctrace_tests::{Tracer, ctrace_bin, drops, privileged};
+
+use super::full_lab;
+
+/// Where the kubelet puts its pod logs, which name a pod by its UID.
+const POD_LOGS: &str = "/var/log/pods";
+/// The kubelet's cgroups for best-effort pods (systemd driver).
+const QOS_SLICE: &str = "kubepods.slice/kubepods-besteffort.slice";
+
+/// A cgroup v2 hierarchy this host lets the test write: its mount point.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split(' ').next() != Some("cgroup2") {
+            return None;
+        }
+        Some(PathBuf::from(left.split(' ').nth(4)?))
+    })
+}
+
+/// One pod: its namespace, its process, and what was made for it.
+struct FakePod {
+    ns: NetNs,
+    name: &'static str,
+    addr: Ipv4Addr,
+    process: Child,
+    cgroup: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl FakePod {
+    /// Pod `default/NAME` at `addr` (a /24 of its own, the node at .1),
+    /// with a veth into `node`.
+    fn start(node: &NetNs, name: &'static str, uid: &str, addr: Ipv4Addr, cg: &Path) -> FakePod {
+        let ns = ctrace::netlink::rtnetlink::new_netns().unwrap();
+        let [a, b, c, _] = addr.octets();
+        let gateway = Ipv4Addr::new(a, b, c, 1);
+        let mut rt = RtSocket::open(Some(node)).unwrap();
+        let node_side = format!("to-{name}");
+        rt.add_veth(&node_side, "eth0", &ns).unwrap();
+        rt.add_address(&node_side, IpAddr::V4(gateway), 24).unwrap();
+        rt.set_up(&node_side).unwrap();
+        let mut rt = RtSocket::open(Some(&ns)).unwrap();
+        rt.add_address("eth0", IpAddr::V4(addr), 24).unwrap();
+        rt.set_up("eth0").unwrap();
+        rt.add_route(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, IpAddr::V4(gateway))
+            .unwrap();
+        // The pod's process: a sleep inside the namespace.
+        let process = Command::new("nsenter")
+            .arg(format!(
+                "--net=/proc/{}/fd/{}",
+                std::process::id(),
+                ns.fd().as_raw_fd()
+            ))
+            .args(["sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The systemd driver's layout, the UID's dashes as underscores.
+        let dir = cg.join(QOS_SLICE).join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        std::fs::create_dir(&dir).unwrap();
+        let log_dir = Path::new(POD_LOGS).join(format!("default_{name}_{uid}"));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let pod = FakePod {
+            ns,
+            name,
+            addr,
+            process,
+            cgroup: dir,
+            log_dir,
+        };
+        // nsenter execs sleep: the same PID, in the namespace once exec'd.
+        std::fs::write(
+            pod.cgroup.join("cgroup.procs"),
+            pod.process.id().to_string(),
+        )
+        .unwrap();
+        pod
+    }
+
+    fn pod(&self) -> String {
+        format!("default/{}", self.name)
+    }
+}
+
+impl Drop for FakePod {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir(&self.log_dir);
+    }
+}
+
+/// Two pods behind a masquerading node whose table is full: every dropped
+/// flow names its source pod, live (drop records) and in the report.
+#[test]
+fn dropped_flows_name_the_pod_behind_their_address() {
+    if !privileged() {
+        return;
+    }
+    let Some(cg) = cgroup2_mount() else {
+        eprintln!("SKIPPED dropped_flows_name_the_pod_behind_their_address: no cgroup v2 here");
+        return;
+    };
+    // Dropped last: after the pods and their directories.
+    let _logs = PodLogs(!Path::new(POD_LOGS).exists());
+    let _slices = MadeDirs::new(&cg, QOS_SLICE);
+    let lab = full_lab();
+    let node = &lab.topo.router;
+    nftables::masquerade(node).unwrap();
+    let pods = [
+        FakePod::start(
+            node,
+            "web-a",
+            "1a2b3c4d-0000-4000-8000-00000000000a",
+            Ipv4Addr::new(10, 20, 1, 2),
+            &cg,
+        ),
+        FakePod::start(
+            node,
+            "web-b",
+            "1a2b3c4d-0000-4000-8000-00000000000b",
+            Ipv4Addr::new(10, 20, 2, 2),
+            &cg,
+        ),
+    ];
+    // The pod must be in its namespace (exec done) and its cgroup.
+    for p in &pods {
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", p.process.id())).unwrap();
+        assert!(cgroup.contains("kubepods-besteffort-pod"), "{cgroup}");
+        let mut ok = false;
+        for _ in 0..50 {
+            let link = std::fs::read_link(format!("/proc/{}/ns/net", p.process.id()));
+            if link.is_ok_and(|l| l.to_string_lossy() == format!("net:[{}]", p.ns.inode())) {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ok, "{}'s process never entered its namespace", p.name);
+    }
+    let dir = std::env::temp_dir().join(format!("ctrace-pods-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = dir.join("rec.ndjson");
+    let tracer = Tracer::start(&[
+        "--netns",
+        &node.inode().to_string(),
+        "--interval",
+        "500ms",
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
+    let mut attempts = Vec::new();
+    for (p, (service, port)) in pods.iter().zip([("ssh", 22), ("etcd-peer", 2380)]) {
+        let plan = [Planned {
+            service: service.into(),
+            proto: ctrace::event::Proto::Tcp,
+            src: IpAddr::V4(p.addr),
+            dst: SocketAddr::new(IpAddr::V4(SERVER_V4), port),
+        }];
+        attempts.extend(traffic::attempt_all(&p.ns, &plan, Duration::from_millis(2500)).unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let records = tracer.stop();
+    let report = Command::new(ctrace_bin())
+        .arg("report")
+        .arg(&rec)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let expected: Vec<(String, String)> =
+        pods.iter().map(|p| (p.addr.to_string(), p.pod())).collect();
+    drop(pods);
+    let md = String::from_utf8_lossy(&report.stdout).into_owned();
+
+    assert!(attempts.iter().all(|a| !a.ok), "{attempts:?}");
+    let dropped = drops(&records);
+    for (addr, pod) in &expected {
+        let mine: Vec<_> = dropped
+            .iter()
+            .filter(|d| {
+                d["src"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{addr}:")))
+            })
+            .collect();
+        assert!(!mine.is_empty(), "no drop from {addr}: {dropped:?}");
+        for d in mine {
+            assert_eq!(d["src_pod"], pod.as_str(), "{d}");
+            assert_eq!(d["dst_pod"], serde_json::Value::Null, "{d}");
+            assert_eq!(d["cause"], "table_full", "{d}");
+        }
+    }
+    assert!(
+        report.status.success(),
+        "{md}{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(md.contains("Pods behind dropped flows"), "{md}");
+    for (_, pod) in &expected {
+        assert!(md.contains(pod.as_str()), "{pod} not in the report: {md}");
+    }
+}
+
+/// Directories made down a path, removed (innermost first) when empty
+/// again at the end.
+struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    fn new(base: &Path, path: &str) -> MadeDirs {
+        let mut made = Vec::new();
+        let mut dir = base.to_path_buf();
+        for part in path.split('/') {
+            dir.push(part);
+            if std::fs::create_dir(&dir).is_ok() {
+                made.push(dir.clone());
+            }
+        }
+        MadeDirs(made)
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// /var/log/pods, removed at the end if the test made it (and it is
+/// empty again).
+struct PodLogs(bool);
+
+impl Drop for PodLogs {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::fs::remove_dir(POD_LOGS);
+        }
+    }
+}
