@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod exporter;
 pub mod files;
+pub mod filling;
 pub mod judge;
 pub mod kernel;
 pub mod lab;

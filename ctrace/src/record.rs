@@ -16,6 +16,7 @@ use crate::{
     connects::{ConnectCounters, ConnectFailure, ConnectRow, Outcome},
     conntrack::TableSource,
     event::Proto,
+    filling::FillingRow,
     ledger::{Agreement, DropGroup, HeldBack},
     occupancy::{Breakdown, Kept},
     readings::DeviceChoice,
@@ -268,6 +269,15 @@ pub struct Summary {
     /// Outputs that failed and were kept going, by name.
     #[serde(default)]
     pub sink_errors: BTreeMap<String, SinkErrors>,
+    /// Who is filling each table now: the top new-entry makers of the
+    /// last interval per namespace, by source prefix, source pod and
+    /// service.
+    #[serde(default)]
+    pub filling: Vec<FillingRow>,
+    /// Times ctnetlink dropped new-entry announcements (`filling` is a
+    /// sample then); null where the tier's insert events feed it.
+    #[serde(default)]
+    pub filling_overruns: Option<u64>,
 }
 
 /// One namespace's table.
@@ -708,6 +718,14 @@ mod tests {
                     failing: Some("disk full".into()),
                 },
             )]),
+            filling: vec![FillingRow {
+                netns: 7,
+                by: crate::filling::FillBy::SrcPod,
+                key: "default/web-a".into(),
+                per_s: 40.5,
+                share: 0.75,
+            }],
+            filling_overruns: Some(0),
         }
     }
 

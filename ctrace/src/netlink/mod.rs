@@ -742,6 +742,14 @@ impl fmt::Debug for NlSocket {
     }
 }
 
+/// What a nonblocking read of a subscription found.
+pub enum Notice<'a> {
+    Messages(Msgs<'a>),
+    Empty,
+    /// The receive queue overran: notifications were lost.
+    Overrun,
+}
+
 impl NlSocket {
     /// Opens a socket for `protocol` (NETLINK_ROUTE, NETLINK_NETFILTER) in
     /// `ns`, or in the calling thread's namespace for None.
@@ -875,6 +883,70 @@ impl NlSocket {
     fn recv_wait(&mut self) -> Result<usize> {
         self.recv(false)?
             .context("netlink recv returned without a datagram")
+    }
+
+    /// Subscribes to multicast group `group` (NETLINK_ADD_MEMBERSHIP).
+    pub fn join_group(&mut self, group: u32) -> Result<()> {
+        const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
+        // A socket that never sent is unbound, with port id 0: the kernel's
+        // broadcasts (also from port 0) skip it as their own sender. Binding
+        // to port 0 has the kernel pick one.
+        // SAFETY: a zeroed sockaddr_nl with its family set is valid; the
+        // length is its own.
+        let rc = unsafe {
+            let mut addr: libc::sockaddr_nl = mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            libc::bind(
+                self.fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // Already bound (it sent a request before): fine.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e).context("binding a netlink socket");
+            }
+        }
+        setsockopt_int(
+            self.fd(),
+            SOL_NETLINK,
+            NETLINK_ADD_MEMBERSHIP,
+            i32::try_from(group).unwrap_or(i32::MAX),
+        )
+        .with_context(|| format!("joining netlink multicast group {group}"))
+    }
+
+    /// The next queued notification of a subscription, without waiting.
+    /// An overrun (the kernel dropped notifications, ENOBUFS) is said, and
+    /// the socket stays usable.
+    pub fn next_notice(&mut self) -> Result<Notice<'_>> {
+        loop {
+            // SAFETY: rbuf is live and its length is its own.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.rbuf.as_mut_ptr().cast(),
+                    self.rbuf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => Ok(Notice::Empty),
+                    Some(libc::ENOBUFS) => Ok(Notice::Overrun),
+                    _ => Err(e).context("receiving netlink notifications"),
+                };
+            }
+            let n = n as usize;
+            if n > self.rbuf.len() {
+                bail!("netlink notification of {n} bytes truncated");
+            }
+            return Ok(Notice::Messages(Msgs::new(&self.rbuf[..n])));
+        }
     }
 
     /// The next datagram already queued, if any.

@@ -82,6 +82,8 @@ pub fn summary(s: &Snapshot<'_>) -> Summary {
                 (h.name.to_string(), e)
             })
             .collect(),
+        filling: s.filling.clone(),
+        filling_overruns: s.filling_overruns,
     }
 }
 

@@ -97,6 +97,9 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 w(&mut o, format!("    {line}"));
             }
         }
+        for line in filling_lines(s, t.inode) {
+            w(&mut o, line);
+        }
         w(
             &mut o,
             format!(
@@ -357,6 +360,41 @@ impl<W: Write> Sink for LiveSink<W> {
         self.out.write_all(frame.as_bytes())?;
         self.out.flush()
     }
+}
+
+/// "filling now by src_pod: default/web-a 40.0/s (80%)  …": the top three
+/// new-entry makers of each kind in the last interval.
+fn filling_lines(s: &Snapshot<'_>, inode: u64) -> Vec<String> {
+    let mut lines = Vec::new();
+    for by in crate::filling::FillBy::ALL {
+        let top: Vec<String> = s
+            .filling
+            .iter()
+            .filter(|r| r.netns == inode && r.by == by)
+            .take(3)
+            .map(|r| {
+                format!(
+                    "{} {:.1}/s ({:.0}%)",
+                    crate::text::terminal(&r.key),
+                    r.per_s,
+                    r.share * 100.0
+                )
+            })
+            .collect();
+        if !top.is_empty() {
+            lines.push(format!(
+                "  filling now by {}: {}",
+                by.name(),
+                top.join("  ")
+            ));
+        }
+    }
+    if let Some(n) = s.filling_overruns.filter(|n| *n > 0) {
+        lines.push(format!(
+            "  (ctnetlink dropped new-entry announcements {n} times: the rates above are a sample)"
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]

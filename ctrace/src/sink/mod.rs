@@ -56,6 +56,11 @@ pub struct Snapshot<'a> {
     pub sink_health: Vec<guard::SinkHealth>,
     /// Namespaces not watched: past `table::MAX_TABLES`, without drops.
     pub netns_left_out: usize,
+    /// Who made the most new entries per namespace in the last interval.
+    pub filling: Vec<crate::filling::FillingRow>,
+    /// Times ctnetlink dropped new-entry announcements (the tops are a
+    /// sample then); None where insert events feed them.
+    pub filling_overruns: Option<u64>,
     pub is_final: bool,
 }
 
@@ -83,6 +88,8 @@ impl Snapshot<'_> {
             device_warnings: vec![],
             sink_health: vec![],
             netns_left_out: 0,
+            filling: vec![],
+            filling_overruns: None,
             is_final: false,
         }
     }

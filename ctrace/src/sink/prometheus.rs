@@ -304,6 +304,25 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
             .map_or(0.0, |d| d.as_secs_f64()),
     );
 
+    let filling = f.float(
+        "ctrace_filling_new_entries_per_second",
+        "New conntrack entries per second in the last interval, for the top 10 keys of each kind (by: src_prefix, src_pod, service) per namespace: who is filling the table now.",
+        &["netns", "by", "key"],
+    )?;
+    for r in &s.filling {
+        filling
+            .with_label_values(&[&r.netns.to_string(), r.by.name(), &r.key])
+            .set(r.per_s);
+    }
+    if let Some(n) = s.filling_overruns {
+        let c = f.counter(
+            "ctrace_filling_overruns_total",
+            "Times ctnetlink dropped new-entry announcements: the filling rates are a sample meanwhile.",
+            &[],
+        )?;
+        set_counter(&c, &[], n);
+    }
+
     let netns_info = f.gauge(
         "ctrace_netns_info",
         "Names of a network namespace: its /run/netns name and its Kubernetes pod; always 1. Its processes are in the JSON summary (free text is no label).",

@@ -22,6 +22,7 @@ use crate::{
     aggregate::{Aggregator, DropRecord, EvictionGroup, FlowEntry},
     cause::{Cause, evidence},
     event::{DropEvent, EntryChange, EntryEvent, Flow, KernelEvent},
+    filling::{FillingMeter, NewEntryFeed},
     kernel::{
         KernelFacts,
         kmsg::{KmsgReader, TableFullWitness, Tally},
@@ -62,6 +63,11 @@ pub struct RouterView {
     occupancy: Option<Occupancy>,
     /// The pods of this node behind flows' addresses.
     pods: PodAddresses,
+    /// New entries per second by source and service, per interval.
+    filling: FillingMeter,
+    /// ctnetlink's new-entry announcements, for tiers without insert
+    /// events.
+    new_entries: Option<NewEntryFeed>,
     /// The kernel log, read for table-full lines since start; None when
     /// /dev/kmsg cannot be opened.
     kmsg: Option<KernelLog>,
@@ -149,6 +155,14 @@ impl RouterView {
             source.tier().strategy,
             facts.release
         );
+        // Tiers without insert events learn new entries from ctnetlink,
+        // subscribed now: an entry made before the subscription is never
+        // announced.
+        let new_entries = (!source.tier().caps.entry_events).then(|| {
+            let mut feed = NewEntryFeed::default();
+            feed.sync(&monitor.inodes());
+            feed
+        });
         Ok(RouterView {
             settlement: Settlement::for_source(&source),
             source,
@@ -162,6 +176,8 @@ impl RouterView {
             late_cutoff_ns: 0,
             occupancy,
             pods: PodAddresses::new(&cfg.host_root),
+            filling: FillingMeter::default(),
+            new_entries,
             kmsg,
         })
     }
@@ -274,6 +290,13 @@ impl RouterView {
         // keep occupancy then.
         if !self.tier().caps.entry_events {
             return;
+        }
+        if e.change == EntryChange::Inserted {
+            let src = e.flow.src.ip();
+            let service = self.catalog.lookup(e.flow.proto, e.flow.dst.port());
+            let pod = self.pods.pod(src);
+            self.filling
+                .new_entry(e.flow.netns, src, service, pod.as_deref());
         }
         let Some(occ) = self.occupancy.as_mut() else {
             return;
@@ -435,10 +458,26 @@ impl RouterView {
             .update_evictions(&evicted, complete, |proto, port| {
                 catalog.lookup(proto, port).map(str::to_string)
             });
+        self.measure_filling();
         let counters = self.source.counters()?;
         self.refresh_occupancy(counters.lost_events, is_final);
         self.read_kernel_log();
         Ok(counters)
+    }
+
+    /// Closes the interval of the filling-now meter, after taking what
+    /// ctnetlink announced (on tiers without insert events).
+    fn measure_filling(&mut self) {
+        if let Some(feed) = self.new_entries.as_mut() {
+            feed.sync(&self.monitor.inodes());
+            let (filling, pods, catalog) = (&mut self.filling, &mut self.pods, &self.catalog);
+            feed.drain(&mut |ns, e| {
+                let service = catalog.lookup(crate::event::Proto::from_number(e.proto), e.dport);
+                let pod = pods.pod(e.src);
+                filling.new_entry(ns, e.src, service, pod.as_deref());
+            });
+        }
+        self.filling.roll();
     }
 
     /// The view's share of a summary, with the counters its tick returned.
@@ -466,6 +505,8 @@ impl RouterView {
         snap.devices = devices;
         snap.device_warnings = device_warnings;
         snap.netns_left_out = self.monitor.left_out();
+        snap.filling = self.filling.rows().to_vec();
+        snap.filling_overruns = self.new_entries.as_ref().map(NewEntryFeed::overruns);
     }
 
     /// Adds the kernel log's new table-full witnesses to the tally; lines
@@ -503,6 +544,7 @@ impl RouterView {
         self.source.forget_netns(&gone);
         self.ledger.retain(|ns| !gone.contains(&ns));
         self.agg.retain_netns(|ns| !gone.contains(&ns));
+        self.filling.forget(&gone);
         if let Some(occ) = self.occupancy.as_mut() {
             for ns in &gone {
                 occ.tracker.forget(*ns);

@@ -228,6 +228,161 @@ fn dropped_flows_name_the_pod_behind_their_address() {
     }
 }
 
+/// Opens a TCP connection to `dst` every `1/rate` s for `span` from inside
+/// `ns` (each a new conntrack entry in the node), closing each at once.
+/// Returns how many were opened, and over how long.
+fn open_flows(
+    ns: &NetNs,
+    dst: SocketAddr,
+    rate: u32,
+    span: Duration,
+) -> std::thread::JoinHandle<(u64, Duration)> {
+    ns.spawn("filler", move || {
+        let period = Duration::from_secs(1) / rate;
+        let start = std::time::Instant::now();
+        let mut opened = 0u64;
+        let mut i = 0u32;
+        while start.elapsed() < span {
+            let next = start + period * i;
+            if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            i += 1;
+            if std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok() {
+                opened += 1;
+            }
+        }
+        (opened, start.elapsed())
+    })
+    .unwrap()
+}
+
+/// Who is filling the table now: two pods open new flows at known,
+/// different rates through the node; ctrace's top source prefix and pod
+/// is the faster one, at its rate (within 10%), and the entries it counts
+/// over the run meet the flows opened.
+#[test]
+fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
+    if !privileged() {
+        return;
+    }
+    let Some(cg) = cgroup2_mount() else {
+        eprintln!("SKIPPED who_fills_the_table_now: no cgroup v2 here");
+        return;
+    };
+    let _logs = PodLogs(!Path::new(POD_LOGS).exists());
+    let _slices = MadeDirs::new(&cg, QOS_SLICE);
+    let topo = ctrace::lab::topology::Topology::build().unwrap();
+    let _listeners = traffic::Listeners::start(&topo.servers, &[22, 2380], &[]).unwrap();
+    let node = &topo.router;
+    let pods = [
+        FakePod::start(
+            node,
+            "fill-a",
+            "1a2b3c4d-0000-4000-8000-0000000000fa",
+            Ipv4Addr::new(10, 20, 1, 2),
+            &cg,
+        ),
+        FakePod::start(
+            node,
+            "fill-b",
+            "1a2b3c4d-0000-4000-8000-0000000000fb",
+            Ipv4Addr::new(10, 20, 2, 2),
+            &cg,
+        ),
+    ];
+    let tracer = Tracer::start(&["--netns", &node.inode().to_string(), "--interval", "1s"]);
+    let span = Duration::from_secs(6);
+    let a = open_flows(
+        &pods[0].ns,
+        SocketAddr::new(IpAddr::V4(SERVER_V4), 22),
+        40,
+        span,
+    );
+    let b = open_flows(
+        &pods[1].ns,
+        SocketAddr::new(IpAddr::V4(SERVER_V4), 2380),
+        10,
+        span,
+    );
+    let (a_opened, a_took) = a.join().unwrap();
+    let (b_opened, _) = b.join().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let records = tracer.stop();
+    let expected = [pods[0].pod(), pods[1].pod()];
+    drop(pods);
+
+    let a_rate = a_opened as f64 / a_took.as_secs_f64();
+    let summaries: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["type"] == "summary").collect();
+    let node_ns = node.inode();
+    let rows = |s: &serde_json::Value, by: &str| -> Vec<(String, f64)> {
+        s["filling"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["netns"] == node_ns && r["by"] == by)
+            .map(|r| {
+                (
+                    r["key"].as_str().unwrap().to_string(),
+                    r["per_s"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Entries counted over the run: the sum of each interval's rate times
+    // its length, against the flows opened.
+    let mut counted = std::collections::BTreeMap::<String, f64>::new();
+    let mut prev = 0.0;
+    let mut a_rates = Vec::new();
+    for s in &summaries {
+        let t = s["elapsed_s"].as_f64().unwrap();
+        for (key, per_s) in rows(s, "src_prefix") {
+            *counted.entry(key.clone()).or_default() += per_s * (t - prev);
+            if key == "10.20.1.0/24" {
+                a_rates.push(per_s);
+            }
+        }
+        prev = t;
+    }
+    eprintln!(
+        "pod a: {a_opened} flows at {a_rate:.1}/s, pod b: {b_opened}; counted by prefix {counted:?}; \
+         a's rates per interval {a_rates:?}"
+    );
+    for (key, opened) in [("10.20.1.0/24", a_opened), ("10.20.2.0/24", b_opened)] {
+        let got = counted.get(key).copied().unwrap_or(0.0);
+        assert!(
+            (got - opened as f64).abs() <= 0.1 * opened as f64,
+            "{key}: counted {got:.1} new entries, {opened} flows opened"
+        );
+    }
+    // The busiest interval: the top source prefix, pod and service are
+    // a's, at a's rate.
+    a_rates.sort_by(f64::total_cmp);
+    let steady = summaries
+        .iter()
+        .filter(|s| rows(s, "src_prefix").first().is_some_and(|(_, r)| *r > 0.0))
+        .max_by(|x, y| {
+            let r = |s: &serde_json::Value| rows(s, "src_prefix").first().map_or(0.0, |t| t.1);
+            r(x).total_cmp(&r(y))
+        })
+        .expect("no interval measured any filling");
+    let median = a_rates[a_rates.len() / 2];
+    assert!(
+        (median - a_rate).abs() <= 0.1 * a_rate,
+        "a's median rate {median:.1}/s, it opened {a_rate:.1}/s"
+    );
+    assert_eq!(rows(steady, "src_prefix")[0].0, "10.20.1.0/24", "{steady}");
+    assert_eq!(rows(steady, "src_pod")[0].0, expected[0], "{steady}");
+    assert_eq!(rows(steady, "service")[0].0, "ssh", "{steady}");
+    assert!(
+        rows(steady, "src_pod")
+            .iter()
+            .any(|(k, _)| *k == expected[1]),
+        "{steady}"
+    );
+}
+
 /// Directories made down a path, removed (innermost first) when empty
 /// again at the end.
 struct MadeDirs(Vec<PathBuf>);
