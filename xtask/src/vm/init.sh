@@ -23,6 +23,8 @@ mount -t tmpfs tmp /tmp
 mount -t tracefs tracefs /sys/kernel/tracing || echo "CTRACE-VM-NOTE tracefs could not be mounted"
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+# A kubelet's pods live in cgroups: the pod tests make theirs here.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || echo "CTRACE-VM-NOTE no cgroup v2: the pod tests skip"
 ip link set lo up
 
 echo "CTRACE-VM-KERNEL release=$(uname -r) machine=$(uname -m) cpus=$(grep -c ^processor /proc/cpuinfo) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
