@@ -14,19 +14,17 @@ use anyhow::Context as _;
 
 pub use crate::view::WatchConfig;
 use crate::{
-    aggregate::{EvictionGroup, FlowEntry},
     connects::{ConnectRow, Side},
     kernel::KernelFacts,
-    ledger::{Agreement, DropGroup},
     loader::LoadOptions,
     netns::NetNs,
-    occupancy::Breakdown,
-    readings::Counters,
     services::KernelIndex,
     sink::{Sink, Snapshot},
-    table::TableView,
     tier::Strategy,
-    view::{node::NodeView, router::RouterView},
+    view::{
+        node::NodeView,
+        router::{RouterOutcome, RouterView},
+    },
 };
 
 /// How often the wall clock's offset is re-read.
@@ -36,13 +34,8 @@ const CLOCK_RESYNC: Duration = Duration::from_secs(60);
 pub struct Outcome {
     /// None when the router view was off (`--side node`).
     pub strategy: Option<Strategy>,
-    pub counters: Counters,
-    pub groups: Vec<DropGroup>,
-    pub evictions: Vec<EvictionGroup>,
-    pub agreement: Vec<Agreement>,
-    pub tables: Vec<TableView>,
-    pub flows: Vec<FlowEntry>,
-    pub occupancy: Vec<(u64, crate::occupancy::Kept, Breakdown)>,
+    /// Empty when the router view was off.
+    pub router: RouterOutcome,
     pub connects: Vec<ConnectRow>,
 }
 
@@ -264,31 +257,13 @@ impl Watcher {
 
     /// The state right now, without waiting for a tick.
     pub fn outcome(&self) -> anyhow::Result<Outcome> {
-        let connects = self.node.as_ref().map(NodeView::rows).unwrap_or_default();
-        let Some(router) = self.router.as_ref() else {
-            return Ok(Outcome {
-                strategy: None,
-                counters: Counters::default(),
-                groups: vec![],
-                evictions: vec![],
-                agreement: vec![],
-                tables: vec![],
-                flows: vec![],
-                occupancy: vec![],
-                connects,
-            });
-        };
-        let r = router.outcome()?;
         Ok(Outcome {
             strategy: self.strategy(),
-            counters: r.counters,
-            groups: r.groups,
-            evictions: r.evictions,
-            agreement: r.agreement,
-            tables: r.tables,
-            flows: r.flows,
-            occupancy: r.occupancy,
-            connects,
+            router: match self.router.as_ref() {
+                Some(r) => r.outcome()?,
+                None => RouterOutcome::default(),
+            },
+            connects: self.node.as_ref().map(NodeView::rows).unwrap_or_default(),
         })
     }
 }

@@ -157,3 +157,21 @@ fn openwrt_service_script_parses() {
         .arg("-n")
         .arg(deploy("openwrt/ctrace.conf")));
 }
+
+/// The DaemonSet names the image `cargo xtask image` tags: `ctrace:` and
+/// the workspace's version.
+#[test]
+fn the_daemonset_runs_the_image_the_build_tags() {
+    let cargo = std::fs::read_to_string(deploy("../Cargo.toml")).unwrap();
+    let version = cargo
+        .lines()
+        .skip_while(|l| l.trim() != "[workspace.package]")
+        .find_map(|l| l.strip_prefix("version = \"")?.strip_suffix('"'))
+        .unwrap();
+    let ds = std::fs::read_to_string(deploy("kubernetes/daemonset.yaml")).unwrap();
+    let images: Vec<&str> = ds
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert_eq!(images, [format!("ctrace:{version}")], "{images:?}");
+}

@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod cross;
+mod image;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -77,6 +78,10 @@ enum Cmd {
     /// Benchmarks (root): ctrace's cost as ratios against a baseline taken
     /// in the same run; prints a table, writes target/bench/results.json.
     Bench,
+    /// The DaemonSet's image: an OCI archive for linux/amd64 and
+    /// linux/arm64 (target/image/), made without a container daemon and
+    /// checked with skopeo.
+    Image,
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
     /// Build the fuzz targets (fuzz/) with libFuzzer, AddressSanitizer and
@@ -114,10 +119,14 @@ fn main() -> ExitCode {
                 step("skipping the VM matrix (--no-vm or CTRACE_SKIP_VM=1)");
                 Ok(())
             } else {
-                vm::run(&vm, filter.as_deref())
+                vm::run(&vm, filter.as_deref())?;
+                // The VM matrix built both musl binaries: the image costs
+                // only its assembly and skopeo's check now.
+                image::image().map(|_| ())
             }
         }),
         Cmd::VmTest { vm, filter } => vm::run(&vm, filter.as_deref()),
+        Cmd::Image => image::image().map(|_| ()),
         Cmd::Lint => lint(),
         Cmd::Fuzz { secs, targets } => fuzz(secs, &targets),
     };

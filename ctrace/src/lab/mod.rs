@@ -546,6 +546,7 @@ fn judge(truth: &Truth, outcome: &Outcome, node_view: bool) -> Report {
     }
     let mut ctrace_packets = 0;
     for g in outcome
+        .router
         .groups
         .iter()
         .filter(|g| g.cause == Cause::TableFull)
@@ -563,7 +564,7 @@ fn judge(truth: &Truth, outcome: &Outcome, node_view: bool) -> Report {
         healthy_ok: truth.healthy.iter().all(|a| a.ok),
         conntrack_drops: truth.drops_after - truth.drops_before,
         ctrace_packets,
-        lost_events: outcome.counters.lost_events,
+        lost_events: outcome.router.counters.lost_events,
         fill_entries: truth.fill.created,
         fill_time: truth.fill.elapsed,
     }

@@ -74,6 +74,7 @@ pub struct RouterView {
 }
 
 /// What the router view saw, for callers that judge a run (the lab, tests).
+#[derive(Default)]
 pub struct RouterOutcome {
     pub counters: Counters,
     pub groups: Vec<DropGroup>,
