@@ -66,6 +66,8 @@ pub struct Report {
     /// Dropped flows (first sightings) per (pod, end, cause), most first:
     /// the pods of the traced node behind the addresses.
     pub pods: Vec<(String, &'static str, String, u64)>,
+    /// (netns, kind, key, peak new entries/s, when), highest first.
+    pub filling: Vec<(u64, &'static str, String, f64, SystemTime)>,
     pub left_out: LeftOut,
     pub blocks: Vec<Block>,
 }
@@ -114,6 +116,9 @@ pub struct Builder {
     sighted: BTreeMap<(String, String), Option<(SystemTime, SystemTime)>>,
     /// First sightings per (pod, end, cause).
     pods: BTreeMap<(String, &'static str, String), u64>,
+    /// Who filled the tables: per (netns, kind, key), the highest rate of
+    /// new entries an interval saw, and when.
+    filling: BTreeMap<(u64, &'static str, String), (f64, Option<SystemTime>)>,
     per_service_prev: BTreeMap<String, u64>,
     drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
     evictions: BTreeMap<(u64, String, String, String), u64>,
@@ -209,6 +214,20 @@ impl Builder {
         let start = *self.start.get_or_insert(s.time);
         self.end = Some(self.end.map_or(s.time, |e| e.max(s.time)));
         let x = secs(s.time, start);
+        for r in &s.filling {
+            let key = (r.netns, r.by.name(), short(&r.key));
+            let Some(peak) = admit(
+                &mut self.filling,
+                key,
+                MAX_GROUPS,
+                &mut self.left_out.groups,
+            ) else {
+                continue;
+            };
+            if peak.1.is_none() || r.per_s > peak.0 {
+                *peak = (r.per_s, Some(s.time));
+            }
+        }
         for n in &s.netns {
             let Some(st) = admit(
                 &mut self.namespaces,
@@ -359,6 +378,7 @@ impl Builder {
             last_rise,
             sighted,
             pods,
+            filling,
             drops_over_time,
             evictions,
             agreement,
@@ -410,6 +430,11 @@ impl Builder {
             let t = ev.entry((service, by)).or_default();
             *t = t.saturating_add(n);
         }
+        let mut filling: Vec<_> = filling
+            .into_iter()
+            .filter_map(|((ns, by, key), (peak, at))| Some((ns, by, key, peak, at?)))
+            .collect();
+        filling.sort_by(|a, b| b.3.total_cmp(&a.3));
         let mut pods: Vec<_> = pods
             .into_iter()
             .map(|((p, e, c), n)| (p, e, c, n))
@@ -442,6 +467,7 @@ impl Builder {
             agreement: agreement.into_values().collect(),
             strategy,
             pods,
+            filling,
             left_out,
             blocks: vec![],
         };
@@ -634,6 +660,32 @@ impl Report {
                 .iter()
                 .map(|(name, m)| vec![name.to_string(), top(m, o.total, 5)])
                 .collect(),
+            });
+        }
+
+        if !self.filling.is_empty() {
+            b.push(Block::Heading(2, "Who filled the tables".into()));
+            b.push(Block::Para(
+                "New entries per second at their highest interval, by source prefix, source pod and service (each interval's top 10 per namespace).".into(),
+            ));
+            b.push(Block::Table {
+                head: ["netns", "by", "key", "peak new entries/s", "at"]
+                    .map(String::from)
+                    .to_vec(),
+                rows: self
+                    .filling
+                    .iter()
+                    .take(20)
+                    .map(|(ns, by, key, peak, at)| {
+                        vec![
+                            ns.to_string(),
+                            (*by).to_string(),
+                            md(key),
+                            format!("{peak:.1}"),
+                            rfc3339(*at),
+                        ]
+                    })
+                    .collect(),
             });
         }
 

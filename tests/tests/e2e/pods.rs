@@ -291,7 +291,17 @@ fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
             &cg,
         ),
     ];
-    let tracer = Tracer::start(&["--netns", &node.inode().to_string(), "--interval", "1s"]);
+    let dir = std::env::temp_dir().join(format!("ctrace-filling-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = dir.join("rec.ndjson");
+    let tracer = Tracer::start(&[
+        "--netns",
+        &node.inode().to_string(),
+        "--interval",
+        "1s",
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
     let span = Duration::from_secs(6);
     let a = open_flows(
         &pods[0].ns,
@@ -309,8 +319,30 @@ fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
     let (b_opened, _) = b.join().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     let records = tracer.stop();
+    let report = Command::new(ctrace_bin())
+        .arg("report")
+        .arg(&rec)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     let expected = [pods[0].pod(), pods[1].pod()];
     drop(pods);
+    // The report's account of who filled the table: the faster pod first.
+    let md = String::from_utf8_lossy(&report.stdout).into_owned();
+    assert!(report.status.success(), "{md}");
+    let section = md
+        .split("## Who filled the tables")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no filling section: {md}"));
+    let first_of = |by: &str| {
+        section
+            .lines()
+            .find(|l| l.split('|').nth(2).is_some_and(|c| c.trim() == by))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(first_of("src_prefix").contains("10.20.1.0/24"), "{section}");
+    assert!(first_of("src_pod").contains("fill-a"), "{section}");
 
     let a_rate = a_opened as f64 / a_took.as_secs_f64();
     let summaries: Vec<&serde_json::Value> =
