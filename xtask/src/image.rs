@@ -175,6 +175,7 @@ fn assemble(bins: &[(PathBuf, &str)], version: &str, out: &Path) -> anyhow::Resu
     let archive = out.join(format!("ctrace-{version}.oci.tar"));
     tar(&layout, &["blobs", "index.json", "oci-layout"], &archive)?;
     fs::remove_dir_all(&scratch)?;
+    fs::remove_dir_all(&layout)?;
     step(&format!(
         "image: {} ({:.1} MiB)",
         archive.display(),
