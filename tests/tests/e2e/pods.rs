@@ -223,6 +223,14 @@ fn dropped_flows_name_the_pod_behind_their_address() {
         String::from_utf8_lossy(&report.stderr)
     );
     assert!(md.contains("Pods behind dropped flows"), "{md}");
+    let section = md
+        .split("## Pods behind dropped flows")
+        .nth(1)
+        .unwrap_or_default();
+    eprintln!(
+        "report:{}",
+        section.split("\n## ").next().unwrap_or_default()
+    );
     for (_, pod) in &expected {
         assert!(md.contains(pod.as_str()), "{pod} not in the report: {md}");
     }
