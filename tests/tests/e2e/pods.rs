@@ -320,7 +320,7 @@ fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
         "--metrics",
         &port.to_string(),
     ]);
-    let span = Duration::from_secs(6);
+    let span = Duration::from_secs(4);
     let a = open_flows(
         &pods[0].ns,
         SocketAddr::new(IpAddr::V4(SERVER_V4), 22),
