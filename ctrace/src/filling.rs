@@ -195,6 +195,7 @@ impl NewEntryFeed {
                 self.overruns_gone += f.overruns;
             }
         }
+        self.failed.retain(|ns, _| watched.contains(ns));
         let missing: Vec<u64> = watched
             .iter()
             .filter(|ns| !self.feeds.contains_key(ns))
@@ -216,7 +217,22 @@ impl NewEntryFeed {
                 .get(&ns)
                 .ok_or_else(|| anyhow::anyhow!("not found"))
                 .and_then(|p| NetNs::open(p))
-                .and_then(|n| NewEntries::subscribe(Some(&n)));
+                // The path named a task's namespace at discovery; a task
+                // that exited since may have left its number to another.
+                .and_then(|n| {
+                    anyhow::ensure!(n.inode() == ns, "moved to another namespace");
+                    let events = n.run(|| {
+                        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
+                    });
+                    if matches!(events, Ok(Ok(v)) if v.trim() == "0") {
+                        log::warn!(
+                            "netns {ns}: net.netfilter.nf_conntrack_events is 0: conntrack \
+                             announces no new entries there, so who is filling its table \
+                             stays unknown"
+                        );
+                    }
+                    NewEntries::subscribe(Some(&n))
+                });
             match sub {
                 Ok(f) => {
                     log::debug!("netns {ns}: new-entry events subscribed");

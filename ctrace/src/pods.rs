@@ -105,8 +105,11 @@ impl PodAddresses {
     }
 
     /// `namespace/name` of the pod with address `ip`. The map is rebuilt
-    /// when asked and older than a rescan period: pods come and go slowly
-    /// compared with drops, and a node with no drops pays nothing.
+    /// when asked and older than a rescan period (pods come and go slowly
+    /// compared with flows; a node with nothing to name pays nothing), in
+    /// line: one /proc scan and one address dump per pod every 10 s at
+    /// most. A pod's address taken over by another within that time names
+    /// the old one until then.
     pub fn pod(&mut self, ip: IpAddr) -> Option<Arc<str>> {
         if self.last.is_none_or(|t| t.elapsed() >= RESCAN_EVERY) {
             self.rebuild();
@@ -142,7 +145,12 @@ impl PodAddresses {
                 continue;
             };
             let pod: Arc<str> = Arc::from(pod);
-            let addrs = NetNs::open(path).and_then(|ns| RtSocket::open(Some(&ns))?.addresses());
+            let addrs = NetNs::open(path).and_then(|ns| {
+                // A task that exited since discovery may have left its
+                // number to one in another namespace.
+                anyhow::ensure!(ns.inode() == inode, "moved to another namespace");
+                RtSocket::open(Some(&ns))?.addresses()
+            });
             match addrs {
                 Ok(addrs) => by_ip.extend(addrs.into_iter().map(|ip| (ip, pod.clone()))),
                 // Gone since the scan, or not ours to enter.

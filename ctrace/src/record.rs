@@ -392,6 +392,7 @@ pub enum FlowTag {
 /// The kernel log's table-full witnesses since start.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default)]
 pub struct KernelLog {
     /// Table-full drops the log shows: lines plus suppressed callbacks.
     pub table_full: u64,
@@ -413,6 +414,7 @@ pub struct KernelLog {
 /// (then passed or judged) or counted as never judged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default)]
 pub struct Correlation {
     pub opened: u64,
     pub passed: u64,
@@ -430,6 +432,7 @@ pub struct Correlation {
 /// An output that failed and was kept going.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(default)]
 pub struct SinkErrors {
     /// Writes that failed or were skipped while it was failing.
     pub errors: u64,
@@ -772,7 +775,9 @@ mod tests {
     fn an_early_summary_reads_with_what_it_has() {
         let early = r#"{"type":"summary","time":"2026-12-03T01:00:00.000Z",
             "netns":[{"inode":7,"count":10,"max":20}],
-            "occupancy":[{"inode":7,"total":3}]}"#;
+            "occupancy":[{"inode":7,"total":3}],
+            "correlation":{"opened":3,"passed":1},"kernel_log":{"lines":1},
+            "sink_errors":{"record":{"errors":2}}}"#;
         let Line::Summary(s) = serde_json::from_str::<Line>(early).unwrap() else {
             panic!("not a summary");
         };
@@ -780,6 +785,10 @@ mod tests {
         assert_eq!(s.netns[0].table_source, None);
         assert_eq!(s.occupancy[0].source, None);
         assert!(s.detail_held_back.is_empty() && s.connects.is_none());
+        // Nested parts from before their fields existed read too.
+        assert_eq!(s.correlation.as_ref().map(|c| c.opened), Some(3));
+        assert_eq!(s.kernel_log.as_ref().map(|k| k.lines), Some(1));
+        assert_eq!(s.sink_errors["record"].errors, 2);
     }
 
     #[test]

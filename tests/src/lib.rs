@@ -294,7 +294,6 @@ pub fn totals(
     m
 }
 
-/// Names of loaded BPF programs that are ctrace's.
 /// IDs of the ctrace programs loaded now. Tests compare ID sets, never
 /// counts: an earlier test's programs may still be on their way out (their
 /// release is deferred), and a count would mistake them for this run's.
@@ -306,6 +305,7 @@ pub fn ctrace_program_ids() -> std::collections::BTreeSet<u32> {
         .collect()
 }
 
+/// Names of loaded BPF programs that are ctrace's.
 pub fn ctrace_programs() -> Vec<String> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)

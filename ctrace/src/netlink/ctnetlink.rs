@@ -1242,38 +1242,54 @@ pub struct NewEntries {
     sock: NlSocket,
     /// Times the kernel dropped announcements (ENOBUFS): a sample then.
     pub overruns: u64,
+    /// Messages that did not decode, skipped.
+    pub undecodable: u64,
 }
 
 impl NewEntries {
     pub fn subscribe(ns: Option<&NetNs>) -> Result<NewEntries> {
         let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
         sock.join_group(NFNLGRP_CONNTRACK_NEW)?;
-        Ok(NewEntries { sock, overruns: 0 })
+        Ok(NewEntries {
+            sock,
+            overruns: 0,
+            undecodable: 0,
+        })
     }
 
     /// Hands every entry announced since the last call to `f`; at most
-    /// `max` of them, so a storm cannot hold the caller (the rest wait, or
-    /// overrun and are counted).
+    /// `max` messages, whatever they hold, so a storm cannot hold the
+    /// caller (the rest wait, or overrun and are counted). A message that
+    /// does not decode is skipped and counted, never a reason to stop.
     pub fn drain(&mut self, max: usize, f: &mut dyn FnMut(&Entry)) -> Result<usize> {
-        let mut seen = 0;
-        while seen < max {
+        let (mut read, mut entries) = (0, 0);
+        while read < max {
             match self.sock.next_notice()? {
                 Notice::Empty => break,
                 Notice::Overrun => self.overruns += 1,
+                Notice::Foreign => read += 1,
                 Notice::Messages(msgs) => {
                     for m in msgs {
-                        let m = m?;
+                        read += 1;
+                        let Ok(m) = m else {
+                            self.undecodable += 1;
+                            break;
+                        };
                         if m.ty != ct_msg_type(IPCTNL_MSG_CT_NEW) {
                             continue;
                         }
-                        if let Some(e) = Entry::from_msg(&m)? {
-                            seen += 1;
-                            f(&e);
+                        match Entry::from_msg(&m) {
+                            Ok(Some(e)) => {
+                                entries += 1;
+                                f(&e);
+                            }
+                            Ok(None) => {}
+                            Err(_) => self.undecodable += 1,
                         }
                     }
                 }
             }
         }
-        Ok(seen)
+        Ok(entries)
     }
 }

@@ -748,6 +748,8 @@ pub enum Notice<'a> {
     Empty,
     /// The receive queue overran: notifications were lost.
     Overrun,
+    /// A datagram from another process, not the kernel: skipped.
+    Foreign,
 }
 
 impl NlSocket {
@@ -920,16 +922,22 @@ impl NlSocket {
 
     /// The next queued notification of a subscription, without waiting.
     /// An overrun (the kernel dropped notifications, ENOBUFS) is said, and
-    /// the socket stays usable.
+    /// the socket stays usable. Only the kernel's are taken: a datagram from
+    /// another process (any with CAP_NET_ADMIN could forge one) is skipped.
     pub fn next_notice(&mut self) -> Result<Notice<'_>> {
         loop {
-            // SAFETY: rbuf is live and its length is its own.
+            // SAFETY: zeroed sockaddr_nl is a valid out-parameter.
+            let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+            let mut addr_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            // SAFETY: rbuf, addr and addr_len are live; lengths are theirs.
             let n = unsafe {
-                libc::recv(
+                libc::recvfrom(
                     self.fd.as_raw_fd(),
                     self.rbuf.as_mut_ptr().cast(),
                     self.rbuf.len(),
                     libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    (&raw mut addr).cast(),
+                    &raw mut addr_len,
                 )
             };
             if n < 0 {
@@ -944,6 +952,9 @@ impl NlSocket {
             let n = n as usize;
             if n > self.rbuf.len() {
                 bail!("netlink notification of {n} bytes truncated");
+            }
+            if addr.nl_pid != 0 {
+                return Ok(Notice::Foreign);
             }
             return Ok(Notice::Messages(Msgs::new(&self.rbuf[..n])));
         }

@@ -30,6 +30,7 @@ use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Regis
 use super::{Sink, Snapshot};
 use crate::{
     aggregate::DropRecord,
+    filling::FillBy,
     ledger::Trust,
     table::{TimeToFull, stat_fields},
     tier::Strategy,
@@ -306,10 +307,10 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
 
     let filling = f.float(
         "ctrace_filling_new_entries_per_second",
-        "New conntrack entries per second in the last interval, for the top 10 keys of each kind (by: src_prefix, src_pod, service) per namespace: who is filling the table now.",
+        "New conntrack entries per second in the last interval, for the top 10 source pods and services (by: src_pod, service) per namespace: who is filling the table now. Source prefixes are in the JSON only: addresses are no labels.",
         &["netns", "by", "key"],
     )?;
-    for r in &s.filling {
+    for r in s.filling.iter().filter(|r| r.by != FillBy::SrcPrefix) {
         filling
             .with_label_values(&[&r.netns.to_string(), r.by.name(), &r.key])
             .set(r.per_s);

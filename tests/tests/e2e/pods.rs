@@ -83,7 +83,15 @@ impl FakePod {
             "kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")
         ));
-        std::fs::create_dir(&dir).unwrap();
+        // A killed run may have left it; it is ours either way.
+        if let Err(e) = std::fs::create_dir(&dir) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists,
+                "{}: {e}",
+                dir.display()
+            );
+        }
         let log_dir = Path::new(POD_LOGS).join(format!("default_{name}_{uid}"));
         std::fs::create_dir_all(&log_dir).unwrap();
         let pod = FakePod {
