@@ -926,37 +926,48 @@ impl NlSocket {
     /// another process (any with CAP_NET_ADMIN could forge one) is skipped.
     pub fn next_notice(&mut self) -> Result<Notice<'_>> {
         loop {
-            // SAFETY: zeroed sockaddr_nl is a valid out-parameter.
-            let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
-            let mut addr_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            // SAFETY: rbuf, addr and addr_len are live; lengths are theirs.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    self.rbuf.as_mut_ptr().cast(),
-                    self.rbuf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    (&raw mut addr).cast(),
-                    &raw mut addr_len,
-                )
+            let (n, sender) = match self.recv_raw(libc::MSG_DONTWAIT) {
+                Ok(got) => got,
+                Err(e) => {
+                    return match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EAGAIN) => Ok(Notice::Empty),
+                        Some(libc::ENOBUFS) => Ok(Notice::Overrun),
+                        _ => Err(e).context("receiving netlink notifications"),
+                    };
+                }
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => Ok(Notice::Empty),
-                    Some(libc::ENOBUFS) => Ok(Notice::Overrun),
-                    _ => Err(e).context("receiving netlink notifications"),
-                };
-            }
-            let n = n as usize;
             if n > self.rbuf.len() {
                 bail!("netlink notification of {n} bytes truncated");
             }
-            if addr.nl_pid != 0 {
+            if sender != 0 {
                 return Ok(Notice::Foreign);
             }
             return Ok(Notice::Messages(Msgs::new(&self.rbuf[..n])));
+        }
+    }
+
+    /// One datagram into the receive buffer (`MSG_TRUNC` added to
+    /// `flags`): its full length, which may exceed the buffer, and the
+    /// sender's port id (0: the kernel).
+    fn recv_raw(&mut self, flags: libc::c_int) -> io::Result<(usize, u32)> {
+        // SAFETY: zeroed sockaddr_nl is a valid out-parameter.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        let mut addr_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: rbuf, addr and addr_len are live; lengths are theirs.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                self.rbuf.as_mut_ptr().cast(),
+                self.rbuf.len(),
+                flags | libc::MSG_TRUNC,
+                (&raw mut addr).cast(),
+                &raw mut addr_len,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => Ok((n, addr.nl_pid)),
+            Err(_) => Err(io::Error::last_os_error()),
         }
     }
 
@@ -966,25 +977,11 @@ impl NlSocket {
     }
 
     fn recv(&mut self, nonblocking: bool) -> Result<Option<usize>> {
-        let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         loop {
-            // SAFETY: zeroed sockaddr_nl is a valid out-parameter.
-            let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
-            let mut addr_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-            // SAFETY: rbuf, addr and addr_len are live; lengths are theirs.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    self.rbuf.as_mut_ptr().cast(),
-                    self.rbuf.len(),
-                    flags,
-                    (&raw mut addr).cast(),
-                    &raw mut addr_len,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
+            let (n, sender) = match self.recv_raw(flags) {
+                Ok(got) => got,
+                Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::EAGAIN) if nonblocking => return Ok(None),
                     Some(libc::EAGAIN) => bail!(
@@ -994,22 +991,21 @@ impl NlSocket {
                     ),
                     Some(libc::ENOBUFS) => {
                         return Err(e).context(
-                            "netlink receive queue overran: the kernel dropped answers to our requests",
-                        );
+                                "netlink receive queue overran: the kernel dropped answers to our requests",
+                            );
                     }
                     _ => return Err(e).context("receiving from a netlink socket"),
-                }
-            }
-            let n = n as usize;
+                },
+            };
             if n > self.rbuf.len() {
                 bail!(
                     "netlink datagram of {n} bytes truncated to our {}-byte buffer",
                     self.rbuf.len()
                 );
             }
-            if addr.nl_pid != 0 {
+            if sender != 0 {
                 // Only another process could send this; it is not an answer.
-                log::debug!("ignoring netlink datagram from port {}", addr.nl_pid);
+                log::debug!("ignoring netlink datagram from port {sender}");
                 continue;
             }
             return Ok(Some(n));
