@@ -132,13 +132,9 @@ fn dropped_flows_name_the_pod_behind_their_address() {
     if !privileged() {
         return;
     }
-    let Some(cg) = cgroup2_mount() else {
-        eprintln!("SKIPPED dropped_flows_name_the_pod_behind_their_address: no cgroup v2 here");
+    let Some((cg, _made)) = kubelet_dirs("dropped_flows_name_the_pod_behind_their_address") else {
         return;
     };
-    // Dropped last: after the pods and their directories.
-    let _logs = PodLogs(!Path::new(POD_LOGS).exists());
-    let _slices = MadeDirs::new(&cg, QOS_SLICE);
     let lab = full_lab();
     let node = &lab.topo.router;
     nftables::masquerade(node).unwrap();
@@ -289,12 +285,9 @@ fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
         eprintln!("SKIPPED who_fills_the_table_now: no ctnetlink here");
         return;
     }
-    let Some(cg) = cgroup2_mount() else {
-        eprintln!("SKIPPED who_fills_the_table_now: no cgroup v2 here");
+    let Some((cg, _made)) = kubelet_dirs("who_fills_the_table_now") else {
         return;
     };
-    let _logs = PodLogs(!Path::new(POD_LOGS).exists());
-    let _slices = MadeDirs::new(&cg, QOS_SLICE);
     let topo = ctrace::lab::topology::Topology::build().unwrap();
     let _listeners = traffic::Listeners::start(&topo.servers, &[22, 2380], &[]).unwrap();
     let node = &topo.router;
@@ -458,6 +451,23 @@ fn who_fills_the_table_now_is_measured_by_prefix_pod_and_service() {
             .any(|(k, _)| *k == expected[1]),
         "{steady}"
     );
+}
+
+/// The cgroup v2 mount and what a kubelet would have made before any pod
+/// (its QoS slices, /var/log/pods), removed at the end if the test made
+/// them; None, said, where this kernel has no cgroup v2.
+fn kubelet_dirs(test: &str) -> Option<(PathBuf, (MadeDirs, PodLogs))> {
+    let Some(cg) = cgroup2_mount() else {
+        eprintln!("SKIPPED {test}: no cgroup v2 here");
+        return None;
+    };
+    // The logs guard drops after the slices (fields drop in order), and
+    // both after the pods, which the test declares later.
+    let made = (
+        MadeDirs::new(&cg, QOS_SLICE),
+        PodLogs(!Path::new(POD_LOGS).exists()),
+    );
+    Some((cg, made))
 }
 
 /// Directories made down a path, removed (innermost first) when empty
