@@ -230,30 +230,33 @@ pub(crate) fn record_drop<C: EbpfContext>(
 
     let now = unsafe { bpf_ktime_get_ns() };
     let flags = class | if nfct != 0 { class::HAS_CT } else { 0 };
+    // The budget is decided before the insert so that a held-back flow is
+    // marked from the instant it is in the map: user space reads the map
+    // concurrently, and an unmarked flow with no event reads as a lost
+    // event, announced on top of being counted as held back.
+    let announce = take_detail_budget(layout, now);
     let fresh = FlowStats {
         packets: 1,
         first_ns: now,
         last_ns: now,
         tcp_flags,
         flags,
-        held_back: 0,
+        held_back: u8::from(!announce),
         _pad: [0; 5],
     };
     // BPF_NOEXIST makes "first packet of this flow" a single atomic decision,
     // so one event per flow even when CPUs race on the same flow.
     if FLOWS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
-        if take_detail_budget(layout, now) {
+        if announce {
             count_total(&key, flags, 1, 0);
             emit(ctx, layout, &key, now, tcp_flags, flags, reason);
         } else {
-            // Kept in the map, so its later packets are not new flows;
-            // marked, so user space leaves it out of the detail too.
-            if let Some(stats) = FLOWS.get_ptr_mut(&key) {
-                unsafe { (*stats).held_back = 1 };
-            }
             count_total(&key, flags, 1, 1);
         }
         return Ok(());
+    }
+    if announce {
+        give_back_detail_budget(layout);
     }
     count_total(&key, flags, 0, 0);
     match FLOWS.get_ptr_mut(&key) {
@@ -296,6 +299,19 @@ fn take_detail_budget(layout: &KernelLayout, now: u64) -> bool {
         (*b).used += 1;
     }
     true
+}
+
+/// Returns an announcement taken for a packet that turned out not to start
+/// a flow.
+#[inline(always)]
+fn give_back_detail_budget(layout: &KernelLayout) {
+    if layout.detail_budget == 0 {
+        return;
+    }
+    if let Some(b) = BUDGET.get_ptr_mut(0) {
+        // This CPU's slot, taken from a moment ago on this CPU.
+        unsafe { (*b).used = (*b).used.saturating_sub(1) };
+    }
 }
 
 /// Adds one packet (and `new_flows`, of which `held_back` were not
