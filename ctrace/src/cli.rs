@@ -277,6 +277,10 @@ pub struct StatusArgs {
 pub struct ProbeArgs {
     #[arg(long)]
     pub json: bool,
+    /// Look for kube-proxy's rules in the namespace of DIR/proc/1, as
+    /// `watch --host-root` does.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod cause;
 pub mod cli;
+pub mod cluster_ips;
 pub mod connects;
 pub mod conntrack;
 pub mod error;

@@ -349,6 +349,7 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let auto = strategy::select(strategy::Choice::Auto, &verdicts).ok();
     let node = ctrace::connects::probe(&facts).map_err(|e| format!("{e:#}"));
     let devices = strategy::tc::devices_here().map_err(|e| format!("{e:#}"));
+    let services = ctrace::cluster_ips::ClusterIps::new(&args.host_root).found();
     if args.json {
         use ctrace::record::{Devices, Line, Probe, Usable};
         let line = Line::Probe(Probe {
@@ -369,6 +370,10 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             tc_devices: match &devices {
                 Ok(d) => Devices::Listed(d.clone()),
                 Err(why) => Devices::Unlisted { error: why.clone() },
+            },
+            k8s_services: Usable {
+                usable: services.usable(),
+                reason: services.describe(),
             },
         });
         sink::json::write_line(&mut std::io::stdout().lock(), &line)?;
@@ -407,6 +412,11 @@ fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             }
             Err(why) => println!("tc tier devices: cannot list: {why}"),
         }
+        println!(
+            "Kubernetes Service names (dst_service): {}  {}",
+            if services.usable() { "yes" } else { "no " },
+            ctrace::text::terminal(&services.describe())
+        );
     }
     Ok(if auto.is_some() {
         ExitCode::SUCCESS

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{netlink::rtnetlink::RtSocket, netns::NetNs};
+use crate::{cluster_ips::ClusterIps, event::Flow, netlink::rtnetlink::RtSocket, netns::NetNs};
 
 /// Processes named per namespace; more would crowd the live view.
 const MAX_PROCESSES: usize = 3;
@@ -75,11 +75,15 @@ impl Namer {
     }
 }
 
-/// The pods of this node at either end of a flow.
+/// The pods of this node at either end of a flow, and the Service its
+/// destination address is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowPods {
     pub src: Option<Arc<str>>,
     pub dst: Option<Arc<str>>,
+    /// `namespace/name:port` of the Service whose ClusterIP (or external
+    /// or load-balancer IP) and port the destination is.
+    pub dst_service: Option<Arc<str>>,
 }
 
 /// The pod of this node an address belongs to. Every namespace holding a
@@ -89,6 +93,7 @@ pub struct FlowPods {
 pub struct PodAddresses {
     root: PathBuf,
     namer: Namer,
+    services: ClusterIps,
     by_ip: HashMap<IpAddr, Arc<str>>,
     last: Option<Instant>,
 }
@@ -98,6 +103,7 @@ impl PodAddresses {
         let root = root.into();
         PodAddresses {
             namer: Namer::new(&root),
+            services: ClusterIps::new(&root),
             root,
             by_ip: HashMap::new(),
             last: None,
@@ -117,11 +123,17 @@ impl PodAddresses {
         self.by_ip.get(&ip).cloned()
     }
 
-    /// The pods at both ends of a flow.
-    pub fn flow(&mut self, src: IpAddr, dst: IpAddr) -> FlowPods {
+    /// The pods at both ends of a flow, and the Service it is addressed to.
+    pub fn flow(&mut self, flow: &Flow) -> FlowPods {
         FlowPods {
-            src: self.pod(src),
-            dst: self.pod(dst),
+            src: self.pod(flow.src.ip()),
+            dst: self.pod(flow.dst.ip()),
+            dst_service: self.services.service(
+                flow.netns,
+                flow.dst.ip(),
+                flow.proto,
+                flow.dst.port(),
+            ),
         }
     }
 

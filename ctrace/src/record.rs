@@ -97,6 +97,11 @@ pub struct Drop {
     /// The same for the destination address.
     #[serde(default)]
     pub dst_pod: Option<String>,
+    /// `namespace/name:port` of the Kubernetes Service the destination
+    /// address and port are, from kube-proxy's rules on this node; null
+    /// when they are none (or the rules cannot be read: see `probe`).
+    #[serde(default)]
+    pub dst_service: Option<String>,
     pub tcp_flags: String,
     pub strategy: Strategy,
 }
@@ -120,6 +125,9 @@ pub struct ConnectFailureLine {
     /// The same for the destination address.
     #[serde(default)]
     pub dst_pod: Option<String>,
+    /// The Kubernetes Service the destination is, as in drop records.
+    #[serde(default)]
+    pub dst_service: Option<String>,
     pub outcome: Outcome,
     pub syn_retransmits: Option<u32>,
     pub elapsed_ms: Option<u64>,
@@ -157,6 +165,7 @@ impl From<&DropRecord> for Drop {
             service: r.service.clone(),
             src_pod: r.pods.src.as_deref().map(str::to_string),
             dst_pod: r.pods.dst.as_deref().map(str::to_string),
+            dst_service: r.pods.dst_service.as_deref().map(str::to_string),
             tcp_flags: crate::event::tcp_flags_str(r.tcp_flags),
             strategy: r.strategy,
         }
@@ -175,6 +184,7 @@ impl From<&ConnectFailure> for ConnectFailureLine {
             service: f.service.clone(),
             src_pod: f.pods.src.as_deref().map(str::to_string),
             dst_pod: f.pods.dst.as_deref().map(str::to_string),
+            dst_service: f.pods.dst_service.as_deref().map(str::to_string),
             outcome: f.outcome,
             syn_retransmits: f.syn_retransmits,
             elapsed_ms: f.elapsed.map(|d| d.as_millis() as u64),
@@ -455,6 +465,10 @@ pub struct Probe {
     pub node_view: Usable,
     /// This namespace's devices and whether the tc tier would hook them.
     pub tc_devices: Devices,
+    /// Whether kube-proxy's rules name Services (`dst_service`), and from
+    /// which of its modes.
+    #[serde(default = "Usable::unknown")]
+    pub k8s_services: Usable,
 }
 
 /// Whether something can run here, and why (not).
@@ -463,6 +477,16 @@ pub struct Probe {
 pub struct Usable {
     pub usable: bool,
     pub reason: String,
+}
+
+impl Usable {
+    /// What a probe line from before the field was added reads as.
+    fn unknown() -> Usable {
+        Usable {
+            usable: false,
+            reason: "not probed".into(),
+        }
+    }
 }
 
 /// The devices, or why they could not be listed.
@@ -552,6 +576,7 @@ mod tests {
                 service: Some("etcd-peer".into()),
                 src_pod: Some("default/client-0".into()),
                 dst_pod: None,
+                dst_service: Some("kube-system/etcd:peer".into()),
                 tcp_flags: "S".into(),
                 strategy,
             }));
@@ -567,6 +592,7 @@ mod tests {
                 service: None,
                 src_pod: None,
                 dst_pod: Some("kube-system/etcd-0".into()),
+                dst_service: None,
                 outcome,
                 syn_retransmits: Some(1),
                 elapsed_ms: None,
@@ -594,6 +620,7 @@ mod tests {
             service: Some("etcd-peer".into()),
             src_pod: Some("default/client-0".into()),
             dst_pod: Some("kube-system/etcd-0".into()),
+            dst_service: Some("kube-system/etcd:peer".into()),
             tcp_flags: "S".into(),
             strategy: Strategy::Kprobe,
         };
@@ -757,6 +784,10 @@ mod tests {
                     reason: "tcp tracepoints".into(),
                 },
                 tc_devices,
+                k8s_services: Usable {
+                    usable: false,
+                    reason: "no kube-proxy rules".into(),
+                },
             }));
         }
         // The report reads a summary line on its own, untagged.

@@ -19,6 +19,8 @@ mod connects;
 mod exporter;
 #[path = "e2e/pods.rs"]
 mod pods;
+#[path = "e2e/services.rs"]
+mod services;
 #[path = "e2e/tc.rs"]
 mod tc;
 

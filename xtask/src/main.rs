@@ -492,7 +492,15 @@ fn bench() -> anyhow::Result<()> {
 }
 
 /// Debian packages the host tests use.
-const TEST_PACKAGES: [&str; 3] = ["prometheus", "prometheus-node-exporter", "python3-yaml"];
+/// nftables and iptables write kube-proxy's rules as kube-proxy's own
+/// tools would, for the Service-name tests.
+const TEST_PACKAGES: [&str; 5] = [
+    "prometheus",
+    "prometheus-node-exporter",
+    "python3-yaml",
+    "nftables",
+    "iptables",
+];
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let bin = build(None)?;
@@ -500,7 +508,8 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if is_root() {
         // What the exporter's tests scrape with and lint against: a real
         // Prometheus, node_exporter and promtool; PyYAML for the
-        // manifests' offline checks.
+        // manifests' offline checks; nft and iptables-nft for kube-proxy's
+        // rules.
         let host = vm::apt::Host::new();
         for pkg in TEST_PACKAGES {
             host.ensure_installed(pkg)?;

@@ -15,6 +15,7 @@
 //! batch sender relies on that to account for every message it sent without
 //! waiting on a timer.
 pub mod ctnetlink;
+pub mod kube_proxy;
 pub mod nftables;
 pub mod rtnetlink;
 

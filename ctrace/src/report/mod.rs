@@ -357,7 +357,11 @@ impl Builder {
         ) {
             *v = Some(v.map_or((d.time, d.time), |(f, l)| (f.min(d.time), l.max(d.time))));
         }
-        for (pod, end) in [(&d.src_pod, "source"), (&d.dst_pod, "destination")] {
+        for (pod, end) in [
+            (&d.src_pod, "source pod"),
+            (&d.dst_pod, "destination pod"),
+            (&d.dst_service, "destination Service"),
+        ] {
             let Some(pod) = pod else {
                 continue;
             };
@@ -690,12 +694,17 @@ impl Report {
         }
 
         if !self.pods.is_empty() {
-            b.push(Block::Heading(2, "Pods behind dropped flows".into()));
+            b.push(Block::Heading(
+                2,
+                "Pods and Services behind dropped flows".into(),
+            ));
             b.push(Block::Para(
-                "The pods of the traced node whose addresses dropped flows came from or went to (first sightings; hostNetwork pods share the node's addresses and are not named).".into(),
+                "The pods of the traced node whose addresses dropped flows came from or went to, and the Services (from kube-proxy's rules) they were addressed to; first sightings. hostNetwork pods share the node's addresses and are not named.".into(),
             ));
             b.push(Block::Table {
-                head: ["pod", "as", "cause", "flows"].map(String::from).to_vec(),
+                head: ["pod or Service", "as", "cause", "flows"]
+                    .map(String::from)
+                    .to_vec(),
                 rows: self
                     .pods
                     .iter()

@@ -36,7 +36,7 @@ impl fmt::Display for Broken {
 /// One record of a recording, handed over as it is read.
 pub enum Record {
     Summary(Box<record::Summary>),
-    Drop(record::Drop),
+    Drop(Box<record::Drop>),
 }
 
 /// What reading a recording found besides its records, which are streamed
@@ -221,9 +221,9 @@ fn take(line: &str) -> Result<Option<Record>, String> {
         "summary" => Some(Record::Summary(Box::new(
             serde_json::from_str(line).map_err(|e| format!("summary: {e}"))?,
         ))),
-        "drop" => Some(Record::Drop(
+        "drop" => Some(Record::Drop(Box::new(
             serde_json::from_str(line).map_err(|e| format!("drop record: {e}"))?,
-        )),
+        ))),
         // A rotated set read as one, or a record type from a newer ctrace.
         HEADER_TYPE => None,
         other => {

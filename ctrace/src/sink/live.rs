@@ -188,8 +188,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 "  {:<14} {:<5} {:<28} {:<28} {:>5} {:<8} {:<12} {:<12}",
                 super::service_text(f.first.service.as_deref()),
                 f.first.flow.proto.name(),
-                super::endpoint_text(f.first.flow.src, f.first.pods.src.as_deref()),
-                super::endpoint_text(f.first.flow.dst, f.first.pods.dst.as_deref()),
+                super::endpoint_text(f.first.flow.src, f.first.pods.src.as_deref(), None),
+                super::endpoint_text(
+                    f.first.flow.dst,
+                    f.first.pods.dst.as_deref(),
+                    f.first.pods.dst_service.as_deref()
+                ),
                 f.packets(),
                 tcp_flags_str(f.tcp_flags),
                 clock_time(f.first.time),

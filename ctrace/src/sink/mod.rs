@@ -171,10 +171,19 @@ pub fn netns_label(t: &TableView) -> String {
 /// An address and port, with the pod of this node that has the address
 /// ("10.244.1.7:43122 (pod default/web-0)"); the pod's name is someone
 /// else's text.
-pub fn endpoint_text(addr: std::net::SocketAddr, pod: Option<&str>) -> String {
-    match pod {
-        Some(p) => format!("{addr} (pod {})", crate::text::terminal(p)),
-        None => addr.to_string(),
+pub fn endpoint_text(
+    addr: std::net::SocketAddr,
+    pod: Option<&str>,
+    service: Option<&str>,
+) -> String {
+    let names: Vec<String> = [("pod", pod), ("svc", service)]
+        .into_iter()
+        .filter_map(|(what, name)| Some(format!("{what} {}", crate::text::terminal(name?))))
+        .collect();
+    if names.is_empty() {
+        addr.to_string()
+    } else {
+        format!("{addr} ({})", names.join(", "))
     }
 }
 

@@ -30,8 +30,12 @@ pub fn drop_line(rec: &DropRecord) -> String {
         rec.cause,
         super::service_text(rec.service.as_deref()),
         rec.flow.proto,
-        super::endpoint_text(rec.flow.src, rec.pods.src.as_deref()),
-        super::endpoint_text(rec.flow.dst, rec.pods.dst.as_deref()),
+        super::endpoint_text(rec.flow.src, rec.pods.src.as_deref(), None),
+        super::endpoint_text(
+            rec.flow.dst,
+            rec.pods.dst.as_deref(),
+            rec.pods.dst_service.as_deref()
+        ),
         if flags.is_empty() {
             String::new()
         } else {
@@ -48,8 +52,12 @@ pub fn connect_failure_line(rec: &ConnectFailure) -> String {
         rec.outcome.name(),
         super::service_text(rec.service.as_deref()),
         rec.flow.proto,
-        super::endpoint_text(rec.flow.src, rec.pods.src.as_deref()),
-        super::endpoint_text(rec.flow.dst, rec.pods.dst.as_deref()),
+        super::endpoint_text(rec.flow.src, rec.pods.src.as_deref(), None),
+        super::endpoint_text(
+            rec.flow.dst,
+            rec.pods.dst.as_deref(),
+            rec.pods.dst_service.as_deref()
+        ),
         rec.syn_retransmits
             .map_or_else(|| "?".into(), |n| n.to_string()),
         rec.elapsed

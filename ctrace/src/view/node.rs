@@ -91,7 +91,7 @@ impl NodeView {
                 .catalog
                 .lookup(f.flow.proto, f.flow.dst.port())
                 .map(str::to_string);
-            f.pods = self.pods.flow(f.flow.src.ip(), f.flow.dst.ip());
+            f.pods = self.pods.flow(&f.flow);
             for s in sinks.iter_mut() {
                 s.connect_failure(&f).context("writing output")?;
             }

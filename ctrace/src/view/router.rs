@@ -394,7 +394,7 @@ impl RouterView {
                 .catalog
                 .lookup(flow.proto, flow.dst.port())
                 .map(str::to_string),
-            pods: self.pods.flow(flow.src.ip(), flow.dst.ip()),
+            pods: self.pods.flow(&flow),
             cause,
             evidence: why,
             tcp_flags,

@@ -226,9 +226,12 @@ fn dropped_flows_name_the_pod_behind_their_address() {
         "{md}{}",
         String::from_utf8_lossy(&report.stderr)
     );
-    assert!(md.contains("Pods behind dropped flows"), "{md}");
+    assert!(
+        md.contains("Pods and Services behind dropped flows"),
+        "{md}"
+    );
     let section = md
-        .split("## Pods behind dropped flows")
+        .split("## Pods and Services behind dropped flows")
         .nth(1)
         .unwrap_or_default();
     eprintln!(
