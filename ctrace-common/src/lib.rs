@@ -296,6 +296,20 @@ pub mod tc {
         pub const GROUP: [u8; 6] = [0xff; 6];
     }
 
+    /// Flows that passed, per opener and destination: who is opening new
+    /// conntrack entries, for kernels without ctnetlink's event groups.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+    pub struct PassedKey {
+        /// The opener's address (IPv4 in the first 4 bytes).
+        pub src: [u8; 16],
+        /// The holding namespace, as `DEVICES` numbers it.
+        pub slot: u32,
+        pub dport: u16,
+        pub proto: u8,
+        pub family: u8,
+    }
+
     pub mod state {
         /// Seen on ingress, neither forwarded nor answered yet.
         pub const PENDING: u8 = 0;
@@ -544,6 +558,7 @@ mod pod {
     unsafe impl aya::Pod for super::tc::MatchKey {}
     unsafe impl aya::Pod for super::tc::DeviceKey {}
     unsafe impl aya::Pod for super::tc::Pending {}
+    unsafe impl aya::Pod for super::tc::PassedKey {}
     unsafe impl aya::Pod for super::connect::TotalKey {}
     unsafe impl aya::Pod for super::connect::Count {}
     unsafe impl aya::Pod for super::connect::Attempt {}
@@ -576,6 +591,7 @@ mod tests {
         assert_eq!(size_of::<DetailBudget>(), 16);
         assert_eq!(size_of::<tc::MatchKey>(), 12);
         assert_eq!(size_of::<tc::DeviceKey>(), 12);
+        assert_eq!(size_of::<tc::PassedKey>(), 24);
         assert_eq!(
             size_of::<tc::Pending>(),
             size_of::<FlowKey>() + 4 + 8 + 8 + 4 + 2 + 1 + 1

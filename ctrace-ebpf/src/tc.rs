@@ -15,12 +15,12 @@ use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
     programs::TcContext,
 };
 use ctrace_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, counter, service_key,
-    tc::{DeviceKey, MatchKey, Pending, state},
+    tc::{DeviceKey, MatchKey, PassedKey, Pending, state},
 };
 
 use crate::{SERVICES, bump};
@@ -63,6 +63,13 @@ static UDP_TUPLES: LruHashMap<FlowKey, MatchKey> = LruHashMap::with_max_entries(
 /// `UDP_TUPLES` value of a tuple this namespace opened itself: datagrams
 /// arriving on it are answers. No real key has protocol 0.
 const ANSWER_TO_OWN: u8 = 0;
+
+/// Flows passed per (slot, opener, protocol, destination port), read by
+/// user space as deltas: who fills the table where ctnetlink cannot say.
+/// LRU: under a storm of distinct openers the least recent go, and user
+/// space counts what the map lost against TC_PASSED.
+#[map]
+static PASSED_BY: LruPerCpuHashMap<PassedKey, u64> = LruPerCpuHashMap::with_max_entries(1, 0);
 
 /// Hooked devices -> the slot of their namespace. Written by user space as
 /// it hooks and rescans.
@@ -508,6 +515,26 @@ fn pass(key: &MatchKey, by: Passer<'_>) {
         } else {
             (*pending).state = state::PASSED;
         }
+        count_passed(&(*pending).flow);
     }
     bump(counter::TC_PASSED);
+}
+
+#[inline(always)]
+fn count_passed(flow: &FlowKey) {
+    let key = PassedKey {
+        src: flow.src,
+        // The pending flow's netns field holds its slot.
+        slot: flow.netns,
+        dport: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    match PASSED_BY.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of the value.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = PASSED_BY.insert(&key, &1, 0);
+        }
+    }
 }

@@ -216,6 +216,11 @@ pub struct WatchArgs {
     /// the self-check catches it.
     #[arg(long, hide = true)]
     pub test_blind_alloc: bool,
+    /// Test only: leave ctnetlink's new-entry events unused, as on a
+    /// router that has no ctnetlink, so that the tc tier's own witness of
+    /// new entries feeds "filling now".
+    #[arg(long, hide = true)]
+    pub test_no_ctnetlink_events: bool,
     /// Test only: also load a program no verifier accepts, to prove what a
     /// rejection prints and which exit code it ends with.
     #[arg(long, hide = true)]

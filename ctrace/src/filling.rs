@@ -89,22 +89,34 @@ impl Default for FillingMeter {
 impl FillingMeter {
     /// One new entry of namespace `netns` from `src`.
     pub fn new_entry(&mut self, netns: u64, src: IpAddr, service: Option<&str>, pod: Option<&str>) {
-        *self.totals.entry(netns).or_default() += 1;
-        self.count(netns, FillBy::SrcPrefix, &prefix(src));
-        self.count(netns, FillBy::Service, service.unwrap_or("other"));
+        self.new_entries(netns, src, service, pod, 1);
+    }
+
+    /// `n` new entries of namespace `netns` from `src`.
+    pub fn new_entries(
+        &mut self,
+        netns: u64,
+        src: IpAddr,
+        service: Option<&str>,
+        pod: Option<&str>,
+        n: u64,
+    ) {
+        *self.totals.entry(netns).or_default() += n;
+        self.count(netns, FillBy::SrcPrefix, &prefix(src), n);
+        self.count(netns, FillBy::Service, service.unwrap_or("other"), n);
         if let Some(pod) = pod {
-            self.count(netns, FillBy::SrcPod, pod);
+            self.count(netns, FillBy::SrcPod, pod, n);
         }
     }
 
-    fn count(&mut self, netns: u64, by: FillBy, key: &str) {
+    fn count(&mut self, netns: u64, by: FillBy, key: &str, n: u64) {
         let keys = self.counts.entry((netns, by)).or_default();
-        if let Some(n) = keys.get_mut(key) {
-            *n += 1;
+        if let Some(c) = keys.get_mut(key) {
+            *c += n;
         } else if keys.len() < MAX_KEYS {
-            keys.insert(key.to_string(), 1);
+            keys.insert(key.to_string(), n);
         } else {
-            *keys.entry(OTHER.to_string()).or_default() += 1;
+            *keys.entry(OTHER.to_string()).or_default() += n;
         }
     }
 
@@ -255,6 +267,11 @@ impl NewEntryFeed {
                 Err(e) => log::debug!("netns {ns}: new-entry events: {e:#}"),
             }
         }
+    }
+
+    /// Whether namespace `netns`'s new entries are announced here.
+    pub fn feeds(&self, netns: u64) -> bool {
+        self.feeds.contains_key(&netns)
     }
 
     /// Times the kernel dropped announcements: the rates are a sample then.

@@ -288,6 +288,11 @@ pub struct Summary {
     /// sample then); null where the tier's insert events feed it.
     #[serde(default)]
     pub filling_overruns: Option<u64>,
+    /// New entries the tc tier saw pass but could not attribute to an
+    /// opener (its per-opener map let them go before they were read), since
+    /// start; null on other tiers and where ctnetlink feeds `filling`.
+    #[serde(default)]
+    pub filling_unattributed: Option<u64>,
 }
 
 /// One namespace's table.
@@ -756,6 +761,7 @@ mod tests {
                 share: 0.75,
             }],
             filling_overruns: Some(0),
+            filling_unattributed: Some(0),
         }
     }
 

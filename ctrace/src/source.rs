@@ -19,6 +19,7 @@ use crate::{
     readings::{
         CorrelationCounts, Counters, DeviceChoice, EvictedKey, Evictor, FlowCount, KernelTotal,
     },
+    strategy::tc::Passed,
     tier::Tier,
 };
 
@@ -56,6 +57,13 @@ pub trait Correlator: Send {
     }
     /// Removes what would outlive the process (clsact filters).
     fn detach(&mut self);
+    /// New flows that passed since the last call, by namespace, opener
+    /// and port, and how many the per-opener counts missed since the
+    /// start; None for tiers that do not see flows pass. `passed_total`:
+    /// the kernel's TC_PASSED counter.
+    fn passed(&mut self, _passed_total: u64) -> Option<(Vec<(u64, Passed)>, u64)> {
+        None
+    }
 }
 
 pub struct EventSource {
@@ -240,6 +248,18 @@ impl EventSource {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
+    }
+
+    /// See [`Correlator::passed`].
+    pub fn passed(&mut self) -> Option<(Vec<(u64, Passed)>, u64)> {
+        // The counter first: see `PassedFlows::read`.
+        let total = self
+            .counters
+            .get(&counter::TC_PASSED, 0)
+            .ok()?
+            .iter()
+            .sum::<u64>();
+        self.correlator.as_mut()?.passed(total)
     }
 
     pub fn counters(&self) -> anyhow::Result<Counters> {

@@ -398,6 +398,12 @@ fn filling_lines(s: &Snapshot<'_>, inode: u64) -> Vec<String> {
             "  (ctnetlink dropped new-entry announcements {n} times: the rates above are a sample)"
         ));
     }
+    if let Some(n) = s.filling_unattributed.filter(|n| *n > 0) {
+        lines.push(format!(
+            "  ({n} new entries since start passed too many distinct openers to attribute: \
+             the rates above are a sample)"
+        ));
+    }
     lines
 }
 

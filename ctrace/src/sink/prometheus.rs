@@ -323,6 +323,14 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
         )?;
         set_counter(&c, &[], n);
     }
+    if let Some(n) = s.filling_unattributed {
+        let c = f.counter(
+            "ctrace_filling_unattributed_total",
+            "New entries the tc tier saw pass but could not attribute to an opener (too many distinct openers between reads): the filling rates are a sample meanwhile.",
+            &[],
+        )?;
+        set_counter(&c, &[], n);
+    }
 
     let netns_info = f.gauge(
         "ctrace_netns_info",

@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::{
         LinkOrder, SchedClassifier, TcAttach, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLink},
@@ -27,7 +27,10 @@ use aya::{
 use ctrace_common::tc::DeviceKey;
 
 mod devices;
+mod passed;
+
 pub use devices::DeviceChoice;
+pub use passed::{Passed, PassedFlows};
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent},
@@ -116,6 +119,7 @@ fn load(
             })
             .map_max_entries("PENDING", pending)
             .map_max_entries("UDP_TUPLES", pending)
+            .map_max_entries("PASSED_BY", pending)
             .map_max_entries("DEVICES", DEVICE_ROWS)
             // Unused here: the smallest sizes the kernel accepts.
             .map_max_entries("FLOWS", 1)
@@ -192,6 +196,10 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
     log::info!("tc tier: attaching as {}{why}", mode.describe());
     let hooks = Hooks::new(&mut ebpf, mode, opts.ifaces.clone())?;
     let judge = Judge::new(&mut ebpf, opts.judge_window, opts.pending_flows)?;
+    let passed = PassedFlows::new(PerCpuHashMap::try_from(
+        ebpf.take_map("PASSED_BY")
+            .context("map PASSED_BY missing from the eBPF object")?,
+    )?);
     let tier = Tier {
         strategy: Strategy::Tc,
         caps: Capabilities {
@@ -199,8 +207,13 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
             ..CAPABILITIES
         },
     };
-    EventSource::new(ebpf, tier, logger)
-        .map(|s| s.with_correlator(Box::new(Correlation { hooks, judge })))
+    EventSource::new(ebpf, tier, logger).map(|s| {
+        s.with_correlator(Box::new(Correlation {
+            hooks,
+            judge,
+            passed,
+        }))
+    })
 }
 
 /// The tier's verdicts: the hooks tell which namespace a pending flow's
@@ -208,6 +221,7 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
 struct Correlation {
     hooks: Hooks,
     judge: Judge,
+    passed: PassedFlows,
 }
 
 impl Correlator for Correlation {
@@ -252,6 +266,15 @@ impl Correlator for Correlation {
 
     fn warnings(&self) -> Vec<String> {
         self.hooks.warnings()
+    }
+
+    fn passed(&mut self, passed_total: u64) -> Option<(Vec<(u64, Passed)>, u64)> {
+        let (flows, missed) = self.passed.read(passed_total);
+        let flows = flows
+            .into_iter()
+            .filter_map(|p| Some((self.hooks.netns_of(p.slot)?, p)))
+            .collect();
+        Some((flows, missed))
     }
 
     fn detach(&mut self) {

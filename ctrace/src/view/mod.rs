@@ -43,4 +43,8 @@ pub struct WatchConfig {
     /// Namespaces whose connection attempts the node view reports; None:
     /// the same as `netns`.
     pub connect_netns: Option<NetnsFilter>,
+    /// Whether ctnetlink's new-entry events may feed "filling now" (tests
+    /// turn it off to prove the tc tier's own source, as on a router
+    /// without ctnetlink).
+    pub ctnetlink_events: bool,
 }

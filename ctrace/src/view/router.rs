@@ -68,6 +68,9 @@ pub struct RouterView {
     /// ctnetlink's new-entry announcements, for tiers without insert
     /// events.
     new_entries: Option<NewEntryFeed>,
+    /// The tc tier's passed flows it could not attribute, once they feed
+    /// the meter.
+    filling_unattributed: Option<u64>,
     /// The kernel log, read for table-full lines since start; None when
     /// /dev/kmsg cannot be opened.
     kmsg: Option<KernelLog>,
@@ -159,7 +162,7 @@ impl RouterView {
         // Tiers without insert events learn new entries from ctnetlink,
         // subscribed now: an entry made before the subscription is never
         // announced.
-        let new_entries = (!source.tier().caps.entry_events).then(|| {
+        let new_entries = (!source.tier().caps.entry_events && cfg.ctnetlink_events).then(|| {
             let mut feed = NewEntryFeed::default();
             feed.sync(&monitor.inodes());
             feed
@@ -178,6 +181,7 @@ impl RouterView {
             occupancy,
             pods: PodAddresses::new(&cfg.host_root),
             filling: FillingMeter::default(),
+            filling_unattributed: None,
             new_entries,
             kmsg,
         })
@@ -478,6 +482,26 @@ impl RouterView {
                 filling.new_entry(ns, e.src, service, pod.as_deref());
             });
         }
+        // The tc tier's own witness, for namespaces ctnetlink does not
+        // announce (a router without it): every flow that passed made an
+        // entry. Read every time, so that its deltas stay per interval.
+        if let Some((passed, missed)) = self.source.passed() {
+            let feed = self.new_entries.as_ref();
+            let mut used = false;
+            for (ns, p) in passed {
+                if feed.is_some_and(|f| f.feeds(ns)) || !self.monitor.wants(ns) {
+                    continue;
+                }
+                used = true;
+                let service = self.catalog.lookup(p.proto, p.dport);
+                let pod = self.pods.pod(p.src);
+                self.filling
+                    .new_entries(ns, p.src, service, pod.as_deref(), p.flows);
+            }
+            if used || self.filling_unattributed.is_some() {
+                self.filling_unattributed = Some(missed);
+            }
+        }
         self.filling.roll();
     }
 
@@ -508,6 +532,7 @@ impl RouterView {
         snap.netns_left_out = self.monitor.left_out();
         snap.filling = self.filling.rows().to_vec();
         snap.filling_overruns = self.new_entries.as_ref().map(NewEntryFeed::overruns);
+        snap.filling_unattributed = self.filling_unattributed;
     }
 
     /// Adds the kernel log's new table-full witnesses to the tally; lines
