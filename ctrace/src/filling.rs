@@ -15,7 +15,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{conntrack::Entry, netlink::ctnetlink::NewEntries, netns::NetNs};
+use crate::{
+    conntrack::Entry,
+    netlink::ctnetlink::{Announced, NewEntries},
+    netns::NetNs,
+};
 
 /// Entries per (namespace, dimension) shown.
 pub const TOP: usize = 10;
@@ -179,10 +183,13 @@ pub fn prefix(ip: IpAddr) -> String {
     }
 }
 
-/// ctnetlink's new-entry announcements for every watched namespace.
+/// ctnetlink's entry announcements (new and destroyed) for every watched
+/// namespace.
 #[derive(Default)]
 pub struct NewEntryFeed {
     feeds: HashMap<u64, NewEntries>,
+    /// Subscribed, but `nf_conntrack_events` is 0 there: nothing comes.
+    silent: std::collections::HashSet<u64>,
     /// Namespaces that could not be subscribed (no ctnetlink there), and
     /// when they were last tried.
     failed: HashMap<u64, Instant>,
@@ -206,6 +213,7 @@ impl NewEntryFeed {
             if let Some(f) = self.feeds.remove(&ns) {
                 self.overruns_gone += f.overruns;
             }
+            self.silent.remove(&ns);
         }
         self.failed.retain(|ns, _| watched.contains(ns));
         let missing: Vec<u64> = watched
@@ -236,20 +244,25 @@ impl NewEntryFeed {
                     let events = n.run(|| {
                         std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
                     });
-                    if matches!(events, Ok(Ok(v)) if v.trim() == "0") {
+                    let silent = matches!(events, Ok(Ok(v)) if v.trim() == "0");
+                    if silent {
                         log::warn!(
                             "netns {ns}: net.netfilter.nf_conntrack_events is 0: conntrack \
-                             announces no new entries there, so who is filling its table \
-                             stays unknown"
+                             announces no entries there, so who is filling its table comes \
+                             from the tc tier alone (if it runs) and occupancy from \
+                             periodic dumps"
                         );
                     }
-                    NewEntries::subscribe(Some(&n))
+                    Ok((NewEntries::subscribe(Some(&n))?, silent))
                 });
             match sub {
-                Ok(f) => {
-                    log::debug!("netns {ns}: new-entry events subscribed");
+                Ok((f, silent)) => {
+                    log::debug!("netns {ns}: entry events subscribed");
                     self.failed.remove(&ns);
                     self.feeds.insert(ns, f);
+                    if silent {
+                        self.silent.insert(ns);
+                    }
                 }
                 Err(e) => {
                     log::debug!("netns {ns}: no new-entry events: {e:#}");
@@ -259,19 +272,20 @@ impl NewEntryFeed {
         }
     }
 
-    /// Every new entry announced since the last call, with its namespace.
-    pub fn drain(&mut self, f: &mut dyn FnMut(u64, &Entry)) {
+    /// Every entry announced since the last call, new or destroyed, with
+    /// its namespace.
+    pub fn drain(&mut self, f: &mut dyn FnMut(u64, Announced, &Entry)) {
         for (ns, feed) in &mut self.feeds {
-            match feed.drain(DRAIN_MAX, &mut |e| f(*ns, e)) {
-                Ok(n) => log::trace!("netns {ns}: {n} new entries announced"),
-                Err(e) => log::debug!("netns {ns}: new-entry events: {e:#}"),
+            match feed.drain(DRAIN_MAX, &mut |what, e| f(*ns, what, e)) {
+                Ok(n) => log::trace!("netns {ns}: {n} entries announced"),
+                Err(e) => log::debug!("netns {ns}: entry events: {e:#}"),
             }
         }
     }
 
-    /// Whether namespace `netns`'s new entries are announced here.
+    /// Whether namespace `netns`'s entries are announced here.
     pub fn feeds(&self, netns: u64) -> bool {
-        self.feeds.contains_key(&netns)
+        self.feeds.contains_key(&netns) && !self.silent.contains(&netns)
     }
 
     /// Times the kernel dropped announcements: the rates are a sample then.

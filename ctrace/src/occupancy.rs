@@ -206,6 +206,10 @@ pub enum Kept {
     /// Dumps every period: the tier has no entry events.
     #[serde(rename = "periodic_dump")]
     PeriodicDump,
+    /// Dumps every period, and ctnetlink's NEW and DESTROY announcements
+    /// applied in between.
+    #[serde(rename = "dump+announcements")]
+    DumpAndAnnouncements,
 }
 
 impl Kept {
@@ -214,6 +218,7 @@ impl Kept {
             Kept::Events => "events",
             Kept::DumpAndEvents => "dump+events",
             Kept::PeriodicDump => "periodic_dump",
+            Kept::DumpAndAnnouncements => "dump+announcements",
         }
     }
 }

@@ -618,8 +618,9 @@ fn occupancy_matches_a_known_mix() {
 }
 
 /// An optional probe that cannot be placed (inlined, cloned, refused) is
-/// named, and occupancy is then kept by dumps: entries deleted while no
-/// delete event can report them still leave the count right.
+/// named, and occupancy is then kept by dumps, with ctnetlink's
+/// announcements in between: entries deleted while no delete probe can
+/// report them still leave the count right.
 #[test]
 fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
     const TEST: &str = "a_missing_delete_probe_leaves_occupancy_to_dumps";
@@ -655,18 +656,77 @@ fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
     assert!(said(&["nf_ct_delete", "periodic dumps"]), "{stderr:?}");
     let occ = occupancy_of(s, router)
         .unwrap_or_else(|| panic!("no occupancy for the router: {}", s["occupancy"]));
-    assert_eq!(occ["source"], "periodic_dump", "{occ}");
+    assert_eq!(occ["source"], "dump+announcements", "{occ}");
     // Between dumps too: insert events alone would count the fill's
     // entries without the deletes.
     for summary in records.iter().filter(|r| r["type"] == "summary") {
         if let Some(o) = occupancy_of(summary, router) {
-            assert_eq!(o["source"], "periodic_dump", "{o}");
+            assert_eq!(o["source"], "dump+announcements", "{o}");
         }
     }
     let total = occ["total"].as_u64().unwrap();
     assert!(
         total.abs_diff(left) <= N / 100,
         "occupancy {total}, table {left} after deleting {} of {N}: {occ}",
+        N / 2
+    );
+}
+
+/// Between two dumps (an hour apart here), ctnetlink's NEW and DESTROY
+/// announcements keep occupancy current on a tier without entry events:
+/// entries made and then deleted while ctrace runs show in the summaries
+/// before any re-dump could have.
+#[test]
+fn occupancy_between_dumps_follows_ctnetlink_announcements() {
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let router_arg = router.to_string();
+    // tc: a tier without entry events on every kernel here.
+    let tracer = Tracer::start_with(
+        &[
+            "--netns",
+            &router_arg,
+            "--occupancy-every",
+            "1h",
+            "--interval",
+            "500ms",
+        ],
+        Some("tc"),
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    const N: u64 = 4000;
+    let fill = traffic::fill_table_with(&topo.router, N, mix_entry, |_| {}).unwrap();
+    assert_eq!(fill.created, N);
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut ct = CtSocket::open(Some(&topo.router)).unwrap();
+    for i in 0..N / 2 {
+        ct.delete(&mix_entry(i)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    let records = tracer.stop();
+    // The final summary re-dumps: only the interval ones count here.
+    let totals: Vec<u64> = records
+        .iter()
+        .filter(|r| r["type"] == "summary" && r["final"] == false)
+        .filter_map(|s| occupancy_of(s, router))
+        .map(|o| {
+            assert_eq!(o["source"], "dump+announcements", "{o}");
+            o["total"].as_u64().unwrap()
+        })
+        .collect();
+    eprintln!("occupancy totals per interval: {totals:?}");
+    assert!(
+        totals.iter().any(|t| t.abs_diff(N) <= N / 100),
+        "never {N} after the fill: {totals:?}"
+    );
+    let last = *totals.last().expect("no interval summary");
+    assert!(
+        last.abs_diff(N / 2) <= N / 100,
+        "{last} after deleting {} of {N}: {totals:?}",
         N / 2
     );
 }

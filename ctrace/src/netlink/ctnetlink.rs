@@ -29,6 +29,8 @@ pub const NFGENMSG_LEN: usize = 4;
 pub const IPCTNL_MSG_CT_NEW: u8 = 0;
 /// The multicast group of new entries (enum nfnetlink_groups).
 pub const NFNLGRP_CONNTRACK_NEW: u32 = 1;
+/// The multicast group of entries that went (deleted, expired, evicted).
+pub const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 pub const IPCTNL_MSG_CT_GET: u8 = 1;
 pub const IPCTNL_MSG_CT_DELETE: u8 = 2;
 pub const IPCTNL_MSG_CT_GET_CTRZERO: u8 = 3;
@@ -1235,9 +1237,16 @@ mod dump_tests {
     }
 }
 
-/// New entries of one namespace as ctnetlink announces them (its NEW
-/// event group), without dumping: what tiers without insert events learn
-/// new entries from.
+/// What an announcement says happened to an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announced {
+    New,
+    Destroyed,
+}
+
+/// Entries of one namespace as ctnetlink announces them (its NEW and
+/// DESTROY event groups), without dumping: what tiers without insert and
+/// delete events learn new entries, and occupancy between dumps, from.
 pub struct NewEntries {
     sock: NlSocket,
     /// Times the kernel dropped announcements (ENOBUFS): a sample then.
@@ -1250,6 +1259,7 @@ impl NewEntries {
     pub fn subscribe(ns: Option<&NetNs>) -> Result<NewEntries> {
         let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
         sock.join_group(NFNLGRP_CONNTRACK_NEW)?;
+        sock.join_group(NFNLGRP_CONNTRACK_DESTROY)?;
         Ok(NewEntries {
             sock,
             overruns: 0,
@@ -1261,7 +1271,7 @@ impl NewEntries {
     /// `max` messages, whatever they hold, so a storm cannot hold the
     /// caller (the rest wait, or overrun and are counted). A message that
     /// does not decode is skipped and counted, never a reason to stop.
-    pub fn drain(&mut self, max: usize, f: &mut dyn FnMut(&Entry)) -> Result<usize> {
+    pub fn drain(&mut self, max: usize, f: &mut dyn FnMut(Announced, &Entry)) -> Result<usize> {
         let (mut read, mut entries) = (0, 0);
         while read < max {
             match self.sock.next_notice()? {
@@ -1275,13 +1285,17 @@ impl NewEntries {
                             self.undecodable += 1;
                             break;
                         };
-                        if m.ty != ct_msg_type(IPCTNL_MSG_CT_NEW) {
+                        let what = if m.ty == ct_msg_type(IPCTNL_MSG_CT_NEW) {
+                            Announced::New
+                        } else if m.ty == ct_msg_type(IPCTNL_MSG_CT_DELETE) {
+                            Announced::Destroyed
+                        } else {
                             continue;
-                        }
+                        };
                         match Entry::from_msg(&m) {
                             Ok(Some(e)) => {
                                 entries += 1;
-                                f(&e);
+                                f(what, &e);
                             }
                             Ok(None) => {}
                             Err(_) => self.undecodable += 1,

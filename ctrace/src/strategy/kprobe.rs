@@ -247,7 +247,7 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
             .filter(|f| !all_attached(&[f]))
             .collect();
         log::warn!(
-            "no probe on {}: occupancy is kept by periodic dumps instead of insert/delete events",
+            "no probe on {}: occupancy is kept by periodic dumps (with ctnetlink's announcements in between, where it has them) instead of insert/delete events",
             missing.join(", ")
         );
     }

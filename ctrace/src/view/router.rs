@@ -29,6 +29,7 @@ use crate::{
     },
     ledger::{Agreement, DropGroup, Ledger},
     loader::LoadOptions,
+    netlink::ctnetlink::Announced,
     netns::NetNs,
     occupancy::{Breakdown, Kept, OccupancyTracker},
     pods::PodAddresses,
@@ -89,7 +90,8 @@ pub struct RouterOutcome {
 }
 
 /// Who holds the entries: a baseline dump, then kept by insert/delete
-/// events on tiers that have them, else re-dumped periodically.
+/// events on tiers that have them, or by ctnetlink's NEW and DESTROY
+/// announcements where it has them, else re-dumped periodically.
 struct Occupancy {
     tracker: OccupancyTracker,
     every: Duration,
@@ -333,6 +335,11 @@ impl RouterView {
             }
         };
         let mut dumped = false;
+        // Namespaces whose entries ctnetlink announces are re-dumped on
+        // the same period: with nf_conntrack_events=2 (the default) an
+        // entry made while nobody listened carries no event cache and never
+        // announces its end, so events alone would keep it forever. They
+        // keep the breakdown current between dumps.
         for inode in self.monitor.inodes() {
             if !all_due && occ.tracker.source(inode).is_some() {
                 continue;
@@ -366,7 +373,10 @@ impl RouterView {
             .iter()
             .filter_map(|t| {
                 let b = occ.tracker.breakdown(t.inode)?;
+                let announced = self.new_entries.as_ref().is_some_and(|f| f.feeds(t.inode));
                 let source = match occ.tracker.source(t.inode)? {
+                    // Dumps every period still: see refresh_occupancy.
+                    _ if announced => Kept::DumpAndAnnouncements,
                     crate::occupancy::Source::Events => Kept::Events,
                     _ if self.tier().caps.entry_events => Kept::DumpAndEvents,
                     _ => Kept::PeriodicDump,
@@ -476,10 +486,22 @@ impl RouterView {
         if let Some(feed) = self.new_entries.as_mut() {
             feed.sync(&self.monitor.inodes());
             let (filling, pods, catalog) = (&mut self.filling, &mut self.pods, &self.catalog);
-            feed.drain(&mut |ns, e| {
-                let service = catalog.lookup(crate::event::Proto::from_number(e.proto), e.dport);
-                let pod = pods.pod(e.src);
-                filling.new_entry(ns, e.src, service, pod.as_deref());
+            let mut occ = self.occupancy.as_mut();
+            feed.drain(&mut |ns, what, e| {
+                if what == Announced::New {
+                    let service =
+                        catalog.lookup(crate::event::Proto::from_number(e.proto), e.dport);
+                    let pod = pods.pod(e.src);
+                    filling.new_entry(ns, e.src, service, pod.as_deref());
+                }
+                // Occupancy between dumps (the tracker ignores namespaces
+                // it has no baseline for yet).
+                if let Some(occ) = occ.as_deref_mut() {
+                    match what {
+                        Announced::New => occ.tracker.insert(ns, e),
+                        Announced::Destroyed => occ.tracker.remove(ns, e),
+                    }
+                }
             });
         }
         // The tc tier's own witness, for namespaces ctnetlink does not
