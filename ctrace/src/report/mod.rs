@@ -55,6 +55,8 @@ pub struct Report {
     pub affected: Vec<Affected>,
     /// Per service: (seconds since start, packets dropped in the interval).
     pub drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
+    /// New entries per second over time per source pod (else prefix).
+    pub filling_over_time: BTreeMap<String, Vec<(f64, f64)>>,
     pub evicted: u64,
     pub gc_evicted: u64,
     /// (service, by, entries) summed over namespaces.
@@ -86,6 +88,8 @@ const MAX_SERVICES: usize = 256;
 const MAX_GROUPS: usize = 4096;
 /// Points per plotted line: pairs are merged (their peak kept) beyond it.
 const MAX_POINTS: usize = 240;
+/// Lines in the filling-over-time plot: more would be unreadable.
+const MAX_FILL_SERIES: usize = 8;
 /// Keys kept per occupancy breakdown (the report shows five).
 const MAX_BREAKDOWN_KEYS: usize = 64;
 /// Where services past [`MAX_SERVICES`] are counted.
@@ -121,6 +125,9 @@ pub struct Builder {
     filling: BTreeMap<(u64, &'static str, String), (f64, Option<SystemTime>)>,
     per_service_prev: BTreeMap<String, u64>,
     drops_over_time: BTreeMap<String, Vec<(f64, f64)>>,
+    /// New entries per second over time, per source pod (or source prefix
+    /// where no pod is named), for the first [`MAX_FILL_SERIES`] seen.
+    filling_over_time: BTreeMap<String, Vec<(f64, f64)>>,
     evictions: BTreeMap<(u64, String, String, String), u64>,
     agreement: BTreeMap<u64, (u64, u64, u64, String)>,
     evicted: u64,
@@ -210,10 +217,46 @@ impl Builder {
         MORE_SERVICES.to_string()
     }
 
+    /// One point per filling series: pods where any are named, else
+    /// source prefixes, summed over namespaces; a zero for series without
+    /// a row, so lines fall.
+    fn filling_points(&mut self, x: f64, rows: &[crate::filling::FillingRow]) {
+        use crate::filling::FillBy;
+        let with_pods = rows.iter().any(|r| r.by == FillBy::SrcPod);
+        let mut now: BTreeMap<String, f64> = BTreeMap::new();
+        for r in rows {
+            let name = match r.by {
+                FillBy::SrcPod => format!("pod {}", short(&r.key)),
+                FillBy::SrcPrefix if !with_pods => format!("from {}", short(&r.key)),
+                _ => continue,
+            };
+            *now.entry(name).or_default() += r.per_s;
+        }
+        for (name, per_s) in &now {
+            if !self.filling_over_time.contains_key(name)
+                && self.filling_over_time.len() >= MAX_FILL_SERIES
+            {
+                self.left_out.groups += 1;
+                continue;
+            }
+            self.filling_over_time
+                .entry(name.clone())
+                .or_default()
+                .push((x, *per_s));
+        }
+        for (name, series) in self.filling_over_time.iter_mut() {
+            if !now.contains_key(name) {
+                series.push((x, 0.0));
+            }
+            thin(series, |a, b| (a.0, a.1.max(b.1)));
+        }
+    }
+
     fn summary(&mut self, s: &crate::record::Summary) {
         let start = *self.start.get_or_insert(s.time);
         self.end = Some(self.end.map_or(s.time, |e| e.max(s.time)));
         let x = secs(s.time, start);
+        self.filling_points(x, &s.filling);
         for r in &s.filling {
             let key = (r.netns, r.by.name(), short(&r.key));
             let Some(peak) = admit(
@@ -384,6 +427,7 @@ impl Builder {
             pods,
             filling,
             drops_over_time,
+            filling_over_time,
             evictions,
             agreement,
             evicted,
@@ -464,6 +508,7 @@ impl Builder {
             namespaces: ns_map.into_values().collect(),
             affected,
             drops_over_time,
+            filling_over_time,
             evicted,
             gc_evicted,
             evictions,
@@ -585,6 +630,18 @@ impl Report {
                 })
                 .collect(),
         }));
+        if !self.filling_over_time.is_empty() {
+            b.push(Block::Plot(Plot {
+                title: "Who filled the tables over time".into(),
+                y_label: "new entries per second".into(),
+                y_max: None,
+                series: self
+                    .filling_over_time
+                    .iter()
+                    .map(|(s, p)| (plot_name(s), p.clone()))
+                    .collect(),
+            }));
+        }
         if !self.drops_over_time.is_empty() {
             b.push(Block::Plot(Plot {
                 title: "Drops by service over time".into(),

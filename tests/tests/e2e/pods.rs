@@ -407,6 +407,24 @@ fn who_fills(cg: Option<&Path>, extra: &[&str], strategy: Option<&str>) {
     };
     assert!(first_of("src_prefix").contains("10.20.1.0/24"), "{section}");
     let with_pods = cg.is_some();
+    // And over time: the faster source's line in the report's timeline.
+    let over_time = md
+        .split("Who filled the tables over time")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no filling plot: {md}"));
+    let a_line = if with_pods {
+        "pod default/fill-a"
+    } else {
+        "from 10.20.1.0/24"
+    };
+    assert!(
+        over_time
+            .split("\n## ")
+            .next()
+            .unwrap_or_default()
+            .contains(a_line),
+        "{over_time}"
+    );
     if with_pods {
         assert!(first_of("src_pod").contains("fill-a"), "{section}");
     }
