@@ -53,7 +53,36 @@ fn main() -> anyhow::Result<()> {
             _ => println!("{line}"),
         }
     }
-    built
+    built?;
+    strip_debug_info()
+}
+
+/// Drops the object's DWARF sections, which are most of its size (and so a
+/// third of a router binary): aya relocates against BTF (`.BTF`,
+/// `.BTF.ext`, line info included), never against DWARF, and llvm-objcopy's
+/// `--strip-debug` leaves those sections alone. The objcopy is the one
+/// rustc ships in its sysroot, so no other tool is needed.
+fn strip_debug_info() -> anyhow::Result<()> {
+    use std::process::Command;
+    let object = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("ctrace-ebpf");
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output()?;
+    anyhow::ensure!(sysroot.status.success(), "rustc --print sysroot failed");
+    let host = env::var("HOST")?;
+    let objcopy = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim())
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/rust-objcopy");
+    let before = fs::metadata(&object)?.len();
+    let status = Command::new(&objcopy)
+        .arg("--strip-debug")
+        .arg(&object)
+        .status()
+        .map_err(|e| anyhow::anyhow!("running {}: {e}", objcopy.display()))?;
+    anyhow::ensure!(status.success(), "{} --strip-debug failed", objcopy.display());
+    let after = fs::metadata(&object)?.len();
+    anyhow::ensure!(after > 0 && after <= before, "stripping left {after} bytes");
+    Ok(())
 }
 
 /// Set to 1 to see the eBPF build's progress (`cargo xtask build -v`).
