@@ -94,7 +94,7 @@ struct Packet {
 
 #[classifier]
 pub fn ctrace_tc_ingress(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, ETH_HLEN, 0) {
+    if let Some(p) = parse(&ctx, ETH_HLEN, 0, Side::Ingress) {
         ingress(&ctx, &p);
     }
     NEXT
@@ -102,8 +102,9 @@ pub fn ctrace_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn ctrace_tc_egress(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, ETH_HLEN, 6) {
-        egress(&ctx, &p);
+    let side = Side::egress(&ctx);
+    if let Some(p) = parse(&ctx, ETH_HLEN, 6, side) {
+        egress(&ctx, &p, side);
     }
     NEXT
 }
@@ -112,7 +113,7 @@ pub fn ctrace_tc_egress(ctx: TcContext) -> i32 {
 /// packet starts at the IP header.
 #[classifier]
 pub fn ctrace_tc_ingress_l3(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, 0, 0) {
+    if let Some(p) = parse(&ctx, 0, 0, Side::Ingress) {
         ingress(&ctx, &p);
     }
     NEXT
@@ -120,10 +121,46 @@ pub fn ctrace_tc_ingress_l3(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn ctrace_tc_egress_l3(ctx: TcContext) -> i32 {
-    if let Some(p) = parse(&ctx, 0, 0) {
-        egress(&ctx, &p);
+    let side = Side::egress(&ctx);
+    if let Some(p) = parse(&ctx, 0, 0, side) {
+        egress(&ctx, &p, side);
     }
     NEXT
+}
+
+/// Where a packet is, which decides the only TCP flags that can matter
+/// there, so that every other segment leaves at its flags byte.
+#[derive(Clone, Copy)]
+enum Side {
+    /// Only an opening SYN is held.
+    Ingress,
+    /// Leaving, forwarded from the device with this ifindex: only the
+    /// opening SYN's own copy passes its flow.
+    Forwarded(u32),
+    /// Leaving, sent by this namespace itself: only its answer to a SYN
+    /// (SYN-ACK, or RST for a closed port) passes a flow.
+    Own,
+}
+
+impl Side {
+    #[inline(always)]
+    fn egress(ctx: &TcContext) -> Side {
+        // SAFETY: a plain readable field of the program's __sk_buff. 0 for
+        // a packet this namespace sent itself.
+        match unsafe { (*skb(ctx)).ingress_ifindex } {
+            0 => Side::Own,
+            from => Side::Forwarded(from),
+        }
+    }
+
+    #[inline(always)]
+    fn wants_tcp(self, flags: u8) -> bool {
+        match self {
+            Side::Ingress => flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+            Side::Forwarded(_) => flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+            Side::Own => flags & TCP_ACK != 0 && flags & (TCP_SYN | TCP_RST) != 0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -150,7 +187,7 @@ fn bytes<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
 /// device's own address sits in the Ethernet header (0: destination, 6:
 /// source), when `l2` is non-zero.
 #[inline(always)]
-fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
+fn parse(ctx: &TcContext, l2: usize, mac_at: usize, side: Side) -> Option<Packet> {
     // SAFETY: plain readable fields of the program's __sk_buff.
     let (protocol, vlan_present) = unsafe { ((*skb(ctx)).protocol, (*skb(ctx)).vlan_present) };
     // __sk_buff.protocol is the ethertype in network byte order.
@@ -191,8 +228,8 @@ fn parse(ctx: &TcContext, l2: usize, mac_at: usize) -> Option<Packet> {
             // does not take as room for a byte.
             let [_, flags]: [u8; 2] = bytes(ctx, l4 + 12)?;
             // Only opening packets (SYN) and answers to them (SYN-ACK,
-            // RST) matter.
-            if flags & (TCP_SYN | TCP_RST) == 0 {
+            // RST) matter, each only on its side.
+            if !side.wants_tcp(flags) {
                 return None;
             }
         }
@@ -312,11 +349,7 @@ fn tcp_key(family: u8, isn: u32, slot: u32) -> MatchKey {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext, p: &Packet) {
-    if p.flow.proto == IPPROTO_TCP
-        && p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN
-    {
-        return;
-    }
+    // A TCP segment here is an opening SYN: parse let no other through.
     // SAFETY: plain readable fields of the program's __sk_buff.
     let (ifindex, pkt_type) = unsafe { ((*skb(ctx)).ifindex, (*skb(ctx)).pkt_type) };
     if pkt_type == PACKET_OTHERHOST {
@@ -421,32 +454,26 @@ enum Passer<'a> {
 }
 
 #[inline(always)]
-fn egress(ctx: &TcContext, p: &Packet) {
-    let f = p.tcp_flags;
-    let opening = p.flow.proto == IPPROTO_TCP && f & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
-    let answer = p.flow.proto == IPPROTO_TCP && f & TCP_ACK != 0;
-    if p.flow.proto == IPPROTO_TCP && !opening && !answer {
-        return;
-    }
-    // SAFETY: a plain readable field of the program's __sk_buff. 0 for a
-    // packet this namespace sent itself.
-    let from = unsafe { (*skb(ctx)).ingress_ifindex };
-    if opening && from == 0 {
-        // This namespace's own SYN, a client's retransmission among them:
-        // it passes no flow, its own or another namespace's.
-        return;
-    }
+fn egress(ctx: &TcContext, p: &Packet, side: Side) {
+    // TCP segments reach here only if `side` wants them (see parse): a
+    // forwarded opening SYN, or this namespace's answer to one. Its own
+    // SYN, a client's retransmission among them, passes no flow, its own
+    // or another namespace's.
     let Some(slot) = slot(ctx, p) else {
         return;
     };
+    let from = match side {
+        Side::Forwarded(from) => from,
+        _ => 0,
+    };
     if p.flow.proto == IPPROTO_TCP {
-        if opening {
+        if from != 0 {
             // The opening SYN leaves: forwarded, after any NAT.
             pass(
                 &tcp_key(p.flow.family, p.seq, slot),
                 Passer::Forwarded(from),
             );
-        } else if from == 0 {
+        } else {
             // This namespace answers a SYN (SYN-ACK, or RST for a closed
             // port): its ack is the ISN + 1, its destination the opener.
             let key = tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1), slot);
