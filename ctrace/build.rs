@@ -79,7 +79,11 @@ fn strip_debug_info() -> anyhow::Result<()> {
         .arg(&object)
         .status()
         .map_err(|e| anyhow::anyhow!("running {}: {e}", objcopy.display()))?;
-    anyhow::ensure!(status.success(), "{} --strip-debug failed", objcopy.display());
+    anyhow::ensure!(
+        status.success(),
+        "{} --strip-debug failed",
+        objcopy.display()
+    );
     let after = fs::metadata(&object)?.len();
     anyhow::ensure!(after > 0 && after <= before, "stripping left {after} bytes");
     Ok(())

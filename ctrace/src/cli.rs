@@ -216,11 +216,15 @@ pub struct WatchArgs {
     /// the self-check catches it.
     #[arg(long, hide = true)]
     pub test_blind_alloc: bool,
-    /// Test only: leave ctnetlink's new-entry events unused, as on a
-    /// router that has no ctnetlink, so that the tc tier's own witness of
-    /// new entries feeds "filling now".
-    #[arg(long, hide = true)]
-    pub test_no_ctnetlink_events: bool,
+    /// Do not subscribe to ctnetlink's NEW and DESTROY announcements. On
+    /// the tracepoint and tc tiers they feed "filling now" and keep
+    /// occupancy current between dumps, but the kernel then builds one
+    /// message per new and per ended entry: about a tenth of a
+    /// handshake-only connection rate in the bench. Without them, filling
+    /// comes from the tc tier's own witness (none on tracepoint) and
+    /// occupancy from periodic dumps alone.
+    #[arg(long)]
+    pub no_ctnetlink_events: bool,
     /// Test only: also load a program no verifier accepts, to prove what a
     /// rejection prints and which exit code it ends with.
     #[arg(long, hide = true)]

@@ -176,7 +176,7 @@ async fn watch(args: WatchArgs, verifier_log: bool) -> anyhow::Result<ExitCode> 
         host_root: args.host_root.clone(),
         side: args.side,
         connect_netns: None,
-        ctnetlink_events: !args.test_no_ctnetlink_events,
+        ctnetlink_events: !args.no_ctnetlink_events,
         refused_probes: args.test_refuse_probe.clone(),
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC

@@ -43,8 +43,8 @@ pub struct WatchConfig {
     /// Namespaces whose connection attempts the node view reports; None:
     /// the same as `netns`.
     pub connect_netns: Option<NetnsFilter>,
-    /// Whether ctnetlink's new-entry events may feed "filling now" (tests
-    /// turn it off to prove the tc tier's own source, as on a router
-    /// without ctnetlink).
+    /// Whether ctnetlink's NEW and DESTROY announcements are subscribed to
+    /// (`--no-ctnetlink-events` turns them off: they cost the kernel a
+    /// message per entry made and ended).
     pub ctnetlink_events: bool,
 }

@@ -306,6 +306,15 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
             .iter()
             .map(|s| (s.clone(), Some(s.as_str()), &["--side", "router"][..]))
             .collect();
+        // The first tier once more without ctnetlink's announcements: what
+        // the kernel's message per entry made and ended costs.
+        if let Some(s) = strategies.first() {
+            variants.push((
+                format!("{s}_no_ctnetlink_events"),
+                Some(s.as_str()),
+                &["--side", "router", "--no-ctnetlink-events"][..],
+            ));
+        }
         if node_view_usable()? {
             variants.push(("node_view".into(), None, &["--side", "node"][..]));
         }

@@ -318,7 +318,7 @@ fn who_fills_the_table_now_without_ctnetlink_is_the_tc_tiers_passed_flows() {
     let dirs = kubelet_dirs("who_fills_the_table_now_without_ctnetlink (pods)");
     who_fills(
         dirs.as_ref().map(|(cg, _)| cg.as_path()),
-        &["--test-no-ctnetlink-events"],
+        &["--no-ctnetlink-events"],
         Some("tc"),
     );
 }
@@ -521,7 +521,7 @@ fn who_fills(cg: Option<&Path>, extra: &[&str], strategy: Option<&str>) {
         );
     }
     let last = ctrace_tests::final_summary(&records);
-    if extra.contains(&"--test-no-ctnetlink-events") {
+    if extra.contains(&"--no-ctnetlink-events") {
         assert_eq!(last["filling_overruns"], serde_json::Value::Null, "{last}");
         assert_eq!(last["filling_unattributed"], 0, "{last}");
     }
