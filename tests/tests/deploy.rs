@@ -148,14 +148,63 @@ fn prometheusrule_passes_promtool() {
     assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
 }
 
+/// The procd script parses, and every UCI option it reads is in the
+/// shipped /etc/config/ctrace (a typo would silently read its default),
+/// which is UCI: `config`, `option` and `list` lines only.
 #[test]
-fn openwrt_service_script_parses() {
+fn openwrt_service_reads_the_options_its_config_has() {
     run(Command::new("sh")
         .arg("-n")
         .arg(deploy("openwrt/ctrace.init")));
-    run(Command::new("sh")
-        .arg("-n")
-        .arg(deploy("openwrt/ctrace.conf")));
+    let config = std::fs::read_to_string(deploy("openwrt/ctrace.config")).unwrap();
+    let mut sections = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let mut current = None;
+    for line in config.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["config", _kind, name] => {
+                let name = name.trim_matches('\'').to_string();
+                sections.entry(name.clone()).or_default();
+                current = Some(name);
+            }
+            ["option" | "list", key, ..] => sections
+                .get_mut(current.as_ref().expect("an option before any section"))
+                .unwrap()
+                .push(key.to_string()),
+            _ => panic!("not UCI: {line:?}"),
+        }
+    }
+    let script = std::fs::read_to_string(deploy("openwrt/ctrace.init")).unwrap();
+    let mut read = 0;
+    for line in script.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // config_get[_bool] VAR SECTION OPTION [DEFAULT]
+        if let [get, _var, section, option, ..] = words.as_slice()
+            && get.starts_with("config_get")
+        {
+            read += 1;
+            let keys = sections
+                .get(*section)
+                .unwrap_or_else(|| panic!("section {section} not in the config"));
+            assert!(
+                keys.iter().any(|k| k == option),
+                "{section}.{option} is read but not in the shipped config"
+            );
+        }
+    }
+    assert!(read >= 10, "only {read} options read");
+    assert!(
+        script.contains("config_list_foreach main service"),
+        "{script}"
+    );
+    assert!(
+        script.contains("procd_add_reload_trigger \"ctrace\""),
+        "{script}"
+    );
+    assert!(script.contains("procd_add_interface_trigger"), "{script}");
 }
 
 /// The DaemonSet names the image `cargo xtask image` tags: `ctrace:` and

@@ -82,7 +82,7 @@ fn json_blob(layout: &Path, scratch: &Path, v: &Value) -> anyhow::Result<(String
 }
 
 /// A reproducible tar of `names` under `dir`.
-fn tar(dir: &Path, names: &[&str], to: &Path) -> anyhow::Result<()> {
+pub fn tar(dir: &Path, names: &[&str], to: &Path) -> anyhow::Result<()> {
     run(Command::new("tar")
         .args([
             "--sort=name",

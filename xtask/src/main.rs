@@ -24,6 +24,7 @@ use clap::{Parser, Subcommand};
 
 mod cross;
 mod image;
+mod package;
 mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -82,6 +83,11 @@ enum Cmd {
     /// linux/arm64 (target/image/), made without a container daemon and
     /// checked with skopeo.
     Image,
+    /// Installable packages in target/package/: OpenWrt .ipk per
+    /// architecture label, Debian .deb for amd64 and arm64; each read back
+    /// and checked (members, control fields, modes, conffiles, ELF), the
+    /// .debs by lintian.
+    Package,
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
     /// Build the fuzz targets (fuzz/) with libFuzzer, AddressSanitizer and
@@ -131,6 +137,7 @@ fn main() -> ExitCode {
         }),
         Cmd::VmTest { vm, filter } => vm::run(&vm, filter.as_deref()),
         Cmd::Image => image::image().map(|_| ()),
+        Cmd::Package => package::package().map(|_| ()),
         Cmd::Lint => lint(),
         Cmd::Fuzz { secs, targets } => fuzz(secs, &targets),
     };
