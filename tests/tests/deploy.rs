@@ -224,3 +224,150 @@ fn the_daemonset_runs_the_image_the_build_tags() {
         .collect();
     assert_eq!(images, [format!("ctrace:{version}")], "{images:?}");
 }
+
+/// OpenWrt's shell library, as far as the init script uses it: UCI values
+/// come from `CFG_<section>_<option>` (set or not, as UCI tells an empty
+/// option from a missing one), addresses of logical networks from
+/// `NET_<network>`, and procd prints the command it would run.
+const OPENWRT_STUBS: &str = r#"
+config_load() { [ "$1" = ctrace ]; }
+config_get() {
+	eval "if [ \"\${CFG_$2_$3+set}\" = set ]; then $1=\"\$CFG_$2_$3\"; else $1=\"\$4\"; fi"
+}
+config_get_bool() {
+	config_get "$@"
+	eval "case \"\$$1\" in 1|on|true|yes|enabled) $1=1 ;; *) $1=0 ;; esac"
+}
+config_list_foreach() { eval "for x in \$CFG_$1_$2; do \"$3\" \"\$x\"; done"; }
+network_get_ipaddr() { eval "[ -n \"\${NET_$2-}\" ] && $1=\"\$NET_$2\""; }
+procd_open_instance() { CMD=; }
+procd_set_param() { if [ "$1" = command ]; then shift; CMD="$*"; fi; }
+procd_append_param() { if [ "$1" = command ]; then shift; CMD="$CMD $*"; fi; }
+procd_close_instance() { echo "procd: $CMD"; }
+logger() { echo "logger: $*"; }
+"#;
+
+/// Runs the init script's start_service on the shipped UCI config, with
+/// `changes` (`section_option=value`, `-section_option` to unset) and the
+/// lan network's address, and returns what procd and the log were told.
+fn openwrt_start(changes: &[&str], lan: Option<&str>) -> String {
+    let script = std::fs::read_to_string(deploy("openwrt/ctrace.init")).unwrap();
+    // OpenWrt's library is stubbed above; the script's own lines stay.
+    let script = script.replace(". /lib/functions/network.sh", ":");
+    let config = std::fs::read_to_string(deploy("openwrt/ctrace.config")).unwrap();
+    let mut values = std::collections::BTreeMap::<String, String>::new();
+    let mut section = String::new();
+    for line in config.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["config", _, name] => section = name.trim_matches('\'').to_string(),
+            ["option", key, value] => {
+                values.insert(
+                    format!("{section}_{key}"),
+                    value.trim_matches('\'').to_string(),
+                );
+            }
+            _ => {}
+        }
+    }
+    for change in changes {
+        match change.strip_prefix('-') {
+            Some(key) => {
+                values.remove(key);
+            }
+            None => {
+                let (key, value) = change.split_once('=').unwrap();
+                values.insert(key.to_string(), value.to_string());
+            }
+        }
+    }
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("{OPENWRT_STUBS}\n{script}\nstart_service"))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    for (key, value) in &values {
+        cmd.env(format!("CFG_{key}"), value);
+    }
+    if let Some(addr) = lan {
+        cmd.env("NET_lan", addr);
+    }
+    run(&mut cmd)
+}
+
+/// The command procd would run, checked by ctrace's own parser: every
+/// option the script writes exists and its value parses (`--help` after
+/// them is reached only when all of them do).
+fn procd_command(said: &str) -> Vec<String> {
+    let line = said
+        .lines()
+        .find_map(|l| l.strip_prefix("procd: "))
+        .unwrap_or_else(|| panic!("procd was given no command:\n{said}"));
+    let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    assert_eq!(words[..2], ["/usr/sbin/ctrace", "watch"], "{line}");
+    let bin = ctrace_tests::ctrace_bin();
+    run(Command::new(bin).args(&words[1..]).arg("--help"));
+    words
+}
+
+/// What UCI says is what ctrace is started with, and a metrics network
+/// without an address is logged, never silently left out.
+#[test]
+fn openwrt_service_turns_uci_into_the_command_procd_runs() {
+    let has = |words: &[String], seq: &[&str]| words.windows(seq.len()).any(|w| w == seq);
+
+    let said = openwrt_start(&[], Some("192.168.1.1"));
+    let words = procd_command(&said);
+    let shipped: [&[&str]; 7] = [
+        &["--interval", "5s"],
+        &["--strategy", "auto"],
+        &["--record", "/var/run/ctrace/recording.ndjson"],
+        &["--record-size", "4M"],
+        &["--record-keep", "2"],
+        &["--metrics", "192.168.1.1:9465"],
+        &["--metrics-notrack"],
+    ];
+    for seq in shipped {
+        assert!(has(&words, seq), "{seq:?} missing: {said}");
+    }
+
+    // lan not up yet: no metrics, and the log says why.
+    let said = openwrt_start(&[], None);
+    let words = procd_command(&said);
+    assert!(!has(&words, &["--metrics-notrack"]), "{said}");
+    assert!(!words.iter().any(|w| w == "--metrics"), "{said}");
+    assert!(
+        said.contains(
+            "logger: -t ctrace -p daemon.warn metrics: network 'lan' has no IPv4 address"
+        ),
+        "{said}"
+    );
+
+    // An address of one's own, no NOTRACK, no recording, two services.
+    let said = openwrt_start(
+        &[
+            "metrics_listen_address=10.0.0.1",
+            "metrics_notrack=0",
+            "record_enabled=0",
+            "main_service=k8s-api=tcp/6443 etcd-client=tcp/2379",
+            "main_interval=2s",
+        ],
+        None,
+    );
+    let words = procd_command(&said);
+    let own: [&[&str]; 4] = [
+        &["--metrics", "10.0.0.1:9465"],
+        &["--service", "k8s-api=tcp/6443"],
+        &["--service", "etcd-client=tcp/2379"],
+        &["--interval", "2s"],
+    ];
+    for seq in own {
+        assert!(has(&words, seq), "{seq:?} missing: {said}");
+    }
+    assert!(!has(&words, &["--metrics-notrack"]), "{said}");
+    assert!(!words.iter().any(|w| w.starts_with("--record")), "{said}");
+
+    // Disabled: nothing started.
+    let said = openwrt_start(&["main_enabled=0"], Some("192.168.1.1"));
+    assert!(!said.contains("procd:"), "{said}");
+}

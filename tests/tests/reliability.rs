@@ -3,6 +3,7 @@
 //! run on the host only (the VM matrix runs the e2e suite), in bounded
 //! time.
 use std::{
+    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -22,6 +23,26 @@ fn programs_gone(within: Duration) -> Vec<String> {
             return left;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The child's exit status, or None (the child killed) if it has not
+/// exited within `limit`: a test fails instead of hanging the suite.
+fn wait_at_most(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -75,11 +96,22 @@ fn signals_at_random_moments_of_a_storm_leave_no_program_behind() {
         if let Some(s) = ctrace_tests::strategy() {
             cmd.args(["--strategy", &s]);
         }
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        // A shell starts a background job with SIGINT ignored, and the
+        // child inherits that until ctrace installs its own handler: an
+        // early SIGINT would be lost, as it is for any program run that way.
+        // This test is about Ctrl-C as a terminal sends it, so the child
+        // starts with SIGINT at its default, whoever runs the suite.
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        let mut child = unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            })
+        }
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
         // A storm of distinct SYNs into the full table meanwhile.
         let clients = lab.topo.clients.try_clone().unwrap();
         let storm = std::thread::spawn(move || {
@@ -94,7 +126,8 @@ fn signals_at_random_moments_of_a_storm_leave_no_program_behind() {
         std::thread::sleep(Duration::from_millis(next() % 2500));
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
-        let status = child.wait().unwrap();
+        let status = wait_at_most(&mut child, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("run {run}: ctrace outlived signal {signal} by 60 s"));
         storm.join().unwrap().unwrap();
         let left = programs_gone(Duration::from_secs(10));
         eprintln!("run {run}: signal {signal}, {status}");

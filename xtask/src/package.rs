@@ -478,7 +478,7 @@ fn check_deb(p: &Package, version: &str, arch: &str, target: &str) -> anyhow::Re
 }
 
 /// lintian, with every tag it may still raise explained in
-/// deploy/debian/lintian-overrides.md; an error, or a warning not
+/// deploy/debian/lintian.md; an error, or a warning not
 /// explained there, fails the check.
 fn lintian(deb: &Path) -> anyhow::Result<()> {
     crate::vm::apt::Host::new().ensure_installed("lintian")?;
