@@ -168,9 +168,10 @@ fn ipk(root: &Path, out: &Path, version: &str, label: &str, bin: &Path) -> anyho
             "Package: ctrace\nVersion: {version}-r1\nDepends: {IPK_DEPENDS}\n\
              License: {}\nLicenseFiles: LICENSE-MIT LICENSE-APACHE\nSection: net\n\
              Maintainer: {MAINTAINER}\nArchitecture: {label}\nInstalled-Size: {}\n\
-             Description: {SUMMARY}\n {DESCRIPTION}\n",
+             Description: {SUMMARY}\n{}",
             env!("CARGO_PKG_LICENSE"),
             installed_kib(&data)? * 1024,
+            description(),
         ),
         0o644,
     )?;
@@ -240,9 +241,9 @@ fn deb(root: &Path, out: &Path, version: &str, arch: &str, bin: &Path) -> anyhow
         &format!(
             "Package: ctrace\nVersion: {version}\nArchitecture: {arch}\n\
              Maintainer: {MAINTAINER}\nInstalled-Size: {}\nSection: net\nPriority: optional\n\
-             Homepage: {}\nDescription: {SUMMARY}\n {DESCRIPTION}\n",
+             Description: {SUMMARY}\n{}",
             installed_kib(&stage)?,
-            env!("CARGO_PKG_REPOSITORY"),
+            description(),
         ),
         0o644,
     )?;
@@ -252,13 +253,48 @@ fn deb(root: &Path, out: &Path, version: &str, arch: &str, bin: &Path) -> anyhow
         .args(["--root-owner-group", "-Zxz", "--build"])
         .arg(&stage)
         .arg(&path)
-        .env("SOURCE_DATE_EPOCH", "0"))?;
+        .env("SOURCE_DATE_EPOCH", source_date_epoch(root)))?;
     fs::remove_dir_all(&stage)?;
     Ok(Package {
         size: fs::metadata(&path)?.len(),
         path,
         arch: arch.to_string(),
     })
+}
+
+/// The extended description as control files want it: lines of at most
+/// 72 characters, each after one space.
+fn description() -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in DESCRIPTION.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > 72 {
+            out.push_str(&format!(" {line}\n"));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&format!(" {line}\n"));
+    out
+}
+
+/// The last commit's time: dpkg-deb clamps every file's mtime to it, so
+/// the same commit gives the same package, with dates lintian accepts
+/// (it calls the epoch itself "ancient").
+fn source_date_epoch(root: &Path) -> String {
+    output(
+        Command::new("git")
+            .args(["log", "-1", "--format=%ct"])
+            .current_dir(root),
+    )
+    .map(|s| s.trim().to_string())
+    .ok()
+    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+    // 2026-12-04, for a tree without git.
+    .unwrap_or_else(|| "1796342400".to_string())
 }
 
 /// The man page and shell completions, from the CLI's own definition.
