@@ -199,6 +199,15 @@ fn ipk(root: &Path, out: &Path, version: &str, label: &str, bin: &Path) -> anyho
     })
 }
 
+/// Shipped in the .deb, as Debian packages carry theirs. The router
+/// builds (arm64) are static executables; the amd64 build is a static PIE.
+const LINTIAN_OVERRIDES: &str = "\
+# One static musl binary, the eBPF programs embedded, runs on any
+# distribution's kernel without a C library of the host's: static on
+# purpose.
+ctrace: statically-linked-binary [usr/sbin/ctrace]
+";
+
 /// The Debian unit: see deploy/debian/ctrace.service for why each setting
 /// is there.
 fn deb(root: &Path, out: &Path, version: &str, arch: &str, bin: &Path) -> anyhow::Result<Package> {
@@ -234,6 +243,12 @@ fn deb(root: &Path, out: &Path, version: &str, arch: &str, bin: &Path) -> anyhow
         0o644,
     )?;
     gzip(&stage.join("usr/share/doc/ctrace/changelog"))?;
+    write(
+        &stage,
+        "usr/share/lintian/overrides/ctrace",
+        LINTIAN_OVERRIDES,
+        0o644,
+    )?;
     generated_docs(root, &stage)?;
     write(
         &stage,
