@@ -101,6 +101,15 @@ fn put(stage: &Path, rel: &str, from: &Path, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Files of `from` (deploy/…) into the package: (path in the package,
+/// file in `from`, mode).
+fn put_all(stage: &Path, from: &Path, files: &[(&str, &str, u32)]) -> anyhow::Result<()> {
+    for (rel, file, mode) in files {
+        put(stage, rel, &from.join(file), *mode)?;
+    }
+    Ok(())
+}
+
 fn write(stage: &Path, rel: &str, text: &str, mode: u32) -> anyhow::Result<()> {
     let to = stage.join(rel);
     fs::create_dir_all(to.parent().expect("a path with a parent"))?;
@@ -149,17 +158,13 @@ fn ipk(root: &Path, out: &Path, version: &str, label: &str, bin: &Path) -> anyho
     let data = work.join("data");
     let control = work.join("control");
     put(&data, "usr/sbin/ctrace", bin, 0o755)?;
-    put(
+    put_all(
         &data,
-        "etc/init.d/ctrace",
-        &root.join("deploy/openwrt/ctrace.init"),
-        0o755,
-    )?;
-    put(
-        &data,
-        "etc/config/ctrace",
-        &root.join("deploy/openwrt/ctrace.config"),
-        0o600,
+        &root.join("deploy/openwrt"),
+        &[
+            ("etc/init.d/ctrace", "ctrace.init", 0o755),
+            ("etc/config/ctrace", "ctrace.config", 0o600),
+        ],
     )?;
     write(
         &control,
@@ -212,25 +217,15 @@ ctrace: statically-linked-binary [usr/sbin/ctrace]
 /// is there.
 fn deb(root: &Path, out: &Path, version: &str, arch: &str, bin: &Path) -> anyhow::Result<Package> {
     let stage = out.join(format!("work-{arch}"));
-    let deploy = root.join("deploy/debian");
     put(&stage, "usr/sbin/ctrace", bin, 0o755)?;
-    put(
+    put_all(
         &stage,
-        "lib/systemd/system/ctrace.service",
-        &deploy.join("ctrace.service"),
-        0o644,
-    )?;
-    put(
-        &stage,
-        "etc/default/ctrace",
-        &deploy.join("ctrace.default"),
-        0o644,
-    )?;
-    put(
-        &stage,
-        "usr/share/doc/ctrace/copyright",
-        &deploy.join("copyright"),
-        0o644,
+        &root.join("deploy/debian"),
+        &[
+            ("lib/systemd/system/ctrace.service", "ctrace.service", 0o644),
+            ("etc/default/ctrace", "ctrace.default", 0o644),
+            ("usr/share/doc/ctrace/copyright", "copyright", 0o644),
+        ],
     )?;
     // A native package's changelog, as lintian expects it.
     write(
