@@ -11,6 +11,17 @@ use ctrace_common as wire;
 
 use crate::tier::Strategy;
 
+/// New entries one opener made toward one port since the last read, as
+/// the tc tier counts the flows it saw pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Passed {
+    pub slot: u32,
+    pub src: IpAddr,
+    pub proto: Proto,
+    pub dport: u16,
+    pub flows: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,

@@ -13,13 +13,12 @@ use ctrace_common::{EvictKey, FlowKey, FlowStats, TotalCount, TotalKey, counter,
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    event::{self, Clock, Flow, KernelEvent},
+    event::{self, Clock, Flow, KernelEvent, Passed},
     loader::KernelLogger,
     netns::NetNsInfo,
     readings::{
         CorrelationCounts, Counters, DeviceChoice, EvictedKey, Evictor, FlowCount, KernelTotal,
     },
-    strategy::tc::Passed,
     tier::Tier,
 };
 

@@ -30,10 +30,10 @@ mod devices;
 mod passed;
 
 pub use devices::DeviceChoice;
-pub use passed::{Passed, PassedFlows};
+pub use passed::PassedFlows;
 
 use crate::{
-    event::{self, Clock, Flow, KernelEvent},
+    event::{self, Clock, Flow, KernelEvent, Passed},
     judge::Judge,
     kernel::KernelFacts,
     loader::{self, LoadOptions, TcAttachMode},

@@ -12,17 +12,7 @@ use std::{collections::HashMap, net::IpAddr};
 use aya::maps::{MapData, PerCpuHashMap};
 use ctrace_common::{AF_INET, tc::PassedKey};
 
-use crate::event::Proto;
-
-/// New entries one opener made toward one port, since the last read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Passed {
-    pub slot: u32,
-    pub src: IpAddr,
-    pub proto: Proto,
-    pub dport: u16,
-    pub flows: u64,
-}
+use crate::event::{Passed, Proto};
 
 pub struct PassedFlows {
     map: PerCpuHashMap<MapData, PassedKey, u64>,
