@@ -299,11 +299,13 @@ impl RouterView {
             return;
         }
         if e.change == EntryChange::Inserted {
-            let src = e.flow.src.ip();
-            let service = self.catalog.lookup(e.flow.proto, e.flow.dst.port());
-            let pod = self.pods.pod(src);
-            self.filling
-                .new_entry(e.flow.netns, src, service, pod.as_deref());
+            count_new_entries(
+                (&mut self.filling, &mut self.pods, &self.catalog),
+                e.flow.netns,
+                e.flow.src.ip(),
+                (e.flow.proto, e.flow.dst.port()),
+                1,
+            );
         }
         let Some(occ) = self.occupancy.as_mut() else {
             return;
@@ -489,10 +491,13 @@ impl RouterView {
             let mut occ = self.occupancy.as_mut();
             feed.drain(&mut |ns, what, e| {
                 if what == Announced::New {
-                    let service =
-                        catalog.lookup(crate::event::Proto::from_number(e.proto), e.dport);
-                    let pod = pods.pod(e.src);
-                    filling.new_entry(ns, e.src, service, pod.as_deref());
+                    count_new_entries(
+                        (&mut *filling, &mut *pods, catalog),
+                        ns,
+                        e.src,
+                        (crate::event::Proto::from_number(e.proto), e.dport),
+                        1,
+                    );
                 }
                 // Occupancy between dumps (the tracker ignores namespaces
                 // it has no baseline for yet).
@@ -515,10 +520,13 @@ impl RouterView {
                     continue;
                 }
                 used = true;
-                let service = self.catalog.lookup(p.proto, p.dport);
-                let pod = self.pods.pod(p.src);
-                self.filling
-                    .new_entries(ns, p.src, service, pod.as_deref(), p.flows);
+                count_new_entries(
+                    (&mut self.filling, &mut self.pods, &self.catalog),
+                    ns,
+                    p.src,
+                    (p.proto, p.dport),
+                    p.flows,
+                );
             }
             if used || self.filling_unattributed.is_some() {
                 self.filling_unattributed = Some(missed);
@@ -613,4 +621,21 @@ impl RouterView {
             flows: self.agg.flows().cloned().collect(),
         })
     }
+}
+
+/// `n` new entries of namespace `ns` from `src` toward a protocol and
+/// port, counted by the filling meter under their service and source pod,
+/// whichever witness saw them (insert events, ctnetlink, passed flows).
+/// The view's fields, not the view: the ctnetlink drain holds the
+/// occupancy beside them.
+fn count_new_entries(
+    (filling, pods, catalog): (&mut FillingMeter, &mut PodAddresses, &Catalog),
+    ns: u64,
+    src: std::net::IpAddr,
+    (proto, dport): (crate::event::Proto, u16),
+    n: u64,
+) {
+    let service = catalog.lookup(proto, dport);
+    let pod = pods.pod(src);
+    filling.new_entries(ns, src, service, pod.as_deref(), n);
 }
