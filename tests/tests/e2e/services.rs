@@ -69,12 +69,12 @@ fn run_in(ns: &NetNs, tool: &str, args: &[&str], stdin: &str) -> Option<()> {
         Ok(c) => c,
         Err(e) => panic!("nsenter: {e}"),
     };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A tool that is missing (or fails early) closes its stdin before we
+    // write: its exit status, below, says which.
+    match child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.unwrap(),
+    }
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(127) || err.contains("No such file or directory") {
