@@ -19,6 +19,7 @@ pub mod files;
 pub mod filling;
 pub mod judge;
 pub mod kernel;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod ledger;
 pub mod loader;

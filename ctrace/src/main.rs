@@ -451,6 +451,16 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+#[cfg(not(feature = "lab"))]
+async fn lab(_: LabArgs) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "ctrace: this build leaves the lab out to fit a router's flash; \
+         `ctrace lab` is in the x86_64 builds (`cargo xtask build`, the amd64 .deb)"
+    );
+    Ok(ExitCode::from(EXIT_CANNOT_RUN))
+}
+
+#[cfg(feature = "lab")]
 async fn lab(args: LabArgs) -> anyhow::Result<ExitCode> {
     let mut sinks = stdout_sinks(args.json);
     if let Some(path) = &args.record {

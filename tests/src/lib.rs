@@ -55,6 +55,20 @@ pub fn ctnetlink() -> bool {
 
 /// The strategy under test: `CTRACE_TEST_STRATEGY` (the VM matrix runs the
 /// suite once per strategy), else whatever `auto` picks.
+/// Whether `out`, of a `ctrace lab` run, is a router build saying it left
+/// the lab out (exit 3, and why): the lab's tests then have nothing to run.
+pub fn lab_left_out(out: &std::process::Output) -> bool {
+    let left_out = out.status.code() == Some(3)
+        && String::from_utf8_lossy(&out.stderr).contains("this build leaves the lab out");
+    if left_out {
+        eprintln!(
+            "SKIPPED: {} is a router build, without the lab",
+            ctrace_bin().display()
+        );
+    }
+    left_out
+}
+
 pub fn strategy() -> Option<String> {
     std::env::var("CTRACE_TEST_STRATEGY")
         .ok()

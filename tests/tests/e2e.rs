@@ -743,6 +743,9 @@ fn lab_passes_and_restores_nf_conntrack_max() {
         cmd.args(["--strategy", &s]);
     }
     let out = cmd.output().unwrap();
+    if ctrace_tests::lab_left_out(&out) {
+        return;
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

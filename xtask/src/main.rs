@@ -127,12 +127,15 @@ fn main() -> ExitCode {
             } else {
                 vm::run(&vm, filter.as_deref())?;
                 // The VM matrix built both musl binaries: the image costs
-                // only its assembly and skopeo's check now. A filtered run
-                // asked for some tests only.
+                // only its assembly and skopeo's check now, and the
+                // packages the armv7 build and their checks (structure,
+                // size, lintian, each router binary under qemu-user). A
+                // filtered run asked for some tests only.
                 if filter.is_some() {
                     return Ok(());
                 }
-                image::image().map(|_| ())
+                image::image()?;
+                package::package().map(|_| ())
             }
         }),
         Cmd::VmTest { vm, filter } => vm::run(&vm, filter.as_deref()),
@@ -410,10 +413,11 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         target.map(|t| format!(" for {t}")).unwrap_or_default()
     ));
     let started = Instant::now();
-    // Routers (32- and 64-bit ARM) have a few MiB of flash for everything:
-    // their builds use the size-optimised profile and must fit 4 MiB. The
-    // VMs run these same binaries.
-    let router = target.is_some_and(|t| t.starts_with("arm") || t.starts_with("aarch64"));
+    // Routers (32- and 64-bit ARM, MIPS) have a few MiB of flash for
+    // everything: their builds use the size-optimised profile, leave out the
+    // lab (feature `lab`), and must fit 4 MiB. The VMs run these same
+    // binaries.
+    let router = target.is_some_and(is_router_target);
     let profile = if router { "router" } else { "release" };
     let mut cmd = Command::new("cargo");
     cmd.args([
@@ -430,6 +434,9 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     cargo_env(&mut cmd, &tools);
     if let Some(t) = target {
         cmd.args(["--target", t]);
+    }
+    if router {
+        cmd.arg("--no-default-features");
     }
     if build_std {
         cmd.arg("-Zbuild-std=std,panic_abort")
@@ -456,6 +463,13 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// Targets built for routers' flash rather than for hosts.
+pub(crate) fn is_router_target(target: &str) -> bool {
+    ["arm", "aarch64", "mips"]
+        .iter()
+        .any(|isa| target.starts_with(isa))
 }
 
 fn lab(args: &[String]) -> anyhow::Result<()> {

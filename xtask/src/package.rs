@@ -462,8 +462,60 @@ fn check_ipk(p: &Package, version: &str, label: &str, target: &str) -> anyhow::R
         .arg(dir.join("data.tar.gz"))
         .arg("-C")
         .arg(&data_dir))?;
-    check_elf(&data_dir.join("usr/sbin/ctrace"), target)?;
+    let bin = data_dir.join("usr/sbin/ctrace");
+    check_elf(&bin, target)?;
+    if crate::is_router_target(target) {
+        ensure!(
+            p.size <= IPK_LIMIT,
+            "{}: {} bytes, over the {IPK_LIMIT} a router package may take",
+            p.path.display(),
+            p.size
+        );
+        run_emulated(&bin, target)?;
+    }
     fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// What a router package may weigh: a 16 MB flash holds the firmware too.
+const IPK_LIMIT: u64 = 1_310_720;
+
+/// Runs a packaged router binary under qemu-user, as the router would:
+/// it starts, knows its version, probes (the emulator passes bpf(2) to
+/// this kernel, whose answers only need to be explained, not positive) and
+/// says the lab was left out.
+fn run_emulated(bin: &Path, target: &str) -> anyhow::Result<()> {
+    let qemu = match target.split('-').next().unwrap_or_default() {
+        "armv7" => "qemu-arm-static".to_string(),
+        isa => format!("qemu-{isa}-static"),
+    };
+    crate::vm::apt::Host::new().ensure_installed("qemu-user-static")?;
+    let version = output(Command::new(&qemu).arg(bin).arg("--version"))?;
+    ensure!(
+        version.trim() == format!("ctrace {}", env!("CARGO_PKG_VERSION")),
+        "{target}: --version said {version:?}"
+    );
+    let probe = Command::new(&qemu).arg(bin).arg("probe").output()?;
+    let said = String::from_utf8_lossy(&probe.stdout);
+    ensure!(
+        matches!(probe.status.code(), Some(0 | 3)) && said.contains("auto picks"),
+        "{target}: probe under {qemu}: {}\n{said}\n{}",
+        probe.status,
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let lab = Command::new(&qemu).arg(bin).arg("lab").output()?;
+    ensure!(
+        lab.status.code() == Some(3)
+            && String::from_utf8_lossy(&lab.stderr).contains("leaves the lab out"),
+        "{target}: lab under {qemu}: {} {}",
+        lab.status,
+        String::from_utf8_lossy(&lab.stderr)
+    );
+    step(&format!(
+        "{target}: runs under {qemu} ({}, probe exit {}, lab left out)",
+        version.trim(),
+        probe.status.code().unwrap_or(-1)
+    ));
     Ok(())
 }
 

@@ -577,6 +577,7 @@ mod tests {
     /// machine-wide, so another flood may have used it up: the test keeps
     /// sending for a while and also accepts a suppressed-callbacks witness.
     #[test]
+    #[cfg(feature = "lab")]
     fn kmsg_reader_sees_a_real_table_full() {
         use crate::{
             lab::traffic,

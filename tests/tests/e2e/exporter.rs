@@ -549,6 +549,9 @@ fn report_of_a_recorded_lab_names_the_services_and_sizes_from_the_peak() {
         lab.args(["--strategy", &s]);
     }
     let out = lab.output().unwrap();
+    if ctrace_tests::lab_left_out(&out) {
+        return;
+    }
     assert!(
         out.status.success(),
         "lab failed: {}",
