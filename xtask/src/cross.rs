@@ -30,6 +30,12 @@ fn runtime(target: &str) -> Option<Runtime> {
             gcc_dir: "/usr/lib/gcc-cross/arm-linux-gnueabihf/12",
             packages: &["musl-dev:armhf", "libgcc-12-dev-armhf-cross"],
         }),
+        "mipsel-unknown-linux-musl" => Some(Runtime {
+            deb_arch: "mipsel",
+            musl_dir: "/usr/lib/mipsel-linux-musl",
+            gcc_dir: "/usr/lib/gcc-cross/mipsel-linux-gnu/12",
+            packages: &["musl-dev:mipsel", "libgcc-12-dev-mipsel-cross"],
+        }),
         _ => None,
     }
 }
@@ -92,8 +98,13 @@ pub fn prepare(toolchain: &str, target: &str) -> anyhow::Result<()> {
             .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
         Ok(())
     };
-    for f in ["crt1.o", "crti.o", "crtn.o", "rcrt1.o", "Scrt1.o"] {
+    for f in ["crt1.o", "crti.o", "crtn.o", "Scrt1.o"] {
         copy(&format!("{}/{f}", rt.musl_dir), f)?;
+    }
+    // Only for static PIE, which Debian's mipsel musl does not build.
+    let rcrt1 = format!("{}/rcrt1.o", rt.musl_dir);
+    if Path::new(&rcrt1).exists() {
+        copy(&rcrt1, "rcrt1.o")?;
     }
     for f in ["crtbegin.o", "crtend.o", "crtbeginS.o", "crtendS.o"] {
         copy(&format!("{}/{f}", rt.gcc_dir), f)?;

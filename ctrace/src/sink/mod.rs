@@ -8,6 +8,7 @@ pub mod live;
 pub mod plain;
 pub mod prometheus;
 pub mod record;
+pub mod text_format;
 
 use std::time::{Duration, SystemTime};
 

@@ -24,10 +24,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bytes::Bytes;
-use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-
-use super::{Sink, Snapshot};
+use super::{
+    Sink, Snapshot,
+    text_format::{self, FamilyHandle, Kind},
+};
 use crate::{
     aggregate::DropRecord,
     filling::FillBy,
@@ -35,6 +35,7 @@ use crate::{
     table::{TimeToFull, stat_fields},
     tier::Strategy,
 };
+use bytes::Bytes;
 
 /// The statistics node_exporter's conntrack collector reads (plus the
 /// deprecated, always-zero `ignore`), as counters of ctrace's own.
@@ -115,21 +116,16 @@ impl Sink for PrometheusSink {
 
 /// Families are registered as they are made; every one of them is filled
 /// from the snapshot alone.
-struct Families {
-    registry: Registry,
-}
+#[derive(Default)]
+struct Families(text_format::Families);
 
 impl Families {
-    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> text_format::Result<FamilyHandle> {
+        self.0.register(Kind::Gauge, name, help, labels)
     }
 
-    fn float(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
-        let g = GaugeVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(g.clone()))?;
-        Ok(g)
+    fn float(&self, name: &str, help: &str, labels: &[&str]) -> text_format::Result<FamilyHandle> {
+        self.0.register(Kind::Gauge, name, help, labels)
     }
 
     fn counter(
@@ -137,17 +133,14 @@ impl Families {
         name: &str,
         help: &str,
         labels: &[&str],
-    ) -> prometheus::Result<IntCounterVec> {
-        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-        self.registry.register(Box::new(c.clone()))?;
-        Ok(c)
+    ) -> text_format::Result<FamilyHandle> {
+        self.0.register(Kind::Counter, name, help, labels)
     }
 }
 
-/// Totals ctrace reports only grow; a counter is set by adding its total
-/// to a fresh zero.
-fn set_counter(c: &IntCounterVec, labels: &[&str], total: u64) {
-    c.with_label_values(labels).inc_by(total);
+/// Totals ctrace reports only grow: a counter is their current value.
+fn set_counter(c: &FamilyHandle, labels: &[&str], total: u64) {
+    c.with_label_values(labels).set(total);
 }
 
 fn gauge_value(v: u64) -> i64 {
@@ -155,18 +148,14 @@ fn gauge_value(v: u64) -> i64 {
 }
 
 /// The exposition text of one snapshot.
-pub fn render(s: &Snapshot<'_>) -> prometheus::Result<Vec<u8>> {
-    let f = Families {
-        registry: Registry::new(),
-    };
+pub fn render(s: &Snapshot<'_>) -> text_format::Result<Vec<u8>> {
+    let f = Families::default();
     conntrack_series(&f, s)?;
     ctrace_series(&f, s)?;
-    let mut out = Vec::with_capacity(16 * 1024);
-    TextEncoder::new().encode(&f.registry.gather(), &mut out)?;
-    Ok(out)
+    Ok(f.0.render()?.into_bytes())
 }
 
-fn conntrack_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+fn conntrack_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
     let entries = f.gauge(
         "ctrace_conntrack_entries",
         "Number of currently allocated flow entries for connection tracking.",
@@ -187,7 +176,7 @@ fn conntrack_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
             )
             .map(|g| (*name, g))
         })
-        .collect::<prometheus::Result<Vec<_>>>()?;
+        .collect::<text_format::Result<Vec<_>>>()?;
     for t in &s.tables {
         let ns = t.inode.to_string();
         entries
@@ -206,7 +195,7 @@ fn conntrack_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
 /// The node view, labelled as the drop series are, so that a dashboard can
 /// put "the router dropped etcd-peer SYNs" beside "the nodes' etcd-peer
 /// connects timed out".
-fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+fn connect_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
     let Some(c) = s.connect_counters else {
         return Ok(());
     };
@@ -260,7 +249,7 @@ fn connect_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
     Ok(())
 }
 
-fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
+fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
     let sink_errors = f.counter(
         "ctrace_sink_errors_total",
         "Writes an output (the recording, the textfile) failed or skipped while failing; tracing goes on.",
@@ -274,15 +263,14 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
         "Network namespaces not watched: ctrace watches at most 1024 (those with drops always); narrow with --netns.",
         &[],
     )?;
-    left_out
-        .with_label_values::<&str>(&[])
-        .set(s.netns_left_out as i64);
+    left_out.with_label_values(&[]).set(s.netns_left_out as i64);
     let info = f.gauge(
         "ctrace_build_info",
         "ctrace's version; always 1.",
         &["version"],
     )?;
-    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1_i64);
     let strategy = f.gauge(
         "ctrace_strategy",
         "1 for the hook strategy ctrace traces with, 0 for the others.",
@@ -298,7 +286,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
         "When ctrace rendered these numbers (Unix time).",
         &[],
     )?
-    .with_label_values::<&str>(&[])
+    .with_label_values(&[])
     .set(
         s.time
             .duration_since(std::time::UNIX_EPOCH)
@@ -357,7 +345,7 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> prometheus::Result<()> {
             .unwrap_or(("", ""));
         netns_info
             .with_label_values(&[&ns, t.name.as_deref().unwrap_or(""), k8s_namespace, k8s_pod])
-            .set(1);
+            .set(1_i64);
         fill.with_label_values(&[&ns]).set(t.fill() / 100.0);
         match t.time_to_full {
             TimeToFull::Full => ttf.with_label_values(&[&ns]).set(0.0),
