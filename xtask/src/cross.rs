@@ -1,13 +1,20 @@
 //! Router targets whose standard library rustup does not offer for the
 //! pinned toolchain on this machine (32-bit ARM: `rustup target add
-//! armv7-unknown-linux-musleabihf` fails with "unavailable for download").
+//! armv7-unknown-linux-musleabihf` fails with "unavailable for download";
+//! MIPS is tier 3 and has no prebuilt standard library at all).
 //!
 //! The standard library is then built from rust-src (`-Zbuild-std`), and
-//! the C runtime that rust-std would have shipped in its `self-contained`
-//! directory comes from Debian: musl's crt objects and `libc.a`
-//! (`musl-dev:armhf`, which needs the armhf architecture added to dpkg) and
-//! libgcc's `crtbegin.o`/`crtend.o` and unwinder
-//! (`libgcc-12-dev-armhf-cross`).
+//! the C runtime comes from one of two places:
+//! - ARM: Debian. Musl's crt objects and `libc.a` (`musl-dev:armhf`, which
+//!   needs the armhf architecture added to dpkg) and libgcc's
+//!   `crtbegin.o`/`crtend.o` and unwinder (`libgcc-12-dev-armhf-cross`),
+//!   put where rust-std would have shipped its `self-contained` runtime.
+//! - MIPS: Zig, which bundles musl and LLVM's libunwind for both byte
+//!   orders, driven by cargo-zigbuild. Debian has no big-endian MIPS port,
+//!   and its mipsel musl and libgcc are hard-float (`-mfpxx`) while Rust's
+//!   MIPS musl targets are soft-float, as OpenWrt's userland is; its libgcc
+//!   unwinder also wants glibc's `_dl_find_object`. The flags these
+//!   targets link with are in `.cargo/config.toml`.
 use std::{fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -42,7 +49,66 @@ fn runtime(target: &str) -> Option<Runtime> {
 
 /// Whether `target` can be built with `-Zbuild-std` here.
 pub fn supported(target: &str) -> bool {
-    runtime(target).is_some()
+    runtime(target).is_some() || uses_zig(target)
+}
+
+/// Targets whose C runtime and linker come from Zig.
+pub fn uses_zig(target: &str) -> bool {
+    matches!(
+        target,
+        "mips-unknown-linux-musl" | "mipsel-unknown-linux-musl"
+    )
+}
+
+/// The Zig release (Python's registry ships it as `ziglang`) and the
+/// cargo-zigbuild that drives it, both pinned.
+const ZIGLANG_VERSION: &str = "0.17.1";
+const ZIGBUILD_VERSION: &str = "0.24.1";
+
+/// Installs Zig and cargo-zigbuild when missing; returns the directory
+/// holding `cargo-zigbuild`, for PATH.
+pub fn prepare_zig(toolchain: &str) -> anyhow::Result<std::path::PathBuf> {
+    let zig = output(Command::new("python3").args(["-m", "ziglang", "version"]));
+    if zig.is_ok_and(|v| v.trim() == ZIGLANG_VERSION) {
+        step(&format!("zig {ZIGLANG_VERSION}: present"));
+    } else {
+        step(&format!(
+            "zig {ZIGLANG_VERSION}: installing (python3 -m pip)"
+        ));
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!("ziglang=={ZIGLANG_VERSION}"))
+            .env("PIP_ROOT_USER_ACTION", "ignore"))?;
+    }
+    let root = crate::tools_base().join(format!("cargo-zigbuild-{ZIGBUILD_VERSION}"));
+    let bin = root.join("bin");
+    if bin.join("cargo-zigbuild").exists() {
+        step(&format!("cargo-zigbuild {ZIGBUILD_VERSION}: present"));
+    } else {
+        step(&format!(
+            "cargo-zigbuild {ZIGBUILD_VERSION}: building, once"
+        ));
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                "cargo-zigbuild",
+                "--version",
+            ])
+            .arg(ZIGBUILD_VERSION)
+            .arg("--root")
+            .arg(&root)
+            .env("RUSTUP_TOOLCHAIN", toolchain)
+            .current_dir(std::env::temp_dir()))?;
+    }
+    Ok(bin)
 }
 
 /// Puts the C runtime for `target` where rustc looks for it, installing

@@ -212,11 +212,15 @@ fn cargo(tc: &str) -> Command {
 /// fresh clone on the same machine reuses it; keyed by toolchain so a
 /// toolchain bump builds a matching linker.
 fn tools_dir(toolchain: &str) -> PathBuf {
-    let base = env::var_os("CTRACE_TOOLS")
+    tools_base().join(format!("bpf-linker-{BPF_LINKER_VERSION}-rust-{toolchain}"))
+}
+
+/// Where built tools are kept across clones (bpf-linker, cargo-zigbuild).
+fn tools_base() -> PathBuf {
+    env::var_os("CTRACE_TOOLS")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ctrace")))
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/ctrace"));
-    base.join(format!("bpf-linker-{BPF_LINKER_VERSION}-rust-{toolchain}"))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/ctrace"))
 }
 
 struct Tools {
@@ -401,7 +405,9 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
                     step(&format!(
                         "rustup target add {t}: {why}; building the standard library from rust-src"
                     ));
-                    cross::prepare(&tools.toolchain, t)?;
+                    if !cross::uses_zig(t) {
+                        cross::prepare(&tools.toolchain, t)?;
+                    }
                     build_std = true;
                 }
                 Err(e) => return Err(e),
@@ -419,9 +425,13 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     // binaries.
     let router = target.is_some_and(is_router_target);
     let profile = if router { "router" } else { "release" };
+    let zig = target.filter(|t| cross::uses_zig(t));
+    let zigbuild = zig
+        .map(|_| cross::prepare_zig(&tools.toolchain))
+        .transpose()?;
     let mut cmd = Command::new("cargo");
     cmd.args([
-        "build",
+        if zig.is_some() { "zigbuild" } else { "build" },
         "--profile",
         profile,
         "--package",
@@ -432,6 +442,11 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     .current_dir(&root)
     .env_remove("AYA_BUILD_SKIP");
     cargo_env(&mut cmd, &tools);
+    if let Some(dir) = &zigbuild {
+        let mut paths = vec![dir.clone(), tools.bin.clone()];
+        paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        cmd.env("PATH", env::join_paths(paths)?);
+    }
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }

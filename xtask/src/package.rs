@@ -25,11 +25,14 @@ use crate::{build, image::tar, output, run, step, workspace_root};
 
 /// (OpenWrt architecture label, Rust target). Several labels of one ISA
 /// share a binary: it is static and built for the ISA's baseline.
-const IPK_ARCHES: [(&str, &str); 5] = [
+const IPK_ARCHES: [(&str, &str); 7] = [
     ("aarch64_cortex-a53", "aarch64-unknown-linux-musl"),
     ("aarch64_generic", "aarch64-unknown-linux-musl"),
     ("arm_cortex-a7_neon-vfpv4", "armv7-unknown-linux-musleabihf"),
     ("arm_cortex-a9", "armv7-unknown-linux-musleabihf"),
+    // ramips (mt7621 and kin): little-endian; ath79: big-endian.
+    ("mipsel_24kc", "mipsel-unknown-linux-musl"),
+    ("mips_24kc", "mips-unknown-linux-musl"),
     ("x86_64", "x86_64-unknown-linux-musl"),
 ];
 
@@ -378,6 +381,32 @@ fn expected_elf(target: &str) -> (u8, u8, u16) {
     }
 }
 
+/// The eBPF object embedded in a binary must have the target's byte order
+/// (bpfeb for big-endian MIPS): the kernel loads programs of its own.
+fn check_embedded_bpf(bin: &Path, target: &str) -> anyhow::Result<()> {
+    let bytes = fs::read(bin)?;
+    let (_, data, _) = expected_elf(target);
+    let found: Vec<u8> = bytes
+        .windows(20)
+        .filter(|w| &w[..5] == b"\x7fELF\x02")
+        .filter_map(|w| {
+            let machine = match w[5] {
+                1 => u16::from_le_bytes([w[18], w[19]]),
+                2 => u16::from_be_bytes([w[18], w[19]]),
+                _ => return None,
+            };
+            // EM_BPF
+            (machine == 247).then_some(w[5])
+        })
+        .collect();
+    ensure!(
+        found == [data],
+        "{}: embedded eBPF objects of byte order {found:?}; {target} needs exactly one of {data}",
+        bin.display()
+    );
+    Ok(())
+}
+
 fn check_elf(bin: &Path, target: &str) -> anyhow::Result<()> {
     let head = fs::read(bin)?;
     ensure!(
@@ -464,6 +493,7 @@ fn check_ipk(p: &Package, version: &str, label: &str, target: &str) -> anyhow::R
         .arg(&data_dir))?;
     let bin = data_dir.join("usr/sbin/ctrace");
     check_elf(&bin, target)?;
+    check_embedded_bpf(&bin, target)?;
     if crate::is_router_target(target) {
         ensure!(
             p.size <= IPK_LIMIT,
