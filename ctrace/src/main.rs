@@ -38,6 +38,10 @@ fn main() -> ExitCode {
 
     let verifier_log = cli.global.verifier_log;
     let command = cli.command.unwrap_or(Command::Watch(cli.watch));
+    #[cfg(not(feature = "lab"))]
+    if matches!(command, Command::Lab(_)) {
+        return lab_left_out();
+    }
     let needs = match &command {
         Command::Lab(_) => privileges::missing_for_lab(),
         // Reading files needs nothing.
@@ -451,13 +455,20 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// What a build without the lab says, before it checks anything else: the
+/// lab's absence is the reason, not the privileges it would have needed.
 #[cfg(not(feature = "lab"))]
-async fn lab(_: LabArgs) -> anyhow::Result<ExitCode> {
+fn lab_left_out() -> ExitCode {
     eprintln!(
         "ctrace: this build leaves the lab out to fit a router's flash; \
          `ctrace lab` is in the x86_64 builds (`cargo xtask build`, the amd64 .deb)"
     );
-    Ok(ExitCode::from(EXIT_CANNOT_RUN))
+    ExitCode::from(EXIT_CANNOT_RUN)
+}
+
+#[cfg(not(feature = "lab"))]
+async fn lab(_: LabArgs) -> anyhow::Result<ExitCode> {
+    Ok(lab_left_out())
 }
 
 #[cfg(feature = "lab")]

@@ -53,8 +53,6 @@ pub fn ctnetlink() -> bool {
     }
 }
 
-/// The strategy under test: `CTRACE_TEST_STRATEGY` (the VM matrix runs the
-/// suite once per strategy), else whatever `auto` picks.
 /// Whether `out`, of a `ctrace lab` run, is a router build saying it left
 /// the lab out (exit 3, and why): the lab's tests then have nothing to run.
 pub fn lab_left_out(out: &std::process::Output) -> bool {
@@ -69,6 +67,8 @@ pub fn lab_left_out(out: &std::process::Output) -> bool {
     left_out
 }
 
+/// The strategy under test: `CTRACE_TEST_STRATEGY` (the VM matrix runs the
+/// suite once per strategy), else whatever `auto` picks.
 pub fn strategy() -> Option<String> {
     std::env::var("CTRACE_TEST_STRATEGY")
         .ok()

@@ -37,12 +37,6 @@ fn runtime(target: &str) -> Option<Runtime> {
             gcc_dir: "/usr/lib/gcc-cross/arm-linux-gnueabihf/12",
             packages: &["musl-dev:armhf", "libgcc-12-dev-armhf-cross"],
         }),
-        "mipsel-unknown-linux-musl" => Some(Runtime {
-            deb_arch: "mipsel",
-            musl_dir: "/usr/lib/mipsel-linux-musl",
-            gcc_dir: "/usr/lib/gcc-cross/mipsel-linux-gnu/12",
-            packages: &["musl-dev:mipsel", "libgcc-12-dev-mipsel-cross"],
-        }),
         _ => None,
     }
 }
@@ -65,16 +59,37 @@ pub fn uses_zig(target: &str) -> bool {
 const ZIGLANG_VERSION: &str = "0.17.1";
 const ZIGBUILD_VERSION: &str = "0.24.1";
 
-/// Installs Zig and cargo-zigbuild when missing; returns the directory
-/// holding `cargo-zigbuild`, for PATH.
-pub fn prepare_zig(toolchain: &str) -> anyhow::Result<std::path::PathBuf> {
-    let zig = output(Command::new("python3").args(["-m", "ziglang", "version"]));
+/// Zig and the cargo-zigbuild that drives it, both kept under xtask's
+/// tools directory.
+pub struct Zig {
+    /// `cargo-zigbuild` itself, run directly: never another copy on PATH.
+    pub zigbuild: std::path::PathBuf,
+    /// The `ziglang` package's directory, for PYTHONPATH: cargo-zigbuild
+    /// finds Zig as `python3 -m ziglang`.
+    pub pythonpath: std::path::PathBuf,
+}
+
+/// Installs Zig and cargo-zigbuild when missing. Zig goes into a directory
+/// of its own (`pip install --target`), never into a Python environment:
+/// Debian's is externally managed, and the host's Python stays as it was.
+pub fn prepare_zig(toolchain: &str) -> anyhow::Result<Zig> {
+    let pythonpath = crate::tools_base().join(format!("ziglang-{ZIGLANG_VERSION}"));
+    let zig = output(
+        Command::new("python3")
+            .args(["-m", "ziglang", "version"])
+            .env("PYTHONPATH", &pythonpath),
+    );
     if zig.is_ok_and(|v| v.trim() == ZIGLANG_VERSION) {
         step(&format!("zig {ZIGLANG_VERSION}: present"));
     } else {
+        if output(Command::new("python3").args(["-m", "pip", "--version"])).is_err() {
+            crate::vm::apt::Host::new().ensure_installed("python3-pip")?;
+        }
         step(&format!(
-            "zig {ZIGLANG_VERSION}: installing (python3 -m pip)"
+            "zig {ZIGLANG_VERSION}: installing into {}",
+            pythonpath.display()
         ));
+        let _ = fs::remove_dir_all(&pythonpath);
         run(Command::new("python3")
             .args([
                 "-m",
@@ -83,6 +98,8 @@ pub fn prepare_zig(toolchain: &str) -> anyhow::Result<std::path::PathBuf> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
+            .arg("--target")
+            .arg(&pythonpath)
             .arg(format!("ziglang=={ZIGLANG_VERSION}"))
             .env("PIP_ROOT_USER_ACTION", "ignore"))?;
     }
@@ -108,7 +125,10 @@ pub fn prepare_zig(toolchain: &str) -> anyhow::Result<std::path::PathBuf> {
             .env("RUSTUP_TOOLCHAIN", toolchain)
             .current_dir(std::env::temp_dir()))?;
     }
-    Ok(bin)
+    Ok(Zig {
+        zigbuild: bin.join("cargo-zigbuild"),
+        pythonpath,
+    })
 }
 
 /// Puts the C runtime for `target` where rustc looks for it, installing
@@ -164,13 +184,8 @@ pub fn prepare(toolchain: &str, target: &str) -> anyhow::Result<()> {
             .with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
         Ok(())
     };
-    for f in ["crt1.o", "crti.o", "crtn.o", "Scrt1.o"] {
+    for f in ["crt1.o", "crti.o", "crtn.o", "rcrt1.o", "Scrt1.o"] {
         copy(&format!("{}/{f}", rt.musl_dir), f)?;
-    }
-    // Only for static PIE, which Debian's mipsel musl does not build.
-    let rcrt1 = format!("{}/rcrt1.o", rt.musl_dir);
-    if Path::new(&rcrt1).exists() {
-        copy(&rcrt1, "rcrt1.o")?;
     }
     for f in ["crtbegin.o", "crtend.o", "crtbeginS.o", "crtendS.o"] {
         copy(&format!("{}/{f}", rt.gcc_dir), f)?;

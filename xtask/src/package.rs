@@ -510,10 +510,10 @@ fn check_ipk(p: &Package, version: &str, label: &str, target: &str) -> anyhow::R
 /// What a router package may weigh: a 16 MB flash holds the firmware too.
 const IPK_LIMIT: u64 = 1_310_720;
 
-/// Runs a packaged router binary under qemu-user, as the router would:
-/// it starts, knows its version, probes (the emulator passes bpf(2) to
-/// this kernel, whose answers only need to be explained, not positive) and
-/// says the lab was left out.
+/// Runs a packaged router binary under qemu-user: it starts, knows its
+/// version, probes (qemu-user answers bpf(2) with ENOSYS, so every tier is
+/// explained as unavailable: exit 3 is expected) and says the lab was left
+/// out.
 fn run_emulated(bin: &Path, target: &str) -> anyhow::Result<()> {
     let qemu = match target.split('-').next().unwrap_or_default() {
         "armv7" => "qemu-arm-static".to_string(),

@@ -138,9 +138,10 @@ impl Families {
     }
 }
 
-/// Totals ctrace reports only grow: a counter is their current value.
+/// Totals ctrace reports only grow; rows of a snapshot that share a label
+/// set (protocols without a name of their own) add up.
 fn set_counter(c: &FamilyHandle, labels: &[&str], total: u64) {
-    c.with_label_values(labels).set(total);
+    c.with_label_values(labels).add(total);
 }
 
 fn gauge_value(v: u64) -> i64 {

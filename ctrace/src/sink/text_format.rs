@@ -4,18 +4,22 @@
 //! every value in a 64-bit atomic, which 32-bit MIPS (most OpenWrt routers)
 //! does not have, so it cannot build there. ctrace renders each interval
 //! from a snapshot and needs no atomics at all: families are plain maps.
-//! The output is what that crate's TextEncoder wrote: families by name,
-//! labels by name, series by their label values, empty families left out.
+//! The layout is that crate's TextEncoder's: families by name, labels by
+//! name, series by their label values, empty families left out. Integers
+//! are written exactly (the crate went through f64), infinities as `+Inf`
+//! and `-Inf` as the format asks.
 use std::{cell::RefCell, collections::BTreeMap, fmt::Write as _, rc::Rc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid metric name {0:?}")]
     Name(String),
-    #[error("{family}: invalid label name {label:?}")]
+    #[error("{family}: invalid or repeated label name {label:?}")]
     Label { family: String, label: String },
     #[error("{0}: registered twice")]
     Duplicate(String),
+    #[error("{0}: no help text")]
+    Help(String),
     #[error("{family}: {got} label values for {want} labels")]
     Arity {
         family: String,
@@ -94,7 +98,25 @@ impl FamilyHandle {
 }
 
 impl Series<'_> {
+    /// The series' value, replacing any before.
     pub fn set(self, v: impl Into<Value>) {
+        let v = v.into();
+        self.update(|slot| *slot = v);
+    }
+
+    /// Adds to the series' count: several rows of a snapshot can share one
+    /// label set (protocols other than TCP, UDP and ICMP are all `other`),
+    /// and a counter must be their sum, never the last of them.
+    pub fn add(self, n: u64) {
+        self.update(|slot| {
+            *slot = match *slot {
+                Value::Uint(u) => Value::Uint(u.saturating_add(n)),
+                _ => Value::Uint(n),
+            }
+        });
+    }
+
+    fn update(self, change: impl FnOnce(&mut Value)) {
         let mut f = self.family.0.borrow_mut();
         if self.values.len() != f.labels.len() {
             let want = f.labels.len();
@@ -105,7 +127,7 @@ impl Series<'_> {
         for (v, &at) in self.values.iter().zip(&f.order) {
             key[at] = (*v).to_string();
         }
-        f.series.insert(key, v.into());
+        change(f.series.entry(key).or_insert(Value::Uint(0)));
     }
 }
 
@@ -133,8 +155,17 @@ impl Families {
         if self.0.borrow().iter().any(|f| f.0.borrow().name == name) {
             return Err(Error::Duplicate(name.into()));
         }
+        if help.is_empty() {
+            return Err(Error::Help(name.into()));
+        }
         let mut sorted: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
         sorted.sort();
+        if let Some(twice) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::Label {
+                family: name.into(),
+                label: twice[0].clone(),
+            });
+        }
         let order = labels
             .iter()
             .map(|l| sorted.iter().position(|s| s == l).unwrap_or_default())
@@ -277,14 +308,46 @@ mod tests {
         );
     }
 
+    /// Four labels given in an order whose sort is a true cycle: values
+    /// must follow their names, whatever the order.
+    #[test]
+    fn values_follow_their_label_names() {
+        let f = Families::default();
+        let c = f
+            .register(
+                Kind::Counter,
+                "drops_total",
+                "Drops.",
+                &["netns", "service_name", "cause", "proto"],
+            )
+            .unwrap();
+        c.with_label_values(&["1", "ssh", "table_full", "tcp"])
+            .add(2);
+        // Two rows sharing a label set (two protocols both `other`) sum.
+        c.with_label_values(&["2", "other", "rule", "other"]).add(3);
+        c.with_label_values(&["2", "other", "rule", "other"]).add(4);
+        assert_eq!(
+            f.render().unwrap(),
+            "# HELP drops_total Drops.\n\
+             # TYPE drops_total counter\n\
+             drops_total{cause=\"rule\",netns=\"2\",proto=\"other\",service_name=\"other\"} 7\n\
+             drops_total{cause=\"table_full\",netns=\"1\",proto=\"tcp\",service_name=\"ssh\"} 2\n"
+        );
+    }
+
     #[test]
     fn misuse_is_an_error_never_a_panic() {
         let f = Families::default();
-        assert!(f.register(Kind::Gauge, "1bad", "", &[]).is_err());
-        assert!(f.register(Kind::Gauge, "ok", "", &["__x"]).is_err());
-        assert!(f.register(Kind::Gauge, "ok", "", &["a-b"]).is_err());
-        let g = f.register(Kind::Gauge, "ok", "", &["a"]).unwrap();
-        assert!(f.register(Kind::Counter, "ok", "", &[]).is_err());
+        assert!(f.register(Kind::Gauge, "1bad", "h", &[]).is_err());
+        assert!(f.register(Kind::Gauge, "ok", "h", &["__x"]).is_err());
+        assert!(f.register(Kind::Gauge, "ok", "h", &["a-b"]).is_err());
+        assert!(
+            f.register(Kind::Gauge, "ok", "h", &["a", "b", "a"])
+                .is_err()
+        );
+        assert!(f.register(Kind::Gauge, "ok", "", &["a"]).is_err());
+        let g = f.register(Kind::Gauge, "ok", "h", &["a"]).unwrap();
+        assert!(f.register(Kind::Counter, "ok", "h", &[]).is_err());
         g.with_label_values(&["1", "2"]).set(1_i64);
         assert!(matches!(
             f.render(),

@@ -77,7 +77,9 @@ fn run_in(ns: &NetNs, tool: &str, args: &[&str], stdin: &str) -> Option<()> {
     }
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(127) || err.contains("No such file or directory") {
+    // nsenter exits 127 when it cannot find the tool; the tool's own
+    // "No such file or directory" is a failure, not an absence.
+    if out.status.code() == Some(127) {
         eprintln!("{tool} is not installed: skipping ({err})");
         return None;
     }
