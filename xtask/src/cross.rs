@@ -62,8 +62,8 @@ const ZIGBUILD_VERSION: &str = "0.24.1";
 /// Zig and the cargo-zigbuild that drives it, both kept under xtask's
 /// tools directory.
 pub struct Zig {
-    /// `cargo-zigbuild` itself, run directly: never another copy on PATH.
-    pub zigbuild: std::path::PathBuf,
+    /// The directory of the pinned `cargo-zigbuild`, put first on PATH.
+    pub bin: std::path::PathBuf,
     /// The `ziglang` package's directory, for PYTHONPATH: cargo-zigbuild
     /// finds Zig as `python3 -m ziglang`.
     pub pythonpath: std::path::PathBuf,
@@ -125,10 +125,7 @@ pub fn prepare_zig(toolchain: &str) -> anyhow::Result<Zig> {
             .env("RUSTUP_TOOLCHAIN", toolchain)
             .current_dir(std::env::temp_dir()))?;
     }
-    Ok(Zig {
-        zigbuild: bin.join("cargo-zigbuild"),
-        pythonpath,
-    })
+    Ok(Zig { bin, pythonpath })
 }
 
 /// Puts the C runtime for `target` where rustc looks for it, installing

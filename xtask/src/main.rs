@@ -430,19 +430,9 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
         .filter(|t| cross::uses_zig(t))
         .map(|_| cross::prepare_zig(&tools.toolchain))
         .transpose()?;
-    let mut cmd = match &zig {
-        Some(z) => {
-            let mut c = Command::new(&z.zigbuild);
-            c.arg("zigbuild").env("PYTHONPATH", &z.pythonpath);
-            c
-        }
-        None => {
-            let mut c = Command::new("cargo");
-            c.arg("build");
-            c
-        }
-    };
+    let mut cmd = Command::new("cargo");
     cmd.args([
+        if zig.is_some() { "zigbuild" } else { "build" },
         "--profile",
         profile,
         "--package",
@@ -453,6 +443,15 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     .current_dir(&root)
     .env_remove("AYA_BUILD_SKIP");
     cargo_env(&mut cmd, &tools);
+    if let Some(z) = &zig {
+        // Through cargo (rustup's proxy sets up the toolchain's libraries
+        // for the build script's rust-objcopy), with the pinned
+        // cargo-zigbuild first on PATH.
+        let mut paths = vec![z.bin.clone(), tools.bin.clone()];
+        paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        cmd.env("PATH", env::join_paths(paths)?)
+            .env("PYTHONPATH", &z.pythonpath);
+    }
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }
