@@ -381,51 +381,45 @@ fn expected_elf(target: &str) -> (u8, u8, u16) {
     }
 }
 
-/// The eBPF object embedded in a binary must have the target's byte order
-/// (bpfeb for big-endian MIPS): the kernel loads programs of its own.
-fn check_embedded_bpf(bin: &Path, target: &str) -> anyhow::Result<()> {
-    let bytes = fs::read(bin)?;
-    let (_, data, _) = expected_elf(target);
-    let found: Vec<u8> = bytes
-        .windows(20)
-        .filter(|w| &w[..5] == b"\x7fELF\x02")
-        .filter_map(|w| {
-            let machine = match w[5] {
-                1 => u16::from_le_bytes([w[18], w[19]]),
-                2 => u16::from_be_bytes([w[18], w[19]]),
-                _ => return None,
-            };
-            // EM_BPF
-            (machine == 247).then_some(w[5])
-        })
-        .collect();
-    ensure!(
-        found == [data],
-        "{}: embedded eBPF objects of byte order {found:?}; {target} needs exactly one of {data}",
-        bin.display()
-    );
-    Ok(())
+/// An ELF header's class, byte order and machine; None for anything else.
+fn elf_ident(head: &[u8]) -> Option<(u8, u8, u16)> {
+    if head.len() < 20 || &head[..4] != b"\x7fELF" {
+        return None;
+    }
+    let machine = match head[5] {
+        1 => u16::from_le_bytes([head[18], head[19]]),
+        2 => u16::from_be_bytes([head[18], head[19]]),
+        _ => return None,
+    };
+    Some((head[4], head[5], machine))
 }
 
-fn check_elf(bin: &Path, target: &str) -> anyhow::Result<()> {
-    let head = fs::read(bin)?;
-    ensure!(
-        head.len() > 20 && &head[..4] == b"\x7fELF",
-        "{}: not ELF",
-        bin.display()
-    );
-    let (class, data) = (head[4], head[5]);
-    let machine = if data == 1 {
-        u16::from_le_bytes([head[18], head[19]])
-    } else {
-        u16::from_be_bytes([head[18], head[19]])
-    };
+/// The binary is an executable for `target`, and (`embedded_bpf`) the
+/// eBPF object embedded in it has the target's byte order (bpfeb for
+/// big-endian MIPS): the kernel loads programs of its own.
+fn check_binary(bin: &Path, target: &str, embedded_bpf: bool) -> anyhow::Result<()> {
+    let bytes = fs::read(bin)?;
     let want = expected_elf(target);
+    let got = elf_ident(&bytes);
     ensure!(
-        (class, data, machine) == want,
-        "{}: ELF class {class}, data {data}, machine {machine}; {target} needs {want:?}",
+        got == Some(want),
+        "{}: ELF (class, data, machine) {got:?}; {target} needs {want:?}",
         bin.display()
     );
+    if embedded_bpf {
+        const EM_BPF: u16 = 247;
+        let found: Vec<u8> = (1..bytes.len())
+            .filter_map(|at| elf_ident(&bytes[at..]))
+            .filter(|&(class, _, machine)| class == 2 && machine == EM_BPF)
+            .map(|(_, data, _)| data)
+            .collect();
+        ensure!(
+            found == [want.1],
+            "{}: embedded eBPF objects of byte order {found:?}; {target} needs exactly one of {}",
+            bin.display(),
+            want.1
+        );
+    }
     Ok(())
 }
 
@@ -492,8 +486,7 @@ fn check_ipk(p: &Package, version: &str, label: &str, target: &str) -> anyhow::R
         .arg("-C")
         .arg(&data_dir))?;
     let bin = data_dir.join("usr/sbin/ctrace");
-    check_elf(&bin, target)?;
-    check_embedded_bpf(&bin, target)?;
+    check_binary(&bin, target, true)?;
     if crate::is_router_target(target) {
         ensure!(
             p.size <= IPK_LIMIT,
@@ -592,7 +585,7 @@ fn check_deb(p: &Package, version: &str, arch: &str, target: &str) -> anyhow::Re
     let dir = p.path.with_extension("check");
     let _ = fs::remove_dir_all(&dir);
     run(Command::new("dpkg-deb").arg("-x").arg(&p.path).arg(&dir))?;
-    check_elf(&dir.join("usr/sbin/ctrace"), target)?;
+    check_binary(&dir.join("usr/sbin/ctrace"), target, false)?;
     run(Command::new("dpkg-deb")
         .arg("-e")
         .arg(&p.path)
