@@ -371,3 +371,244 @@ fn openwrt_service_turns_uci_into_the_command_procd_runs() {
     let said = openwrt_start(&["main_enabled=0"], Some("192.168.1.1"));
     assert!(!said.contains("procd:"), "{said}");
 }
+
+/// Runs inside the container, as the unit `ctrace-proof.service`: starts
+/// ctrace.service as shipped, reads what the service got from the
+/// kernel's side (its /proc status and mount namespace), stops it, and
+/// powers the container off. One `key=value` per line in /proof/result.
+const HARDENING_CHECK: &str = r#"#!/bin/bash
+exec >/proof/result.partial 2>&1
+say() { echo "$1=$2"; }
+# The package's defaults, installed as the .deb would.
+mkdir -p /etc/default
+cp /proof/ctrace.default /etc/default/ctrace
+systemctl start ctrace.service
+# Attached and serving: the metrics answer (bash's /dev/tcp: no client
+# needed).
+for _ in $(seq 60); do
+    if exec 3<>/dev/tcp/127.0.0.1/9465 2>/dev/null; then
+        printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+        grep -q '^ctrace_build_info' <&3 && { say scraped yes; break; }
+        exec 3<&-
+    fi
+    sleep 1
+done
+say active "$(systemctl is-active ctrace.service)"
+pid=$(systemctl show -p MainPID --value ctrace.service)
+say pid "$pid"
+# (Builtins only: with --volatile=yes, /etc/alternatives and so awk are
+# not there.)
+while read -r key value _; do
+    case "$key" in
+        CapBnd: | CapEff: | CapAmb: | NoNewPrivs: | Seccomp:) say "${key%:}" "$value" ;;
+    esac
+done </proc/"$pid"/status
+in_service() { nsenter -t "$pid" -m -- "$@" 2>/dev/null; }
+# ProtectSystem=strict: /usr and /etc read-only for the service.
+in_service touch /etc/ctrace-hardening-probe && say etc_writable yes || say etc_writable no
+in_service touch /usr/ctrace-hardening-probe && say usr_writable yes || say usr_writable no
+# ProtectHome=yes: what is in /root and /home is not there for the service.
+mkdir -p /root /home/someone
+touch /root/ctrace-marker /home/someone/ctrace-marker
+in_service test -e /root/ctrace-marker && say root_visible yes || say root_visible no
+in_service test -e /home/someone/ctrace-marker && say home_visible yes || say home_visible no
+# PrivateTmp=yes: the container's /tmp is not the service's.
+touch /tmp/ctrace-hardening-marker
+in_service test -e /tmp/ctrace-hardening-marker && say tmp_shared yes || say tmp_shared no
+# RuntimeDirectory=ctrace, mode 0700: the recording's home.
+say run_dir "$(stat -c %a /run/ctrace)"
+say recording "$(stat -c %a /run/ctrace/recording.ndjson)"
+systemctl stop ctrace.service
+say result "$(systemctl show -p Result --value ctrace.service)"
+say status "$(systemctl show -p ExecMainStatus --value ctrace.service)"
+say uptime "$(cut -d' ' -f1 /proc/uptime)"
+journalctl -u ctrace.service --no-pager -o cat | sed 's/^/journal: /'
+mv /proof/result.partial /proof/result
+systemctl --no-block poweroff
+"#;
+
+const HARDENING_UNIT: &str = "[Unit]
+Description=checks ctrace.service's hardening
+After=multi-user.target
+[Service]
+Type=oneshot
+ExecStart=/proof/check
+";
+
+/// The capability bits of `names` (`CAP_BPF` ...), as /proc shows them.
+fn capability_mask(names: &str) -> u64 {
+    names
+        .split_whitespace()
+        .map(|n| match n {
+            "CAP_SETPCAP" => 8,
+            "CAP_NET_ADMIN" => 12,
+            "CAP_SYS_PTRACE" => 19,
+            "CAP_SYS_ADMIN" => 21,
+            "CAP_SYS_RESOURCE" => 24,
+            "CAP_PERFMON" => 38,
+            "CAP_BPF" => 39,
+            other => panic!("capability {other} has no bit here: add it"),
+        })
+        .fold(0, |m, bit| m | 1 << bit)
+}
+
+/// The Debian unit's hardening, each setting proven where it takes
+/// effect: systemd (PID 1 of a throwaway container booted from this
+/// host's /usr with `systemd-nspawn --volatile=yes`: a tmpfs root, nothing
+/// persists, the host's network and conntrack) starts ctrace.service as
+/// the .deb ships it, and a unit inside reads what the running service
+/// got. SystemCallFilter is proven by the service itself: it attaches,
+/// serves a scrape and stops cleanly under the filter, where a refused
+/// system call would have killed it.
+#[test]
+fn debian_service_runs_hardened_under_systemd() {
+    if !ctrace_tests::privileged()
+        || !tool(
+            "/usr/bin/systemd-nspawn",
+            "debian_service_runs_hardened_under_systemd",
+        )
+    {
+        return;
+    }
+    let unit = std::fs::read_to_string(deploy("debian/ctrace.service")).unwrap();
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds capabilities");
+    let dir = std::env::temp_dir().join(format!("ctrace-systemd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let units = dir.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::create_dir_all(dir.join("usr/sbin")).unwrap();
+    std::fs::create_dir_all(dir.join("proof")).unwrap();
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
+    std::fs::copy(ctrace_tests::ctrace_bin(), dir.join("usr/sbin/ctrace")).unwrap();
+    let check = dir.join("proof/check");
+    std::fs::write(&check, HARDENING_CHECK).unwrap();
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Where the .deb puts them, in a read-only overlay on the host's /usr.
+    std::fs::copy(
+        deploy("debian/ctrace.service"),
+        units.join("ctrace.service"),
+    )
+    .unwrap();
+    std::fs::write(units.join("ctrace-proof.service"), HARDENING_UNIT).unwrap();
+    std::fs::copy(
+        deploy("debian/ctrace.default"),
+        dir.join("proof/ctrace.default"),
+    )
+    .unwrap();
+
+    let d = |p: &str| dir.join(p).display().to_string();
+    let mut nspawn = Command::new("systemd-nspawn");
+    nspawn
+        .args([
+            "--quiet",
+            "--register=no",
+            "--keep-unit",
+            "--directory=/",
+            "--volatile=yes",
+        ])
+        // Its own network namespace: the container's systemd configures
+        // nothing of the host's, and ctrace traces the container's table.
+        .arg("--private-network")
+        // ctrace and its unit where the package puts them.
+        .arg(format!("--overlay-ro=/usr:{}:/usr", d("usr")))
+        .arg(format!("--bind={}:/proof", d("proof")))
+        // What a host's systemd gives a service: all capabilities, and
+        // bpf(2) and perf_event_open(2), which nspawn's own filter
+        // refuses containers by default.
+        .args([
+            "--capability=all",
+            "--system-call-filter=bpf perf_event_open",
+        ])
+        .args(["--console=pipe", "--boot", "--"])
+        .args([
+            "systemd.unit=multi-user.target",
+            "systemd.wants=ctrace-proof.service",
+            // An empty /etc is a first boot, where presets would enable
+            // every unit (ctrace.service too, and a network wait of two
+            // minutes).
+            "systemd.condition-first-boot=false",
+        ]);
+    let started = std::time::Instant::now();
+    // The console goes to a file: a pipe read only at the end would fill
+    // and block the container's PID 1.
+    let console_log = dir.join("console.log");
+    let console_file = std::fs::File::create(&console_log).unwrap();
+    let mut child = nspawn
+        .stdin(std::process::Stdio::null())
+        .stdout(console_file.try_clone().unwrap())
+        .stderr(console_file)
+        .spawn()
+        .expect("systemd-nspawn starts");
+    let deadline = std::time::Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > deadline {
+            // The container's PID 1 outlives a killed nspawn: kill it
+            // first, which ends everything in its PID namespace.
+            let pid = child.id();
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                // SAFETY: no preconditions.
+                unsafe { libc::kill(c, libc::SIGKILL) };
+            }
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = child.wait();
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    let result = std::fs::read_to_string(dir.join("proof/result")).unwrap_or_else(|_| {
+        panic!(
+            "the check inside the container did not finish in {:?}:\n{console}\n{}",
+            started.elapsed(),
+            std::fs::read_to_string(dir.join("proof/result.partial")).unwrap_or_default()
+        )
+    });
+    eprintln!("container ran {:.0?}:\n{result}", started.elapsed());
+    let said = |key: &str| {
+        result
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key} in:\n{result}"))
+            .to_string()
+    };
+    assert_eq!(said("scraped"), "yes", "{result}");
+    assert_eq!(said("active"), "active", "{result}");
+    let hex = |k: &str| u64::from_str_radix(&said(k), 16).unwrap();
+    let allowed = capability_mask(bounding);
+    assert_eq!(
+        hex("CapBnd") & !allowed,
+        0,
+        "bounding set beyond the unit's: {result}"
+    );
+    assert_eq!(hex("CapEff") & !allowed, 0, "{result}");
+    assert_eq!(hex("CapAmb"), 0, "{result}");
+    assert_eq!(said("NoNewPrivs"), "1", "{result}");
+    assert_eq!(
+        said("Seccomp"),
+        "2",
+        "SystemCallFilter applies a filter: {result}"
+    );
+    assert_eq!(said("etc_writable"), "no", "ProtectSystem=strict: {result}");
+    assert_eq!(said("usr_writable"), "no", "ProtectSystem=strict: {result}");
+    assert_eq!(said("root_visible"), "no", "ProtectHome=yes: {result}");
+    assert_eq!(said("home_visible"), "no", "ProtectHome=yes: {result}");
+    assert_eq!(said("tmp_shared"), "no", "PrivateTmp=yes: {result}");
+    assert_eq!(said("run_dir"), "700", "{result}");
+    assert_eq!(said("recording"), "600", "{result}");
+    assert_eq!(said("result"), "success", "stopped cleanly: {result}");
+    assert_eq!(said("status"), "0", "{result}");
+}

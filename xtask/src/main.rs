@@ -371,10 +371,13 @@ fn path_with(bin: &Path) -> OsString {
     env::join_paths(paths).expect("valid PATH")
 }
 
-/// Builds the release binary (eBPF object embedded). Returns its path.
-fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
-    let tools = setup()?;
-    let root = workspace_root();
+/// `cargo SUBCOMMAND` set up for `target` (None: the host): the pinned
+/// toolchain and its tools, the target's standard library (added with
+/// rustup, else built from rust-src with the C runtime of `cross`), and
+/// cargo-zigbuild for the targets whose C runtime comes from Zig. The
+/// release binary and the e2e test executable the VMs run are built the
+/// same way.
+fn target_cargo(tools: &Tools, subcommand: &str, target: Option<&str>) -> anyhow::Result<Command> {
     let mut build_std = false;
     if let Some(t) = target {
         let installed = output(Command::new("rustup").args([
@@ -415,34 +418,33 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
             }
         }
     }
-    step(&format!(
-        "building ctrace{}",
-        target.map(|t| format!(" for {t}")).unwrap_or_default()
-    ));
-    let started = Instant::now();
-    // Routers (32- and 64-bit ARM, MIPS) have a few MiB of flash for
-    // everything: their builds use the size-optimised profile, leave out the
-    // lab (feature `lab`), and must fit 4 MiB. The VMs run these same
-    // binaries.
-    let router = target.is_some_and(is_router_target);
-    let profile = if router { "router" } else { "release" };
     let zig = target
         .filter(|t| cross::uses_zig(t))
         .map(|_| cross::prepare_zig(&tools.toolchain))
         .transpose()?;
-    let mut cmd = Command::new("cargo");
-    cmd.args([
-        if zig.is_some() { "zigbuild" } else { "build" },
-        "--profile",
-        profile,
-        "--package",
-        "ctrace",
-        "--bin",
-        "ctrace",
-    ])
-    .current_dir(&root)
-    .env_remove("AYA_BUILD_SKIP");
-    cargo_env(&mut cmd, &tools);
+    let mut cmd = match (&zig, subcommand) {
+        (Some(_), "build") => {
+            let mut c = Command::new("cargo");
+            c.arg("zigbuild");
+            c
+        }
+        // cargo has no alias for cargo-zigbuild's other subcommands;
+        // `rustup run` gives it the toolchain's environment as cargo's
+        // proxy would (the build script's rust-objcopy needs its libLLVM).
+        (Some(_), _) => {
+            let mut c = Command::new("rustup");
+            c.args(["run", &tools.toolchain, "cargo-zigbuild", subcommand]);
+            c
+        }
+        (None, _) => {
+            let mut c = Command::new("cargo");
+            c.arg(subcommand);
+            c
+        }
+    };
+    cmd.current_dir(workspace_root())
+        .env_remove("AYA_BUILD_SKIP");
+    cargo_env(&mut cmd, tools);
     if let Some(z) = &zig {
         // Through cargo (rustup's proxy sets up the toolchain's libraries
         // for the build script's rust-objcopy), with the pinned
@@ -455,12 +457,46 @@ fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
     if let Some(t) = target {
         cmd.args(["--target", t]);
     }
-    if router {
-        cmd.arg("--no-default-features");
-    }
     if build_std {
         cmd.arg("-Zbuild-std=std,panic_abort")
             .env("RUSTC_BOOTSTRAP", "1");
+        if subcommand == "test" {
+            // The test harness unwinds whatever the profile says, and the
+            // profile's panic=abort would have cargo build the standard
+            // library a second time for the other units: two `core`s in
+            // one build ("duplicate lang item").
+            cmd.env("CARGO_PROFILE_RELEASE_PANIC", "unwind");
+        }
+    }
+    Ok(cmd)
+}
+
+/// Builds the release binary (eBPF object embedded). Returns its path.
+fn build(target: Option<&str>) -> anyhow::Result<PathBuf> {
+    let tools = setup()?;
+    let root = workspace_root();
+    let mut cmd = target_cargo(&tools, "build", target)?;
+    step(&format!(
+        "building ctrace{}",
+        target.map(|t| format!(" for {t}")).unwrap_or_default()
+    ));
+    let started = Instant::now();
+    // Routers (32- and 64-bit ARM, MIPS) have a few MiB of flash for
+    // everything: their builds use the size-optimised profile, leave out the
+    // lab (feature `lab`), and must fit 4 MiB. The VMs run these same
+    // binaries.
+    let router = target.is_some_and(is_router_target);
+    let profile = if router { "router" } else { "release" };
+    cmd.args([
+        "--profile",
+        profile,
+        "--package",
+        "ctrace",
+        "--bin",
+        "ctrace",
+    ]);
+    if router {
+        cmd.arg("--no-default-features");
     }
     run(&mut cmd)?;
     let bin = match target {

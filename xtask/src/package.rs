@@ -96,6 +96,23 @@ pub fn package() -> anyhow::Result<Vec<Package>> {
     Ok(made)
 }
 
+/// The `.ipk` of one OpenWrt architecture label, written to `out` and
+/// checked as `package` checks it: what the VM rows install into their
+/// root file systems.
+pub fn openwrt_package(label: &str, out: &Path) -> anyhow::Result<PathBuf> {
+    let (_, target) = IPK_ARCHES
+        .iter()
+        .find(|(l, _)| *l == label)
+        .with_context(|| format!("no OpenWrt package is built for `{label}`"))?;
+    let version = crate::image::version()?;
+    let bin = build(Some(target))?;
+    fs::create_dir_all(out)?;
+    let p = ipk(&workspace_root(), out, &version, label, &bin)?;
+    check_ipk(&p, &version, label, target)?;
+    step(&format!("{}: {} bytes", p.path.display(), p.size));
+    Ok(p.path)
+}
+
 fn put(stage: &Path, rel: &str, from: &Path, mode: u32) -> anyhow::Result<()> {
     let to = stage.join(rel);
     fs::create_dir_all(to.parent().expect("a path with a parent"))?;

@@ -24,6 +24,7 @@
 //! keyed by its config fragment and source version), the extracted
 //! modules, and initramfs images keyed by a hash of their inputs.
 pub mod apt;
+mod busybox;
 mod initramfs;
 mod kernel;
 mod modinfo;
@@ -34,14 +35,14 @@ mod report;
 use std::{
     env, fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use crate::{cargo_env, setup, step, workspace_root};
+use crate::{setup, step};
 
 /// Options shared by `vm-test` and the VM part of `test`.
 #[derive(Args, Debug, Clone)]
@@ -59,7 +60,9 @@ pub struct VmArgs {
         value_name = "NAME"
     )]
     pub kernels: Vec<String>,
-    /// Guest architecture, repeatable. Default: both.
+    /// Guest architecture, repeatable. Default: all five (Debian's kernels
+    /// exist for x86_64 and aarch64 only; armv7, mipsel and mips have the
+    /// OpenWrt-configured row alone).
     #[arg(
         long = "arch",
         env = "CTRACE_VM_ARCHES",
@@ -151,33 +154,78 @@ pub enum Arch {
     X86_64,
     #[value(name = "aarch64")]
     Aarch64,
+    /// 32-bit ARM (OpenWrt's armsr/armv7 on QEMU's virt machine).
+    #[value(name = "armv7")]
+    Armv7,
+    /// Little-endian MIPS32 (QEMU's malta board, OpenWrt's mipsel_24kc).
+    #[value(name = "mipsel")]
+    Mipsel,
+    /// Big-endian MIPS32 (malta, OpenWrt's mips_24kc).
+    #[value(name = "mips")]
+    Mips,
 }
 
 impl Arch {
+    pub const ALL: [Arch; 5] = [
+        Arch::X86_64,
+        Arch::Aarch64,
+        Arch::Armv7,
+        Arch::Mipsel,
+        Arch::Mips,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64",
             Arch::Aarch64 => "aarch64",
+            Arch::Armv7 => "armv7",
+            Arch::Mipsel => "mipsel",
+            Arch::Mips => "mips",
         }
     }
-    /// Debian's name for it (package names, apt's architecture).
+    /// Debian's name for it (package names, apt's architecture). Debian 12
+    /// has no big-endian MIPS port: `mips` names no packages.
     pub fn deb(self) -> &'static str {
         match self {
             Arch::X86_64 => "amd64",
             Arch::Aarch64 => "arm64",
+            Arch::Armv7 => "armhf",
+            Arch::Mipsel => "mipsel",
+            Arch::Mips => "mips",
         }
     }
     pub fn musl_target(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-unknown-linux-musl",
             Arch::Aarch64 => "aarch64-unknown-linux-musl",
+            Arch::Armv7 => "armv7-unknown-linux-musleabihf",
+            Arch::Mipsel => "mipsel-unknown-linux-musl",
+            Arch::Mips => "mips-unknown-linux-musl",
         }
+    }
+    /// The OpenWrt architecture label of the `.ipk` whose binary the VMs
+    /// of this architecture run.
+    pub fn openwrt_label(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64_generic",
+            Arch::Armv7 => "arm_cortex-a7_neon-vfpv4",
+            Arch::Mipsel => "mipsel_24kc",
+            Arch::Mips => "mips_24kc",
+        }
+    }
+    /// Whether Debian ships cloud kernels for it. The 32-bit router
+    /// architectures get only the OpenWrt-configured row: what runs there
+    /// is OpenWrt.
+    pub fn has_debian_kernels(self) -> bool {
+        matches!(self, Arch::X86_64 | Arch::Aarch64)
     }
     /// The host package that provides this architecture's qemu.
     fn qemu_package(self) -> &'static str {
         match self {
             Arch::X86_64 => "qemu-system-x86",
-            Arch::Aarch64 => "qemu-system-arm",
+            Arch::Aarch64 | Arch::Armv7 => "qemu-system-arm",
+            Arch::Mipsel | Arch::Mips => "qemu-system-mips",
         }
     }
 }
@@ -190,9 +238,11 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/tmp/ctrace/vm"))
 }
 
-/// The static binaries that go into one architecture's VMs.
+/// What goes into one architecture's VMs.
 struct Binaries {
-    ctrace: PathBuf,
+    /// The OpenWrt package whose data archive is unpacked into the root
+    /// file system, as opkg would install it: ctrace runs as shipped.
+    package: PathBuf,
     e2e: PathBuf,
     busybox: PathBuf,
 }
@@ -250,7 +300,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let mut arches = args.arches.clone();
     if arches.is_empty() {
-        arches = vec![Arch::X86_64, Arch::Aarch64];
+        arches = Arch::ALL.to_vec();
     }
     arches.sort();
     arches.dedup();
@@ -276,7 +326,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     // The matrix first: a missing kernel should fail before minutes of builds.
     let mut matrix = vec![];
     for &arch in &arches {
-        if want_debian {
+        if want_debian && arch.has_debian_kernels() {
             let apt = apt::Apt::for_arch(&host, arch, &cache)?;
             matrix.extend(kernel::resolve(&apt, arch, &debian_names, &cache)?);
         }
@@ -313,9 +363,12 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         let apt = apt::Apt::for_arch(&host, arch, &cache)?;
         let bins = (|| {
             Ok::<_, anyhow::Error>(Binaries {
-                ctrace: crate::build(Some(arch.musl_target()))?,
+                package: crate::package::openwrt_package(
+                    arch.openwrt_label(),
+                    &crate::workspace_root().join("target/package-vm"),
+                )?,
                 e2e: build_e2e(arch.musl_target())?,
-                busybox: apt::busybox(&host, &apt, arch, &cache)?,
+                busybox: busybox::busybox(&host, &apt, arch, &cache)?,
             })
         })();
         let bins = match bins {
@@ -352,7 +405,7 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
                         kernel: &prepared.vmlinuz,
                         initrd: &image,
                         append: cmdline(arch, &strategies, filter, args),
-                        memory_mib: args.memory,
+                        memory_mib: memory_mib(arch, args.memory),
                         smp: smp(arch, &k.origin),
                         timeout: Duration::from_secs(args.vm_timeout),
                         log: cache
@@ -394,7 +447,19 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
 fn smp(arch: Arch, origin: &kernel::Origin) -> &'static str {
     match (arch, origin) {
         (Arch::X86_64, kernel::Origin::OpenWrt { .. }) => "2,sockets=2,cores=1,threads=1",
+        // A 24Kc has one core and no MT: one CPU, as the routers have.
+        (Arch::Mipsel | Arch::Mips, _) => "1",
         _ => "2",
+    }
+}
+
+/// Guest memory: what was asked, within what the board can give. A
+/// 32-bit malta kernel without HIGHMEM (OpenWrt's has none) sees at most
+/// 256 MiB, the most such a router has too.
+fn memory_mib(arch: Arch, asked: u32) -> u32 {
+    match arch {
+        Arch::Mipsel | Arch::Mips => asked.min(256),
+        _ => asked,
     }
 }
 
@@ -404,8 +469,8 @@ fn smp(arch: Arch, origin: &kernel::Origin) -> &'static str {
 /// initramfs stays independent of them (one image serves every setting).
 fn cmdline(arch: Arch, strategies: &[String], filter: Option<&str>, args: &VmArgs) -> String {
     let console = match arch {
-        Arch::X86_64 => "ttyS0",
-        Arch::Aarch64 => "ttyAMA0",
+        Arch::X86_64 | Arch::Mipsel | Arch::Mips => "ttyS0",
+        Arch::Aarch64 | Arch::Armv7 => "ttyAMA0",
     };
     // panic=-1 reboots at once on a panic, and -no-reboot turns that into
     // qemu exiting: a crashed guest costs seconds, not the whole timeout.
@@ -436,31 +501,25 @@ fn build_e2e(target: &str) -> anyhow::Result<PathBuf> {
     let tools = setup()?;
     step(&format!("building the e2e test executable for {target}"));
     let started = Instant::now();
-    let mut cmd = Command::new("cargo");
+    // Set up as ctrace's own build for this target (standard library,
+    // C runtime, Zig), AYA_BUILD_SKIP unset too, although the test
+    // executable never loads the eBPF object it then embeds (it runs
+    // CTRACE_BIN): ctrace's build script reruns whenever AYA_BUILD_SKIP
+    // flips, and both ctrace builds for this target would then be redone
+    // on every run (~1 min per architecture).
+    let mut cmd = crate::target_cargo(&tools, "test", Some(target))?;
     cmd.args([
-        "test",
         "--package",
         "ctrace-tests",
         "--test",
         "e2e",
         "--no-run",
         "--release",
-        "--target",
-        target,
     ])
     // JSON on stdout for us, human diagnostics on stderr for people.
     .arg("--message-format=json-render-diagnostics")
-    .current_dir(workspace_root())
-    // Same environment as build(), AYA_BUILD_SKIP unset too, although the
-    // test executable never loads the eBPF object it then embeds (it runs
-    // CTRACE_BIN): ctrace's build script reruns whenever AYA_BUILD_SKIP
-    // flips, and both ctrace builds for this target would then be redone
-    // on every run (~1 min per architecture). The object is built once,
-    // by build(), either way.
-    .env_remove("AYA_BUILD_SKIP")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
-    cargo_env(&mut cmd, &tools);
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed with {}", out.status);

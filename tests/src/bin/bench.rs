@@ -21,7 +21,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -43,7 +43,9 @@ const FACTS_ENV: &str = ctrace::kernel::found::DIR_ENV;
 const STORM_SYNS: u64 = 600_000;
 /// Connects that failed (timed out or refused) during rate measurements:
 /// a rate is only a rate of the connections that went through.
-static FAILED: AtomicU64 = AtomicU64::new(0);
+// usize: the tests crate also builds for 32-bit targets without 64-bit
+// atomics (the VMs run its e2e suite there).
+static FAILED: AtomicUsize = AtomicUsize::new(0);
 
 fn ctrace_bin() -> PathBuf {
     ctrace_tests::ctrace_bin()
@@ -169,7 +171,7 @@ fn cpu_secs(pid: i32) -> f64 {
 /// router, over `secs`.
 fn connection_rate(topo: &Topology, secs: f64) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
     let mut workers = vec![];
     for w in 0..WORKERS {
         let (stop, done) = (stop.clone(), done.clone());

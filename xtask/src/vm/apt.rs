@@ -106,7 +106,7 @@ impl Host {
 /// apt as seen for one Debian architecture.
 pub struct Apt {
     /// Another architecture than the host's.
-    foreign: bool,
+    pub foreign: bool,
     /// Options that point apt at the private state.
     opts: Vec<String>,
     lists: PathBuf,
@@ -273,43 +273,86 @@ pub fn version_gt(a: &str, b: &str) -> anyhow::Result<bool> {
     Ok(status.success())
 }
 
-/// A static busybox for `arch`: the host's own from busybox-static when the
-/// architectures match, else the package for `arch`, downloaded and cached.
-pub fn busybox(host: &Host, apt: &Apt, arch: Arch, cache: &Path) -> anyhow::Result<PathBuf> {
-    if !apt.foreign {
-        host.ensure_installed("busybox-static")?;
-        return Ok(PathBuf::from("/bin/busybox"));
+/// Downloads the newest source package `pkg` into `dir` and unpacks it
+/// there with its Debian patches (`dpkg-source -x`); returns the tree.
+///
+/// apt fetches it, so the files are checked against the signed Sources
+/// index. It uses a private state (lists under `cache`) whose sources are
+/// the `deb-src` twins of the host's Debian repositories: the system's
+/// apt setup stays untouched, and hosts without `deb-src` lines work.
+pub fn source(host: &Host, cache: &Path, pkg: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    for p in ["dpkg-dev", "bzip2", "xz-utils"] {
+        host.ensure_installed(p)?;
     }
-    let dir = cache.join("busybox").join(arch.deb());
-    let bin = dir.join("busybox");
-    if bin.exists() {
-        step(&format!(
-            "busybox for {}: cached ({})",
-            arch.name(),
-            bin.display()
-        ));
-        return Ok(bin);
+    let root = cache.join("apt-source");
+    let lists = root.join("lists");
+    let parts = root.join("sources.list.d");
+    for d in [
+        lists.join("partial"),
+        root.join("cache/archives/partial"),
+        parts.clone(),
+    ] {
+        fs::create_dir_all(d)?;
     }
-    apt.ensure_lists()?;
-    let found = apt.search("^busybox-static$")?;
-    let Some((pkg, version)) = found.first() else {
-        bail!("apt offers no busybox-static for {}", arch.deb());
+    let status = root.join("status");
+    fs::write(&status, "")?;
+    // "URI SUITE COMPONENT ORIGIN IDENTIFIER" per index the host uses.
+    let targets = output(Command::new("apt-get").args([
+        "indextargets",
+        "--format",
+        "$(REPO_URI) $(RELEASE) $(COMPONENT) $(ORIGIN) $(IDENTIFIER)",
+    ]))?;
+    let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
+    let signed_by = if keyring.exists() {
+        format!("[signed-by={}] ", keyring.display())
+    } else {
+        String::new()
     };
-    step(&format!(
-        "busybox for {}: downloading {pkg} {version}",
-        arch.name()
-    ));
-    let tmp = dir.join("download");
-    let _ = fs::remove_dir_all(&tmp);
-    let deb = apt.download(pkg, version, &tmp)?;
-    let x = tmp.join("x");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x))?;
-    let from = ["bin/busybox", "usr/bin/busybox"]
-        .iter()
-        .map(|p| x.join(p))
-        .find(|p| p.exists())
-        .with_context(|| format!("no busybox binary in {}", deb.display()))?;
-    super::write_atomic(&bin, &fs::read(&from)?)?;
-    let _ = fs::remove_dir_all(&tmp);
-    Ok(bin)
+    let mut lines = BTreeSet::new();
+    for t in targets.lines() {
+        if let [uri, suite, component, "Debian", "Packages"] =
+            t.split_whitespace().collect::<Vec<_>>()[..]
+        {
+            lines.insert(format!("deb-src {signed_by}{uri} {suite} {component}\n"));
+        }
+    }
+    if lines.is_empty() {
+        bail!("the host's apt has no Debian repository to take {pkg}'s source from");
+    }
+    let list = root.join("sources.list");
+    fs::write(&list, lines.into_iter().collect::<String>())?;
+    let d = |p: &Path| p.display().to_string();
+    let apt = || {
+        let mut c = Command::new("apt-get");
+        for o in [
+            format!("Dir::Etc::SourceList={}", d(&list)),
+            format!("Dir::Etc::SourceParts={}", d(&parts)),
+            format!("Dir::State::Lists={}", d(&lists)),
+            format!("Dir::State::status={}", d(&status)),
+            format!("Dir::Cache={}", d(&root.join("cache"))),
+            "APT::Sandbox::User=root".into(),
+        ] {
+            c.arg("-o").arg(o);
+        }
+        c
+    };
+    step(&format!("{pkg}: fetching its Debian source"));
+    run(apt().args(["-q", "update"]))?;
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
+    run(apt()
+        .args(["-q", "source", "--download-only", pkg])
+        .current_dir(dir))?;
+    let dsc = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "dsc"))
+        .with_context(|| format!("apt-get source {pkg} left no .dsc in {}", dir.display()))?;
+    let tree = dir.join("tree");
+    run(Command::new("dpkg-source")
+        .arg("-x")
+        .arg(&dsc)
+        .arg(&tree)
+        .current_dir(dir))?;
+    Ok(tree)
 }

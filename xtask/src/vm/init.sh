@@ -81,8 +81,10 @@ tcx=absent
 grep -q ' tcx_link_attach$' /proc/kallsyms 2>/dev/null && tcx=present
 echo "CTRACE-VM-FACTS btf=$btf proc_nf_conntrack=$ctproc nf_conntrack_netlink=$ctnl tracefs=$tracefs kprobe_pmu=$kprobe perf_pmus=${pmus:-none} tcx=$tcx modules=${mods:-none}"
 
+# ctrace as its OpenWrt package installs it.
+ctrace=/usr/sbin/ctrace
 echo "CTRACE-VM-PROBE-BEGIN"
-/bin/ctrace probe
+$ctrace probe
 rc=$?
 echo "CTRACE-VM-PROBE-END exit=$rc uptime=$(cut -d' ' -f1 /proc/uptime)"
 
@@ -94,7 +96,7 @@ for pass in $strategies; do
     f=$filter
     case "$pass" in *=*) f=${filter:-${pass#*=}} ;; esac
     # busybox timeout kills a hung run so the next strategy still runs.
-    CTRACE_BIN=/bin/ctrace CTRACE_TEST_STRATEGY=$s \
+    CTRACE_BIN=$ctrace CTRACE_TEST_STRATEGY=$s \
         timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never $show $f
     rc=$?
     echo "CTRACE-VM-RESULT strategy=$pass exit=$rc secs=$(($(date +%s) - start))"
@@ -102,10 +104,7 @@ done
 
 echo "CTRACE-VM-DONE"
 sync
-# x86 powers off through ACPI. A kernel without it (the OpenWrt-configured
-# one) would only halt, and qemu would keep running: reboot instead, which
-# qemu's -no-reboot turns into its exit.
-if [ "$(uname -m)" = x86_64 ] && [ ! -d /sys/firmware/acpi ]; then
-    reboot -f
-fi
-poweroff -f
+# A reboot, which qemu's -no-reboot turns into its exit: kernels without a
+# power-off driver (x86 without ACPI, malta without the PIIX4's) would
+# only halt, and qemu would keep running until the timeout.
+reboot -f

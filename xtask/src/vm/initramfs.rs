@@ -1,5 +1,7 @@
 //! The VM's root file system: a gzip'd cpio (newc) archive with busybox,
-//! the static ctrace and e2e binaries, the kernel's modules and /init.
+//! the e2e test executable, the kernel's modules, /init, and ctrace's
+//! OpenWrt package installed as opkg would (its data archive unpacked at
+//! the root: /usr/sbin/ctrace, /etc/init.d/ctrace, /etc/config/ctrace).
 //!
 //! Images are cached under a hash of everything that goes in, so a rerun
 //! with unchanged binaries boots at once, and any change (a rebuilt
@@ -22,7 +24,7 @@ use crate::{run, step};
 /// The guest's PID 1.
 const INIT: &str = include_str!("init.sh");
 /// Bump when the archive's layout changes in a way the inputs do not show.
-const FORMAT: &str = "ctrace-vm-initramfs-1";
+const FORMAT: &str = "ctrace-vm-initramfs-2";
 
 pub fn build(
     cache: &Path,
@@ -33,7 +35,6 @@ pub fn build(
     // (path in the archive, source file, mode)
     let mut files: Vec<(String, PathBuf, u32)> = vec![
         ("bin/busybox".into(), bins.busybox.clone(), 0o755),
-        ("bin/ctrace".into(), bins.ctrace.clone(), 0o755),
         ("bin/e2e".into(), bins.e2e.clone(), 0o755),
     ];
     let mut order = String::new();
@@ -53,6 +54,9 @@ pub fn build(
         h.write(part.as_bytes());
         h.write_u8(0);
     }
+    h.write(
+        &fs::read(&bins.package).with_context(|| format!("reading {}", bins.package.display()))?,
+    );
     for (dest, src, mode) in &files {
         h.write(dest.as_bytes());
         h.write_u32(*mode);
@@ -93,6 +97,18 @@ pub fn build(
     for (dest, src, mode) in &files {
         put(dest, &fs::read(src)?, *mode)?;
     }
+    // opkg's install: the outer archive's data.tar.gz, unpacked at the root
+    // with the modes it carries.
+    run(Command::new("bash")
+        .args([
+            "-o",
+            "pipefail",
+            "-c",
+            r#"tar -xzOf "$1" ./data.tar.gz | tar -xz --no-same-owner -C "$2""#,
+            "opkg-install",
+        ])
+        .arg(&bins.package)
+        .arg(&stage))?;
     // Sorted names make the archive depend only on its contents; -R 0:0
     // makes everything root's, whoever built it.
     let partial = image.with_extension("partial");

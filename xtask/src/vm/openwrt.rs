@@ -33,6 +33,10 @@ use crate::step;
 const COMMON: &str = include_str!("openwrt/common.config");
 const X86_64: &str = include_str!("openwrt/x86_64.config");
 const AARCH64: &str = include_str!("openwrt/aarch64.config");
+const ARMV7: &str = include_str!("openwrt/armv7.config");
+const MALTA: &str = include_str!("openwrt/malta.config");
+const MIPSEL: &str = include_str!("openwrt/mipsel.config");
+const MIPS: &str = include_str!("openwrt/mips.config");
 /// Bump when the build recipe changes in a way the inputs do not show.
 const RECIPE: &str = "ctrace-vm-openwrt-1";
 
@@ -71,11 +75,20 @@ pub fn is_name(name: &str) -> bool {
     name == NAME || name.starts_with(&format!("{NAME}-"))
 }
 
-fn fragment(arch: Arch) -> &'static str {
+/// The architecture's fragments, merged in this order after `COMMON`.
+fn fragments(arch: Arch) -> &'static [&'static str] {
     match arch {
-        Arch::X86_64 => X86_64,
-        Arch::Aarch64 => AARCH64,
+        Arch::X86_64 => &[X86_64],
+        Arch::Aarch64 => &[AARCH64],
+        Arch::Armv7 => &[ARMV7],
+        Arch::Mipsel => &[MALTA, MIPSEL],
+        Arch::Mips => &[MALTA, MIPS],
     }
+}
+
+/// The kernel's (and busybox's) ARCH=.
+pub fn kernel_arch(arch: Arch) -> &'static str {
+    target(arch).0
 }
 
 /// The kernel's ARCH=, the image target and where the build leaves it.
@@ -83,6 +96,9 @@ fn target(arch: Arch) -> (&'static str, &'static str, &'static str) {
     match arch {
         Arch::X86_64 => ("x86", "bzImage", "arch/x86/boot/bzImage"),
         Arch::Aarch64 => ("arm64", "Image", "arch/arm64/boot/Image"),
+        Arch::Armv7 => ("arm", "zImage", "arch/arm/boot/zImage"),
+        // malta boots the ELF image itself.
+        Arch::Mipsel | Arch::Mips => ("mips", "vmlinux", "vmlinux"),
     }
 }
 
@@ -92,6 +108,10 @@ pub fn cross(host: &Host, arch: Arch) -> Option<(&'static str, &'static str)> {
     (host.deb_arch() != arch.deb()).then_some(match arch {
         Arch::X86_64 => ("x86_64-linux-gnu-", "gcc-x86-64-linux-gnu"),
         Arch::Aarch64 => ("aarch64-linux-gnu-", "gcc-aarch64-linux-gnu"),
+        Arch::Armv7 => ("arm-linux-gnueabihf-", "gcc-arm-linux-gnueabihf"),
+        Arch::Mipsel => ("mipsel-linux-gnu-", "gcc-mipsel-linux-gnu"),
+        // Debian has no big-endian MIPS port, but it has the cross compiler.
+        Arch::Mips => ("mips-linux-gnu-", "gcc-mips-linux-gnu"),
     })
 }
 
@@ -152,13 +172,9 @@ fn dir(k: &Kernel, cache: &Path) -> anyhow::Result<PathBuf> {
     let Origin::OpenWrt { source_version } = &k.origin else {
         bail!("{} is not an OpenWrt kernel", k.version);
     };
-    let key = fnv1a(&[
-        RECIPE,
-        k.arch.name(),
-        source_version,
-        COMMON,
-        fragment(k.arch),
-    ]);
+    let mut parts = vec![RECIPE, k.arch.name(), source_version, COMMON];
+    parts.extend(fragments(k.arch));
+    let key = fnv1a(&parts);
     Ok(cache
         .join("kernels")
         .join(k.arch.deb())
@@ -300,10 +316,12 @@ fn build(host: &Host, k: &Kernel, work: &Path, dir: &Path, log: &Path) -> anyhow
     };
 
     // Configuration: tinyconfig, the fragments, olddefconfig, check.
-    let common = work.join("common.config");
-    let arch_fragment = work.join(format!("{}.config", k.arch.name()));
-    fs::write(&common, COMMON)?;
-    fs::write(&arch_fragment, fragment(k.arch))?;
+    let mut fragment_files = vec![];
+    for (i, text) in [COMMON].iter().chain(fragments(k.arch)).enumerate() {
+        let f = work.join(format!("fragment-{i}.config"));
+        fs::write(&f, text)?;
+        fragment_files.push(f);
+    }
     phase("make tinyconfig", make().arg("tinyconfig"))?;
     phase(
         "merging the fragments",
@@ -313,14 +331,18 @@ fn build(host: &Host, k: &Kernel, work: &Path, dir: &Path, log: &Path) -> anyhow
             .arg("-O")
             .arg(&obj)
             .arg(obj.join(".config"))
-            .arg(&common)
-            .arg(&arch_fragment)
+            .args(&fragment_files)
             .current_dir(&src)
             .env("ARCH", karch),
     )?;
     phase("make olddefconfig", make().arg("olddefconfig"))?;
     let config = fs::read_to_string(obj.join(".config"))?;
-    let wanted = format!("{COMMON}\n{}", fragment(k.arch));
+    let wanted = [COMMON]
+        .iter()
+        .chain(fragments(k.arch))
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n");
     let missed = check_config(&wanted, &config);
     if !missed.is_empty() {
         bail!(
