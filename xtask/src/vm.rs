@@ -2,27 +2,33 @@
 //!
 //! This machine's kernel cannot run every hook strategy (no kprobes,
 //! fentry forbidden by lockdown) and is one kernel among the many ctrace
-//! meets in the field. So the suite also runs inside throwaway VMs booted
-//! on Debian's own cloud kernels, for x86_64 and arm64 (the routers):
+//! meets in the field. So the suite also runs inside throwaway VMs: on
+//! Debian's own cloud kernels for x86_64 and arm64, and on kernels built
+//! here with OpenWrt's BPF-relevant configuration for those two and for
+//! the routers' 32-bit ARM and MIPS (both byte orders):
 //!
 //! 1. host packages: qemu, cpio, busybox-static, and for the OpenWrt rows
-//!    the kernel source and build tools (apt, idempotent);
+//!    the kernel source, build tools and cross compilers (apt, idempotent);
 //! 2. the matrix: the newest package of every cloud kernel series apt
 //!    offers per architecture, resolved at run time (names change), plus
-//!    a kernel built here with OpenWrt's BPF-relevant configuration
-//!    (`openwrt.rs`: no BTF, no kprobes, no BPF on tracepoints);
-//! 3. static musl builds of ctrace and of the e2e test executable;
-//! 4. per kernel: the package's vmlinuz and the conntrack/nf_tables/veth
-//!    modules (dependencies from each module's own `.modinfo`), packed
-//!    with busybox and the binaries into an initramfs whose /init runs the
-//!    suite once per strategy and prints markers on the serial console;
-//! 5. qemu (TCG: KVM does not work here), console streamed and logged,
-//!    a timeout per VM, then a table kernel x arch x strategy.
+//!    one OpenWrt-configured kernel per architecture (`openwrt.rs`: no
+//!    BTF, no kprobes, no BPF on tracepoints);
+//! 3. per architecture: ctrace's `.ipk` (built and checked as `cargo
+//!    xtask package` does), the e2e test executable built like ctrace for
+//!    that target, and a static busybox (`busybox.rs`);
+//! 4. per kernel: its image and the conntrack/nf_tables/veth modules
+//!    (dependencies from each module's own `.modinfo`), packed with
+//!    busybox, the test executable and the package's unpacked data
+//!    archive into an initramfs whose /init runs the suite once per pass
+//!    and prints markers on the serial console;
+//! 5. qemu (TCG: KVM does not work here), `--jobs` VMs at a time, console
+//!    streamed and logged, a timeout per VM, then a table kernel x arch x
+//!    strategy.
 //!
 //! Everything downloaded or built is cached under `$CTRACE_CACHE` (default
-//! `~/.cache/ctrace/vm`): kernels per arch and version (the OpenWrt one
-//! keyed by its config fragment and source version), the extracted
-//! modules, and initramfs images keyed by a hash of their inputs.
+//! `~/.cache/ctrace/vm`): kernels per arch and version (the OpenWrt ones
+//! keyed by their config fragments and source version), the extracted
+//! modules, busybox, and initramfs images keyed by a hash of their inputs.
 pub mod apt;
 mod busybox;
 mod initramfs;
@@ -71,28 +77,31 @@ pub struct VmArgs {
         value_name = "ARCH"
     )]
     pub arches: Vec<Arch>,
-    /// Strategies to run the suite with on Debian's kernels, one run each
-    /// (space or comma separated). `auto` lets ctrace pick: kprobe on
+    /// Strategies to run the suite with on every Debian kernel, one run
+    /// each (space or comma separated). `auto` lets ctrace pick: kprobe on
     /// Debian's kernels (each VM's report shows the probe), so a forced
-    /// kprobe run would repeat it; add `kprobe` to force it anyway.
-    #[arg(long, env = "CTRACE_VM_STRATEGIES", default_value = "auto tracepoint")]
+    /// kprobe run would repeat it.
+    #[arg(long, env = "CTRACE_VM_STRATEGIES", default_value = "auto")]
     pub strategies: String,
+    /// Passes that only some Debian rows run, as `SERIES/ARCH=PASS`
+    /// (repeatable; PASS is a strategy, or `STRATEGY=FILTER` for only some
+    /// tests). By default the oldest kernel proves the tiers auto does not
+    /// pick there, once per architecture: the whole suite forced onto
+    /// tracepoint, and on x86_64 the tc tests onto tc (6.1 has no TCX:
+    /// the clsact path, which the OpenWrt rows, 6.12 with TCX, do not
+    /// take). The host's own kernel runs the suite on tracepoint too.
+    #[arg(
+        long = "pass",
+        env = "CTRACE_VM_PASSES",
+        value_delimiter = ',',
+        default_value = "6.1/x86_64=tracepoint,6.1/x86_64=tc=tc::,6.1/aarch64=tracepoint",
+        value_name = "SERIES/ARCH=PASS"
+    )]
+    pub passes: Vec<String>,
     /// Strategies for the OpenWrt-configured kernel, where fexit, kprobe
     /// and tracepoint programs cannot load.
     #[arg(long, env = "CTRACE_VM_OPENWRT_STRATEGIES", default_value = "auto tc")]
     pub openwrt_strategies: String,
-    /// Debian rows (`SERIES/ARCH`) that also run the tc tests forced to
-    /// `--strategy tc` (a `tc=tc::` pass: strategy, then its tests). 6.1
-    /// has no TCX, so this proves the clsact path, which the OpenWrt rows
-    /// (6.12, TCX) do not take. Empty: no such pass.
-    #[arg(
-        long = "tc-pass",
-        env = "CTRACE_VM_TC_PASS",
-        value_delimiter = ',',
-        default_value = "6.1/x86_64",
-        value_name = "SERIES/ARCH"
-    )]
-    pub tc_pass: Vec<String>,
     /// Wall-clock limit per VM, in seconds; qemu is killed after it.
     #[arg(
         long = "vm-timeout",
@@ -135,6 +144,16 @@ pub struct VmArgs {
         value_name = "MIB"
     )]
     pub memory: u32,
+    /// VMs booted side by side. Each runs on one host thread (TCG), and
+    /// much of a guest's time is the suite's real-time waits, so two keep
+    /// a two-core machine busy; the builds before them run alone.
+    #[arg(
+        long = "jobs",
+        env = "CTRACE_VM_JOBS",
+        default_value_t = 2,
+        value_name = "N"
+    )]
+    pub jobs: usize,
     /// Print what passing tests wrote too (libtest's --show-output): the
     /// flood's figures, skipped parts.
     #[arg(
@@ -247,10 +266,6 @@ struct Binaries {
     busybox: PathBuf,
 }
 
-/// A pass that runs only the tc tests, on the tc tier: `STRATEGY=FILTER`
-/// (see init.sh).
-const TC_PASS: &str = "tc=tc::";
-
 /// `auto tracepoint` or `auto,tracepoint` -> the words.
 fn strategy_list(s: &str) -> Vec<String> {
     s.split([' ', ','])
@@ -265,6 +280,12 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     if strategies.is_empty() {
         bail!("--strategies is empty");
     }
+    for p in &args.passes {
+        match p.split_once('=') {
+            Some((row, pass)) if row.contains('/') && !pass.is_empty() => {}
+            _ => bail!("--pass `{p}`: expected SERIES/ARCH=PASS, such as 6.1/x86_64=tracepoint"),
+        }
+    }
     let openwrt_strategies = strategy_list(&args.openwrt_strategies);
     if openwrt_strategies.is_empty() {
         bail!("--openwrt-strategies is empty");
@@ -272,9 +293,11 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     let strategies_for = |k: &kernel::Kernel| match k.origin {
         kernel::Origin::Debian => {
             let mut s = strategies.clone();
-            let row = format!("{}/{}", k.series, k.arch.name());
-            if args.tc_pass.contains(&row) {
-                s.push(TC_PASS.to_string());
+            let row = format!("{}/{}=", k.series, k.arch.name());
+            for pass in args.passes.iter().filter_map(|p| p.strip_prefix(&row)) {
+                if !s.iter().any(|have| have == pass) {
+                    s.push(pass.to_string());
+                }
             }
             s
         }
@@ -354,7 +377,10 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Everything is built and prepared first, one thing at a time (builds
+    // use every core); then the VMs boot, `--jobs` at a time.
     let mut outcomes = vec![];
+    let mut ready = vec![];
     for &arch in &arches {
         let kernels: Vec<_> = matrix.iter().filter(|k| k.arch == arch).collect();
         if kernels.is_empty() {
@@ -391,45 +417,51 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
             }
         };
         for k in kernels {
-            let vm_started = Instant::now();
+            let prep_started = Instant::now();
             let strategies = strategies_for(k);
             let prepared = match k.origin {
                 kernel::Origin::Debian => kernel::prepare(&host, &apt, k, &cache),
                 kernel::Origin::OpenWrt { .. } => openwrt::prepare(&host, k, &cache),
             };
-            let outcome = prepared
-                .and_then(|prepared| {
-                    let image = initramfs::build(&cache, arch, &prepared, &bins)?;
-                    let boot = qemu::Boot {
-                        arch,
-                        kernel: &prepared.vmlinuz,
-                        initrd: &image,
-                        append: cmdline(arch, &strategies, filter, args),
-                        memory_mib: memory_mib(arch, args.memory),
-                        smp: smp(arch, &k.origin),
-                        timeout: Duration::from_secs(args.vm_timeout),
-                        log: cache
-                            .join("logs")
-                            .join(format!("{}-{}.log", arch.name(), k.version)),
-                        label: format!("{} {}", k.version, arch.name()),
-                    };
-                    qemu::run(&boot)
+            let boot = prepared.and_then(|prepared| {
+                let image = initramfs::build(&cache, arch, &prepared, &bins)?;
+                Ok(qemu::Boot {
+                    arch,
+                    kernel: prepared.vmlinuz,
+                    initrd: image,
+                    append: cmdline(arch, &strategies, filter, args),
+                    memory_mib: memory_mib(arch, args.memory),
+                    smp: smp(arch, &k.origin),
+                    single_thread: args.jobs > 1,
+                    timeout: Duration::from_secs(args.vm_timeout),
+                    log: cache
+                        .join("logs")
+                        .join(format!("{}-{}.log", arch.name(), k.version)),
+                    label: format!("{} {}", k.version, arch.name()),
                 })
-                .map(|console| {
-                    let mut o =
-                        report::parse(&console.lines, console.timed_out, console.status_note);
-                    o.qemu = Some(console.wall);
-                    o
-                })
-                .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
-            outcomes.push(report::VmReport {
-                kernel: (*k).clone(),
-                strategies: strategies.clone(),
-                wall: vm_started.elapsed(),
-                outcome,
             });
+            let report = report::VmReport {
+                kernel: (*k).clone(),
+                strategies,
+                wall: prep_started.elapsed(),
+                outcome: report::Outcome::default(),
+            };
+            match boot {
+                Ok(boot) => ready.push((report, boot)),
+                Err(e) => outcomes.push(report::VmReport {
+                    outcome: report::Outcome::failed_to_start(format!("{e:#}")),
+                    ..report
+                }),
+            }
         }
     }
+    outcomes.extend(boot_all(ready, args.jobs));
+    // The table in matrix order, whatever order the VMs ran in.
+    outcomes.sort_by_key(|r| {
+        matrix
+            .iter()
+            .position(|k| k.arch == r.kernel.arch && k.version == r.kernel.version)
+    });
     let ok = report::print(&outcomes, started.elapsed());
     if !ok {
         bail!(
@@ -438,6 +470,47 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Boots the prepared VMs, `jobs` at a time, longest first (the Debian
+/// rows run more passes on heavier kernels), and reports each.
+fn boot_all(mut ready: Vec<(report::VmReport, qemu::Boot)>, jobs: usize) -> Vec<report::VmReport> {
+    ready.sort_by_key(|(r, _)| {
+        (
+            matches!(r.kernel.origin, kernel::Origin::OpenWrt { .. }),
+            std::cmp::Reverse(r.strategies.len()),
+        )
+    });
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(ready));
+    let done = std::sync::Mutex::new(vec![]);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().expect("queue").pop_front();
+                    let Some((report, boot)) = next else { break };
+                    let outcome = qemu::run(&boot)
+                        .map(|console| {
+                            let mut o = report::parse(
+                                &console.lines,
+                                console.timed_out,
+                                console.status_note,
+                            );
+                            o.qemu = Some(console.wall);
+                            o
+                        })
+                        .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
+                    let wall = report.wall + outcome.qemu.unwrap_or_default();
+                    done.lock().expect("results").push(report::VmReport {
+                        wall,
+                        outcome,
+                        ..report
+                    });
+                }
+            });
+        }
+    });
+    done.into_inner().expect("results")
 }
 
 /// qemu's `-smp`: two CPUs. SeaBIOS's MP table lists one CPU per socket,
@@ -579,12 +652,13 @@ mod tests {
             arches: vec![],
             strategies: String::new(),
             openwrt_strategies: String::new(),
-            tc_pass: vec![],
+            passes: vec![],
             vm_timeout: 1,
             run_timeout: 300,
             ct_max: Some(4096),
             ctrace_log: Some("debug".into()),
             memory: 2048,
+            jobs: 1,
             flood: 1000,
             show_output: false,
             list: false,

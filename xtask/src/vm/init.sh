@@ -96,8 +96,11 @@ for pass in $strategies; do
     f=$filter
     case "$pass" in *=*) f=${filter:-${pass#*=}} ;; esac
     # busybox timeout kills a hung run so the next strategy still runs.
-    CTRACE_BIN=$ctrace CTRACE_TEST_STRATEGY=$s \
-        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never $show $f
+    # --report-time (unstable: RUSTC_BOOTSTRAP) puts each test's time in
+    # the console log, which is what the matrix's cost is made of.
+    CTRACE_BIN=$ctrace CTRACE_TEST_STRATEGY=$s RUSTC_BOOTSTRAP=1 \
+        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never \
+        -Zunstable-options --report-time $show $f
     rc=$?
     echo "CTRACE-VM-RESULT strategy=$pass exit=$rc secs=$(($(date +%s) - start))"
 done

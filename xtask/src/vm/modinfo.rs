@@ -1,8 +1,8 @@
 //! A kernel module's `.modinfo` section, read straight from the ELF file.
 //!
 //! This is what `modinfo -F depends` prints, without needing kmod on the
-//! host and for modules of any architecture (both of ours are 64-bit
-//! little-endian). The section is a run of NUL-terminated `key=value`
+//! host and for modules of any architecture (64- and 32-bit, either byte
+//! order: the MIPS rows' big-endian malta included). The section is a run of NUL-terminated `key=value`
 //! strings.
 use anyhow::{Context as _, bail};
 
@@ -48,38 +48,46 @@ pub fn parse(elf: &[u8]) -> anyhow::Result<ModInfo> {
     Ok(info)
 }
 
-/// The bytes of the section called `name` in a 64-bit little-endian ELF.
+/// The bytes of the section called `name` in an ELF file of either class
+/// and byte order.
 fn section<'a>(elf: &'a [u8], name: &str) -> anyhow::Result<Option<&'a [u8]>> {
     if elf.get(..4) != Some(b"\x7fELF") {
         bail!("not an ELF file");
     }
-    // e_ident[EI_CLASS] == ELFCLASS64, e_ident[EI_DATA] == ELFDATA2LSB.
-    if elf[4] != 2 || elf[5] != 1 {
-        bail!("not a 64-bit little-endian ELF file");
-    }
-    let u16_at = |o: usize| -> anyhow::Result<u64> {
-        Ok(u16::from_le_bytes(elf.get(o..o + 2).context("truncated ELF")?.try_into()?).into())
+    // e_ident[EI_CLASS]: 1 = 32-bit, 2 = 64-bit; e_ident[EI_DATA]: 1 =
+    // little-endian, 2 = big-endian.
+    let wide = match elf.get(4) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => bail!("unknown ELF class"),
     };
-    let u32_at = |o: usize| -> anyhow::Result<u64> {
-        Ok(u32::from_le_bytes(elf.get(o..o + 4).context("truncated ELF")?.try_into()?).into())
+    let big = match elf.get(5) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => bail!("unknown ELF byte order"),
     };
-    let u64_at = |o: usize| -> anyhow::Result<u64> {
-        Ok(u64::from_le_bytes(
-            elf.get(o..o + 8).context("truncated ELF")?.try_into()?,
-        ))
+    let int = |o: usize, n: usize| -> anyhow::Result<usize> {
+        let b = elf.get(o..o + n).context("truncated ELF")?;
+        let v = if big {
+            b.iter().fold(0u64, |v, &x| v << 8 | u64::from(x))
+        } else {
+            b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
+        };
+        usize::try_from(v).context("ELF offset out of range")
     };
-    let shoff = u64_at(0x28)? as usize;
-    let shentsize = u16_at(0x3a)? as usize;
-    let shnum = u16_at(0x3c)? as usize;
-    let shstrndx = u16_at(0x3e)? as usize;
-    // Section header fields: sh_name at 0, sh_offset at 24, sh_size at 32.
+    // (e_shoff, its width, e_shentsize) and, per section header,
+    // (sh_offset, sh_size) with the width of an address.
+    let (shoff, entsize_at, off_at, size_at, w) = if wide {
+        (int(0x28, 8)?, 0x3a, 24, 32, 8)
+    } else {
+        (int(0x20, 4)?, 0x2e, 16, 20, 4)
+    };
+    let shentsize = int(entsize_at, 2)?;
+    let shnum = int(entsize_at + 2, 2)?;
+    let shstrndx = int(entsize_at + 4, 2)?;
     let header = |i: usize| -> anyhow::Result<(usize, usize, usize)> {
         let h = shoff + i * shentsize;
-        Ok((
-            u32_at(h)? as usize,
-            u64_at(h + 24)? as usize,
-            u64_at(h + 32)? as usize,
-        ))
+        Ok((int(h, 4)?, int(h + off_at, w)?, int(h + size_at, w)?))
     };
     let bytes = |off: usize, size: usize| elf.get(off..off.checked_add(size)?);
     let (_, str_off, str_size) = header(shstrndx)?;
@@ -138,6 +146,40 @@ mod tests {
         assert_eq!(info.softdep_pre, ["crc32c"]);
         let none = parse(&elf(b"depends=\0")).unwrap();
         assert!(none.depends.is_empty());
+    }
+
+    /// The same, 32-bit big-endian (a `mips` module).
+    fn elf32be(modinfo: &[u8]) -> Vec<u8> {
+        let shstrtab = b"\0.modinfo\0.shstrtab\0";
+        let mut f = vec![0u8; 52];
+        f[..6].copy_from_slice(b"\x7fELF\x01\x02");
+        let mi_off = f.len();
+        f.extend_from_slice(modinfo);
+        let st_off = f.len();
+        f.extend_from_slice(shstrtab);
+        let shoff = f.len();
+        f[0x20..0x24].copy_from_slice(&(shoff as u32).to_be_bytes());
+        f[0x2e..0x30].copy_from_slice(&40u16.to_be_bytes());
+        f[0x30..0x32].copy_from_slice(&3u16.to_be_bytes());
+        f[0x32..0x34].copy_from_slice(&2u16.to_be_bytes());
+        for (name, off, size) in [
+            (0u32, 0usize, 0usize),
+            (1, mi_off, modinfo.len()),
+            (10, st_off, shstrtab.len()),
+        ] {
+            let mut h = [0u8; 40];
+            h[..4].copy_from_slice(&name.to_be_bytes());
+            h[16..20].copy_from_slice(&(off as u32).to_be_bytes());
+            h[20..24].copy_from_slice(&(size as u32).to_be_bytes());
+            f.extend_from_slice(&h);
+        }
+        f
+    }
+
+    #[test]
+    fn reads_32_bit_big_endian_modules() {
+        let info = parse(&elf32be(b"depends=ppp_generic,pppox\0name=pppoe\0")).unwrap();
+        assert_eq!(info.depends, ["ppp_generic", "pppox"]);
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! `linux-source-6.12` with the BPF-relevant configuration of a stock
 //! OpenWrt kernel (no BTF, no kprobes, no BPF on tracepoints, no ftrace,
 //! no perf events where the architecture allows; bpf() and tc), for
-//! x86_64 and arm64 (cross-compiled with Debian's gcc-aarch64-linux-gnu).
+//! x86_64, arm64, 32-bit ARM (QEMU's virt, as OpenWrt's armsr) and MIPS
+//! of both byte orders (QEMU's malta, OpenWrt's own QEMU target),
+//! cross-compiled with Debian's gcc for each.
 //!
 //! The configuration is `make tinyconfig` plus the fragments in
 //! `openwrt/` (common, then the architecture's), merged with
 //! `scripts/kconfig/merge_config.sh`, then `make olddefconfig`; every line
 //! of the fragments is then checked in the resulting `.config`, and the
-//! build fails naming the options that did not stick.
+//! build fails naming those that did not stick.
 //!
 //! The kernel image and the modules the guest loads are cached under
 //! `kernels/<debarch>/openwrt-<release>_<key>` in the VM cache, keyed by

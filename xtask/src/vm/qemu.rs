@@ -8,7 +8,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read, Write as _},
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -19,14 +19,17 @@ use anyhow::Context as _;
 use super::Arch;
 use crate::step;
 
-pub struct Boot<'a> {
+pub struct Boot {
     pub arch: Arch,
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
     pub append: String,
     pub memory_mib: u32,
     /// qemu's `-smp` value.
     pub smp: &'static str,
+    /// One host thread for all vCPUs, also where qemu would give each its
+    /// own: with VMs booted side by side, each gets one host core.
+    pub single_thread: bool,
     pub timeout: Duration,
     pub log: PathBuf,
     /// Prefix of every console line we echo.
@@ -54,7 +57,7 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             // static branch while another vCPU patched it (text_poke_bp's
             // int3 seen after it was taken out): a 2-in-3 failure of the
             // matrix that no kernel under test is to blame for.
-            c.args(["-accel", "tcg,thread=single", "-cpu", "max"]);
+            c.args(["-cpu", "max"]);
             c
         }
         Arch::Aarch64 => {
@@ -63,14 +66,7 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             // inflates that itself. pauth-impdef: TCG's architected
             // pointer-authentication hash (QARMA) is slow to emulate and
             // the guest does not care which algorithm signs its pointers.
-            c.args([
-                "-machine",
-                "virt",
-                "-cpu",
-                "max,pauth-impdef=on",
-                "-accel",
-                "tcg",
-            ]);
+            c.args(["-machine", "virt", "-cpu", "max,pauth-impdef=on"]);
             c
         }
         Arch::Armv7 => {
@@ -78,14 +74,7 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             // A Cortex-A15 (ARMv7 with VFPv3 and NEON, as
             // arm_cortex-a7_neon-vfpv4). highmem=off: no devices above
             // 4 GiB, which a kernel without LPAE cannot reach.
-            c.args([
-                "-machine",
-                "virt,highmem=off",
-                "-cpu",
-                "cortex-a15",
-                "-accel",
-                "tcg",
-            ]);
+            c.args(["-machine", "virt,highmem=off", "-cpu", "cortex-a15"]);
             c
         }
         Arch::Mipsel | Arch::Mips => {
@@ -96,11 +85,15 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             } else {
                 "qemu-system-mips"
             });
-            c.args(["-machine", "malta", "-cpu", "24Kc", "-accel", "tcg"]);
+            c.args(["-machine", "malta", "-cpu", "24Kc"]);
             c
         }
     };
+    // x86 always runs its vCPUs on one thread (see above).
+    let single = b.single_thread || b.arch == Arch::X86_64;
     cmd.args([
+        "-accel",
+        if single { "tcg,thread=single" } else { "tcg" },
         "-m",
         &b.memory_mib.to_string(),
         "-smp",
@@ -112,9 +105,9 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
     // NIC would need option ROMs that --no-install-recommends omits.
     .args(["-nic", "none"])
     .arg("-kernel")
-    .arg(b.kernel)
+    .arg(&b.kernel)
     .arg("-initrd")
-    .arg(b.initrd)
+    .arg(&b.initrd)
     .arg("-append")
     .arg(&b.append)
     // Not the terminal: with a tty on stdin, -nographic would take it
@@ -125,8 +118,8 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
     // SAFETY: prctl is async-signal-safe. If xtask dies for any reason
     // (Ctrl-C reaches qemu directly, being in our process group; SIGTERM
     // or SIGKILL to xtask does not), the kernel kills qemu with it. (The
-    // signal follows the spawning thread: this one, which is xtask's main
-    // thread and lives as long as xtask.)
+    // signal follows the spawning thread, which waits for this qemu: it
+    // cannot end first.)
     unsafe {
         cmd.pre_exec(|| {
             if prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 {

@@ -154,9 +154,11 @@ pub fn parse(lines: &[String], timed_out: bool, status_note: Option<String>) -> 
                 run.passed = count(&s, "passed");
                 run.failed = count(&s, "failed");
                 run.summary = Some(s);
-            } else if let Some(name) = line
+            } else if let Some((name, outcome)) = line
                 .strip_prefix("test ")
-                .and_then(|l| l.strip_suffix(" ... FAILED"))
+                .and_then(|l| l.split_once(" ... "))
+                // "FAILED", or "FAILED <1.234s>" with --report-time.
+                && outcome.split_whitespace().next() == Some("FAILED")
             {
                 run.failed_tests.push(name.to_string());
             }
@@ -303,13 +305,19 @@ pub fn print(reports: &[VmReport], total: Duration) -> bool {
         }
     }
     let ok = reports.iter().all(VmReport::ok);
-    let in_vms: Duration = reports.iter().map(|r| r.wall).sum();
+    // VMs run side by side: their qemu times add up to more than the wall
+    // time they took.
+    let in_qemu: Duration = reports.iter().filter_map(|r| r.outcome.qemu).sum();
+    let preparing: Duration = reports
+        .iter()
+        .map(|r| r.wall.saturating_sub(r.outcome.qemu.unwrap_or_default()))
+        .sum();
     println!(
-        "\ntotal wall time {} ({} VMs {}, builds and setup {}): {}",
+        "\ntotal wall time {} ({} VMs: {} of qemu time, {} preparing them): {}",
         mins(total),
         reports.len(),
-        mins(in_vms),
-        mins(total.saturating_sub(in_vms)),
+        mins(in_qemu),
+        mins(preparing),
         if ok { "all passed" } else { "FAILURES" }
     );
     ok
@@ -336,8 +344,8 @@ auto picks: tracepoint
 CTRACE-VM-PROBE-END exit=0 uptime=4.20
 CTRACE-VM-BEGIN strategy=auto
 running 8 tests
-test a ... ok
-test b ... FAILED
+test a ... ok <0.120s>
+test b ... FAILED <3.500s>
 test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.1s
 CTRACE-VM-RESULT strategy=auto exit=101 secs=95
 CTRACE-VM-BEGIN strategy=kprobe
