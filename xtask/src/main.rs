@@ -571,12 +571,14 @@ fn bench() -> anyhow::Result<()> {
 /// Debian packages the host tests use.
 /// nftables and iptables write kube-proxy's rules as kube-proxy's own
 /// tools would, for the Service-name tests.
-const TEST_PACKAGES: [&str; 5] = [
+/// systemd-nspawn boots a throwaway systemd for the Debian unit's test.
+const TEST_PACKAGES: [&str; 6] = [
     "prometheus",
     "prometheus-node-exporter",
     "python3-yaml",
     "nftables",
     "iptables",
+    "systemd-container",
 ];
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {

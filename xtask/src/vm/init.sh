@@ -35,7 +35,7 @@ done </etc/ctrace-vm/modules
 
 # Parameters from the host, as ctrace.* words on the kernel command line.
 strategies=auto
-run_timeout=600
+run_timeout=900
 ct_max=
 filter=
 show=
@@ -95,13 +95,18 @@ for pass in $strategies; do
     s=${pass%%=*}
     f=$filter
     case "$pass" in *=*) f=${filter:-${pass#*=}} ;; esac
-    # busybox timeout kills a hung run so the next strategy still runs.
     # --report-time (unstable: RUSTC_BOOTSTRAP) puts each test's time in
     # the console log, which is what the matrix's cost is made of.
     CTRACE_BIN=$ctrace CTRACE_TEST_STRATEGY=$s RUSTC_BOOTSTRAP=1 \
-        timeout -s KILL "$run_timeout" /bin/e2e --test-threads=1 --color never \
-        -Zunstable-options --report-time $show $f
+        /bin/e2e --test-threads=1 --color never \
+        -Zunstable-options --report-time $show $f &
+    run=$!
+    # A watchdog kills a hung run so the next strategy still runs.
+    (sleep "$run_timeout" && kill -KILL "$run" 2>/dev/null) &
+    watchdog=$!
+    wait "$run"
     rc=$?
+    kill "$watchdog" 2>/dev/null
     echo "CTRACE-VM-RESULT strategy=$pass exit=$rc secs=$(($(date +%s) - start))"
 done
 

@@ -89,8 +89,14 @@ pub fn run(b: &Boot) -> anyhow::Result<Console> {
             c
         }
     };
-    // x86 always runs its vCPUs on one thread (see above).
-    let single = b.single_thread || b.arch == Arch::X86_64;
+    // x86 always runs its vCPUs on one thread (see above). 32-bit ARM never
+    // does: with two vCPUs on one thread, its guest stalled at boot (RCU
+    // "kthread starved", every time), and booted with a thread each.
+    let single = match b.arch {
+        Arch::X86_64 => true,
+        Arch::Armv7 => false,
+        _ => b.single_thread,
+    };
     cmd.args([
         "-accel",
         if single { "tcg,thread=single" } else { "tcg" },
