@@ -19,15 +19,22 @@ use ctrace::{netlink::rtnetlink::RtSocket, netns::NetNs};
 const AF_PPPOX: libc::c_int = 24;
 const PX_PROTO_OE: libc::c_int = 0;
 
-/// `_IOR`/`_IOW`/`_IOWR('t', nr, int)` in the generic ioctl encoding
-/// (x86_64 and arm64, the VM rows' architectures).
-const fn ppp_ioctl(dir: u64, nr: u64) -> u64 {
-    (dir << 30) | (4 << 16) | ((b't' as u64) << 8) | nr
+/// `_IOR`/`_IOW`/`_IOWR('t', nr, int)`. asm-generic's encoding has the
+/// direction in two bits from bit 30 (write 1, read 2); MIPS has three
+/// bits from bit 29 (read 2, write 4): the VM's malta rows.
+const fn ppp_ioctl(read: bool, write: bool, nr: u64) -> u64 {
+    let (r, w, shift) = if cfg!(any(target_arch = "mips", target_arch = "mips64")) {
+        (2, 4, 29)
+    } else {
+        (2, 1, 30)
+    };
+    let dir = if read { r } else { 0 } | if write { w } else { 0 };
+    (dir << shift) | (4 << 16) | ((b't' as u64) << 8) | nr
 }
-const PPPIOCGCHAN: u64 = ppp_ioctl(2, 55);
-const PPPIOCATTCHAN: u64 = ppp_ioctl(1, 56);
-const PPPIOCCONNECT: u64 = ppp_ioctl(1, 58);
-const PPPIOCNEWUNIT: u64 = ppp_ioctl(3, 62);
+const PPPIOCGCHAN: u64 = ppp_ioctl(true, false, 55);
+const PPPIOCATTCHAN: u64 = ppp_ioctl(false, true, 56);
+const PPPIOCCONNECT: u64 = ppp_ioctl(false, true, 58);
+const PPPIOCNEWUNIT: u64 = ppp_ioctl(true, true, 62);
 
 /// One end of a session. Dropping it closes the unit and the channel:
 /// the PPP device goes away.
@@ -121,4 +128,18 @@ fn ioctl(fd: &OwnedFd, request: u64, arg: &mut libc::c_int) -> std::io::Result<(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ppp_requests_match_the_kernels_headers() {
+        // linux/ppp-ioctl.h through asm-generic/ioctl.h, as on x86_64.
+        if !cfg!(any(target_arch = "mips", target_arch = "mips64")) {
+            assert_eq!(super::PPPIOCGCHAN, 0x8004_7437);
+            assert_eq!(super::PPPIOCATTCHAN, 0x4004_7438);
+            assert_eq!(super::PPPIOCCONNECT, 0x4004_743a);
+            assert_eq!(super::PPPIOCNEWUNIT, 0xc004_743e);
+        }
+    }
 }

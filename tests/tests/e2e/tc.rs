@@ -396,8 +396,15 @@ fn full_table_run(shape: &Shape<'_>, watch_all: bool, what: &str) -> Value {
         assert_eq!(rec["netns"], router);
         found += 1;
     }
+    // Records are matched by source address and port. A port the kernel
+    // handed out twice, to a flow that passed and then to one that failed
+    // (seen once on the slow single-CPU malta guest, IPv6), names the
+    // failed one's record: only tuples no failed attempt had are checked.
     for a in healthy.iter().chain(passed.iter().copied()) {
         let src = a.local.unwrap().to_string();
+        if failed_attempts.iter().any(|f| f.local == a.local) {
+            continue;
+        }
         assert!(
             !d.iter().any(|r| r["src"] == src.as_str()),
             "a flow that passed was reported dropped: {src}"
