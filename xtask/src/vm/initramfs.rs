@@ -99,29 +99,21 @@ pub fn build(
     }
     // opkg's install: the outer archive's data.tar.gz, unpacked at the root
     // with the modes it carries.
-    run(Command::new("bash")
-        .args([
-            "-o",
-            "pipefail",
-            "-c",
-            r#"tar -xzOf "$1" ./data.tar.gz | tar -xz --no-same-owner -C "$2""#,
-            "opkg-install",
-        ])
-        .arg(&bins.package)
-        .arg(&stage))?;
+    pipeline(
+        "opkg-install",
+        r#"tar -xzOf "$1" ./data.tar.gz | tar -xz --no-same-owner -C "$2""#,
+        &bins.package,
+        &stage,
+    )?;
     // Sorted names make the archive depend only on its contents; -R 0:0
     // makes everything root's, whoever built it.
     let partial = image.with_extension("partial");
-    run(Command::new("bash")
-        .args([
-            "-o",
-            "pipefail",
-            "-c",
-            r#"cd "$1" && find . -mindepth 1 -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -6 >"$2""#,
-            "mkinitramfs",
-        ])
-        .arg(&stage)
-        .arg(&partial))?;
+    pipeline(
+        "mkinitramfs",
+        r#"cd "$1" && find . -mindepth 1 -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -6 >"$2""#,
+        &stage,
+        &partial,
+    )?;
     fs::rename(&partial, &image)?;
     fs::remove_dir_all(&stage)?;
 
@@ -136,4 +128,13 @@ pub fn build(
     let size = fs::metadata(&image)?.len();
     step(&format!("initramfs: {:.1} MiB", size as f64 / 1048576.0));
     Ok(image)
+}
+
+/// Runs a shell pipeline that fails if any of its commands does, with its
+/// two paths as `$1` and `$2` (never spliced into the script).
+fn pipeline(name: &str, script: &str, one: &Path, two: &Path) -> anyhow::Result<()> {
+    run(Command::new("bash")
+        .args(["-o", "pipefail", "-c", script, name])
+        .arg(one)
+        .arg(two))
 }
