@@ -475,8 +475,20 @@ fn debian_service_runs_hardened_under_systemd() {
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("the unit bounds capabilities");
-    let dir = std::env::temp_dir().join(format!("ctrace-systemd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // A fresh directory of root's own: mkdir fails on anything already
+    // there (a link planted at this name in the world-writable /tmp too),
+    // rather than following or removing it.
+    let dir = std::env::temp_dir().join(format!(
+        "ctrace-systemd-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&dir)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let units = dir.join("usr/lib/systemd/system");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::create_dir_all(dir.join("usr/sbin")).unwrap();
