@@ -109,33 +109,54 @@ fn section<'a>(elf: &'a [u8], name: &str) -> anyhow::Result<Option<&'a [u8]>> {
 mod tests {
     use super::*;
 
-    /// A minimal ELF: header, a .modinfo and a .shstrtab, three section
-    /// headers (null, .modinfo, .shstrtab).
-    fn elf(modinfo: &[u8]) -> Vec<u8> {
+    /// A minimal ELF of either class and byte order: header, a .modinfo
+    /// and a .shstrtab, three section headers (null, .modinfo, .shstrtab).
+    fn elf_of(wide: bool, big: bool, modinfo: &[u8]) -> Vec<u8> {
+        let put = |f: &mut Vec<u8>, at: usize, v: u64, n: usize| {
+            let b = if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            };
+            let b = if big { &b[8 - n..] } else { &b[..n] };
+            f[at..at + n].copy_from_slice(b);
+        };
+        // (header size, e_shoff, its width, e_shentsize, section header
+        // size, sh_offset, sh_size)
+        let (ehsize, shoff_at, w, entsize_at, shsize, off_at, size_at) = if wide {
+            (64, 0x28, 8, 0x3a, 64, 24, 32)
+        } else {
+            (52, 0x20, 4, 0x2e, 40, 16, 20)
+        };
         let shstrtab = b"\0.modinfo\0.shstrtab\0";
-        let mut f = vec![0u8; 64];
-        f[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        let mut f = vec![0u8; ehsize];
+        f[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1 + wide as u8, 1 + big as u8]);
         let mi_off = f.len();
         f.extend_from_slice(modinfo);
         let st_off = f.len();
         f.extend_from_slice(shstrtab);
         let shoff = f.len();
-        f[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
-        f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-        f[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
-        f[0x3e..0x40].copy_from_slice(&2u16.to_le_bytes());
+        put(&mut f, shoff_at, shoff as u64, w);
+        put(&mut f, entsize_at, shsize as u64, 2);
+        put(&mut f, entsize_at + 2, 3, 2);
+        put(&mut f, entsize_at + 4, 2, 2);
         for (name, off, size) in [
-            (0u32, 0usize, 0usize),
+            (0, 0, 0),
             (1, mi_off, modinfo.len()),
             (10, st_off, shstrtab.len()),
         ] {
-            let mut h = [0u8; 64];
-            h[..4].copy_from_slice(&name.to_le_bytes());
-            h[24..32].copy_from_slice(&(off as u64).to_le_bytes());
-            h[32..40].copy_from_slice(&(size as u64).to_le_bytes());
-            f.extend_from_slice(&h);
+            let h = f.len();
+            f.resize(h + shsize, 0);
+            put(&mut f, h, name, 4);
+            put(&mut f, h + off_at, off as u64, w);
+            put(&mut f, h + size_at, size as u64, w);
         }
         f
+    }
+
+    /// 64-bit little-endian, as x86_64 and arm64 modules are.
+    fn elf(modinfo: &[u8]) -> Vec<u8> {
+        elf_of(true, false, modinfo)
     }
 
     #[test]
@@ -148,37 +169,14 @@ mod tests {
         assert!(none.depends.is_empty());
     }
 
-    /// The same, 32-bit big-endian (a `mips` module).
-    fn elf32be(modinfo: &[u8]) -> Vec<u8> {
-        let shstrtab = b"\0.modinfo\0.shstrtab\0";
-        let mut f = vec![0u8; 52];
-        f[..6].copy_from_slice(b"\x7fELF\x01\x02");
-        let mi_off = f.len();
-        f.extend_from_slice(modinfo);
-        let st_off = f.len();
-        f.extend_from_slice(shstrtab);
-        let shoff = f.len();
-        f[0x20..0x24].copy_from_slice(&(shoff as u32).to_be_bytes());
-        f[0x2e..0x30].copy_from_slice(&40u16.to_be_bytes());
-        f[0x30..0x32].copy_from_slice(&3u16.to_be_bytes());
-        f[0x32..0x34].copy_from_slice(&2u16.to_be_bytes());
-        for (name, off, size) in [
-            (0u32, 0usize, 0usize),
-            (1, mi_off, modinfo.len()),
-            (10, st_off, shstrtab.len()),
-        ] {
-            let mut h = [0u8; 40];
-            h[..4].copy_from_slice(&name.to_be_bytes());
-            h[16..20].copy_from_slice(&(off as u32).to_be_bytes());
-            h[20..24].copy_from_slice(&(size as u32).to_be_bytes());
-            f.extend_from_slice(&h);
-        }
-        f
-    }
-
     #[test]
     fn reads_32_bit_big_endian_modules() {
-        let info = parse(&elf32be(b"depends=ppp_generic,pppox\0name=pppoe\0")).unwrap();
+        let info = parse(&elf_of(
+            false,
+            true,
+            b"depends=ppp_generic,pppox\0name=pppoe\0",
+        ))
+        .unwrap();
         assert_eq!(info.depends, ["ppp_generic", "pppox"]);
     }
 
