@@ -225,6 +225,15 @@ pub struct WatchArgs {
     /// occupancy from periodic dumps alone.
     #[arg(long)]
     pub no_ctnetlink_events: bool,
+    /// Announcements per second and namespace that ctnetlink is let build
+    /// for ctrace, or `unlimited`. The kernel builds one for every entry
+    /// made and ended while anyone listens, in the packet's path; above
+    /// this rate ctrace listens for the first part of each interval only
+    /// and scales the rates from that sample (the summary's
+    /// `filling_listened` says how much), and occupancy comes from dumps
+    /// alone meanwhile.
+    #[arg(long, default_value = "2000", value_parser = parse_budget, value_name = "N|unlimited")]
+    pub announcements_per_s: Budget,
     /// Test only: also load a program no verifier accepts, to prove what a
     /// rejection prints and which exit code it ends with.
     #[arg(long, hide = true)]
@@ -255,6 +264,22 @@ fn parse_max_flows(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
         _ => Err(format!("`{s}` is not a flow count from 1 to 1000000")),
+    }
+}
+
+/// `--announcements-per-s`: a rate, or None for `unlimited`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget(pub Option<u32>);
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    if s == "unlimited" {
+        return Ok(Budget(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if (10..=10_000_000).contains(&n) => Ok(Budget(Some(n))),
+        _ => Err(format!(
+            "`{s}` is not a rate from 10 to 10000000, nor `unlimited`"
+        )),
     }
 }
 

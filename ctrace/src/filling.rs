@@ -127,11 +127,23 @@ impl FillingMeter {
     /// Closes the interval: the top keys of each namespace and dimension
     /// become [`FillingMeter::rows`], and counting starts again.
     pub fn roll(&mut self) {
+        self.roll_sampled(&HashMap::new());
+    }
+
+    /// [`roll`](Self::roll), where the namespaces of `listened` were
+    /// counted for only so many seconds of the interval: their rates are
+    /// per second of that.
+    pub fn roll_sampled(&mut self, listened: &HashMap<u64, f64>) {
         let now = Instant::now();
-        let secs = (now - self.since).as_secs_f64().max(1e-3);
+        let interval = (now - self.since).as_secs_f64().max(1e-3);
         self.since = now;
         let mut rows = Vec::new();
         for ((netns, by), keys) in self.counts.drain() {
+            let secs = listened
+                .get(&netns)
+                .copied()
+                .filter(|s| *s >= 1e-3)
+                .unwrap_or(interval);
             let total = self.totals.get(&netns).copied().unwrap_or(0).max(1) as f64;
             let mut keys: Vec<(String, u64)> = keys.into_iter().collect();
             keys.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -184,10 +196,14 @@ pub fn prefix(ip: IpAddr) -> String {
 }
 
 /// ctnetlink's entry announcements (new and destroyed) for every watched
-/// namespace.
-#[derive(Default)]
+/// namespace, each listened to within a budget (see [`Window`]).
 pub struct NewEntryFeed {
-    feeds: HashMap<u64, NewEntries>,
+    feeds: HashMap<u64, Feed>,
+    /// Announcements per second and namespace the kernel is let build;
+    /// None: every one.
+    budget: Option<u32>,
+    /// The watcher's tick, which windows are a share of.
+    interval: Duration,
     /// Subscribed, but `nf_conntrack_events` is 0 there: nothing comes.
     silent: std::collections::HashSet<u64>,
     /// Namespaces that could not be subscribed (no ctnetlink there), and
@@ -197,8 +213,113 @@ pub struct NewEntryFeed {
     overruns_gone: u64,
 }
 
+struct Feed {
+    entries: NewEntries,
+    window: Window,
+    /// `entries.overruns` when the interval began.
+    overruns_before: u64,
+}
+
+/// Announcements per second and namespace that ctrace lets the kernel
+/// build by default. The kernel builds a netlink message for every new and
+/// every ended entry while anyone listens, in the packet's path: at 75,000
+/// new connections a second that cost the bench's router a tenth of its
+/// rate, read or not. Above the budget a namespace is listened to for the
+/// first part of each interval only, and its rates are scaled from that
+/// sample.
+pub const DEFAULT_BUDGET: u32 = 2_000;
+
+/// The least share of an interval listened to, however fast entries come.
+const MIN_SHARE: f64 = 0.01;
+/// The share a new feed listens to under a budget, until its rate is
+/// known: a storm must not be announced in full for a whole interval.
+const FIRST_SHARE: f64 = 0.1;
+
+/// When one namespace's feed listens: from the start of each interval, for
+/// `share` of it.
+#[derive(Clone, Debug, PartialEq)]
+struct Window {
+    share: f64,
+    /// Listening since; None once it left the groups for the interval.
+    since: Option<Instant>,
+    /// When to leave the groups; None: the whole interval.
+    until: Option<Instant>,
+    /// Listened so far in this interval.
+    listened: Duration,
+    /// Listened from the start of the interval without a break so far:
+    /// announcements then tell every change, and may keep occupancy.
+    whole: bool,
+    /// Entries announced in this interval.
+    entries_seen: u64,
+}
+
+impl Window {
+    fn new(now: Instant) -> Window {
+        Window {
+            share: 1.0,
+            since: Some(now),
+            until: None,
+            listened: Duration::ZERO,
+            whole: true,
+            entries_seen: 0,
+        }
+    }
+
+    fn listened_entries(&mut self, n: usize) {
+        self.entries_seen += n as u64;
+    }
+
+    /// Closes the listening span at `now`.
+    fn close(&mut self, now: Instant) {
+        if let Some(since) = self.since.take() {
+            self.listened += now.saturating_duration_since(since);
+        }
+        self.until = None;
+        self.whole = false;
+    }
+}
+
+/// The share of the next interval to listen to, after `entries`
+/// announcements in `listened` seconds of a window of `share` (`overran`:
+/// the kernel dropped some, so there were more).
+fn next_share(share: f64, entries: u64, listened: f64, overran: bool, budget: Option<u32>) -> f64 {
+    let Some(budget) = budget else {
+        return 1.0;
+    };
+    if listened <= 0.0 {
+        return share;
+    }
+    let rate = entries as f64 / listened;
+    let mut next = if rate <= f64::from(budget) {
+        1.0
+    } else {
+        f64::from(budget) / rate
+    };
+    if overran {
+        next = next.min(share / 2.0);
+    }
+    // Down at once, up by doubling: a quiet interval (a storm's pause, a
+    // start before traffic) must not leave the next storm announced in full
+    // for a whole interval.
+    next.min(share * 2.0).clamp(MIN_SHARE, 1.0)
+}
+
 impl NewEntryFeed {
     const RETRY: Duration = Duration::from_secs(60);
+
+    /// `budget`: announcements per second and namespace the kernel is let
+    /// build (None: all); `interval`: the tick [`roll`](Self::roll) is
+    /// called on.
+    pub fn new(budget: Option<u32>, interval: Duration) -> NewEntryFeed {
+        NewEntryFeed {
+            feeds: HashMap::new(),
+            budget,
+            interval,
+            silent: Default::default(),
+            failed: HashMap::new(),
+            overruns_gone: 0,
+        }
+    }
 
     /// Subscribes to the namespaces of `watched` that have no feed yet,
     /// and drops those no longer watched.
@@ -211,7 +332,7 @@ impl NewEntryFeed {
             .collect();
         for ns in gone {
             if let Some(f) = self.feeds.remove(&ns) {
-                self.overruns_gone += f.overruns;
+                self.overruns_gone += f.entries.overruns;
             }
             self.silent.remove(&ns);
         }
@@ -256,10 +377,29 @@ impl NewEntryFeed {
                     Ok((NewEntries::subscribe(Some(&n))?, silent))
                 });
             match sub {
-                Ok((f, silent)) => {
+                Ok((entries, silent)) => {
                     log::debug!("netns {ns}: entry events subscribed");
                     self.failed.remove(&ns);
-                    self.feeds.insert(ns, f);
+                    let now = Instant::now();
+                    let share = if self.budget.is_some() {
+                        FIRST_SHARE
+                    } else {
+                        1.0
+                    };
+                    self.feeds.insert(
+                        ns,
+                        Feed {
+                            entries,
+                            // Not from the start of this interval: not whole.
+                            window: Window {
+                                whole: false,
+                                share,
+                                until: (share < 1.0).then(|| now + self.interval.mul_f64(share)),
+                                ..Window::new(now)
+                            },
+                            overruns_before: 0,
+                        },
+                    );
                     if silent {
                         self.silent.insert(ns);
                     }
@@ -273,14 +413,98 @@ impl NewEntryFeed {
     }
 
     /// Every entry announced since the last call, new or destroyed, with
-    /// its namespace.
-    pub fn drain(&mut self, f: &mut dyn FnMut(u64, Announced, &Entry)) {
+    /// its namespace, and whether that namespace was listened to for the
+    /// whole interval (only then do the announcements tell every change).
+    pub fn drain(&mut self, f: &mut dyn FnMut(u64, Announced, &Entry, bool)) {
         for (ns, feed) in &mut self.feeds {
-            match feed.drain(DRAIN_MAX, &mut |what, e| f(*ns, what, e)) {
-                Ok(n) => log::trace!("netns {ns}: {n} entries announced"),
+            let whole = feed.window.whole;
+            match feed
+                .entries
+                .drain(DRAIN_MAX, &mut |what, e| f(*ns, what, e, whole))
+            {
+                Ok(n) => {
+                    log::trace!("netns {ns}: {n} entries announced");
+                    feed.window.listened_entries(n);
+                }
                 Err(e) => log::debug!("netns {ns}: entry events: {e:#}"),
             }
         }
+    }
+
+    /// Closes the interval (call after [`drain`](Self::drain)): the
+    /// seconds each namespace was listened to in it, for its rates; then
+    /// every feed listens again, for the share of the next interval its
+    /// rate allows.
+    pub fn roll(&mut self) -> HashMap<u64, f64> {
+        let interval = self.interval;
+        let now = Instant::now();
+        let mut listened = HashMap::new();
+        for (ns, feed) in &mut self.feeds {
+            let w = &mut feed.window;
+            let whole = w.whole;
+            w.close(now);
+            let secs = w.listened.as_secs_f64();
+            let overran = feed.entries.overruns > feed.overruns_before;
+            feed.overruns_before = feed.entries.overruns;
+            let entries = std::mem::take(&mut w.entries_seen);
+            let share = next_share(w.share, entries, secs, overran, self.budget);
+            if share < 1.0 && (w.share >= 1.0 || (share - w.share).abs() > 0.25 * w.share) {
+                log::debug!(
+                    "netns {ns}: {entries} announcements in {secs:.3} s: listening to {:.1}% \
+                     of each interval",
+                    share * 100.0
+                );
+            }
+            log::trace!("netns {ns}: {entries} announcements in {secs:.3} s");
+            listened.insert(*ns, secs);
+            if !whole || w.share < 1.0 || share < 1.0 {
+                // Rejoin (a no-op if still joined).
+                if let Err(e) = feed.entries.listen(true) {
+                    log::debug!("netns {ns}: rejoining entry events: {e:#}");
+                }
+            }
+            *w = Window {
+                share,
+                until: (share < 1.0).then(|| now + interval.mul_f64(share)),
+                ..Window::new(now)
+            };
+        }
+        listened
+    }
+
+    /// When the next listening window ends, if one does before the
+    /// interval.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.feeds.values().filter_map(|f| f.window.until).min()
+    }
+
+    /// Leaves the groups of every feed whose window has ended.
+    pub fn close_windows(&mut self) {
+        let now = Instant::now();
+        for (ns, feed) in &mut self.feeds {
+            if feed.window.until.is_some_and(|u| u <= now) {
+                feed.window.close(now);
+                log::trace!("netns {ns}: window closed after {:?}", feed.window.listened);
+                if let Err(e) = feed.entries.listen(false) {
+                    log::debug!("netns {ns}: leaving entry events: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// The least share of the last interval any namespace was listened to
+    /// (1: every announcement was read); None without feeds.
+    pub fn least_share(&self) -> Option<f64> {
+        self.feeds
+            .values()
+            .map(|f| f.window.share)
+            .min_by(f64::total_cmp)
+    }
+
+    /// Whether every announcement of `netns` is read (no sample), so that
+    /// they keep its occupancy between dumps.
+    pub fn keeps_occupancy(&self, netns: u64) -> bool {
+        self.feeds(netns) && self.feeds[&netns].window.share >= 1.0
     }
 
     /// Whether namespace `netns`'s entries are announced here.
@@ -290,13 +514,55 @@ impl NewEntryFeed {
 
     /// Times the kernel dropped announcements: the rates are a sample then.
     pub fn overruns(&self) -> u64 {
-        self.overruns_gone + self.feeds.values().map(|f| f.overruns).sum::<u64>()
+        self.overruns_gone + self.feeds.values().map(|f| f.entries.overruns).sum::<u64>()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_share_keeps_announcements_within_the_budget() {
+        // Under the budget, or without one: every announcement.
+        assert_eq!(next_share(1.0, 1_500, 1.0, false, Some(2_000)), 1.0);
+        assert_eq!(next_share(0.1, 75_000, 1.0, true, None), 1.0);
+        // 75,000 a second: listen for 2,000 of them.
+        let s = next_share(1.0, 75_000, 1.0, false, Some(2_000));
+        assert!((s - 2_000.0 / 75_000.0).abs() < 1e-9, "{s}");
+        // The rate is per second listened, not per interval.
+        let s = next_share(0.1, 7_500, 0.1, false, Some(2_000));
+        assert!((s - 2_000.0 / 75_000.0).abs() < 1e-9, "{s}");
+        // The kernel dropped some: there were more than counted.
+        assert_eq!(next_share(0.5, 100, 0.5, true, Some(2_000)), 0.25);
+        // Never below the floor; nothing heard keeps the share.
+        assert_eq!(next_share(1.0, 10_000_000, 1.0, false, Some(10)), MIN_SHARE);
+        assert_eq!(next_share(0.3, 0, 0.0, false, Some(10)), 0.3);
+        assert_eq!(next_share(0.1, 0, 0.1, false, Some(10)), 0.2);
+        // It comes back up when the rate falls, doubling each interval.
+        assert_eq!(next_share(0.02, 10, 0.02, false, Some(2_000)), 0.04);
+        assert_eq!(next_share(0.6, 10, 0.6, false, Some(2_000)), 1.0);
+    }
+
+    #[test]
+    fn sampled_namespaces_rate_per_second_listened() {
+        let mut m = FillingMeter::default();
+        let a: IpAddr = "10.20.1.2".parse().unwrap();
+        m.new_entries(7, a, Some("ssh"), None, 50);
+        m.new_entries(8, a, Some("ssh"), None, 50);
+        std::thread::sleep(Duration::from_millis(20));
+        m.roll_sampled(&HashMap::from([(7, 0.25)]));
+        let rate = |ns| {
+            m.rows()
+                .iter()
+                .find(|r| r.netns == ns && r.by == FillBy::Service)
+                .unwrap()
+                .per_s
+        };
+        assert_eq!(rate(7), 200.0);
+        // Not sampled: per second of the whole interval (20 ms or more).
+        assert!(rate(8) <= 2_500.0 && rate(8) > 200.0, "{}", rate(8));
+    }
 
     #[test]
     fn tops_rank_by_rate_and_fold_what_is_past_the_bound() {

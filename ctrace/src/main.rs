@@ -181,6 +181,7 @@ async fn watch(args: WatchArgs, verifier_log: bool) -> anyhow::Result<ExitCode> 
         side: args.side,
         connect_netns: None,
         ctnetlink_events: !args.no_ctnetlink_events,
+        announcements_per_s: args.announcements_per_s.0,
         refused_probes: args.test_refuse_probe.clone(),
         test_flags: if args.test_blind_alloc {
             ctrace_common::test_flags::BLIND_ALLOC

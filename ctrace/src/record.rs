@@ -288,6 +288,12 @@ pub struct Summary {
     /// sample then); null where the tier's insert events feed it.
     #[serde(default)]
     pub filling_overruns: Option<u64>,
+    /// The least share of the last interval that ctnetlink's announcements
+    /// were listened to in any watched namespace: 1 when every one was
+    /// read; below 1 (`--announcements-per-s` reached) the rates are scaled
+    /// from that sample. Null where the tier's own events feed `filling`.
+    #[serde(default)]
+    pub filling_listened: Option<f64>,
     /// New entries the tc tier saw pass but could not attribute to an
     /// opener (its per-opener map let them go before they were read), since
     /// start; null on other tiers and where ctnetlink feeds `filling`.
@@ -761,6 +767,7 @@ mod tests {
                 share: 0.75,
             }],
             filling_overruns: Some(0),
+            filling_listened: Some(1.0),
             filling_unattributed: Some(0),
         }
     }

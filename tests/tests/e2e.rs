@@ -687,7 +687,9 @@ fn occupancy_between_dumps_follows_ctnetlink_announcements() {
     let topo = Topology::build().unwrap();
     let router = topo.router.inode();
     let router_arg = router.to_string();
-    // tc: a tier without entry events on every kernel here.
+    // tc: a tier without entry events on every kernel here. Every
+    // announcement read: the fill comes faster than the default budget,
+    // under which a sample of them is read and occupancy left to dumps.
     let tracer = Tracer::start_with(
         &[
             "--netns",
@@ -696,6 +698,8 @@ fn occupancy_between_dumps_follows_ctnetlink_announcements() {
             "1h",
             "--interval",
             "500ms",
+            "--announcements-per-s",
+            "unlimited",
         ],
         Some("tc"),
         &[],

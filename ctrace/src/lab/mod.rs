@@ -436,6 +436,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         // The node view watches the client nodes' own attempts.
         connect_netns: Some(NetnsFilter::new(vec![topo.clients.inode().to_string()])),
         ctnetlink_events: true,
+        announcements_per_s: Some(crate::filling::DEFAULT_BUDGET),
     };
     let mut watcher = Watcher::start(cfg, &facts)?;
     let node_view = watcher.has_node_view();

@@ -1257,14 +1257,29 @@ pub struct NewEntries {
 
 impl NewEntries {
     pub fn subscribe(ns: Option<&NetNs>) -> Result<NewEntries> {
-        let mut sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
-        sock.join_group(NFNLGRP_CONNTRACK_NEW)?;
-        sock.join_group(NFNLGRP_CONNTRACK_DESTROY)?;
-        Ok(NewEntries {
+        let sock = NlSocket::open(NETLINK_NETFILTER, ns)?;
+        let mut feed = NewEntries {
             sock,
             overruns: 0,
             undecodable: 0,
-        })
+        };
+        feed.listen(true)?;
+        Ok(feed)
+    }
+
+    /// Joins (`on`) or leaves both groups. While nobody in the namespace
+    /// listens, the kernel builds no announcement, and with
+    /// `nf_conntrack_events=2` (the default) new entries get no event
+    /// cache either; what was queued stays readable.
+    pub fn listen(&mut self, on: bool) -> Result<()> {
+        for group in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY] {
+            if on {
+                self.sock.join_group(group)?;
+            } else {
+                self.sock.leave_group(group)?;
+            }
+        }
+        Ok(())
     }
 
     /// Hands every entry announced since the last call to `f`; at most

@@ -888,6 +888,19 @@ impl NlSocket {
             .context("netlink recv returned without a datagram")
     }
 
+    /// Unsubscribes from multicast group `group` (NETLINK_DROP_MEMBERSHIP).
+    /// What the group sent before stays queued.
+    pub fn leave_group(&mut self, group: u32) -> Result<()> {
+        const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
+        setsockopt_int(
+            self.fd(),
+            SOL_NETLINK,
+            NETLINK_DROP_MEMBERSHIP,
+            i32::try_from(group).unwrap_or(i32::MAX),
+        )
+        .with_context(|| format!("leaving netlink multicast group {group}"))
+    }
+
     /// Subscribes to multicast group `group` (NETLINK_ADD_MEMBERSHIP).
     pub fn join_group(&mut self, group: u32) -> Result<()> {
         const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;

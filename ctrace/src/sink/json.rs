@@ -84,6 +84,7 @@ pub fn summary(s: &Snapshot<'_>) -> Summary {
             .collect(),
         filling: s.filling.clone(),
         filling_overruns: s.filling_overruns,
+        filling_listened: s.filling_listened,
         filling_unattributed: s.filling_unattributed,
     }
 }

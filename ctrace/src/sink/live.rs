@@ -398,6 +398,13 @@ fn filling_lines(s: &Snapshot<'_>, inode: u64) -> Vec<String> {
             "  (ctnetlink dropped new-entry announcements {n} times: the rates above are a sample)"
         ));
     }
+    if let Some(share) = s.filling_listened.filter(|s| *s < 1.0) {
+        lines.push(format!(
+            "  (new entries come faster than --announcements-per-s: ctnetlink listened to for \
+             {:.0}% of the interval, the rates above are scaled from that sample)",
+            share * 100.0
+        ));
+    }
     if let Some(n) = s.filling_unattributed.filter(|n| *n > 0) {
         lines.push(format!(
             "  ({n} new entries since start passed too many distinct openers to attribute: \

@@ -62,6 +62,7 @@ pub struct Snapshot<'a> {
     /// Times ctnetlink dropped new-entry announcements (the tops are a
     /// sample then); None where insert events feed them.
     pub filling_overruns: Option<u64>,
+    pub filling_listened: Option<f64>,
     /// Passed flows the tc tier could not attribute to an opener.
     pub filling_unattributed: Option<u64>,
     pub is_final: bool,
@@ -93,6 +94,7 @@ impl Snapshot<'_> {
             netns_left_out: 0,
             filling: vec![],
             filling_overruns: None,
+            filling_listened: None,
             filling_unattributed: None,
             is_final: false,
         }

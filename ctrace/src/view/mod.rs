@@ -47,4 +47,7 @@ pub struct WatchConfig {
     /// (`--no-ctnetlink-events` turns them off: they cost the kernel a
     /// message per entry made and ended).
     pub ctnetlink_events: bool,
+    /// Announcements per second and namespace the kernel is let build
+    /// (`--announcements-per-s`); None: every one.
+    pub announcements_per_s: Option<u32>,
 }

@@ -165,7 +165,7 @@ impl RouterView {
         // subscribed now: an entry made before the subscription is never
         // announced.
         let new_entries = (!source.tier().caps.entry_events && cfg.ctnetlink_events).then(|| {
-            let mut feed = NewEntryFeed::default();
+            let mut feed = NewEntryFeed::new(cfg.announcements_per_s, cfg.interval);
             feed.sync(&monitor.inodes());
             feed
         });
@@ -202,8 +202,17 @@ impl RouterView {
         Ok(())
     }
 
+    /// Returns when a ring buffer has something, or when a listening
+    /// window of ctnetlink's announcements ends (then [`drain`](Self::drain)
+    /// closes it).
     pub async fn readable(&mut self) -> anyhow::Result<()> {
-        self.source.readable().await
+        match self.new_entries.as_ref().and_then(NewEntryFeed::deadline) {
+            Some(at) => tokio::select! {
+                r = self.source.readable() => r,
+                _ = tokio::time::sleep_until(at.into()) => Ok(()),
+            },
+            None => self.source.readable().await,
+        }
     }
 
     pub fn resync_clock(&mut self) {
@@ -213,6 +222,9 @@ impl RouterView {
     /// Drains both rings; entry events update occupancy at once, drop
     /// events wait for the next settlement (now, if one is due or `force`).
     pub fn drain(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
+        if let Some(feed) = self.new_entries.as_mut() {
+            feed.close_windows();
+        }
         let mut events = Vec::new();
         self.source.drain(&mut events);
         let due = self
@@ -375,7 +387,10 @@ impl RouterView {
             .iter()
             .filter_map(|t| {
                 let b = occ.tracker.breakdown(t.inode)?;
-                let announced = self.new_entries.as_ref().is_some_and(|f| f.feeds(t.inode));
+                let announced = self
+                    .new_entries
+                    .as_ref()
+                    .is_some_and(|f| f.keeps_occupancy(t.inode));
                 let source = match occ.tracker.source(t.inode)? {
                     // Dumps every period still: see refresh_occupancy.
                     _ if announced => Kept::DumpAndAnnouncements,
@@ -489,7 +504,7 @@ impl RouterView {
             feed.sync(&self.monitor.inodes());
             let (filling, pods, catalog) = (&mut self.filling, &mut self.pods, &self.catalog);
             let mut occ = self.occupancy.as_mut();
-            feed.drain(&mut |ns, what, e| {
+            feed.drain(&mut |ns, what, e, whole| {
                 if what == Announced::New {
                     count_new_entries(
                         (&mut *filling, &mut *pods, catalog),
@@ -500,8 +515,9 @@ impl RouterView {
                     );
                 }
                 // Occupancy between dumps (the tracker ignores namespaces
-                // it has no baseline for yet).
-                if let Some(occ) = occ.as_deref_mut() {
+                // it has no baseline for yet), from whole intervals only: a
+                // sample would keep the ends of entries it never saw made.
+                if whole && let Some(occ) = occ.as_deref_mut() {
                     match what {
                         Announced::New => occ.tracker.insert(ns, e),
                         Announced::Destroyed => occ.tracker.remove(ns, e),
@@ -532,7 +548,11 @@ impl RouterView {
                 self.filling_unattributed = Some(missed);
             }
         }
-        self.filling.roll();
+        let listened = match self.new_entries.as_mut() {
+            Some(feed) => feed.roll(),
+            None => HashMap::new(),
+        };
+        self.filling.roll_sampled(&listened);
     }
 
     /// The view's share of a summary, with the counters its tick returned.
@@ -562,6 +582,10 @@ impl RouterView {
         snap.netns_left_out = self.monitor.left_out();
         snap.filling = self.filling.rows().to_vec();
         snap.filling_overruns = self.new_entries.as_ref().map(NewEntryFeed::overruns);
+        snap.filling_listened = self
+            .new_entries
+            .as_ref()
+            .and_then(NewEntryFeed::least_share);
         snap.filling_unattributed = self.filling_unattributed;
     }
 

@@ -12,7 +12,10 @@
 //! 4. Footprint: RSS idle (empty table, full table), BPF map memory, time
 //!    from start to attached, router binary sizes.
 //!
-//! Writes target/bench/results.json and prints a table.
+//! Writes target/bench/results.json and prints a table. `bench --overhead
+//! [FILTER]` measures only the rates (FILTER as in `200k/tc`);
+//! CTRACE_BENCH_ROUNDS sets their rounds, CTRACE_BENCH_ECHO=1 echoes
+//! ctrace's stderr (with RUST_LOG, its logs).
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -93,7 +96,11 @@ impl Running {
         let err = BufReader::new(child.stderr.take().unwrap());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let echo = std::env::var_os("CTRACE_BENCH_ECHO").is_some();
             for l in err.lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("  | {l}");
+                }
                 let _ = tx.send(l);
             }
         });
@@ -165,6 +172,13 @@ fn cpu_secs(pid: i32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
+}
+
+/// `f`'s result and the seconds it took.
+fn timed<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let t0 = Instant::now();
+    let r = f()?;
+    Ok((r, t0.elapsed().as_secs_f64()))
 }
 
 /// Connections per second from the clients to a server through the
@@ -292,7 +306,23 @@ fn program_costs() -> serde_json::Map<String, Value> {
         .collect()
 }
 
-fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<Value> {
+/// What runs beside the measured connections.
+#[derive(Clone, Copy)]
+enum Traced<'a> {
+    /// Nothing: the control row, the harness's own bias.
+    No,
+    /// ctrace, with this `--strategy` (None: its default).
+    By(Option<&'a str>),
+}
+
+/// `only`: run just the variants whose `COND/VARIANT` name contains it
+/// (`bench --overhead FILTER`, for working on one tier's cost).
+fn overhead(
+    rounds: usize,
+    secs: f64,
+    strategies: &[String],
+    only: Option<&str>,
+) -> anyhow::Result<Value> {
     let mut out = serde_json::Map::new();
     for (cond, entries) in [("empty", 0u64), ("200k", 200_000)] {
         let topo = Topology::build()?;
@@ -304,41 +334,73 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
         // Each drop tier alone (the router view), then the node view alone:
         // it traces every TCP socket's handshake, the clients' and the
         // server's in this bench, so its cost is its own row.
-        let mut variants: Vec<(String, Option<&str>, &[&str])> = strategies
-            .iter()
-            .map(|s| (s.clone(), Some(s.as_str()), &["--side", "router"][..]))
-            .collect();
-        // The first tier once more without ctnetlink's announcements: what
-        // the kernel's message per entry made and ended costs.
-        if let Some(s) = strategies.first() {
+        // First the control: the baseline against itself, no ctrace. Its
+        // ratio is the harness's own bias, which every row below shares.
+        let mut variants: Vec<(String, Traced, &[&str])> =
+            vec![("control".into(), Traced::No, &[][..])];
+        variants.extend(strategies.iter().map(|s| {
+            (
+                s.clone(),
+                Traced::By(Some(s.as_str())),
+                &["--side", "router"][..],
+            )
+        }));
+        // Each tier once more without ctnetlink's announcements: what the
+        // kernel's message per entry made and ended costs.
+        for s in strategies {
             variants.push((
                 format!("{s}_no_ctnetlink_events"),
-                Some(s.as_str()),
+                Traced::By(Some(s.as_str())),
                 &["--side", "router", "--no-ctnetlink-events"][..],
             ));
         }
         if node_view_usable()? {
-            variants.push(("node_view".into(), None, &["--side", "node"][..]));
+            variants.push((
+                "node_view".into(),
+                Traced::By(None),
+                &["--side", "node"][..],
+            ));
         }
         for (s, strategy, side) in &variants {
-            let (mut ratios, mut base) = (vec![], vec![]);
-            for _ in 0..rounds {
-                let a = connection_rate(&topo, secs)?;
-                // --occupancy-every 2s: the periodic re-dump is what a
-                // 200,000-entry table makes expensive.
-                let mut extra = vec!["--occupancy-every", "2s"];
-                extra.extend_from_slice(side);
-                let t = Running::start(*strategy, router, &extra)?;
-                let b = connection_rate(&topo, secs)?;
-                t.stop()?;
-                base.push(a);
-                ratios.push(b / a);
-                // Entries of the measured connections go before the next
-                // round (TIME_WAIT would pile up otherwise); the fill stays.
+            if only.is_some_and(|f| !format!("{cond}/{s}").contains(f)) {
+                continue;
+            }
+            // Every measurement starts from the same table: the measured
+            // connections' own entries go (RST-closed entries linger 10 s,
+            // and a second measurement would otherwise run against the
+            // first one's), the fill stays.
+            let reset = || -> anyhow::Result<()> {
                 CtSocket::open(Some(&topo.router))?.flush()?;
                 if entries > 0 {
                     fill(&topo, entries)?;
                 }
+                Ok(())
+            };
+            // --occupancy-every 2s: the periodic re-dump is what a
+            // 200,000-entry table makes expensive.
+            let mut extra = vec!["--occupancy-every", "2s"];
+            extra.extend_from_slice(side);
+            let (mut ratios, mut base, mut cpu) = (vec![], vec![], vec![]);
+            for _ in 0..rounds {
+                let a = connection_rate(&topo, secs)?;
+                reset()?;
+                let b = match strategy {
+                    Traced::No => connection_rate(&topo, secs)?,
+                    Traced::By(strategy) => {
+                        let t = Running::start(*strategy, router, &extra)?;
+                        // Tracing, not starting: the start-up dump is done.
+                        t.first_summary()?;
+                        let cpu0 = cpu_secs(t.pid());
+                        let (b, dt) = timed(|| connection_rate(&topo, secs))?;
+                        // ctrace's own share of the machine while measured.
+                        cpu.push((cpu_secs(t.pid()) - cpu0) / dt);
+                        t.stop()?;
+                        b
+                    }
+                };
+                reset()?;
+                base.push(a);
+                ratios.push(b / a);
             }
             let (lo, hi) = ratios
                 .iter()
@@ -346,25 +408,30 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
             let m = median(&mut ratios);
             let (q1, q3) = quartiles(&ratios);
             let failed = FAILED.swap(0, Ordering::Relaxed);
+            let cpu = median(&mut cpu);
             // One more round with the kernel's own accounting on: its two
             // clock reads per program run would bias the ratios above.
-            let mut extra = vec!["--occupancy-every", "2s"];
-            extra.extend_from_slice(side);
-            let t = Running::start(*strategy, router, &extra)?;
-            let programs = {
-                let _stats = SysctlGuard::set(BPF_STATS, "1")?;
-                connection_rate(&topo, secs)?;
-                program_costs()
+            let programs = match strategy {
+                Traced::No => Default::default(),
+                Traced::By(strategy) => {
+                    let t = Running::start(*strategy, router, &extra)?;
+                    t.first_summary()?;
+                    let programs = {
+                        let _stats = SysctlGuard::set(BPF_STATS, "1")?;
+                        connection_rate(&topo, secs)?;
+                        program_costs()
+                    };
+                    t.stop()?;
+                    reset()?;
+                    programs
+                }
             };
-            t.stop()?;
-            CtSocket::open(Some(&topo.router))?.flush()?;
-            if entries > 0 {
-                fill(&topo, entries)?;
-            }
             FAILED.swap(0, Ordering::Relaxed);
             eprintln!(
                 "bench: overhead {cond} {s}: ratio {m:.3} (quartiles {q1:.3}..{q3:.3}, range \
-                 {lo:.3}..{hi:.3}, {rounds} rounds), {failed} failed connects; per run: {}",
+                 {lo:.3}..{hi:.3}, {rounds} rounds), ctrace CPU {:.1}% of a core, {failed} failed connects; \
+                 per run: {}",
+                cpu * 100.0,
                 programs
                     .iter()
                     .map(|(n, v)| format!("{n} {:.0} ns", v["ns_per_run"].as_f64().unwrap_or(0.0)))
@@ -382,6 +449,7 @@ fn overhead(rounds: usize, secs: f64, strategies: &[String]) -> anyhow::Result<V
                     "ratios": ratios,
                     "baseline_conn_per_s": median(&mut base),
                     "rounds": rounds,
+                    "ctrace_cpu_share": cpu,
                     "failed_connects": failed,
                     "programs": programs,
                 }),
@@ -642,13 +710,20 @@ fn main() -> anyhow::Result<()> {
     let strategies = usable_strategies()?;
     eprintln!("bench: strategies usable here: {strategies:?}");
     let _max = SysctlGuard::set(MAX, "1048576")?;
+    // The rates alone, for working on one tier's cost:
+    // `bench --overhead [FILTER]`, FILTER as in "200k/tc".
+    if args.get(1).map(String::as_str) == Some("--overhead") {
+        let r = overhead(rounds, 1.5, &strategies, args.get(2).map(String::as_str))?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
     let started = Instant::now();
     let results = json!({
         "machine": {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
-        "overhead": overhead(rounds, 1.5, &strategies)?,
+        "overhead": overhead(rounds, 1.5, &strategies, None)?,
         "storm": storm(STORM_SYNS)?,
         "snapshot": snapshot()?,
         "footprint": footprint()?,
