@@ -382,10 +382,8 @@ fn ingress(ctx: &TcContext, p: &Packet) {
         }
         datagram_key(ctx, p, slot)
     };
-    if let Some(pending) = PENDING.get_ptr_mut(&key) {
-        repeat(pending, &flow, p.tcp_flags);
-        return;
-    }
+    // Inserted first, looked up only if it is there already: most opening
+    // packets open a new flow (a storm's all do), and they save a lookup.
     let now = unsafe { bpf_ktime_get_ns() };
     let service = unsafe { SERVICES.get(&service_key(flow.proto, flow.dport)) }
         .copied()
@@ -407,10 +405,16 @@ fn ingress(ctx: &TcContext, p: &Packet) {
                 let _ = UDP_TUPLES.insert(&flow, &key, 0);
             }
         }
-        // E2BIG: full. EEXIST: another CPU's packet with the same key got
-        // there between lookup and insert, the same flow or a clash.
+        // E2BIG: full.
         Err(e) if e == -7 => bump(counter::TC_PENDING_FULL),
-        Err(_) => bump(counter::TC_KEY_CLASH),
+        // EEXIST: held already, the same flow (a retransmitted SYN, a
+        // retried query) or a clash.
+        Err(_) => match PENDING.get_ptr_mut(&key) {
+            Some(pending) => repeat(pending, &flow, p.tcp_flags),
+            // Judged and deleted between the two: a new flow after all,
+            // too late to hold; said, never misread.
+            None => bump(counter::TC_KEY_CLASH),
+        },
     }
 }
 
