@@ -632,7 +632,17 @@ fn a_missing_delete_probe_leaves_occupancy_to_dumps() {
     }
     let topo = Topology::build().unwrap();
     let router = topo.router.inode();
-    let tracer = occupancy_tracer(router, &["--test-refuse-probe", "nf_ct_delete"]);
+    // Every announcement read: the fill comes faster than the default
+    // budget, above which occupancy is left to the dumps alone.
+    let tracer = occupancy_tracer(
+        router,
+        &[
+            "--test-refuse-probe",
+            "nf_ct_delete",
+            "--announcements-per-s",
+            "unlimited",
+        ],
+    );
     const N: u64 = 4000;
     let fill = traffic::fill_table_with(&topo.router, N, mix_entry, |_| {}).unwrap();
     assert_eq!(fill.created, N);
