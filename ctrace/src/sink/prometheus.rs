@@ -312,6 +312,14 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
         )?;
         set_counter(&c, &[], n);
     }
+    if let Some(share) = s.filling_listened {
+        let g = f.float(
+            "ctrace_filling_listened_ratio",
+            "Least share of the last interval that ctnetlink's announcements were listened to in any watched namespace: below 1, new entries came faster than --announcements-per-s and the filling rates are scaled from that sample.",
+            &[],
+        )?;
+        g.with_label_values(&[]).set(share);
+    }
     if let Some(n) = s.filling_unattributed {
         let c = f.counter(
             "ctrace_filling_unattributed_total",
