@@ -231,9 +231,10 @@ pub const DEFAULT_BUDGET: u32 = 2_000;
 
 /// The least share of an interval listened to, however fast entries come.
 const MIN_SHARE: f64 = 0.01;
-/// The share a new feed listens to under a budget, until its rate is
-/// known: a storm must not be announced in full for a whole interval.
-const FIRST_SHARE: f64 = 0.1;
+/// How often a feed that listens for the whole interval under a budget is
+/// read: a storm that starts then is cut off once the interval's budget
+/// has come, not announced in full until the interval ends.
+pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// When one namespace's feed listens: from the start of each interval, for
 /// `share` of it.
@@ -251,6 +252,8 @@ struct Window {
     whole: bool,
     /// Entries announced in this interval.
     entries_seen: u64,
+    /// When it was last read in this interval.
+    checked: Instant,
 }
 
 impl Window {
@@ -262,6 +265,7 @@ impl Window {
             listened: Duration::ZERO,
             whole: true,
             entries_seen: 0,
+            checked: now,
         }
     }
 
@@ -298,10 +302,7 @@ fn next_share(share: f64, entries: u64, listened: f64, overran: bool, budget: Op
     if overran {
         next = next.min(share / 2.0);
     }
-    // Down at once, up by doubling: a quiet interval (a storm's pause, a
-    // start before traffic) must not leave the next storm announced in full
-    // for a whole interval.
-    next.min(share * 2.0).clamp(MIN_SHARE, 1.0)
+    next.clamp(MIN_SHARE, 1.0)
 }
 
 impl NewEntryFeed {
@@ -380,12 +381,6 @@ impl NewEntryFeed {
                 Ok((entries, silent)) => {
                     log::debug!("netns {ns}: entry events subscribed");
                     self.failed.remove(&ns);
-                    let now = Instant::now();
-                    let share = if self.budget.is_some() {
-                        FIRST_SHARE
-                    } else {
-                        1.0
-                    };
                     self.feeds.insert(
                         ns,
                         Feed {
@@ -393,9 +388,7 @@ impl NewEntryFeed {
                             // Not from the start of this interval: not whole.
                             window: Window {
                                 whole: false,
-                                share,
-                                until: (share < 1.0).then(|| now + self.interval.mul_f64(share)),
-                                ..Window::new(now)
+                                ..Window::new(Instant::now())
                             },
                             overruns_before: 0,
                         },
@@ -472,22 +465,53 @@ impl NewEntryFeed {
         listened
     }
 
-    /// When the next listening window ends, if one does before the
-    /// interval.
+    /// When a feed must next be read and its window maybe closed: the end
+    /// of a sampled window, or the next check of a whole one under a
+    /// budget.
     pub fn deadline(&self) -> Option<Instant> {
-        self.feeds.values().filter_map(|f| f.window.until).min()
+        self.feeds
+            .values()
+            .filter(|f| f.window.since.is_some())
+            .filter_map(|f| match f.window.until {
+                Some(until) => Some(until),
+                None => self.budget.map(|_| f.window.checked + CHECK_EVERY),
+            })
+            .min()
     }
 
-    /// Leaves the groups of every feed whose window has ended.
+    /// Whether [`deadline`](Self::deadline) has come: read the feeds
+    /// ([`drain`](Self::drain)), then [`close_windows`](Self::close_windows).
+    pub fn due(&self) -> bool {
+        self.deadline().is_some_and(|d| d <= Instant::now())
+    }
+
+    /// Leaves the groups of every feed whose window has ended, or whose
+    /// interval's budget has come already (call after a drain, which
+    /// counts them).
     pub fn close_windows(&mut self) {
         let now = Instant::now();
+        let interval = self.interval.as_secs_f64();
         for (ns, feed) in &mut self.feeds {
-            if feed.window.until.is_some_and(|u| u <= now) {
-                feed.window.close(now);
-                log::trace!("netns {ns}: window closed after {:?}", feed.window.listened);
-                if let Err(e) = feed.entries.listen(false) {
-                    log::debug!("netns {ns}: leaving entry events: {e:#}");
-                }
+            let w = &mut feed.window;
+            if w.since.is_none() {
+                continue;
+            }
+            let ended = w.until.is_some_and(|u| u <= now);
+            let spent = self
+                .budget
+                .is_some_and(|b| w.entries_seen as f64 >= f64::from(b) * interval);
+            w.checked = now;
+            if !(ended || spent) {
+                continue;
+            }
+            w.close(now);
+            log::trace!(
+                "netns {ns}: window closed after {:?}, {} announcements",
+                w.listened,
+                w.entries_seen
+            );
+            if let Err(e) = feed.entries.listen(false) {
+                log::debug!("netns {ns}: leaving entry events: {e:#}");
             }
         }
     }
@@ -538,10 +562,10 @@ mod tests {
         // Never below the floor; nothing heard keeps the share.
         assert_eq!(next_share(1.0, 10_000_000, 1.0, false, Some(10)), MIN_SHARE);
         assert_eq!(next_share(0.3, 0, 0.0, false, Some(10)), 0.3);
-        assert_eq!(next_share(0.1, 0, 0.1, false, Some(10)), 0.2);
-        // It comes back up when the rate falls, doubling each interval.
-        assert_eq!(next_share(0.02, 10, 0.02, false, Some(2_000)), 0.04);
-        assert_eq!(next_share(0.6, 10, 0.6, false, Some(2_000)), 1.0);
+        assert_eq!(next_share(0.1, 0, 0.1, false, Some(10)), 1.0);
+        // It comes back up when the rate falls: a storm that resumes is
+        // cut off by close_windows once the interval's budget has come.
+        assert_eq!(next_share(0.02, 10, 0.02, false, Some(2_000)), 1.0);
     }
 
     #[test]

@@ -222,8 +222,11 @@ impl RouterView {
     /// Drains both rings; entry events update occupancy at once, drop
     /// events wait for the next settlement (now, if one is due or `force`).
     pub fn drain(&mut self, sinks: &mut [Box<dyn Sink>], force: bool) -> anyhow::Result<()> {
-        if let Some(feed) = self.new_entries.as_mut() {
-            feed.close_windows();
+        if self.new_entries.as_ref().is_some_and(NewEntryFeed::due) {
+            self.take_announcements();
+            if let Some(feed) = self.new_entries.as_mut() {
+                feed.close_windows();
+            }
         }
         let mut events = Vec::new();
         self.source.drain(&mut events);
@@ -497,34 +500,44 @@ impl RouterView {
         Ok(counters)
     }
 
+    /// Takes what ctnetlink announced since the last call (on tiers
+    /// without insert events): new entries for the filling-now meter, and
+    /// both kinds for occupancy between dumps.
+    fn take_announcements(&mut self) {
+        let Some(feed) = self.new_entries.as_mut() else {
+            return;
+        };
+        let (filling, pods, catalog) = (&mut self.filling, &mut self.pods, &self.catalog);
+        let mut occ = self.occupancy.as_mut();
+        feed.drain(&mut |ns, what, e, whole| {
+            if what == Announced::New {
+                count_new_entries(
+                    (&mut *filling, &mut *pods, catalog),
+                    ns,
+                    e.src,
+                    (crate::event::Proto::from_number(e.proto), e.dport),
+                    1,
+                );
+            }
+            // Occupancy between dumps (the tracker ignores namespaces
+            // it has no baseline for yet), from whole intervals only: a
+            // sample would keep the ends of entries it never saw made.
+            if whole && let Some(occ) = occ.as_deref_mut() {
+                match what {
+                    Announced::New => occ.tracker.insert(ns, e),
+                    Announced::Destroyed => occ.tracker.remove(ns, e),
+                }
+            }
+        });
+    }
+
     /// Closes the interval of the filling-now meter, after taking what
     /// ctnetlink announced (on tiers without insert events).
     fn measure_filling(&mut self) {
         if let Some(feed) = self.new_entries.as_mut() {
             feed.sync(&self.monitor.inodes());
-            let (filling, pods, catalog) = (&mut self.filling, &mut self.pods, &self.catalog);
-            let mut occ = self.occupancy.as_mut();
-            feed.drain(&mut |ns, what, e, whole| {
-                if what == Announced::New {
-                    count_new_entries(
-                        (&mut *filling, &mut *pods, catalog),
-                        ns,
-                        e.src,
-                        (crate::event::Proto::from_number(e.proto), e.dport),
-                        1,
-                    );
-                }
-                // Occupancy between dumps (the tracker ignores namespaces
-                // it has no baseline for yet), from whole intervals only: a
-                // sample would keep the ends of entries it never saw made.
-                if whole && let Some(occ) = occ.as_deref_mut() {
-                    match what {
-                        Announced::New => occ.tracker.insert(ns, e),
-                        Announced::Destroyed => occ.tracker.remove(ns, e),
-                    }
-                }
-            });
         }
+        self.take_announcements();
         // The tc tier's own witness, for namespaces ctnetlink does not
         // announce (a router without it): every flow that passed made an
         // entry. Read every time, so that its deltas stay per interval.
