@@ -892,13 +892,17 @@ impl NlSocket {
     /// What the group sent before stays queued.
     pub fn leave_group(&mut self, group: u32) -> Result<()> {
         const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
+        self.membership(NETLINK_DROP_MEMBERSHIP, group)
+            .with_context(|| format!("leaving netlink multicast group {group}"))
+    }
+
+    fn membership(&self, opt: libc::c_int, group: u32) -> io::Result<()> {
         setsockopt_int(
             self.fd(),
             SOL_NETLINK,
-            NETLINK_DROP_MEMBERSHIP,
+            opt,
             i32::try_from(group).unwrap_or(i32::MAX),
         )
-        .with_context(|| format!("leaving netlink multicast group {group}"))
     }
 
     /// Subscribes to multicast group `group` (NETLINK_ADD_MEMBERSHIP).
@@ -925,13 +929,8 @@ impl NlSocket {
                 return Err(e).context("binding a netlink socket");
             }
         }
-        setsockopt_int(
-            self.fd(),
-            SOL_NETLINK,
-            NETLINK_ADD_MEMBERSHIP,
-            i32::try_from(group).unwrap_or(i32::MAX),
-        )
-        .with_context(|| format!("joining netlink multicast group {group}"))
+        self.membership(NETLINK_ADD_MEMBERSHIP, group)
+            .with_context(|| format!("joining netlink multicast group {group}"))
     }
 
     /// The next queued notification of a subscription, without waiting.
