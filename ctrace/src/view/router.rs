@@ -493,9 +493,12 @@ impl RouterView {
             .update_evictions(&evicted, complete, |proto, port| {
                 catalog.lookup(proto, port).map(str::to_string)
             });
-        self.measure_filling();
         let counters = self.source.counters()?;
+        // The dump before the roll that opens the next listening windows:
+        // a dump blocks this loop for up to a second of a full table, and
+        // a window cannot close while it runs.
         self.refresh_occupancy(counters.lost_events, is_final);
+        self.measure_filling();
         self.read_kernel_log();
         Ok(counters)
     }
