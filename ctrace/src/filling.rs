@@ -125,15 +125,10 @@ impl FillingMeter {
     }
 
     /// Closes the interval: the top keys of each namespace and dimension
-    /// become [`FillingMeter::rows`], and counting starts again.
-    pub fn roll(&mut self) {
-        self.roll_sampled(&HashMap::new());
-    }
-
-    /// [`roll`](Self::roll), where the namespaces of `listened` were
-    /// counted for only so many seconds of the interval: their rates are
-    /// per second of that.
-    pub fn roll_sampled(&mut self, listened: &HashMap<u64, f64>) {
+    /// become [`FillingMeter::rows`], and counting starts again. The
+    /// namespaces of `listened` were counted for only so many seconds of
+    /// the interval: their rates are per second of that.
+    pub fn roll(&mut self, listened: &HashMap<u64, f64>) {
         let now = Instant::now();
         let interval = (now - self.since).as_secs_f64().max(1e-3);
         self.since = now;
@@ -267,10 +262,6 @@ impl Window {
             entries_seen: 0,
             checked: now,
         }
-    }
-
-    fn listened_entries(&mut self, n: usize) {
-        self.entries_seen += n as u64;
     }
 
     /// Closes the listening span at `now`.
@@ -417,7 +408,7 @@ impl NewEntryFeed {
             {
                 Ok(n) => {
                     log::trace!("netns {ns}: {n} entries announced");
-                    feed.window.listened_entries(n);
+                    feed.window.entries_seen += n as u64;
                 }
                 Err(e) => log::debug!("netns {ns}: entry events: {e:#}"),
             }
@@ -575,7 +566,7 @@ mod tests {
         m.new_entries(7, a, Some("ssh"), None, 50);
         m.new_entries(8, a, Some("ssh"), None, 50);
         std::thread::sleep(Duration::from_millis(20));
-        m.roll_sampled(&HashMap::from([(7, 0.25)]));
+        m.roll(&HashMap::from([(7, 0.25)]));
         let rate = |ns| {
             m.rows()
                 .iter()
@@ -599,7 +590,7 @@ mod tests {
         for _ in 0..10 {
             m.new_entry(7, b, None, None);
         }
-        m.roll();
+        m.roll(&HashMap::new());
         let top = |by| {
             m.rows()
                 .iter()
@@ -617,7 +608,7 @@ mod tests {
             m.new_entry(8, ip, None, None);
         }
         assert_eq!(m.counts[&(8, FillBy::SrcPrefix)].len(), MAX_KEYS + 1);
-        m.roll();
+        m.roll(&HashMap::new());
         let other = m
             .rows()
             .iter()

@@ -568,7 +568,7 @@ impl RouterView {
             Some(feed) => feed.roll(),
             None => HashMap::new(),
         };
-        self.filling.roll_sampled(&listened);
+        self.filling.roll(&listened);
     }
 
     /// The view's share of a summary, with the counters its tick returned.
