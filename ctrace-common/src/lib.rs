@@ -296,6 +296,12 @@ pub mod tc {
         pub const GROUP: [u8; 6] = [0xff; 6];
     }
 
+    /// `DEVICES` slot of the loopback device in ctrace's own private
+    /// namespace: a datagram user space sends there from each CPU in turn
+    /// makes that CPU move the flow it holds into `PENDING` (see
+    /// `ctrace_tc_egress`). Never a namespace's slot.
+    pub const TICK_SLOT: u32 = u32::MAX;
+
     /// Flows that passed, per opener and destination: who is opening new
     /// conntrack entries, for kernels without ctnetlink's event groups.
     #[repr(C)]

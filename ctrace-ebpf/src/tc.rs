@@ -7,6 +7,12 @@
 //! SYN-ACK or RST toward its source, a datagram back to its tuple). User
 //! space judges pending flows older than its window as dropped here.
 //!
+//! A TCP flow is held on its CPU first (`HELD`), and reaches `PENDING`
+//! only if it does not pass at once: a forwarded SYN leaves, and a local
+//! SYN-ACK answers, in the same softirq run on the same CPU as the SYN
+//! arrived. The hash map's insert, lookup and delete were most of this
+//! tier's cost per connection.
+//!
 //! The programs run first or early on their hook and always hand the packet
 //! on unchanged (TC_ACT_UNSPEC / TCX_NEXT), so qosify and friends still see
 //! everything.
@@ -15,12 +21,12 @@ use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     programs::TcContext,
 };
 use ctrace_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, counter, service_key,
-    tc::{DeviceKey, MatchKey, PassedKey, Pending, state},
+    tc::{DeviceKey, MatchKey, PassedKey, Pending, TICK_SLOT, state},
 };
 
 use crate::{SERVICES, bump};
@@ -51,6 +57,45 @@ const TCP_ACK: u8 = 0x10;
 /// an opening packet that finds it full is counted in TC_PENDING_FULL.
 #[map]
 static PENDING: HashMap<MatchKey, Pending> = HashMap::with_max_entries(1, 0);
+
+/// The TCP flow this CPU opened last, while it may still pass in the run
+/// that opened it. It moves into `PENDING` when this CPU opens another
+/// flow, or when user space's tick reaches this CPU (before every sweep:
+/// see `egress`), so an idle CPU never keeps a dropped flow from its
+/// judge. Only this CPU's programs touch its slot, and never two at once:
+/// both hooks run with bottom halves disabled.
+#[map]
+static HELD: PerCpuArray<Held> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Held {
+    key: MatchKey,
+    pending: Pending,
+    /// Non-zero while `pending` is this CPU's and in no map.
+    held: u32,
+    _pad: u32,
+}
+
+/// Passers that found their flow neither in their CPU's slot nor in
+/// `PENDING`: it may still be held by the CPU it arrived on (a SYN queued
+/// for neighbour resolution, or for a listener busy in a system call,
+/// leaves or is answered later, from another CPU). Read when that CPU
+/// moves the flow into `PENDING`. LRU: a note nobody reads (a SYN that
+/// came in on a device ctrace does not hook) just ages out.
+#[map]
+static NOTES: LruHashMap<MatchKey, Note> = LruHashMap::with_max_entries(1, 0);
+
+/// A `Passer` as a note keeps it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Note {
+    /// `Passer::Forwarded`'s device; 0 for an answer.
+    from: u32,
+    port: u16,
+    _pad: [u8; 2],
+    addr: [u8; 16],
+}
 
 /// UDP tuples (as they arrived, `netns` = the holding namespace's slot)
 /// -> their pending flow's key: tells a flow's later datagrams from a new
@@ -362,7 +407,8 @@ fn ingress(ctx: &TcContext, p: &Packet) {
     };
     let mut flow = p.flow;
     flow.netns = slot;
-    let key = if flow.proto == IPPROTO_TCP {
+    let tcp = flow.proto == IPPROTO_TCP;
+    let key = if tcp {
         tcp_key(flow.family, p.seq, slot)
     } else {
         let known = unsafe { UDP_TUPLES.get(&flow) }.copied();
@@ -377,13 +423,11 @@ fn ingress(ctx: &TcContext, p: &Packet) {
             // while the flow has not passed. A tuple whose flow left the
             // map opens a flow anew: fixed tuples (NTP, WireGuard) must be
             // judged again when dropped later.
-            repeat(pending, &flow, p.tcp_flags);
+            repeat(pending, &flow, p.tcp_flags, 1);
             return;
         }
         datagram_key(ctx, p, slot)
     };
-    // Inserted first, looked up only if it is there already: most opening
-    // packets open a new flow (a storm's all do), and they save a lookup.
     let now = unsafe { bpf_ktime_get_ns() };
     let service = unsafe { SERVICES.get(&service_key(flow.proto, flow.dport)) }
         .copied()
@@ -398,31 +442,93 @@ fn ingress(ctx: &TcContext, p: &Packet) {
         state: state::PENDING,
         tcp_flags: p.tcp_flags,
     };
-    match PENDING.insert(&key, &fresh, BPF_NOEXIST as u64) {
-        Ok(()) => {
-            bump(counter::TC_OPENED);
-            if flow.proto == IPPROTO_UDP {
-                let _ = UDP_TUPLES.insert(&flow, &key, 0);
-            }
-        }
-        // E2BIG: full.
-        Err(e) if e == -7 => bump(counter::TC_PENDING_FULL),
-        // EEXIST: held already, the same flow (a retransmitted SYN, a
-        // retried query) or a clash.
-        Err(_) => match PENDING.get_ptr_mut(&key) {
-            Some(pending) => repeat(pending, &flow, p.tcp_flags),
-            // Judged and deleted between the two: a new flow after all,
-            // too late to hold; said, never misread.
-            None => bump(counter::TC_KEY_CLASH),
-        },
+    if tcp {
+        hold(&key, &fresh);
+    } else if add_pending(&key, &fresh) {
+        let _ = UDP_TUPLES.insert(&flow, &key, 0);
     }
 }
 
-/// One more opening packet for a key already held: the same flow (a
-/// retransmitted SYN, a retried query), or a different flow whose key
+/// Holds a TCP flow on this CPU, after moving the one held before into
+/// `PENDING`.
+#[inline(always)]
+fn hold(key: &MatchKey, fresh: &Pending) {
+    let Some(held) = HELD.get_ptr_mut(0) else {
+        add_pending(key, fresh);
+        return;
+    };
+    // SAFETY: this CPU's slot; see HELD.
+    unsafe {
+        if (*held).held != 0 {
+            if (*held).key == *key {
+                // A retransmitted SYN (or a clash) before the first left.
+                repeat(&raw mut (*held).pending, &fresh.flow, fresh.tcp_flags, 1);
+                return;
+            }
+            spill(held);
+        }
+        (*held).key = *key;
+        (*held).pending = *fresh;
+        (*held).held = 1;
+    }
+}
+
+/// Moves this CPU's held flow into `PENDING`, where user space judges it
+/// and any CPU can pass it; passes it at once if a passer left a note.
+#[inline(always)]
+unsafe fn spill(held: *mut Held) {
+    // SAFETY: this CPU's slot; see HELD.
+    unsafe {
+        (*held).held = 0;
+        let key = (*held).key;
+        let pending = &(*held).pending;
+        if add_pending(&key, pending)
+            && let Some(note) = NOTES.get(&key).copied()
+        {
+            let by = Passer::noted(&note);
+            if by.passes(pending) {
+                let _ = NOTES.remove(&key);
+                pass(&key, by);
+            }
+        }
+    }
+}
+
+/// Adds a flow to `PENDING`; true if it is new there.
+#[inline(always)]
+fn add_pending(key: &MatchKey, fresh: &Pending) -> bool {
+    // Inserted first, looked up only if it is there already: most opening
+    // packets open a new flow (a storm's all do), and they save a lookup.
+    match PENDING.insert(key, fresh, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            bump(counter::TC_OPENED);
+            true
+        }
+        // E2BIG: full.
+        Err(e) if e == -7 => {
+            bump(counter::TC_PENDING_FULL);
+            false
+        }
+        // EEXIST: held already, the same flow (a retransmitted SYN, a
+        // retried query) or a clash.
+        Err(_) => {
+            match PENDING.get_ptr_mut(key) {
+                Some(pending) => repeat(pending, &fresh.flow, fresh.tcp_flags, fresh.packets),
+                // Judged and deleted between the two: a new flow after
+                // all, too late to hold; said, never misread.
+                None => bump(counter::TC_KEY_CLASH),
+            }
+            false
+        }
+    }
+}
+
+/// More opening packets (`packets`: more than one when a held flow joins
+/// its earlier self in `PENDING`) for a key already held: the same flow
+/// (a retransmitted SYN, a retried query), or a different flow whose key
 /// clashes, which cannot be judged.
 #[inline(always)]
-fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8) {
+fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8, packets: u32) {
     // SAFETY: a value pointer from the map, valid during this program run;
     // fields are written by concurrent CPUs without tearing (aligned
     // scalars), and a lost update only undercounts retries.
@@ -439,7 +545,7 @@ fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8) {
         if (*pending).state == state::PASSED {
             return;
         }
-        (*pending).packets += 1;
+        (*pending).packets += packets;
         (*pending).last_ns = bpf_ktime_get_ns();
         (*pending).tcp_flags |= tcp_flags;
     }
@@ -447,14 +553,83 @@ fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8) {
 }
 
 /// What may pass a held flow.
-enum Passer<'a> {
+#[derive(Clone, Copy)]
+enum Passer {
     /// The flow's own packet, forwarded: it arrived on `ingress_ifindex`.
     Forwarded(u32),
     /// An answer this namespace sent itself, which must go back to the
-    /// opener (ISNs of unrelated flows may clash).
-    Answer(&'a Packet),
+    /// opener (ISNs of unrelated flows may clash): its destination.
+    Answer { addr: [u8; 16], port: u16 },
     /// A datagram back to the opener's tuple, found by that tuple.
     Reply,
+}
+
+impl Passer {
+    /// Whether this passes `p`, whose key it found.
+    #[inline(always)]
+    fn passes(&self, p: &Pending) -> bool {
+        match *self {
+            Passer::Forwarded(from) => p.ifindex == from,
+            Passer::Answer { addr, port } => p.flow.src == addr && p.flow.sport == port,
+            Passer::Reply => true,
+        }
+    }
+
+    #[inline(always)]
+    fn noted(n: &Note) -> Passer {
+        match n.from {
+            0 => Passer::Answer {
+                addr: n.addr,
+                port: n.port,
+            },
+            from => Passer::Forwarded(from),
+        }
+    }
+
+    /// Leaves a note for the CPU that may still hold the flow, then looks
+    /// once more: that CPU may have moved it into `PENDING` meanwhile.
+    #[inline(always)]
+    fn leave_note(self, key: &MatchKey) {
+        let note = match self {
+            Passer::Forwarded(from) => Note {
+                from,
+                port: 0,
+                _pad: [0; 2],
+                addr: [0; 16],
+            },
+            Passer::Answer { addr, port } => Note {
+                from: 0,
+                port,
+                _pad: [0; 2],
+                addr,
+            },
+            Passer::Reply => return,
+        };
+        let _ = NOTES.insert(key, &note, 0);
+        if pass(key, self) {
+            let _ = NOTES.remove(key);
+        }
+    }
+}
+
+/// Passes the flow this CPU holds if `key` and `by` are its own: the run
+/// that opened it is still going. True if it did.
+#[inline(always)]
+fn pass_held(key: &MatchKey, by: Passer) -> bool {
+    let Some(held) = HELD.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; see HELD.
+    unsafe {
+        if (*held).held == 0 || (*held).key != *key || !by.passes(&(*held).pending) {
+            return false;
+        }
+        (*held).held = 0;
+        count_passed(&(*held).pending.flow);
+    }
+    bump(counter::TC_OPENED);
+    bump(counter::TC_PASSED);
+    true
 }
 
 #[inline(always)]
@@ -466,22 +641,43 @@ fn egress(ctx: &TcContext, p: &Packet, side: Side) {
     let Some(slot) = slot(ctx, p) else {
         return;
     };
+    if slot == TICK_SLOT {
+        // User space's tick on this CPU: nothing of a softirq run is in
+        // progress here, so a flow still held did not pass in its run.
+        if let Some(held) = HELD.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; see HELD.
+            unsafe {
+                if (*held).held != 0 {
+                    spill(held);
+                }
+            }
+        }
+        return;
+    }
     let from = match side {
         Side::Forwarded(from) => from,
         _ => 0,
     };
     if p.flow.proto == IPPROTO_TCP {
-        if from != 0 {
+        let (key, by) = if from != 0 {
             // The opening SYN leaves: forwarded, after any NAT.
-            pass(
-                &tcp_key(p.flow.family, p.seq, slot),
+            (
+                tcp_key(p.flow.family, p.seq, slot),
                 Passer::Forwarded(from),
-            );
+            )
         } else {
             // This namespace answers a SYN (SYN-ACK, or RST for a closed
             // port): its ack is the ISN + 1, its destination the opener.
-            let key = tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1), slot);
-            pass(&key, Passer::Answer(p));
+            (
+                tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1), slot),
+                Passer::Answer {
+                    addr: p.flow.dst,
+                    port: p.flow.dport,
+                },
+            )
+        };
+        if !pass_held(&key, by) && !pass(&key, by) {
+            by.leave_note(&key);
         }
         return;
     }
@@ -501,7 +697,9 @@ fn egress(ctx: &TcContext, p: &Packet, side: Side) {
     };
     match unsafe { UDP_TUPLES.get(&back) }.copied() {
         Some(key) if key.proto == ANSWER_TO_OWN => {}
-        Some(key) => pass(&key, Passer::Reply),
+        Some(key) => {
+            pass(&key, Passer::Reply);
+        }
         None => {
             // This namespace opens a flow of its own (a client's query):
             // what comes back on its tuple is an answer, not a flow to
@@ -515,40 +713,40 @@ fn egress(ctx: &TcContext, p: &Packet, side: Side) {
     }
 }
 
-/// A flow passed. One younger than the judge window cannot have been
-/// judged yet and leaves the map here: with thousands of new flows a
-/// second, passed entries left for user space to sweep filled the map and
-/// made each sweep walk it all. An older one may have been judged dropped
-/// (a retransmission got through late): it is marked, and user space
-/// counts its last packets before it deletes it.
+/// A flow in `PENDING` passed. One younger than the judge window cannot
+/// have been judged yet and leaves the map here: with thousands of new
+/// flows a second, passed entries left for user space to sweep filled the
+/// map and made each sweep walk it all. An older one may have been judged
+/// dropped (a retransmission got through late): it is marked, and user
+/// space counts its last packets before it deletes it. True if `key` was
+/// there, whoever it passed.
 #[inline(always)]
-fn pass(key: &MatchKey, by: Passer<'_>) {
+fn pass(key: &MatchKey, by: Passer) -> bool {
     let window_ns = crate::LAYOUT.load().tc_window_ns;
     let Some(pending) = PENDING.get_ptr_mut(key) else {
-        return;
+        return false;
     };
     // SAFETY: as in `repeat`.
     unsafe {
-        let ours = match by {
-            Passer::Forwarded(from) => (*pending).ifindex == from,
-            Passer::Answer(a) => {
-                (*pending).flow.src == a.flow.dst && (*pending).flow.sport == a.flow.dport
-            }
-            Passer::Reply => true,
-        };
-        if !ours || (*pending).state == state::PASSED {
-            return;
+        if !by.passes(&*pending) || (*pending).state == state::PASSED {
+            return true;
         }
+        // Copied first: a removed entry's memory goes back to the map.
+        let flow = (*pending).flow;
         let age = bpf_ktime_get_ns().saturating_sub((*pending).first_ns);
         if age < window_ns {
-            // Another CPU passing the same flow at once finds it gone.
-            let _ = PENDING.remove(key);
+            // Only the CPU whose delete takes it counts it: a flow's
+            // passer and its late note may both come here.
+            if PENDING.remove(key).is_err() {
+                return true;
+            }
         } else {
             (*pending).state = state::PASSED;
         }
-        count_passed(&(*pending).flow);
+        count_passed(&flow);
     }
     bump(counter::TC_PASSED);
+    true
 }
 
 #[inline(always)]

@@ -28,9 +28,11 @@ use ctrace_common::tc::DeviceKey;
 
 mod devices;
 mod passed;
+mod tick;
 
 pub use devices::DeviceChoice;
 pub use passed::PassedFlows;
+use tick::Tick;
 
 use crate::{
     event::{self, Clock, Flow, KernelEvent, Passed},
@@ -57,6 +59,9 @@ const RESCAN: Duration = Duration::from_secs(2);
 /// Rows of the kernel's device map: hooked devices of every watched
 /// namespace, plus one group-address row each.
 const DEVICE_ROWS: u32 = 8192;
+/// Passers' notes for flows another CPU may still hold: each lives for
+/// the moments between a SYN and a late answer.
+const NOTES: u32 = 4096;
 
 pub const CAPABILITIES: Capabilities = Capabilities {
     exact_verdicts: false,
@@ -120,6 +125,7 @@ fn load(
             .map_max_entries("PENDING", pending)
             .map_max_entries("UDP_TUPLES", pending)
             .map_max_entries("PASSED_BY", pending)
+            .map_max_entries("NOTES", NOTES)
             .map_max_entries("DEVICES", DEVICE_ROWS)
             // Unused here: the smallest sizes the kernel accepts.
             .map_max_entries("FLOWS", 1)
@@ -194,7 +200,18 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
         }
     };
     log::info!("tc tier: attaching as {}{why}", mode.describe());
-    let hooks = Hooks::new(&mut ebpf, mode, opts.ifaces.clone())?;
+    let mut hooks = Hooks::new(&mut ebpf, mode, opts.ifaces.clone())?;
+    let tick = match Tick::start(&mut ebpf, mode) {
+        Ok(t) => {
+            let (key, slot) = tick::device_row();
+            hooks.fixed.insert(key, slot);
+            Some(t)
+        }
+        Err(e) => {
+            log::warn!("tc tier: no tick ({e:#}): {NO_TICK}");
+            None
+        }
+    };
     let judge = Judge::new(&mut ebpf, opts.judge_window, opts.pending_flows)?;
     let passed = PassedFlows::new(PerCpuHashMap::try_from(
         ebpf.take_map("PASSED_BY")
@@ -212,6 +229,7 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
             hooks,
             judge,
             passed,
+            tick,
         }))
     })
 }
@@ -222,7 +240,12 @@ struct Correlation {
     hooks: Hooks,
     judge: Judge,
     passed: PassedFlows,
+    /// None if it could not start (see NO_TICK).
+    tick: Option<Tick>,
 }
+
+/// What running without the tick means.
+const NO_TICK: &str = "a dropped TCP flow is judged only after its CPU opens another flow";
 
 impl Correlator for Correlation {
     fn attach(&mut self, ebpf: &mut Ebpf, wanted: &dyn Fn(&netns::NetNsInfo) -> bool, now: bool) {
@@ -238,6 +261,10 @@ impl Correlator for Correlation {
     }
 
     fn judge(&mut self, horizon: u64, clock: &Clock, out: &mut Vec<KernelEvent>, flush: bool) {
+        // Every flow a CPU still holds goes into the map the sweep reads.
+        if let Some(tick) = &mut self.tick {
+            tick.run();
+        }
         let hooks = &self.hooks;
         let now = event::monotonic_ns();
         self.judge
@@ -265,7 +292,11 @@ impl Correlator for Correlation {
     }
 
     fn warnings(&self) -> Vec<String> {
-        self.hooks.warnings()
+        let mut w = self.hooks.warnings();
+        if self.tick.is_none() {
+            w.push(format!("no tick: {NO_TICK}"));
+        }
+        w
     }
 
     fn passed(&mut self, passed_total: u64) -> Option<(Vec<(u64, Passed)>, u64)> {
@@ -281,6 +312,7 @@ impl Correlator for Correlation {
         // clsact filters outlive the process unless removed, and only from
         // inside their namespace; TCX links just close.
         self.hooks.detach_all();
+        self.tick = None;
     }
 }
 
@@ -313,6 +345,8 @@ pub struct Hooks {
     /// The kernel's device map, and what was last written to it.
     devices: BpfHashMap<MapData, DeviceKey, u32>,
     written: BTreeMap<DeviceKey, u32>,
+    /// Rows of no watched namespace's: the tick's device.
+    fixed: BTreeMap<DeviceKey, u32>,
     /// What was decided for each device, per namespace.
     choices: BTreeMap<u64, Vec<DeviceChoice>>,
     /// Per namespace: what the tc tier cannot see there, in words.
@@ -333,6 +367,7 @@ impl Hooks {
             next_slot: 1,
             devices: BpfHashMap::try_from(map)?,
             written: BTreeMap::new(),
+            fixed: BTreeMap::new(),
             choices: BTreeMap::new(),
             warnings: BTreeMap::new(),
             last_scan: None,
@@ -512,7 +547,8 @@ impl Hooks {
 
     /// Brings the kernel's device map in line with the hooked devices.
     fn write_devices(&mut self) {
-        let rows = device_rows(&self.attached, &self.slots);
+        let mut rows = device_rows(&self.attached, &self.slots);
+        rows.extend(&self.fixed);
         for key in self.written.keys() {
             if !rows.contains_key(key) {
                 let _ = self.devices.remove(key);
