@@ -423,7 +423,7 @@ fn ingress(ctx: &TcContext, p: &Packet) {
             // while the flow has not passed. A tuple whose flow left the
             // map opens a flow anew: fixed tuples (NTP, WireGuard) must be
             // judged again when dropped later.
-            repeat(pending, &flow, p.tcp_flags, 1);
+            repeat(pending, &flow, p.tcp_flags, 1, unsafe { bpf_ktime_get_ns() });
             return;
         }
         datagram_key(ctx, p, slot)
@@ -462,7 +462,13 @@ fn hold(key: &MatchKey, fresh: &Pending) {
         if (*held).held != 0 {
             if (*held).key == *key {
                 // A retransmitted SYN (or a clash) before the first left.
-                repeat(&raw mut (*held).pending, &fresh.flow, fresh.tcp_flags, 1);
+                repeat(
+                    &raw mut (*held).pending,
+                    &fresh.flow,
+                    fresh.tcp_flags,
+                    1,
+                    fresh.last_ns,
+                );
                 return;
             }
             spill(held);
@@ -513,7 +519,15 @@ fn add_pending(key: &MatchKey, fresh: &Pending) -> bool {
         // retried query) or a clash.
         Err(_) => {
             match PENDING.get_ptr_mut(key) {
-                Some(pending) => repeat(pending, &fresh.flow, fresh.tcp_flags, fresh.packets),
+                // The held packets' own time: user space settles them
+                // against conntrack's counters of that time.
+                Some(pending) => repeat(
+                    pending,
+                    &fresh.flow,
+                    fresh.tcp_flags,
+                    fresh.packets,
+                    fresh.last_ns,
+                ),
                 // Judged and deleted between the two: a new flow after
                 // all, too late to hold; said, never misread.
                 None => bump(counter::TC_KEY_CLASH),
@@ -526,9 +540,9 @@ fn add_pending(key: &MatchKey, fresh: &Pending) -> bool {
 /// More opening packets (`packets`: more than one when a held flow joins
 /// its earlier self in `PENDING`) for a key already held: the same flow
 /// (a retransmitted SYN, a retried query), or a different flow whose key
-/// clashes, which cannot be judged.
+/// clashes, which cannot be judged. `at_ns`: when the last of them came.
 #[inline(always)]
-fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8, packets: u32) {
+fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8, packets: u32, at_ns: u64) {
     // SAFETY: a value pointer from the map, valid during this program run;
     // fields are written by concurrent CPUs without tearing (aligned
     // scalars), and a lost update only undercounts retries.
@@ -546,7 +560,9 @@ fn repeat(pending: *mut Pending, flow: &FlowKey, tcp_flags: u8, packets: u32) {
             return;
         }
         (*pending).packets += packets;
-        (*pending).last_ns = bpf_ktime_get_ns();
+        if at_ns > (*pending).last_ns {
+            (*pending).last_ns = at_ns;
+        }
         (*pending).tcp_flags |= tcp_flags;
     }
     bump(counter::TC_REPEATED);

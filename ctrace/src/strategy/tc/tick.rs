@@ -37,9 +37,13 @@ pub struct Tick {
     /// Dropped inside the namespace (a clsact filter is deleted by
     /// ifindex, which means something only there).
     link: Option<SchedClassifierLink>,
+    /// Until the first tick: the thread is started then, after ctrace has
+    /// dropped the privileges it no longer needs (capabilities are each
+    /// thread's own, and a thread keeps those it was started with).
+    idle: Option<(Vec<usize>, UdpSocket)>,
     /// One request per sweep; the answer is how many CPUs the thread
     /// could not run on.
-    requests: mpsc::SyncSender<mpsc::SyncSender<usize>>,
+    requests: Option<mpsc::SyncSender<mpsc::SyncSender<usize>>>,
     unreached: usize,
 }
 
@@ -66,19 +70,11 @@ impl Tick {
             })?
             .context("opening the tick's socket")?;
         let cpus = online_cpus().context("reading the online CPUs")?;
-        let (requests, rx) = mpsc::sync_channel::<mpsc::SyncSender<usize>>(1);
-        thread::Builder::new()
-            .name("ctrace-tick".into())
-            .spawn(move || {
-                for reply in rx {
-                    let _ = reply.send(visit(&cpus, &socket));
-                }
-            })
-            .context("starting the tick's thread")?;
         Ok(Tick {
             ns,
             link: Some(link),
-            requests,
+            idle: Some((cpus, socket)),
+            requests: None,
             unreached: 0,
         })
     }
@@ -86,8 +82,22 @@ impl Tick {
     /// Makes every CPU it can run on move its held flow; returns once they
     /// all have.
     pub fn run(&mut self) {
+        if let Some((cpus, socket)) = self.idle.take() {
+            let (requests, rx) = mpsc::sync_channel::<mpsc::SyncSender<usize>>(1);
+            let started = thread::Builder::new()
+                .name("ctrace-tick".into())
+                .spawn(move || {
+                    for reply in rx {
+                        let _ = reply.send(visit(&cpus, &socket));
+                    }
+                });
+            match started {
+                Ok(_) => self.requests = Some(requests),
+                Err(e) => log::warn!("tc tier: starting the tick's thread: {e}"),
+            }
+        }
         let (reply, done) = mpsc::sync_channel(1);
-        if self.requests.send(reply).is_err() {
+        if self.requests.as_ref().is_none_or(|r| r.send(reply).is_err()) {
             return;
         }
         if let Ok(unreached) = done.recv()
