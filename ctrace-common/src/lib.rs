@@ -339,7 +339,8 @@ pub mod tc {
         pub last_ns: u64,
         /// Opening packets seen (retransmissions included).
         pub packets: u32,
-        /// Index into the service catalog, 0 for none.
+        /// Index into the service catalog: 0 from the tc programs, which
+        /// leave naming to user space (a lookup less per opening packet).
         pub service: u16,
         /// `state::*`.
         pub state: u8,

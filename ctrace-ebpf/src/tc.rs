@@ -25,11 +25,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ctrace_common::{
-    AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, counter, service_key,
+    AF_INET, AF_INET6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, counter,
     tc::{DeviceKey, MatchKey, PassedKey, Pending, TICK_SLOT, state},
 };
 
-use crate::{SERVICES, bump};
+use crate::bump;
 
 /// Continue with the next filter or program: the hook's default action.
 const NEXT: i32 = -1;
@@ -423,22 +423,22 @@ fn ingress(ctx: &TcContext, p: &Packet) {
             // while the flow has not passed. A tuple whose flow left the
             // map opens a flow anew: fixed tuples (NTP, WireGuard) must be
             // judged again when dropped later.
-            repeat(pending, &flow, p.tcp_flags, 1, unsafe { bpf_ktime_get_ns() });
+            repeat(pending, &flow, p.tcp_flags, 1, unsafe {
+                bpf_ktime_get_ns()
+            });
             return;
         }
         datagram_key(ctx, p, slot)
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let service = unsafe { SERVICES.get(&service_key(flow.proto, flow.dport)) }
-        .copied()
-        .unwrap_or(0);
     let fresh = Pending {
         flow,
         ifindex,
         first_ns: now,
         last_ns: now,
         packets: 1,
-        service,
+        // Named by user space from the port when judged.
+        service: 0,
         state: state::PENDING,
         tcp_flags: p.tcp_flags,
     };
@@ -628,16 +628,25 @@ impl Passer {
     }
 }
 
-/// Passes the flow this CPU holds if `key` and `by` are its own: the run
-/// that opened it is still going. True if it did.
+/// Passes the TCP flow this CPU holds if `isn` and `by` are its own: the
+/// run that opened it is still going. True if it did. No device lookup:
+/// within one run a packet stays in the namespace it arrived in (it
+/// crosses into another only through a device's receive queue, which ends
+/// the run), so the held flow's namespace is this packet's.
 #[inline(always)]
-fn pass_held(key: &MatchKey, by: Passer) -> bool {
+fn pass_held(family: u8, isn: u32, by: Passer) -> bool {
     let Some(held) = HELD.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: this CPU's slot; see HELD.
     unsafe {
-        if (*held).held == 0 || (*held).key != *key || !by.passes(&(*held).pending) {
+        let k = &(*held).key;
+        if (*held).held == 0
+            || k.id != isn
+            || k.family != family
+            || k.proto != IPPROTO_TCP
+            || !by.passes(&(*held).pending)
+        {
             return false;
         }
         (*held).held = 0;
@@ -654,6 +663,37 @@ fn egress(ctx: &TcContext, p: &Packet, side: Side) {
     // forwarded opening SYN, or this namespace's answer to one. Its own
     // SYN, a client's retransmission among them, passes no flow, its own
     // or another namespace's.
+    let from = match side {
+        Side::Forwarded(from) => from,
+        _ => 0,
+    };
+    if p.flow.proto == IPPROTO_TCP {
+        let (isn, by) = if from != 0 {
+            // The opening SYN leaves: forwarded, after any NAT.
+            (p.seq, Passer::Forwarded(from))
+        } else {
+            // This namespace answers a SYN (SYN-ACK, or RST for a closed
+            // port): its ack is the ISN + 1, its destination the opener.
+            (
+                p.ack_seq.wrapping_sub(1),
+                Passer::Answer {
+                    addr: p.flow.dst,
+                    port: p.flow.dport,
+                },
+            )
+        };
+        if pass_held(p.flow.family, isn, by) {
+            return;
+        }
+        let Some(slot) = slot(ctx, p) else {
+            return;
+        };
+        let key = tcp_key(p.flow.family, isn, slot);
+        if !pass(&key, by) {
+            by.leave_note(&key);
+        }
+        return;
+    }
     let Some(slot) = slot(ctx, p) else {
         return;
     };
@@ -667,33 +707,6 @@ fn egress(ctx: &TcContext, p: &Packet, side: Side) {
                     spill(held);
                 }
             }
-        }
-        return;
-    }
-    let from = match side {
-        Side::Forwarded(from) => from,
-        _ => 0,
-    };
-    if p.flow.proto == IPPROTO_TCP {
-        let (key, by) = if from != 0 {
-            // The opening SYN leaves: forwarded, after any NAT.
-            (
-                tcp_key(p.flow.family, p.seq, slot),
-                Passer::Forwarded(from),
-            )
-        } else {
-            // This namespace answers a SYN (SYN-ACK, or RST for a closed
-            // port): its ack is the ISN + 1, its destination the opener.
-            (
-                tcp_key(p.flow.family, p.ack_seq.wrapping_sub(1), slot),
-                Passer::Answer {
-                    addr: p.flow.dst,
-                    port: p.flow.dport,
-                },
-            )
-        };
-        if !pass_held(&key, by) && !pass(&key, by) {
-            by.leave_note(&key);
         }
         return;
     }

@@ -30,6 +30,7 @@ use ctrace_common::{
 use crate::{
     event::{Clock, DropEvent, Flow, KernelEvent, Proto},
     readings::{CorrelationCounts, FlowCount, KernelTotal},
+    services::KernelIndex,
 };
 
 /// Quiet time after which an entry is forgotten: TCP's first SYN
@@ -75,11 +76,19 @@ pub struct Judge {
     totals: HashMap<(u64, u16, u8), (u64, u64)>,
     counts: CorrelationCounts,
     unattributed: HashSet<MatchKey>,
+    /// Names judged flows' services: the tc programs leave that to user
+    /// space, a hash lookup less per opening packet.
+    services: KernelIndex,
 }
 
 impl Judge {
     /// `capacity`: the map's size, as loaded.
-    pub fn new(ebpf: &mut Ebpf, window: Duration, capacity: u32) -> anyhow::Result<Judge> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        window: Duration,
+        capacity: u32,
+        services: KernelIndex,
+    ) -> anyhow::Result<Judge> {
         let map = ebpf
             .take_map("PENDING")
             .context("map PENDING missing from the eBPF object")?;
@@ -91,6 +100,7 @@ impl Judge {
             totals: HashMap::new(),
             counts: CorrelationCounts::default(),
             unattributed: HashSet::new(),
+            services,
         })
     }
 
@@ -140,6 +150,7 @@ impl Judge {
             totals,
             counts,
             unattributed,
+            services,
             ..
         } = self;
         // The kernel deletes flows that pass while this walks the map, and
@@ -207,13 +218,14 @@ impl Judge {
                         }
                         continue;
                     };
+                    let service = services.index_of(p.flow.proto, p.flow.dport);
                     let counted = if p.last_ns < horizon || flush {
                         p.packets
                     } else {
                         1
                     };
                     let t = totals
-                        .entry((flow.netns, p.service, p.flow.proto))
+                        .entry((flow.netns, service, p.flow.proto))
                         .or_default();
                     t.0 += u64::from(counted);
                     t.1 += 1;
@@ -239,7 +251,7 @@ impl Judge {
                         Judged {
                             key: p.flow,
                             netns: flow.netns,
-                            service: p.service,
+                            service,
                             counted,
                             first_ns: p.first_ns,
                             last_ns: p.last_ns,

@@ -237,6 +237,17 @@ pub struct KernelIndex {
 }
 
 impl KernelIndex {
+    /// The service index of a (protocol number, port), 0 for none: what
+    /// the kernel's service map answers, for flows the tc tier leaves
+    /// unnamed.
+    pub fn index_of(&self, proto: u8, port: u16) -> u16 {
+        let key = ctrace_common::service_key(proto, port);
+        // Sorted: built from a BTreeMap.
+        self.ports
+            .binary_search_by_key(&key, |(k, _)| *k)
+            .map_or(0, |i| self.ports[i].1)
+    }
+
     pub fn name(&self, index: u16) -> Option<&str> {
         match index {
             0 => None,
@@ -265,6 +276,10 @@ mod tests {
         assert_eq!(get(Proto::Udp, 9001), Some("myssh"));
         assert_eq!(get(Proto::Udp, 53), Some("dns"));
         assert_eq!(get(Proto::Tcp, 9001), None);
+        for (proto, port) in [(Proto::Tcp, 22), (Proto::Udp, 53), (Proto::Tcp, 9001)] {
+            let by_scan = get(proto, port);
+            assert_eq!(idx.name(idx.index_of(proto.number(), port)), by_scan);
+        }
         assert_eq!(idx.name(0), None);
         let mut huge = Catalog::with_defaults();
         huge.add("all=tcp+udp/1-65535".parse().unwrap());

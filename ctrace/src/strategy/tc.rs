@@ -212,7 +212,12 @@ pub fn start(_facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Eve
             None
         }
     };
-    let judge = Judge::new(&mut ebpf, opts.judge_window, opts.pending_flows)?;
+    let judge = Judge::new(
+        &mut ebpf,
+        opts.judge_window,
+        opts.pending_flows,
+        opts.services.clone(),
+    )?;
     let passed = PassedFlows::new(PerCpuHashMap::try_from(
         ebpf.take_map("PASSED_BY")
             .context("map PASSED_BY missing from the eBPF object")?,

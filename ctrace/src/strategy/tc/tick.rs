@@ -97,7 +97,11 @@ impl Tick {
             }
         }
         let (reply, done) = mpsc::sync_channel(1);
-        if self.requests.as_ref().is_none_or(|r| r.send(reply).is_err()) {
+        if self
+            .requests
+            .as_ref()
+            .is_none_or(|r| r.send(reply).is_err())
+        {
             return;
         }
         if let Ok(unreached) = done.recv()
@@ -156,7 +160,10 @@ fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
     for part in list.split(',').filter(|p| !p.is_empty()) {
         let (lo, hi) = part.split_once('-').unwrap_or((part, part));
         let (lo, hi): (usize, usize) = (lo.parse()?, hi.parse()?);
-        anyhow::ensure!(lo <= hi && hi < libc::CPU_SETSIZE as usize, "CPU range `{part}`");
+        anyhow::ensure!(
+            lo <= hi && hi < libc::CPU_SETSIZE as usize,
+            "CPU range `{part}`"
+        );
         cpus.extend(lo..=hi);
     }
     anyhow::ensure!(!cpus.is_empty(), "no CPU listed");
