@@ -433,7 +433,10 @@ fn overhead(
                         let (b, dt) = timed(|| connection_rate(&topo, secs))?;
                         // ctrace's own share of the machine while measured.
                         cpu.push((cpu_secs(t.pid()) - cpu0) / dt);
-                        t.stop()?;
+                        let last = t.stop()?;
+                        if std::env::var_os("CTRACE_BENCH_ECHO").is_some() {
+                            eprintln!("  | final summary: {last}");
+                        }
                         b
                     }
                 };
