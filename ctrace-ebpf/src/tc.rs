@@ -431,6 +431,10 @@ fn ingress(ctx: &TcContext, p: &Packet) {
         datagram_key(ctx, p, slot)
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    if tcp {
+        hold(&key, &flow, ifindex, now, p.tcp_flags);
+        return;
+    }
     let fresh = Pending {
         flow,
         ifindex,
@@ -442,9 +446,7 @@ fn ingress(ctx: &TcContext, p: &Packet) {
         state: state::PENDING,
         tcp_flags: p.tcp_flags,
     };
-    if tcp {
-        hold(&key, &fresh);
-    } else if add_pending(&key, &fresh) {
+    if add_pending(&key, &fresh) {
         let _ = UDP_TUPLES.insert(&flow, &key, 0);
     }
 }
@@ -452,9 +454,13 @@ fn ingress(ctx: &TcContext, p: &Packet) {
 /// Holds a TCP flow on this CPU, after moving the one held before into
 /// `PENDING`.
 #[inline(always)]
-fn hold(key: &MatchKey, fresh: &Pending) {
+/// Written in place, field by field: a `Pending` built on the stack first
+/// took the ingress program over the 512 bytes of stack that Linux 6.1
+/// allows a program and the memcpy it calls.
+fn hold(key: &MatchKey, flow: &FlowKey, ifindex: u32, now: u64, tcp_flags: u8) {
     let Some(held) = HELD.get_ptr_mut(0) else {
-        add_pending(key, fresh);
+        // A one-entry array has its entry: never here.
+        bump(counter::TC_PENDING_FULL);
         return;
     };
     // SAFETY: this CPU's slot; see HELD.
@@ -462,19 +468,21 @@ fn hold(key: &MatchKey, fresh: &Pending) {
         if (*held).held != 0 {
             if (*held).key == *key {
                 // A retransmitted SYN (or a clash) before the first left.
-                repeat(
-                    &raw mut (*held).pending,
-                    &fresh.flow,
-                    fresh.tcp_flags,
-                    1,
-                    fresh.last_ns,
-                );
+                repeat(&raw mut (*held).pending, flow, tcp_flags, 1, now);
                 return;
             }
             spill(held);
         }
         (*held).key = *key;
-        (*held).pending = *fresh;
+        let h = &raw mut (*held).pending;
+        (*h).flow = *flow;
+        (*h).ifindex = ifindex;
+        (*h).first_ns = now;
+        (*h).last_ns = now;
+        (*h).packets = 1;
+        (*h).service = 0;
+        (*h).state = state::PENDING;
+        (*h).tcp_flags = tcp_flags;
         (*held).held = 1;
     }
 }
@@ -650,7 +658,7 @@ fn pass_held(family: u8, isn: u32, by: Passer) -> bool {
             return false;
         }
         (*held).held = 0;
-        count_passed(&(*held).pending.flow);
+        count_passed(&passed_key(&(*held).pending.flow));
     }
     bump(counter::TC_OPENED);
     bump(counter::TC_PASSED);
@@ -760,8 +768,8 @@ fn pass(key: &MatchKey, by: Passer) -> bool {
         if !by.passes(&*pending) || (*pending).state == state::PASSED {
             return true;
         }
-        // Copied first: a removed entry's memory goes back to the map.
-        let flow = (*pending).flow;
+        // Taken first: a removed entry's memory goes back to the map.
+        let opener = passed_key(&(*pending).flow);
         let age = bpf_ktime_get_ns().saturating_sub((*pending).first_ns);
         if age < window_ns {
             // Only the CPU whose delete takes it counts it: a flow's
@@ -772,27 +780,31 @@ fn pass(key: &MatchKey, by: Passer) -> bool {
         } else {
             (*pending).state = state::PASSED;
         }
-        count_passed(&flow);
+        count_passed(&opener);
     }
     bump(counter::TC_PASSED);
     true
 }
 
 #[inline(always)]
-fn count_passed(flow: &FlowKey) {
-    let key = PassedKey {
+fn passed_key(flow: &FlowKey) -> PassedKey {
+    PassedKey {
         src: flow.src,
         // The pending flow's netns field holds its slot.
         slot: flow.netns,
         dport: flow.dport,
         proto: flow.proto,
         family: flow.family,
-    };
-    match PASSED_BY.get_ptr_mut(&key) {
+    }
+}
+
+#[inline(always)]
+fn count_passed(key: &PassedKey) {
+    match PASSED_BY.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of the value.
         Some(n) => unsafe { *n += 1 },
         None => {
-            let _ = PASSED_BY.insert(&key, &1, 0);
+            let _ = PASSED_BY.insert(key, &1, 0);
         }
     }
 }
