@@ -519,7 +519,7 @@ fn add_pending(key: &MatchKey, fresh: &Pending) -> bool {
             true
         }
         // E2BIG: full.
-        Err(e) if e == -7 => {
+        Err(-7) => {
             bump(counter::TC_PENDING_FULL);
             false
         }
