@@ -653,6 +653,57 @@ fn tc_rule_drops_are_not_table_full_and_passing_flows_are_never_reported() {
 }
 
 /// ctrace's tc programs still attached by TCX in `ns`.
+/// One SYN into a full table and no traffic after it. The SYN is held on
+/// the CPU it arrived on, and no later flow there moves it to the map the
+/// judge reads: only the tick does. Judged in a periodic summary, not
+/// just at exit, and its one packet is conntrack's one drop.
+#[test]
+fn tc_a_lone_dropped_syn_reaches_the_judge() {
+    if !tc_wanted() {
+        return;
+    }
+    let lab = router_lab();
+    let shape = lab.shape();
+    let router = &lab.topo.router;
+    let _full = fill(&shape);
+    let tracer = tc_tracer(Some(router), &[]);
+    let before = conntrack_drops(router).0;
+    // Given up before the first retransmission (1 s): one SYN.
+    let failed = lab
+        .topo
+        .clients
+        .run(|| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::from((CLIENTS_V4[0], 0)).into())
+                .unwrap();
+            let to = SocketAddr::from((SERVER_V4, 2380));
+            s.connect_timeout(&to.into(), Duration::from_millis(400))
+                .is_err()
+        })
+        .unwrap();
+    assert!(failed, "the table is full: the connect cannot succeed");
+    assert_eq!(conntrack_drops(router).0 - before, 1, "one SYN, one drop");
+    // The window (1 s), a sweep and a summary interval, with room.
+    std::thread::sleep(Duration::from_millis(3000));
+    let records = tracer.stop();
+    let judged = |s: &Value| {
+        totals(s, router.inode())
+            .get(&("etcd-peer".to_string(), "table_full".to_string()))
+            .copied()
+    };
+    let periodic = records
+        .iter()
+        .filter(|r| r["type"] == "summary" && r["final"] != true)
+        .find_map(judged);
+    assert_eq!(
+        periodic,
+        Some((1, 1)),
+        "the held SYN was not judged while ctrace ran"
+    );
+    assert_eq!(judged(final_summary(&records)), Some((1, 1)));
+}
+
 fn tcx_left(ns: &NetNs) -> Vec<String> {
     ctrace::strategy::tc::leftover_tcx(ns).unwrap()
 }
