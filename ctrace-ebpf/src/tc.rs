@@ -452,11 +452,10 @@ fn ingress(ctx: &TcContext, p: &Packet) {
 }
 
 /// Holds a TCP flow on this CPU, after moving the one held before into
-/// `PENDING`.
+/// `PENDING`. Written in place, field by field: a `Pending` built on the
+/// stack first took the ingress program over the 512 bytes of stack that
+/// Linux 6.1 allows a program and the memcpy it calls.
 #[inline(always)]
-/// Written in place, field by field: a `Pending` built on the stack first
-/// took the ingress program over the 512 bytes of stack that Linux 6.1
-/// allows a program and the memcpy it calls.
 fn hold(key: &MatchKey, flow: &FlowKey, ifindex: u32, now: u64, tcp_flags: u8) {
     let Some(held) = HELD.get_ptr_mut(0) else {
         // A one-entry array has its entry: never here.
@@ -648,13 +647,9 @@ fn pass_held(family: u8, isn: u32, by: Passer) -> bool {
     };
     // SAFETY: this CPU's slot; see HELD.
     unsafe {
+        // Only TCP flows are held: the ISN and family are the key.
         let k = &(*held).key;
-        if (*held).held == 0
-            || k.id != isn
-            || k.family != family
-            || k.proto != IPPROTO_TCP
-            || !by.passes(&(*held).pending)
-        {
+        if (*held).held == 0 || k.id != isn || k.family != family || !by.passes(&(*held).pending) {
             return false;
         }
         (*held).held = 0;
