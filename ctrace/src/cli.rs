@@ -217,14 +217,21 @@ pub struct WatchArgs {
     #[arg(long, hide = true)]
     pub test_blind_alloc: bool,
     /// Do not subscribe to ctnetlink's NEW and DESTROY announcements. On
-    /// the tracepoint and tc tiers they feed "filling now" and keep
-    /// occupancy current between dumps, but the kernel then builds one
-    /// message per new and per ended entry: about a tenth of a
-    /// handshake-only connection rate in the bench. Without them, filling
-    /// comes from the tc tier's own witness (none on tracepoint) and
-    /// occupancy from periodic dumps alone.
-    #[arg(long)]
+    /// the tracepoint tier they feed "filling now" and keep occupancy
+    /// current between dumps, but the kernel then builds one message per
+    /// new and per ended entry, in the packet's path. Without them, the
+    /// tracepoint tier shows no filling and keeps occupancy by periodic
+    /// dumps alone. Off by default on the tc tier (see --ctnetlink-events).
+    #[arg(long, conflicts_with = "ctnetlink_events")]
     pub no_ctnetlink_events: bool,
+    /// Subscribe to ctnetlink's announcements on the tc tier too. By
+    /// default it counts who fills the table from the flows its own
+    /// programs saw pass, which costs no message per entry; the
+    /// announcements add entries the host made itself or that came in on
+    /// devices it does not hook, and keep occupancy between dumps while
+    /// they come slower than --announcements-per-s.
+    #[arg(long)]
+    pub ctnetlink_events: bool,
     /// Announcements per second and namespace that ctnetlink is let build
     /// for ctrace, or `unlimited`. The kernel builds one for every entry
     /// made and ended while anyone listens, in the packet's path; above

@@ -555,6 +555,7 @@ mod tests {
             fd_scoped_cleanup: true,
             needs_btf: true,
             drops: DropSight::Direct,
+            passed_flows: false,
         }
     }
 

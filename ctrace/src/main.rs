@@ -180,7 +180,11 @@ async fn watch(args: WatchArgs, verifier_log: bool) -> anyhow::Result<ExitCode> 
         host_root: args.host_root.clone(),
         side: args.side,
         connect_netns: None,
-        ctnetlink_events: !args.no_ctnetlink_events,
+        ctnetlink_events: match (args.ctnetlink_events, args.no_ctnetlink_events) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         announcements_per_s: args.announcements_per_s.0,
         refused_probes: args.test_refuse_probe.clone(),
         test_flags: if args.test_blind_alloc {

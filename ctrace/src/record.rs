@@ -722,6 +722,7 @@ mod tests {
                 fd_scoped_cleanup: true,
                 needs_btf: false,
                 drops: DropSight::Correlated,
+                passed_flows: true,
             }),
             kernel_log: Some(KernelLog {
                 table_full: 3,

@@ -78,6 +78,12 @@ pub struct Capabilities {
     /// Needs kernel BTF to find struct layouts.
     pub needs_btf: bool,
     pub drops: DropSight,
+    /// Counts, in the kernel, the flows it saw pass per opener and
+    /// service: its own witness of who is filling the table, so it needs
+    /// no ctnetlink announcements for that (the tc tier). Absent from
+    /// records written before it existed.
+    #[serde(default)]
+    pub passed_flows: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -435,7 +435,7 @@ pub async fn run(args: &LabArgs, mut sinks: Vec<Box<dyn Sink>>) -> anyhow::Resul
         side: None,
         // The node view watches the client nodes' own attempts.
         connect_netns: Some(NetnsFilter::new(vec![topo.clients.inode().to_string()])),
-        ctnetlink_events: true,
+        ctnetlink_events: None,
         announcements_per_s: Some(crate::filling::DEFAULT_BUDGET),
     };
     let mut watcher = Watcher::start(cfg, &facts)?;

@@ -261,6 +261,7 @@ pub fn start(facts: &KernelFacts, opts: &LoadOptions<'_>) -> anyhow::Result<Even
             fd_scoped_cleanup: true,
             needs_btf: true,
             drops: DropSight::Direct,
+            passed_flows: false,
         },
     };
     EventSource::new(ebpf, tier, logger)

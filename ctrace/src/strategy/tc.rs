@@ -71,6 +71,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     fd_scoped_cleanup: false,
     needs_btf: false,
     drops: DropSight::Correlated,
+    passed_flows: true,
 };
 
 pub fn probe(_facts: &KernelFacts) -> anyhow::Result<String> {

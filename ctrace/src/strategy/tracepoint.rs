@@ -28,6 +28,7 @@ pub fn capabilities(layout: &KernelLayout) -> Capabilities {
         fd_scoped_cleanup: true,
         needs_btf: true,
         drops: DropSight::Direct,
+        passed_flows: false,
     }
 }
 

@@ -44,9 +44,10 @@ pub struct WatchConfig {
     /// the same as `netns`.
     pub connect_netns: Option<NetnsFilter>,
     /// Whether ctnetlink's NEW and DESTROY announcements are subscribed to
-    /// (`--no-ctnetlink-events` turns them off: they cost the kernel a
-    /// message per entry made and ended).
-    pub ctnetlink_events: bool,
+    /// (they cost the kernel a message per entry made and ended); None:
+    /// where the tier has no witness of its own for who fills the table
+    /// (`--ctnetlink-events`, `--no-ctnetlink-events` decide otherwise).
+    pub ctnetlink_events: Option<bool>,
     /// Announcements per second and namespace the kernel is let build
     /// (`--announcements-per-s`); None: every one.
     pub announcements_per_s: Option<u32>,

@@ -163,8 +163,13 @@ impl RouterView {
         );
         // Tiers without insert events learn new entries from ctnetlink,
         // subscribed now: an entry made before the subscription is never
-        // announced.
-        let new_entries = (!source.tier().caps.entry_events && cfg.ctnetlink_events).then(|| {
+        // announced. Not by default on a tier that counts the flows it saw
+        // pass: that witness costs no message per entry in the packet's
+        // path, which the announcements do (a point and more of a
+        // handshake-only connection rate in the bench).
+        let caps = source.tier().caps;
+        let announced = cfg.ctnetlink_events.unwrap_or(!caps.passed_flows);
+        let new_entries = (!caps.entry_events && announced).then(|| {
             let mut feed = NewEntryFeed::new(cfg.announcements_per_s, cfg.interval);
             feed.sync(&monitor.inodes());
             feed

@@ -325,7 +325,8 @@ fn who_fills_the_table_now_from_a_sample_of_announcements() {
     // 50 new entries a second against a budget of 20.
     who_fills(
         Some(&cg),
-        &["--announcements-per-s", "20"],
+        // On by default only where a tier has no witness of its own.
+        &["--ctnetlink-events", "--announcements-per-s", "20"],
         ctrace_tests::strategy().as_deref(),
     );
 }
