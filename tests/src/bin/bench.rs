@@ -13,7 +13,8 @@
 //!    from start to attached, router binary sizes.
 //!
 //! Writes target/bench/results.json and prints a table. `bench --overhead
-//! [FILTER]` measures only the rates (FILTER as in `200k/tc`);
+//! [FILTER]` measures only the rates (FILTER as in `200k/tc`, or several,
+//! comma-separated);
 //! CTRACE_BENCH_ROUNDS sets their rounds, CTRACE_BENCH_ECHO=1 echoes
 //! ctrace's stderr (with RUST_LOG, its logs).
 use std::{
@@ -411,7 +412,8 @@ fn overhead(
             ));
         }
         for (s, strategy, side) in &variants {
-            if only.is_some_and(|f| !format!("{cond}/{s}").contains(f)) {
+            let name = format!("{cond}/{s}");
+            if only.is_some_and(|f| !f.split(',').any(|f| name.contains(f))) {
                 continue;
             }
             // Every measurement starts from the same table: the measured
@@ -431,9 +433,14 @@ fn overhead(
             extra.extend_from_slice(side);
             let (mut ratios, mut base, mut cpu) = (vec![], vec![], vec![]);
             let mut per_cpu = vec![];
+            // A baseline on each side of every measurement with ctrace: its
+            // ratio is against their mean, so a machine that speeds up or
+            // slows down across a round (shared hosts drift by a few
+            // percent over seconds) does not read as ctrace's cost. Each
+            // baseline after a round is the one before the next.
+            let mut before = connection_rate(&topo, secs)?;
+            reset()?;
             for _ in 0..rounds {
-                let a = connection_rate(&topo, secs)?;
-                reset()?;
                 let b = match strategy {
                     Traced::No => connection_rate(&topo, secs)?,
                     Traced::By(strategy) => {
@@ -452,6 +459,13 @@ fn overhead(
                     }
                 };
                 reset()?;
+                let after = connection_rate(&topo, secs)?;
+                reset()?;
+                let a = Rate {
+                    per_s: (before.per_s + after.per_s) / 2.0,
+                    per_cpu_s: (before.per_cpu_s + after.per_cpu_s) / 2.0,
+                };
+                before = after;
                 base.push(a.per_s);
                 ratios.push(b.per_s / a.per_s);
                 per_cpu.push(b.per_cpu_s / a.per_cpu_s);
