@@ -534,6 +534,75 @@ fn overhead(
     Ok(Value::Object(out))
 }
 
+/// The tc tier's cost in the packet's path, without its process's: two
+/// identical labs, one router watched by one ctrace (`--strategy tc
+/// --netns`, hooking that router's devices only) and one not, measured in
+/// alternation (1 s each, the order swapped every round) while it runs,
+/// and again without it for the labs' own difference. ctrace's CPU falls
+/// on both labs alike, so it is left out of the ratio and printed beside
+/// it. Rounds are a second each, not a restart of ctrace, so there can
+/// be many: the spread of a 9-round overhead row hides a 3% cost, this
+/// one does not.
+fn paths(rounds: usize, extra: &[&str]) -> anyhow::Result<Value> {
+    let watched = Topology::build()?;
+    server(&watched.servers)?;
+    let twin = Topology::build()?;
+    server(&twin.servers)?;
+    let reset = || -> anyhow::Result<()> {
+        for t in [&watched, &twin] {
+            CtSocket::open(Some(&t.router))?.flush()?;
+        }
+        Ok(())
+    };
+    let alternate = |label: &str| -> anyhow::Result<Value> {
+        let mut r = vec![];
+        for i in 0..rounds {
+            let (w, u) = if i % 2 == 0 {
+                let u = connection_rate(&twin, 1.0)?.per_s;
+                (connection_rate(&watched, 1.0)?.per_s, u)
+            } else {
+                let w = connection_rate(&watched, 1.0)?.per_s;
+                (w, connection_rate(&twin, 1.0)?.per_s)
+            };
+            reset()?;
+            r.push(w / u);
+        }
+        let m = median(&mut r);
+        let (q1, q3) = quartiles(&r);
+        eprintln!("bench: paths {label}: watched/unwatched {m:.3} (quartiles {q1:.3}..{q3:.3})");
+        Ok(json!({"ratio": m, "q1": q1, "q3": q3, "ratios": r}))
+    };
+    let before = alternate("without ctrace")?;
+    let t = Running::start(Some("tc"), watched.router.inode(), extra)?;
+    t.first_summary()?;
+    let cpu0 = cpu_secs(t.pid());
+    let (with, dt) = timed(|| alternate("with ctrace"))?;
+    let cpu = (cpu_secs(t.pid()) - cpu0) / dt;
+    t.stop()?;
+    let after = alternate("without ctrace, after")?;
+    let base = (before["ratio"].as_f64().unwrap_or(f64::NAN)
+        + after["ratio"].as_f64().unwrap_or(f64::NAN))
+        / 2.0;
+    let ratio = with["ratio"].as_f64().unwrap_or(f64::NAN) / base;
+    // The machine is saturated while it measures (busy CPU = every CPU),
+    // so what ctrace's process takes is capacity the labs lose.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let charged = ratio * (1.0 - cpu / cpus);
+    eprintln!(
+        "bench: paths: the tc tier's packet path {ratio:.3} of the rate; ctrace's process \
+         {:.1}% of a core besides ({charged:.3} with it charged to {cpus} CPUs)",
+        cpu * 100.0
+    );
+    Ok(json!({
+        "rounds": rounds,
+        "path_ratio": ratio,
+        "with_process_charged": charged,
+        "ctrace_cpu_share": cpu,
+        "without": [before, after],
+        "with": with,
+    }))
+}
+
 fn storm(count: u64) -> anyhow::Result<Value> {
     let _max = SysctlGuard::set(MAX, "262144")?;
     let topo = Topology::build()?;
@@ -771,6 +840,16 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("--storm") {
         let syns = args.get(2).map_or(Ok(STORM_SYNS), |s| s.parse())?;
         println!("{}", serde_json::to_string_pretty(&storm(syns)?)?);
+        return Ok(());
+    }
+    // The per-packet path of the tc tier alone: `bench --paths [ARGS]`.
+    if args.get(1).map(String::as_str) == Some("--paths") {
+        let rounds = std::env::var("CTRACE_BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
+        let extra: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+        println!("{}", serde_json::to_string_pretty(&paths(rounds, &extra)?)?);
         return Ok(());
     }
     let out_path = PathBuf::from(
