@@ -14,7 +14,7 @@
 //!
 //! Writes target/bench/results.json and prints a table. `bench --overhead
 //! [FILTER]` measures only the rates (FILTER as in `200k/tc`, or several,
-//! comma-separated);
+//! comma-separated; `tc$` is the rows whose names end so);
 //! CTRACE_BENCH_ROUNDS sets their rounds, CTRACE_BENCH_ECHO=1 echoes
 //! ctrace's stderr (with RUST_LOG, its logs).
 use std::{
@@ -413,7 +413,12 @@ fn overhead(
         }
         for (s, strategy, side) in &variants {
             let name = format!("{cond}/{s}");
-            if only.is_some_and(|f| !f.split(',').any(|f| name.contains(f))) {
+            // `…NAME$`: the rows whose names end so.
+            let picked = |f: &str| match f.strip_suffix('$') {
+                Some(end) => name.ends_with(end),
+                None => name.contains(f),
+            };
+            if only.is_some_and(|f| !f.split(',').any(picked)) {
                 continue;
             }
             // Every measurement starts from the same table: the measured
@@ -596,6 +601,8 @@ fn paths(rounds: usize, extra: &[&str]) -> anyhow::Result<Value> {
     Ok(json!({
         "rounds": rounds,
         "path_ratio": ratio,
+        "q1": with["q1"].as_f64().unwrap_or(f64::NAN) / base,
+        "q3": with["q3"].as_f64().unwrap_or(f64::NAN) / base,
         "with_process_charged": charged,
         "ctrace_cpu_share": cpu,
         "without": [before, after],
@@ -878,6 +885,11 @@ fn main() -> anyhow::Result<()> {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
         "overhead": overhead(rounds, 1.5, &strategies, None)?,
+        "tc_paths": if strategies.iter().any(|s| s == "tc") {
+            paths(30, &[])?
+        } else {
+            Value::Null
+        },
         "storm": storm(STORM_SYNS)?,
         "snapshot": snapshot()?,
         "footprint": footprint()?,
@@ -923,6 +935,19 @@ fn print_table(r: &Value) {
                 programs.join(", ")
             );
         }
+    }
+    let p = &r["tc_paths"];
+    if !p.is_null() {
+        let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| tc packet path, watched/unwatched twin labs under one ctrace ({} rounds) | {:.3} (quartiles {:.3}..{:.3}); {:.3} with ctrace's {:.1}% of a core charged |",
+            p["rounds"],
+            f("path_ratio"),
+            f("q1"),
+            f("q3"),
+            f("with_process_charged"),
+            f("ctrace_cpu_share") * 100.0
+        );
     }
     let s = &r["storm"];
     println!(
