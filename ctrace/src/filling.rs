@@ -4,8 +4,9 @@
 //! incident, where the insert rate alone says only how fast.
 //!
 //! New entries come from the tier's insert events where it has them, else
-//! from ctnetlink's NEW event group ([`NewEntryFeed`]): no dump, and what
-//! the kernel could not queue is counted, never silent.
+//! from the flows the tc tier's programs saw pass, else from ctnetlink's
+//! NEW event group ([`NewEntryFeed`]): no dump, and what the kernel could
+//! not queue is counted, never silent.
 use std::{
     collections::HashMap,
     net::IpAddr,

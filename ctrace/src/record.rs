@@ -285,13 +285,14 @@ pub struct Summary {
     #[serde(default)]
     pub filling: Vec<FillingRow>,
     /// Times ctnetlink dropped new-entry announcements (`filling` is a
-    /// sample then); null where the tier's insert events feed it.
+    /// sample then); null where announcements do not feed it (insert
+    /// events, or the tc tier's passed flows).
     #[serde(default)]
     pub filling_overruns: Option<u64>,
     /// The least share of the last interval that ctnetlink's announcements
     /// were listened to in any watched namespace: 1 when every one was
     /// read; below 1 (`--announcements-per-s` reached) the rates are scaled
-    /// from that sample. Null where the tier's own events feed `filling`.
+    /// from that sample. Null where announcements do not feed `filling`.
     #[serde(default)]
     pub filling_listened: Option<f64>,
     /// New entries the tc tier saw pass but could not attribute to an

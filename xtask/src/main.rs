@@ -557,7 +557,7 @@ fn bench() -> anyhow::Result<()> {
         .args(["build", "--release", "-p", "ctrace-tests", "--bin", "bench"])
         .current_dir(&root)
         .env("AYA_BUILD_SKIP", "1"))?;
-    step("running the benchmarks (about 30 minutes)");
+    step("running the benchmarks (about an hour)");
     run(Command::new(root.join("target/release/bench"))
         .current_dir(&root)
         .env("CTRACE_BIN", &bin))?;

@@ -44,9 +44,9 @@ pub struct WatchConfig {
     /// the same as `netns`.
     pub connect_netns: Option<NetnsFilter>,
     /// Whether ctnetlink's NEW and DESTROY announcements are subscribed to
-    /// (they cost the kernel a message per entry made and ended); None:
-    /// where the tier has no witness of its own for who fills the table
-    /// (`--ctnetlink-events`, `--no-ctnetlink-events` decide otherwise).
+    /// (they cost the kernel a message per entry made and ended). None:
+    /// unless the tier counts who fills the table itself (passed flows);
+    /// `--ctnetlink-events` and `--no-ctnetlink-events` set it.
     pub ctnetlink_events: Option<bool>,
     /// Announcements per second and namespace the kernel is let build
     /// (`--announcements-per-s`); None: every one.

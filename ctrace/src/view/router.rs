@@ -66,8 +66,8 @@ pub struct RouterView {
     pods: PodAddresses,
     /// New entries per second by source and service, per interval.
     filling: FillingMeter,
-    /// ctnetlink's new-entry announcements, for tiers without insert
-    /// events.
+    /// ctnetlink's new-entry announcements, for tiers with neither insert
+    /// events nor passed flows of their own (or `--ctnetlink-events`).
     new_entries: Option<NewEntryFeed>,
     /// The tc tier's passed flows it could not attribute, once they feed
     /// the meter.
@@ -168,8 +168,8 @@ impl RouterView {
         // path, which the announcements do (a point and more of a
         // handshake-only connection rate in the bench).
         let caps = source.tier().caps;
-        let announced = cfg.ctnetlink_events.unwrap_or(!caps.passed_flows);
-        let new_entries = (!caps.entry_events && announced).then(|| {
+        let subscribe = cfg.ctnetlink_events.unwrap_or(!caps.passed_flows);
+        let new_entries = (!caps.entry_events && subscribe).then(|| {
             let mut feed = NewEntryFeed::new(cfg.announcements_per_s, cfg.interval);
             feed.sync(&monitor.inodes());
             feed
@@ -546,9 +546,11 @@ impl RouterView {
             feed.sync(&self.monitor.inodes());
         }
         self.take_announcements();
-        // The tc tier's own witness, for namespaces ctnetlink does not
-        // announce (a router without it): every flow that passed made an
-        // entry. Read every time, so that its deltas stay per interval.
+        // The tc tier's own witness, for every namespace whose entries
+        // ctnetlink is not announcing to ctrace (by default none on this
+        // tier; a router without ctnetlink has none at all): every flow
+        // that passed made an entry. Read every time, so that its deltas
+        // stay per interval.
         if let Some((passed, missed)) = self.source.passed() {
             let feed = self.new_entries.as_ref();
             let mut used = false;
