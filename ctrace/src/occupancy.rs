@@ -24,6 +24,7 @@ use std::{
     collections::{HashMap, hash_map::RandomState},
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::OnceLock,
     time::Instant,
 };
 
@@ -232,6 +233,11 @@ impl std::fmt::Display for Kept {
 struct Table {
     records: Records,
     source: Source,
+    /// The breakdown's parts that do not age, kept until the records
+    /// change: each summary would otherwise hash every record of a
+    /// 200,000-entry table twice, where between dumps nothing changed it
+    /// (the tc tier by default, without announcements).
+    tally: OnceLock<Breakdown>,
 }
 
 /// Keeps each namespace's occupancy current: a baseline from a full ctnetlink dump, then incremental
@@ -309,7 +315,9 @@ impl OccupancyTracker {
         let table = tables.entry(inode).or_insert_with(|| Table {
             records: Records::default(),
             source: Source::Dump,
+            tally: OnceLock::new(),
         });
+        table.tally.take();
         table.records.clear();
         table.records.reserve(expected);
         let outcome = dump(&mut |e| {
@@ -342,6 +350,7 @@ impl OccupancyTracker {
         let key = fingerprint(&self.keys, e);
         if let Some(t) = self.tables.get_mut(&inode) {
             t.records.insert(key, Record::new(e, now));
+            t.tally.take();
             t.source = Source::Events;
         }
     }
@@ -353,6 +362,7 @@ impl OccupancyTracker {
         let fp = fingerprint(&self.keys, e);
         if let Some(t) = self.tables.get_mut(&inode) {
             t.records.remove(&fp);
+            t.tally.take();
             t.source = Source::Events;
         }
     }
@@ -408,13 +418,36 @@ impl OccupancyTracker {
 
     fn breakdown_at(&self, inode: u64, now: u32) -> Option<Breakdown> {
         let table = self.tables.get(&inode)?;
+        let mut b = table
+            .tally
+            .get_or_init(|| self.tally(&table.records))
+            .clone();
+        // Remaining timeouts age with every call; a pass without hashing.
+        let mut by_timeout = [0u64; TIMEOUT_BUCKETS.len()];
+        for r in table.records.values() {
+            let left = u64::from(r.deadline.saturating_sub(now));
+            let bucket = TIMEOUT_BUCKETS
+                .iter()
+                .position(|(_, below)| left < *below)
+                .unwrap_or(TIMEOUT_BUCKETS.len() - 1);
+            by_timeout[bucket] += 1;
+        }
+        b.by_timeout = TIMEOUT_BUCKETS
+            .iter()
+            .zip(by_timeout)
+            .map(|((label, _), n)| (label.to_string(), n))
+            .collect();
+        Some(b)
+    }
+
+    /// The parts of a breakdown that do not age (`by_timeout` left empty).
+    fn tally(&self, records: &Records) -> Breakdown {
         let mut by_port: HashMap<(u8, u16), u64> = HashMap::new();
         let mut by_proto = [0u64; 256];
         let mut by_state = [0u64; 16];
         let mut by_prefix: HashMap<(bool, u64), u64> = HashMap::new();
-        let mut by_timeout = [0u64; TIMEOUT_BUCKETS.len()];
         let (mut assured, mut unreplied) = (0u64, 0u64);
-        for r in table.records.values() {
+        for r in records.values() {
             *by_port.entry((r.proto, r.dport)).or_default() += 1;
             by_proto[usize::from(r.proto)] += 1;
             if r.proto == IPPROTO_TCP {
@@ -425,12 +458,6 @@ impl OccupancyTracker {
             *by_prefix
                 .entry((r.bits & bits::V6 != 0, r.prefix))
                 .or_default() += 1;
-            let left = u64::from(r.deadline.saturating_sub(now));
-            let bucket = TIMEOUT_BUCKETS
-                .iter()
-                .position(|(_, below)| left < *below)
-                .unwrap_or(TIMEOUT_BUCKETS.len() - 1);
-            by_timeout[bucket] += 1;
         }
 
         let mut services: HashMap<&str, u64> = HashMap::new();
@@ -464,20 +491,16 @@ impl OccupancyTracker {
             .map(|((v6, prefix), n)| (prefix_label(v6, prefix), n))
             .collect();
 
-        Some(Breakdown {
-            total: table.records.len() as u64,
+        Breakdown {
+            total: records.len() as u64,
             by_service: sorted(services.into_iter().map(|(k, n)| (k.to_string(), n))),
             by_proto: sorted(protos.into_iter().map(|(k, n)| (k.to_string(), n))),
             by_tcp_state: sorted(states),
             assured,
             unreplied,
             by_src_prefix,
-            by_timeout: TIMEOUT_BUCKETS
-                .iter()
-                .zip(by_timeout)
-                .map(|((label, _), n)| (label.to_string(), n))
-                .collect(),
-        })
+            by_timeout: Vec::new(),
+        }
     }
 }
 
@@ -807,6 +830,34 @@ mod tests {
         assert_eq!(get(&bd.by_service, "other"), 4);
         assert_eq!(bd.by_tcp_state, [("UNKNOWN".to_string(), 1)]);
         assert_eq!(bd.by_src_prefix, [("192.0.2.0/24".to_string(), 5)]);
+    }
+
+    #[test]
+    fn occupancy_counts_kept_between_summaries_follow_every_change() {
+        let mut t = OccupancyTracker::new(Catalog::with_defaults());
+        let syn = |sport| {
+            entry(
+                IPPROTO_TCP,
+                v4(10, 0, 0, 1),
+                sport,
+                v4(10, 0, 0, 2),
+                22,
+                Some(TCP_CONNTRACK_SYN_SENT),
+                UNREPLIED,
+                120,
+            )
+        };
+        load(&mut t, 5, &[syn(1)]);
+        assert_eq!(t.breakdown(5).unwrap().total, 1);
+        // A re-dump, an insert and a delete each change what is kept.
+        load(&mut t, 5, &[syn(1), syn(2)]);
+        assert_eq!(t.breakdown(5).unwrap().by_service, [("ssh".into(), 2)]);
+        t.insert(5, &syn(3));
+        assert_eq!(t.breakdown(5).unwrap().unreplied, 3);
+        t.remove(5, &syn(1));
+        let bd = t.breakdown(5).unwrap();
+        assert_eq!((bd.total, bd.unreplied), (2, 2));
+        assert_eq!(get(&bd.by_timeout, "1m-10m"), 2);
     }
 
     #[test]
