@@ -552,9 +552,16 @@ fn report_of_a_recorded_lab_names_the_services_and_sizes_from_the_peak() {
     if ctrace_tests::lab_left_out(&out) {
         return;
     }
+    // With --json the verdict is the only stdout that is not a record.
+    let verdict: Vec<_> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('{'))
+        .map(str::to_owned)
+        .collect();
     assert!(
         out.status.success(),
-        "lab failed: {}",
+        "lab failed:\n{}\n{}",
+        verdict.join("\n"),
         String::from_utf8_lossy(&out.stderr)
     );
     let report = |files: &[&Path]| {
