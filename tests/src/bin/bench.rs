@@ -554,17 +554,28 @@ fn overhead(
 /// Rounds of `paths`: a second each, so many fit.
 const PATHS_ROUNDS: usize = 30;
 
-fn paths(rounds: usize, extra: &[&str]) -> anyhow::Result<Value> {
+fn paths(rounds: usize, entries: u64, extra: &[&str]) -> anyhow::Result<Value> {
+    // Each router holds `entries` of its own: the limit is machine-wide,
+    // the count per namespace.
+    let _max = (entries > 0)
+        .then(|| SysctlGuard::set(MAX, "1048576"))
+        .transpose()?;
     let watched = Topology::build()?;
     server(&watched.servers)?;
     let twin = Topology::build()?;
     server(&twin.servers)?;
+    // Every round starts from the same tables: the measured connections'
+    // own entries go, the fill stays.
     let reset = || -> anyhow::Result<()> {
         for t in [&watched, &twin] {
             CtSocket::open(Some(&t.router))?.flush()?;
+            if entries > 0 {
+                fill(t, entries)?;
+            }
         }
         Ok(())
     };
+    reset()?;
     let alternate = |label: &str| -> anyhow::Result<Value> {
         let mut r = vec![];
         for i in 0..rounds {
@@ -580,7 +591,10 @@ fn paths(rounds: usize, extra: &[&str]) -> anyhow::Result<Value> {
         }
         let m = median(&mut r);
         let (q1, q3) = quartiles(&r);
-        eprintln!("bench: paths {label}: watched/unwatched {m:.3} (quartiles {q1:.3}..{q3:.3})");
+        eprintln!(
+            "bench: paths, {entries} entries, {label}: watched/unwatched {m:.3} (quartiles \
+             {q1:.3}..{q3:.3})"
+        );
         Ok(json!({"ratio": m, "q1": q1, "q3": q3, "ratios": r}))
     };
     let before = alternate("without ctrace")?;
@@ -605,12 +619,14 @@ fn paths(rounds: usize, extra: &[&str]) -> anyhow::Result<Value> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let charged = ratio * (1.0 - cpu / cpus);
     eprintln!(
-        "bench: paths: the tc tier's packet path {ratio:.3} of the rate; ctrace's process \
+        "bench: paths, {entries} entries: the tc tier's packet path {ratio:.3} of the rate; \
+         ctrace's process \
          {:.1}% of a core besides ({charged:.3} with it charged to {cpus} CPUs)",
         cpu * 100.0
     );
     Ok(json!({
         "rounds": rounds,
+        "entries": entries,
         "path_ratio": ratio,
         "q1": with["q1"].as_f64().unwrap_or(f64::NAN) / base,
         "q3": with["q3"].as_f64().unwrap_or(f64::NAN) / base,
@@ -860,14 +876,56 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&storm(syns)?)?);
         return Ok(());
     }
-    // The per-packet path of the tc tier alone: `bench --paths [ARGS]`.
+    // A lab router holding N entries, kept until killed, for profiling
+    // ctrace by hand against a large table: `bench --hold N`. Prints the
+    // router's namespace inode (ctrace --netns takes it).
+    if args.get(1).map(String::as_str) == Some("--hold") {
+        let n: u64 = args.get(2).context("--hold needs a count")?.parse()?;
+        // SIGTERM and Ctrl-C are taken by sigwait below, so that the guard
+        // restores nf_conntrack_max on the way out. Blocked first: threads
+        // made later (the topology's) inherit the mask, and none of them
+        // may take the signal's default action.
+        // SAFETY: a signal set on the stack, filled by the libc calls that
+        // own its layout.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let _max = SysctlGuard::set(MAX, "1048576")?;
+        let topo = Topology::build()?;
+        fill(&topo, n)?;
+        println!("{}", topo.router.inode());
+        let mut sig = 0;
+        // SAFETY: the set built above, blocked in every thread.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        return Ok(());
+    }
+    // The per-packet path of the tc tier alone, both routers holding
+    // ENTRIES of their own: `bench --paths [--entries N] [CTRACE ARGS]`.
     if args.get(1).map(String::as_str) == Some("--paths") {
         let rounds = std::env::var("CTRACE_BENCH_ROUNDS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(PATHS_ROUNDS);
-        let extra: Vec<&str> = args[2..].iter().map(String::as_str).collect();
-        println!("{}", serde_json::to_string_pretty(&paths(rounds, &extra)?)?);
+        let (entries, extra) = match args.get(2).map(String::as_str) {
+            Some("--entries") => (
+                args.get(3)
+                    .context("--entries needs a count")?
+                    .parse()
+                    .context("--entries")?,
+                &args[4.min(args.len())..],
+            ),
+            _ => (0, &args[2..]),
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&paths(rounds, entries, &extra)?)?
+        );
         return Ok(());
     }
     let out_path = PathBuf::from(
@@ -897,7 +955,10 @@ fn main() -> anyhow::Result<()> {
         },
         "overhead": overhead(rounds, 1.5, &strategies, None)?,
         "tc_paths": if strategies.iter().any(|s| s == "tc") {
-            paths(PATHS_ROUNDS, &[])?
+            json!({
+                "empty": paths(PATHS_ROUNDS, 0, &[])?,
+                "200k": paths(PATHS_ROUNDS, 200_000, &[])?,
+            })
         } else {
             Value::Null
         },
@@ -947,11 +1008,10 @@ fn print_table(r: &Value) {
             );
         }
     }
-    let p = &r["tc_paths"];
-    if !p.is_null() {
+    for (cond, p) in r["tc_paths"].as_object().into_iter().flatten() {
         let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| tc packet path, watched/unwatched twin labs under one ctrace ({} rounds) | {:.3} (quartiles {:.3}..{:.3}); {:.3} with ctrace's {:.1}% of a core charged |",
+            "| tc packet path {cond}, watched/unwatched twin labs under one ctrace ({} rounds) | {:.3} (quartiles {:.3}..{:.3}); {:.3} with ctrace's {:.1}% of a core charged |",
             p["rounds"],
             f("path_ratio"),
             f("q1"),
