@@ -25,7 +25,7 @@ use std::{
     hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::OnceLock,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use ctrace_common::IPPROTO_TCP;
@@ -81,6 +81,13 @@ pub struct Breakdown {
     /// Remaining timeout: "<1m", "1m-10m", "10m-1h", "1h-1d", ">=1d", always
     /// all five, in that order.
     pub by_timeout: Vec<(String, u64)>,
+    /// Seconds since the dump the breakdown started from. Events and
+    /// announcements keep it current after that; without them it is this
+    /// old, and a large table is re-dumped less often than a small one.
+    pub dump_age_s: u64,
+    /// How long that dump took, in seconds: the kernel's formatting of
+    /// every entry and this process's reading of it.
+    pub dump_s: f64,
 }
 
 /// What one conntrack entry contributes to a breakdown: 16 bytes.
@@ -238,6 +245,9 @@ struct Table {
     /// 200,000-entry table twice, where between dumps nothing changed it
     /// (the tc tier by default, without announcements).
     tally: OnceLock<Breakdown>,
+    /// When the last dump ended, in seconds since the tracker's epoch.
+    dumped_at: u32,
+    dump_took: Duration,
 }
 
 /// Keeps each namespace's occupancy current: a baseline from a full ctnetlink dump, then incremental
@@ -316,10 +326,13 @@ impl OccupancyTracker {
             records: Records::default(),
             source: Source::Dump,
             tally: OnceLock::new(),
+            dumped_at: now,
+            dump_took: Duration::ZERO,
         });
         table.tally.take();
         table.records.clear();
         table.records.reserve(expected);
+        let started = Instant::now();
         let outcome = dump(&mut |e| {
             table
                 .records
@@ -328,6 +341,8 @@ impl OccupancyTracker {
         match outcome {
             Ok(seen) => {
                 table.source = Source::Dump;
+                table.dumped_at = now;
+                table.dump_took = started.elapsed();
                 let r = &mut table.records;
                 if r.capacity() > SHRINK_MIN_CAPACITY && r.capacity() > r.len() * SHRINK_RATIO {
                     r.shrink_to_fit();
@@ -437,6 +452,8 @@ impl OccupancyTracker {
             .zip(by_timeout)
             .map(|((label, _), n)| (label.to_string(), n))
             .collect();
+        b.dump_age_s = u64::from(now.saturating_sub(table.dumped_at));
+        b.dump_s = table.dump_took.as_secs_f64();
         Some(b)
     }
 
@@ -500,6 +517,8 @@ impl OccupancyTracker {
             unreplied,
             by_src_prefix,
             by_timeout: Vec::new(),
+            dump_age_s: 0,
+            dump_s: 0.0,
         }
     }
 }

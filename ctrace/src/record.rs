@@ -366,6 +366,14 @@ pub struct OccupancyLine {
     /// Entries by the time they have left.
     #[serde(default)]
     pub by_timeout: BTreeMap<String, u64>,
+    /// Seconds since the dump the breakdown started from; with
+    /// `periodic_dump` it is this old (absent from early recordings).
+    #[serde(default)]
+    pub dump_age_s: Option<u64>,
+    /// How long that dump took, in seconds. A periodic re-dump waits at
+    /// least 100 times as long (absent from early recordings).
+    #[serde(default)]
+    pub dump_s: Option<f64>,
 }
 
 impl OccupancyLine {
@@ -384,6 +392,8 @@ impl OccupancyLine {
             unreplied: b.unreplied,
             by_src_prefix: obj(&b.by_src_prefix),
             by_timeout: obj(&b.by_timeout),
+            dump_age_s: Some(b.dump_age_s),
+            dump_s: Some(b.dump_s),
         }
     }
 }
@@ -689,6 +699,8 @@ mod tests {
                 unreplied: 9,
                 by_src_prefix: counts("10.10.0.0/24"),
                 by_timeout: counts("<10s"),
+                dump_age_s: Some(3),
+                dump_s: Some(0.25),
             }],
             evicted_total: 4,
             gc_evicted_total: 4,

@@ -620,6 +620,76 @@ fn occupancy_matches_a_known_mix() {
     assert!(occ["source"].is_string(), "{occ}");
 }
 
+/// A large table is re-dumped no sooner than 100 times as long as its
+/// last dump took, whatever `--occupancy-every` says: re-dumps take at
+/// most 1% of a core. The final summary's dump is left out (it always
+/// runs).
+#[test]
+fn occupancy_re_dumps_of_a_large_table_take_at_most_a_hundredth_of_the_time() {
+    const TEST: &str = "occupancy_re_dumps_of_a_large_table_take_at_most_a_hundredth_of_the_time";
+    if !privileged() || !ctrace_tests::ctnetlink() {
+        return;
+    }
+    let topo = Topology::build().unwrap();
+    let router = topo.router.inode();
+    let n = 50_000.min(global_max() / 2);
+    let fill = traffic::fill_table_with(&topo.router, n, mix_entry, |_| {}).unwrap();
+    assert_eq!(fill.created, n);
+    // Re-dumps asked for every second, summaries every half second.
+    let tracer = occupancy_tracer(router, &[]);
+    std::thread::sleep(Duration::from_secs(8));
+    let records = tracer.stop();
+    let seen: Vec<(String, u64, f64)> = records
+        .iter()
+        .filter(|r| r["type"] == "summary" && r["final"] == false)
+        .filter_map(|s| occupancy_of(s, router))
+        .map(|o| {
+            (
+                o["source"].as_str().unwrap_or_default().to_string(),
+                o["dump_age_s"].as_u64().expect("dump_age_s"),
+                o["dump_s"].as_f64().expect("dump_s"),
+            )
+        })
+        .collect();
+    eprintln!("(source, dump_age_s, dump_s) per interval: {seen:?}");
+    assert!(seen.len() >= 8, "{seen:?}");
+    // A tier with insert and delete events keeps occupancy by them and
+    // re-dumps on no period.
+    if seen
+        .iter()
+        .any(|s| s.0 != "periodic_dump" && s.0 != "dump+announcements")
+    {
+        eprintln!(
+            "SKIPPED {TEST}: this tier keeps occupancy by events ({})",
+            seen[0].0
+        );
+        return;
+    }
+    // Each re-dump (the age falls back) came no sooner than the one
+    // before it allowed. Ages are whole seconds and summaries half a
+    // second apart: 1.5 s of slack.
+    for w in seen.windows(2) {
+        let ((_, age, took), (_, next_age, _)) = (&w[0], &w[1]);
+        if next_age < age {
+            let wait = (100.0 * took).max(1.0);
+            assert!(
+                *age as f64 + 1.5 >= wait,
+                "re-dumped after {age}s, where the last dump took {took:.3}s: {seen:?}"
+            );
+        }
+    }
+    // Where the fill's dump is slow enough, the budget set the pace, not
+    // --occupancy-every.
+    let first = seen[0].2;
+    if 100.0 * first >= 4.0 {
+        let oldest = seen.iter().map(|s| s.1).max().unwrap_or(0);
+        assert!(
+            oldest >= 3,
+            "a {first:.3}s dump repeated every second: {seen:?}"
+        );
+    }
+}
+
 /// An optional probe that cannot be placed (inlined, cloned, refused) is
 /// named, and occupancy is then kept by dumps, with ctnetlink's
 /// announcements in between: entries deleted while no delete probe can

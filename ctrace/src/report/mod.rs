@@ -191,6 +191,8 @@ fn bounded(o: &Occupancy) -> Occupancy {
         by_timeout: top(&o.by_timeout),
         assured: o.assured,
         unreplied: o.unreplied,
+        dump_age_s: o.dump_age_s,
+        dump_s: o.dump_s,
     }
 }
 

@@ -92,7 +92,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
             w(&mut o, format!("  {}", agreement_text(a)));
         }
         if let Some((_, source, b)) = s.occupancy.iter().find(|(i, _, _)| *i == t.inode) {
-            w(&mut o, format!("  occupied by ({source}):"));
+            // A breakdown only dumps keep is as old as its dump.
+            let age = match source {
+                crate::occupancy::Kept::PeriodicDump => {
+                    format!(", dumped {}s ago in {:.2}s", b.dump_age_s, b.dump_s)
+                }
+                _ => String::new(),
+            };
+            w(&mut o, format!("  occupied by ({source}{age}):"));
             for line in crate::occupancy::render_top(b, 4) {
                 w(&mut o, format!("    {line}"));
             }

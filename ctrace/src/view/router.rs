@@ -89,6 +89,14 @@ pub struct RouterOutcome {
     pub occupancy: Vec<(u64, Kept, Breakdown)>,
 }
 
+/// A periodic re-dump waits at least this many times as long as the last
+/// one took, so that re-dumps take at most 1% of a core whatever the
+/// table's size: the kernel formats every entry of every dump, about
+/// 0.4 s of a core for 200,000 entries, which every 10 s (the default
+/// period) was 4% of one. Wall time, not CPU time: on a busy machine a
+/// dump takes longer, and backing off then is the point.
+const DUMP_COST_RATIO: u32 = 100;
+
 /// Who holds the entries: a baseline dump, then kept by insert/delete
 /// events on tiers that have them, or by ctnetlink's NEW and DESTROY
 /// announcements where it has them, else re-dumped periodically.
@@ -96,6 +104,8 @@ struct Occupancy {
     tracker: OccupancyTracker,
     every: Duration,
     last_dump: Option<Instant>,
+    /// How long the last periodic pass over every table took.
+    last_cost: Duration,
     lost_at_dump: u64,
     hz: u32,
 }
@@ -142,6 +152,7 @@ impl RouterView {
             tracker: OccupancyTracker::new(cfg.catalog.clone()),
             every,
             last_dump: None,
+            last_cost: Duration::ZERO,
             lost_at_dump: 0,
             hz: facts.hz.max(1),
         });
@@ -353,9 +364,11 @@ impl RouterView {
             None => true,
             Some(_) if is_final => !events_tier,
             Some(at) => {
-                at.elapsed() >= occ.every && (!events_tier || lost_events > occ.lost_at_dump)
+                at.elapsed() >= occ.every.max(occ.last_cost * DUMP_COST_RATIO)
+                    && (!events_tier || lost_events > occ.lost_at_dump)
             }
         };
+        let started = Instant::now();
         let mut dumped = false;
         // Namespaces whose entries ctnetlink announces are re-dumped on
         // the same period: with nf_conntrack_events=2 (the default) an
@@ -376,6 +389,7 @@ impl RouterView {
         }
         if all_due || (dumped && occ.last_dump.is_none()) {
             occ.last_dump = Some(Instant::now());
+            occ.last_cost = started.elapsed();
             occ.lost_at_dump = lost_events;
         }
         if dumped {
