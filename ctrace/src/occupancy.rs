@@ -245,8 +245,11 @@ struct Table {
     /// 200,000-entry table twice, where between dumps nothing changed it
     /// (the tc tier by default, without announcements).
     tally: OnceLock<Breakdown>,
-    /// When the last dump ended, in seconds since the tracker's epoch.
+    /// When the last dump began, in seconds since the tracker's epoch: the
+    /// records' deadlines are as of then.
     dumped_at: u32,
+    /// What the last dump cost in wall time, shown so that a stretched
+    /// re-dump period explains itself.
     dump_took: Duration,
 }
 

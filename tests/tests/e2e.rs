@@ -635,9 +635,10 @@ fn occupancy_re_dumps_of_a_large_table_take_at_most_a_hundredth_of_the_time() {
     let n = 50_000.min(global_max() / 2);
     let fill = traffic::fill_table_with(&topo.router, n, mix_entry, |_| {}).unwrap();
     assert_eq!(fill.created, n);
-    // Re-dumps asked for every second, summaries every half second.
+    // Re-dumps asked for every second, summaries every half second; long
+    // enough for the budget's first re-dump where a dump takes 0.1 s.
     let tracer = occupancy_tracer(router, &[]);
-    std::thread::sleep(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(12));
     let records = tracer.stop();
     let seen: Vec<(String, u64, f64)> = records
         .iter()
@@ -681,13 +682,18 @@ fn occupancy_re_dumps_of_a_large_table_take_at_most_a_hundredth_of_the_time() {
     // Where the fill's dump is slow enough, the budget set the pace, not
     // --occupancy-every.
     let first = seen[0].2;
-    if 100.0 * first >= 4.0 {
-        let oldest = seen.iter().map(|s| s.1).max().unwrap_or(0);
-        assert!(
-            oldest >= 3,
-            "a {first:.3}s dump repeated every second: {seen:?}"
+    if 100.0 * first < 4.0 {
+        eprintln!(
+            "SKIPPED {TEST}: a dump of {n} entries took {first:.3}s, too fast for the budget \
+             to show against a 1 s period"
         );
+        return;
     }
+    let oldest = seen.iter().map(|s| s.1).max().unwrap_or(0);
+    assert!(
+        oldest >= 3,
+        "a {first:.3}s dump repeated every second: {seen:?}"
+    );
 }
 
 /// An optional probe that cannot be placed (inlined, cloned, refused) is

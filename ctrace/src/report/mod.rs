@@ -697,7 +697,7 @@ impl Report {
             let Some(o) = ns.occupancy.as_ref().filter(|o| o.total > 0) else {
                 if ns.peak > 0 {
                     b.push(Block::Para(format!(
-                        "netns {}: no breakdown was recorded with entries in it (tables are re-read every --occupancy-every, 10 s by default, where no kprobe tier keeps them current).",
+                        "netns {}: no breakdown was recorded with entries in it (tables are re-read every --occupancy-every, 10 s by default, or 100 times as long as the last read took, where no kprobe tier keeps them current).",
                         md(&ns.label)
                     )));
                 }

@@ -92,12 +92,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
             w(&mut o, format!("  {}", agreement_text(a)));
         }
         if let Some((_, source, b)) = s.occupancy.iter().find(|(i, _, _)| *i == t.inode) {
-            // A breakdown only dumps keep is as old as its dump.
+            // Re-dumps of a large table are spaced out (100 times their
+            // own time): say how old the last one is. Events alone keep
+            // an `events` breakdown, whose dump is long past and moot.
             let age = match source {
-                crate::occupancy::Kept::PeriodicDump => {
-                    format!(", dumped {}s ago in {:.2}s", b.dump_age_s, b.dump_s)
-                }
-                _ => String::new(),
+                crate::occupancy::Kept::Events => String::new(),
+                _ => format!(", dumped {}s ago in {:.2}s", b.dump_age_s, b.dump_s),
             };
             w(&mut o, format!("  occupied by ({source}{age}):"));
             for line in crate::occupancy::render_top(b, 4) {

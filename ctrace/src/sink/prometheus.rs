@@ -422,6 +422,13 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
         "Entries nothing ever answered.",
         &["netns"],
     )?;
+    // The gauges above are as old as this where no events keep them: a
+    // large table's re-dumps are spaced 100 times their own time apart.
+    let dump_age = f.gauge(
+        "ctrace_occupancy_dump_age_seconds",
+        "Seconds since the table dump the occupancy gauges started from.",
+        &["netns"],
+    )?;
     for (inode, _, b) in &s.occupancy {
         let ns = inode.to_string();
         for (service, n) in &b.by_service {
@@ -437,6 +444,9 @@ fn ctrace_series(f: &Families, s: &Snapshot<'_>) -> text_format::Result<()> {
         unreplied
             .with_label_values(&[&ns])
             .set(gauge_value(b.unreplied));
+        dump_age
+            .with_label_values(&[&ns])
+            .set(gauge_value(b.dump_age_s));
     }
 
     connect_series(f, s)?;

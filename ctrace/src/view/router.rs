@@ -11,7 +11,7 @@
 //! per-service, per-cause totals, and the flows announced since are
 //! labelled with the cause their class got.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -106,6 +106,10 @@ struct Occupancy {
     last_dump: Option<Instant>,
     /// How long the last periodic pass over every table took.
     last_cost: Duration,
+    /// Namespaces whose last dump failed: retried with the next periodic
+    /// pass, not every tick, or a table that keeps failing would be
+    /// re-dumped every second outside the budget.
+    failed: HashSet<u64>,
     lost_at_dump: u64,
     hz: u32,
 }
@@ -153,6 +157,7 @@ impl RouterView {
             every,
             last_dump: None,
             last_cost: Duration::ZERO,
+            failed: HashSet::new(),
             lost_at_dump: 0,
             hz: facts.hz.max(1),
         });
@@ -354,7 +359,9 @@ impl RouterView {
     /// Re-dumps tables when occupancy is due: every period (and for the
     /// final report) on tiers without entry events; on event tiers only for
     /// namespaces not yet baselined, and after lost events (which may have
-    /// been inserts or deletes).
+    /// been inserts or deletes). The period stretches to 100 times the last
+    /// pass's time after lost events too: they come with storms, when a
+    /// re-dump costs the most, and the output gives the breakdown's age.
     fn refresh_occupancy(&mut self, lost_events: u64, is_final: bool) {
         let events_tier = self.tier().caps.entry_events;
         let Some(occ) = self.occupancy.as_mut() else {
@@ -369,6 +376,9 @@ impl RouterView {
             }
         };
         let started = Instant::now();
+        if all_due {
+            occ.failed.clear();
+        }
         let mut dumped = false;
         // Namespaces whose entries ctnetlink announces are re-dumped on
         // the same period: with nf_conntrack_events=2 (the default) an
@@ -376,7 +386,7 @@ impl RouterView {
         // announces its end, so events alone would keep it forever. They
         // keep the breakdown current between dumps.
         for inode in self.monitor.inodes() {
-            if !all_due && occ.tracker.source(inode).is_some() {
+            if !all_due && (occ.tracker.source(inode).is_some() || occ.failed.contains(&inode)) {
                 continue;
             }
             let Some(reader) = self.monitor.reader(inode) else {
@@ -384,6 +394,7 @@ impl RouterView {
             };
             if let Err(e) = occ.tracker.baseline_from(inode, reader) {
                 log::debug!("netns {inode}: occupancy dump failed: {e:#}");
+                occ.failed.insert(inode);
             }
             dumped = true;
         }

@@ -435,8 +435,11 @@ fn overhead(
                 }
                 Ok(())
             };
-            // --occupancy-every 2s: the periodic re-dump is what a
-            // 200,000-entry table makes expensive.
+            // --occupancy-every 2s: re-dumps as often as ctrace lets
+            // them, which is 100 times as long as the last dump took (about
+            // 43 s for 200,000 entries). A round of 1.5 s after the
+            // start-up dump sees none; `--paths` runs one ctrace for
+            // minutes, and its CPU share carries the re-dumps' cost.
             let mut extra = vec!["--occupancy-every", "2s"];
             extra.extend_from_slice(side);
             let (mut ratios, mut base, mut cpu) = (vec![], vec![], vec![]);
@@ -576,9 +579,15 @@ fn paths(rounds: usize, entries: u64, extra: &[&str]) -> anyhow::Result<Value> {
         Ok(())
     };
     reset()?;
-    let alternate = |label: &str| -> anyhow::Result<Value> {
+    // `pid`: a ctrace whose CPU to add up over the measured seconds
+    // only, not over the resets between them (refilling a router's table
+    // is kernel work in this process, and ctrace is idle through it).
+    let alternate = |label: &str, pid: Option<i32>| -> anyhow::Result<(Value, f64)> {
         let mut r = vec![];
+        let (mut cpu, mut secs) = (0.0, 0.0);
         for i in 0..rounds {
+            let cpu0 = pid.map_or(0.0, cpu_secs);
+            let t0 = Instant::now();
             let (w, u) = if i % 2 == 0 {
                 let u = connection_rate(&twin, 1.0)?.per_s;
                 (connection_rate(&watched, 1.0)?.per_s, u)
@@ -586,6 +595,8 @@ fn paths(rounds: usize, entries: u64, extra: &[&str]) -> anyhow::Result<Value> {
                 let w = connection_rate(&watched, 1.0)?.per_s;
                 (w, connection_rate(&twin, 1.0)?.per_s)
             };
+            secs += t0.elapsed().as_secs_f64();
+            cpu += pid.map_or(0.0, cpu_secs) - cpu0;
             reset()?;
             r.push(w / u);
         }
@@ -595,9 +606,12 @@ fn paths(rounds: usize, entries: u64, extra: &[&str]) -> anyhow::Result<Value> {
             "bench: paths, {entries} entries, {label}: watched/unwatched {m:.3} (quartiles \
              {q1:.3}..{q3:.3})"
         );
-        Ok(json!({"ratio": m, "q1": q1, "q3": q3, "ratios": r}))
+        Ok((
+            json!({"ratio": m, "q1": q1, "q3": q3, "ratios": r}),
+            cpu / secs.max(f64::EPSILON),
+        ))
     };
-    let before = alternate("without ctrace")?;
+    let (before, _) = alternate("without ctrace", None)?;
     // The router view alone, as in the overhead rows: the node view's
     // programs would fire on both labs' handshakes and count in ctrace's
     // CPU here.
@@ -605,11 +619,9 @@ fn paths(rounds: usize, entries: u64, extra: &[&str]) -> anyhow::Result<Value> {
     args.extend_from_slice(extra);
     let t = Running::start(Some("tc"), watched.router.inode(), &args)?;
     t.first_summary()?;
-    let cpu0 = cpu_secs(t.pid());
-    let (with, dt) = timed(|| alternate("with ctrace"))?;
-    let cpu = (cpu_secs(t.pid()) - cpu0) / dt;
+    let (with, cpu) = alternate("with ctrace", Some(t.pid()))?;
     t.stop()?;
-    let after = alternate("without ctrace, after")?;
+    let (after, _) = alternate("without ctrace, after", None)?;
     let base = (before["ratio"].as_f64().unwrap_or(f64::NAN)
         + after["ratio"].as_f64().unwrap_or(f64::NAN))
         / 2.0;
@@ -881,7 +893,7 @@ fn main() -> anyhow::Result<()> {
     // router's namespace inode (ctrace --netns takes it).
     if args.get(1).map(String::as_str) == Some("--hold") {
         let n: u64 = args.get(2).context("--hold needs a count")?.parse()?;
-        // SIGTERM and Ctrl-C are taken by sigwait below, so that the guard
+        // SIGTERM, SIGHUP and Ctrl-C are taken by sigwait below, so that the guard
         // restores nf_conntrack_max on the way out. Blocked first: threads
         // made later (the topology's) inherit the mask, and none of them
         // may take the signal's default action.
@@ -892,12 +904,24 @@ fn main() -> anyhow::Result<()> {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             set
         };
         let _max = SysctlGuard::set(MAX, "1048576")?;
         let topo = Topology::build()?;
-        fill(&topo, n)?;
+        let made = traffic::fill_table(
+            &topo.router,
+            n,
+            std::net::IpAddr::V4(topology::SERVER_V4),
+            |_| {},
+        )?;
+        if made.created < n {
+            eprintln!(
+                "bench: --hold: the table took {} of {n} entries",
+                made.created
+            );
+        }
         println!("{}", topo.router.inode());
         let mut sig = 0;
         // SAFETY: the set built above, blocked in every thread.
@@ -1008,7 +1032,10 @@ fn print_table(r: &Value) {
             );
         }
     }
-    for (cond, p) in r["tc_paths"].as_object().into_iter().flatten() {
+    for (cond, p) in ["empty", "200k"].map(|c| (c, &r["tc_paths"][c])) {
+        if p.is_null() {
+            continue;
+        }
         let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "| tc packet path {cond}, watched/unwatched twin labs under one ctrace ({} rounds) | {:.3} (quartiles {:.3}..{:.3}); {:.3} with ctrace's {:.1}% of a core charged |",
