@@ -364,6 +364,12 @@ fn overhead(
     only: Option<&str>,
 ) -> anyhow::Result<Value> {
     let mut out = serde_json::Map::new();
+    let settle = Duration::from_millis(
+        std::env::var("CTRACE_BENCH_SETTLE_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    );
     for (cond, entries) in [("empty", 0u64), ("200k", 200_000)] {
         let topo = Topology::build()?;
         server(&topo.servers)?;
@@ -458,6 +464,9 @@ fn overhead(
                         let t = Running::start(*strategy, router, &extra)?;
                         // Tracing, not starting: the start-up dump is done.
                         t.first_summary()?;
+                        // CTRACE_BENCH_SETTLE_MS: wait longer, for telling
+                        // a start-up's aftermath from the steady cost.
+                        std::thread::sleep(settle);
                         let cpu0 = cpu_secs(t.pid());
                         let (b, dt) = timed(|| connection_rate(&topo, secs))?;
                         // ctrace's own share of the machine while measured.
