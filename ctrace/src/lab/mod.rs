@@ -27,7 +27,7 @@ use anyhow::Context as _;
 use crate::{
     cause::Cause,
     cli::LabArgs,
-    event::Proto,
+    event::{Flow, Proto},
     kernel::KernelFacts,
     netlink::ctnetlink::CtSocket,
     services::Catalog,
@@ -283,8 +283,13 @@ impl Report {
             Some(rows) => o += &render_clients(rows),
             None => o += "  clients' side: not traced (no node view on this kernel)\n",
         }
-        let through: u64 = self.rows.iter().map(|r| r.attempts - r.failed).sum();
         let let_through: u64 = self.rows.iter().map(|r| r.let_through).sum();
+        let through = self
+            .rows
+            .iter()
+            .map(|r| r.attempts - r.failed)
+            .sum::<u64>()
+            .saturating_sub(let_through);
         if let_through > 0 {
             o += &format!(
                 "  {let_through} incident connection(s) lost a packet to the full table and then \
@@ -549,6 +554,31 @@ fn judge_clients(truth: &Truth, outcome: &Outcome, router: &[Row]) -> Vec<Client
     rows.into_values().collect()
 }
 
+/// Per service, ctrace's table-full flows whose client connected only on
+/// a retransmission, by its own timing: the same flow from both ends, a
+/// drop and then room. A flow ctrace judged dropped whose client
+/// connected at once is not excused.
+fn let_through<'a>(
+    incident: &[Attempt],
+    flows: impl IntoIterator<Item = (&'a Flow, Cause, Option<&'a str>)>,
+) -> BTreeMap<String, u64> {
+    let retried: std::collections::HashSet<(Proto, SocketAddr, SocketAddr)> = incident
+        .iter()
+        .filter(|a| a.ok && a.retried)
+        .filter_map(|a| Some((a.planned.proto, a.local?, a.planned.dst)))
+        .collect();
+    let mut by_service = BTreeMap::new();
+    for (flow, cause, service) in flows {
+        if cause == Cause::TableFull
+            && retried.contains(&(flow.proto, flow.src, flow.dst))
+            && let Some(s) = service
+        {
+            *by_service.entry(s.to_string()).or_default() += 1;
+        }
+    }
+    by_service
+}
+
 fn judge(truth: &Truth, outcome: &Outcome, node_view: bool) -> Report {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for a in &truth.incident {
@@ -565,23 +595,14 @@ fn judge(truth: &Truth, outcome: &Outcome, node_view: bool) -> Report {
         r.attempts += 1;
         r.failed += u64::from(!a.ok);
     }
-    let connected: std::collections::HashSet<(SocketAddr, SocketAddr)> = truth
-        .incident
-        .iter()
-        .filter(|a| a.ok)
-        .filter_map(|a| Some((a.local?, a.planned.dst)))
-        .collect();
-    for f in outcome
+    let flows = outcome
         .router
         .flows
         .iter()
-        .filter(|f| f.first.cause == Cause::TableFull)
-    {
-        let flow = &f.first.flow;
-        if connected.contains(&(flow.src, flow.dst))
-            && let Some(r) = f.first.service.as_ref().and_then(|s| rows.get_mut(s))
-        {
-            r.let_through += 1;
+        .map(|f| (&f.first.flow, f.first.cause, f.first.service.as_deref()));
+    for (service, n) in let_through(&truth.incident, flows) {
+        if let Some(r) = rows.get_mut(&service) {
+            r.let_through = n;
         }
     }
     let mut ctrace_packets = 0;
@@ -662,6 +683,89 @@ mod tests {
         let r = report(&[(2, 0, 0), (2, 0, 0)], 0, 0);
         assert!(!r.passed());
         assert!(r.render().contains("NO CONNECTION FAILED"));
+    }
+
+    #[test]
+    fn let_through_needs_the_same_tuple_a_table_full_cause_and_a_retry() {
+        let attempt = |proto, local: &str, dst: &str, ok, retried| Attempt {
+            planned: Planned {
+                service: "svc".into(),
+                proto,
+                src: local.parse::<SocketAddr>().unwrap().ip(),
+                dst: dst.parse().unwrap(),
+            },
+            local: Some(local.parse().unwrap()),
+            ok,
+            error: None,
+            errno: None,
+            elapsed: Duration::ZERO,
+            retried,
+        };
+        let flow = |proto, src: &str, dst: &str| Flow {
+            netns: 1,
+            proto,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        };
+        let incident = [
+            // Connected on its retransmission, v4 and v6.
+            attempt(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22", true, true),
+            attempt(Proto::Tcp, "[fd00::2]:40001", "[fd01::2]:22", true, true),
+            attempt(Proto::Udp, "10.10.0.3:40002", "10.10.1.2:53", true, true),
+            // Connected at once: no packet of it was lost.
+            attempt(Proto::Tcp, "10.10.0.2:40003", "10.10.1.2:2380", true, false),
+            // Failed: counted as failed, not let through.
+            attempt(
+                Proto::Tcp,
+                "10.10.0.2:40004",
+                "10.10.1.2:4420",
+                false,
+                false,
+            ),
+        ];
+        let flows = [
+            (
+                flow(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22"),
+                Cause::TableFull,
+                "ssh",
+            ),
+            (
+                flow(Proto::Tcp, "[fd00::2]:40001", "[fd01::2]:22"),
+                Cause::TableFull,
+                "ssh",
+            ),
+            (
+                flow(Proto::Udp, "10.10.0.3:40002", "10.10.1.2:53"),
+                Cause::TableFull,
+                "dns",
+            ),
+            // Same addresses, other protocol.
+            (
+                flow(Proto::Udp, "10.10.0.2:40000", "10.10.1.2:22"),
+                Cause::TableFull,
+                "ssh",
+            ),
+            // A drop ctrace got wrong: the client never lost a packet.
+            (
+                flow(Proto::Tcp, "10.10.0.2:40003", "10.10.1.2:2380"),
+                Cause::TableFull,
+                "etcd-peer",
+            ),
+            (
+                flow(Proto::Tcp, "10.10.0.2:40004", "10.10.1.2:4420"),
+                Cause::TableFull,
+                "nvme-tcp",
+            ),
+            // Another cause.
+            (
+                flow(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22"),
+                Cause::Rule,
+                "ssh",
+            ),
+        ];
+        let got = let_through(&incident, flows.iter().map(|(f, c, s)| (f, *c, Some(*s))));
+        let want: BTreeMap<String, u64> = [("dns".to_string(), 1), ("ssh".to_string(), 2)].into();
+        assert_eq!(got, want);
     }
 
     /// The restore writes through the handle opened where the sysctl was

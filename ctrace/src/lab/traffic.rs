@@ -95,6 +95,10 @@ pub struct Attempt {
     /// succeeded or the client gave up first.
     pub errno: Option<i32>,
     pub elapsed: Duration,
+    /// The client's own sign that its first packet went unanswered: a
+    /// TCP handshake that took as long as the first SYN's retransmission
+    /// timer, or a DNS reply only to the second query.
+    pub retried: bool,
 }
 
 impl Attempt {
@@ -148,9 +152,9 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         Proto::Udp => udp_attempt(&p, timeout),
         _ => tcp_attempt(&p, timeout),
     };
-    let (local, ok, error, errno) = match result {
-        Ok((local, ok, err, errno)) => (local, ok, err, errno),
-        Err(e) => (None, false, Some(format!("{e:#}")), None),
+    let (local, ok, error, errno, retried) = match result {
+        Ok(o) => (o.local, o.ok, o.error, o.errno, o.retried),
+        Err(e) => (None, false, Some(format!("{e:#}")), None, false),
     };
     Attempt {
         planned: p,
@@ -159,10 +163,21 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         error,
         errno,
         elapsed: started.elapsed(),
+        retried,
     }
 }
 
-type Outcome = (Option<SocketAddr>, bool, Option<String>, Option<i32>);
+struct Outcome {
+    local: Option<SocketAddr>,
+    ok: bool,
+    error: Option<String>,
+    errno: Option<i32>,
+    retried: bool,
+}
+
+/// The first SYN is retransmitted after 1 s (TCP_TIMEOUT_INIT); a
+/// handshake through a quiet veth lab that took this long needed that.
+const SYN_RETRANSMITTED_BY: Duration = Duration::from_millis(900);
 
 fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     let domain = if p.dst.is_ipv4() {
@@ -175,16 +190,30 @@ fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
         .context("binding the source")?;
     set_syn_retries(&s, LAB_SYN_RETRIES).context("setting TCP_SYNCNT")?;
     let local = s.local_addr().ok().and_then(|a| a.as_socket());
+    let started = Instant::now();
     match s.connect_timeout(&SockAddr::from(p.dst), TCP_CONNECT_DEADLINE) {
         Ok(()) => {
+            let retried = started.elapsed() >= SYN_RETRANSMITTED_BY;
             let mut stream: std::net::TcpStream = s.into();
             let mut buf = [0u8; 3];
             let _ = stream.set_read_timeout(Some(timeout));
             let _ = stream.read(&mut buf);
-            Ok((local, true, None, None))
+            Ok(Outcome {
+                local,
+                ok: true,
+                error: None,
+                errno: None,
+                retried,
+            })
         }
         // socket2 reports its own deadline without an errno.
-        Err(e) => Ok((local, false, Some(e.to_string()), e.raw_os_error())),
+        Err(e) => Ok(Outcome {
+            local,
+            ok: false,
+            error: Some(e.to_string()),
+            errno: e.raw_os_error(),
+            retried: false,
+        }),
     }
 }
 
@@ -218,13 +247,25 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     const QUERY: &[u8] =
         b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03org\x00\x00\x01\x00\x01";
     let mut buf = [0u8; 512];
-    for _ in 0..2 {
+    for query in 0..2 {
         u.send(QUERY)?;
         if u.recv(&mut buf).is_ok() {
-            return Ok((local, true, None, None));
+            return Ok(Outcome {
+                local,
+                ok: true,
+                error: None,
+                errno: None,
+                retried: query > 0,
+            });
         }
     }
-    Ok((local, false, Some("no reply".into()), None))
+    Ok(Outcome {
+        local,
+        ok: false,
+        error: Some("no reply".into()),
+        errno: None,
+        retried: false,
+    })
 }
 
 /// Fills the table of the router between `clients` and `servers` with real
