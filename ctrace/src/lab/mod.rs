@@ -549,7 +549,7 @@ fn judge_clients(truth: &Truth, outcome: &Outcome, router: &[Row]) -> Vec<Client
         r.router_flows = router
             .iter()
             .find(|x| x.service == r.service)
-            .map_or(0, |x| x.ctrace_flows - x.let_through.min(x.ctrace_flows));
+            .map_or(0, |x| x.ctrace_flows.saturating_sub(x.let_through));
     }
     rows.into_values().collect()
 }
@@ -723,42 +723,34 @@ mod tests {
                 false,
             ),
         ];
+        let dropped = |proto, src, dst, cause, service| (flow(proto, src, dst), cause, service);
+        let full = Cause::TableFull;
         let flows = [
-            (
-                flow(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22"),
-                Cause::TableFull,
-                "ssh",
-            ),
-            (
-                flow(Proto::Tcp, "[fd00::2]:40001", "[fd01::2]:22"),
-                Cause::TableFull,
-                "ssh",
-            ),
-            (
-                flow(Proto::Udp, "10.10.0.3:40002", "10.10.1.2:53"),
-                Cause::TableFull,
-                "dns",
-            ),
+            dropped(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22", full, "ssh"),
+            dropped(Proto::Tcp, "[fd00::2]:40001", "[fd01::2]:22", full, "ssh"),
+            dropped(Proto::Udp, "10.10.0.3:40002", "10.10.1.2:53", full, "dns"),
             // Same addresses, other protocol.
-            (
-                flow(Proto::Udp, "10.10.0.2:40000", "10.10.1.2:22"),
-                Cause::TableFull,
-                "ssh",
-            ),
+            dropped(Proto::Udp, "10.10.0.2:40000", "10.10.1.2:22", full, "ssh"),
             // A drop ctrace got wrong: the client never lost a packet.
-            (
-                flow(Proto::Tcp, "10.10.0.2:40003", "10.10.1.2:2380"),
-                Cause::TableFull,
+            dropped(
+                Proto::Tcp,
+                "10.10.0.2:40003",
+                "10.10.1.2:2380",
+                full,
                 "etcd-peer",
             ),
-            (
-                flow(Proto::Tcp, "10.10.0.2:40004", "10.10.1.2:4420"),
-                Cause::TableFull,
+            dropped(
+                Proto::Tcp,
+                "10.10.0.2:40004",
+                "10.10.1.2:4420",
+                full,
                 "nvme-tcp",
             ),
             // Another cause.
-            (
-                flow(Proto::Tcp, "10.10.0.2:40000", "10.10.1.2:22"),
+            dropped(
+                Proto::Tcp,
+                "10.10.0.2:40000",
+                "10.10.1.2:22",
                 Cause::Rule,
                 "ssh",
             ),

@@ -152,18 +152,15 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         Proto::Udp => udp_attempt(&p, timeout),
         _ => tcp_attempt(&p, timeout),
     };
-    let (local, ok, error, errno, retried) = match result {
-        Ok(o) => (o.local, o.ok, o.error, o.errno, o.retried),
-        Err(e) => (None, false, Some(format!("{e:#}")), None, false),
-    };
+    let o = result.unwrap_or_else(|e| Outcome::failed(None, format!("{e:#}"), None));
     Attempt {
         planned: p,
-        local,
-        ok,
-        error,
-        errno,
+        local: o.local,
+        ok: o.ok,
+        error: o.error,
+        errno: o.errno,
         elapsed: started.elapsed(),
-        retried,
+        retried: o.retried,
     }
 }
 
@@ -173,6 +170,28 @@ struct Outcome {
     error: Option<String>,
     errno: Option<i32>,
     retried: bool,
+}
+
+impl Outcome {
+    fn connected(local: Option<SocketAddr>, retried: bool) -> Outcome {
+        Outcome {
+            local,
+            ok: true,
+            error: None,
+            errno: None,
+            retried,
+        }
+    }
+
+    fn failed(local: Option<SocketAddr>, error: String, errno: Option<i32>) -> Outcome {
+        Outcome {
+            local,
+            ok: false,
+            error: Some(error),
+            errno,
+            retried: false,
+        }
+    }
 }
 
 /// The first SYN is retransmitted after 1 s (TCP_TIMEOUT_INIT); a
@@ -198,22 +217,10 @@ fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
             let mut buf = [0u8; 3];
             let _ = stream.set_read_timeout(Some(timeout));
             let _ = stream.read(&mut buf);
-            Ok(Outcome {
-                local,
-                ok: true,
-                error: None,
-                errno: None,
-                retried,
-            })
+            Ok(Outcome::connected(local, retried))
         }
         // socket2 reports its own deadline without an errno.
-        Err(e) => Ok(Outcome {
-            local,
-            ok: false,
-            error: Some(e.to_string()),
-            errno: e.raw_os_error(),
-            retried: false,
-        }),
+        Err(e) => Ok(Outcome::failed(local, e.to_string(), e.raw_os_error())),
     }
 }
 
@@ -250,22 +257,10 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     for query in 0..2 {
         u.send(QUERY)?;
         if u.recv(&mut buf).is_ok() {
-            return Ok(Outcome {
-                local,
-                ok: true,
-                error: None,
-                errno: None,
-                retried: query > 0,
-            });
+            return Ok(Outcome::connected(local, query > 0));
         }
     }
-    Ok(Outcome {
-        local,
-        ok: false,
-        error: Some("no reply".into()),
-        errno: None,
-        retried: false,
-    })
+    Ok(Outcome::failed(local, "no reply".into(), None))
 }
 
 /// Fills the table of the router between `clients` and `servers` with real
