@@ -1247,6 +1247,11 @@ mod tests {
             router: crate::netlink::rtnetlink::new_netns().unwrap(),
             server: crate::netlink::rtnetlink::new_netns().unwrap(),
         };
+        // A tentative link-local address held the first IPv6 connect back
+        // by seconds, which failed these tests now and then.
+        for ns in [&lab.client, &lab.router, &lab.server] {
+            crate::lab::topology::no_dad(ns).unwrap();
+        }
         let mut rt = RtSocket::open(Some(&lab.router)).unwrap();
         rt.add_veth("to-client", "eth0", &lab.client).unwrap();
         rt.add_veth("to-server", "eth0", &lab.server).unwrap();
