@@ -1028,6 +1028,11 @@ mod tests {
             counts(t.breakdown_at(1, now + 20 * 60).unwrap()),
             [3, 0, 1, 1, 1]
         );
+        // A bucket's bound belongs to the bucket above: a minute left is
+        // "1m-10m", a second later it is "<1m".
+        t.insert(1, &with_timeout(7, 60));
+        assert_eq!(counts(t.breakdown_at(1, now).unwrap()), [1, 3, 1, 1, 1]);
+        assert_eq!(counts(t.breakdown_at(1, now + 1).unwrap()), [2, 2, 1, 1, 1]);
     }
 
     #[test]
