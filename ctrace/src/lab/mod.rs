@@ -59,6 +59,17 @@ fn restore(path: &'static str, file: &fs::File, old: &str) {
     }
 }
 
+/// Puts back every sysctl a live [`SysctlGuard`] changed, newest first:
+/// for a process that took a signal itself and is about to end, where no
+/// guard's drop will run.
+pub fn restore_all() {
+    if let Ok(list) = TO_RESTORE.lock() {
+        for (path, file, old) in list.iter().rev() {
+            restore(path, file, old);
+        }
+    }
+}
+
 /// Sets a sysctl and puts the old value back when dropped, on Ctrl-C and
 /// SIGTERM (which end the run normally), and on a panic. Must be made on a
 /// thread in the namespace whose sysctl it is.

@@ -20,7 +20,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -70,6 +70,58 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The signals [`restore_sysctls_on_signal`] takes.
+fn ending_signals() -> libc::sigset_t {
+    // SAFETY: a signal set on the stack, filled by the libc calls that own
+    // its layout.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP end the bench only after the sysctls it
+/// changed (`nf_conntrack_max`, `kernel.bpf_stats_enabled`) are put back:
+/// a killed run left the machine's limit at 1,048,576. Blocked before any
+/// thread is made (threads inherit the mask) and taken by one thread.
+fn restore_sysctls_on_signal() -> anyhow::Result<()> {
+    let set = ending_signals();
+    // SAFETY: the set built above.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: the set built above, blocked in every thread.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            ctrace::lab::restore_all();
+            eprintln!("bench: signal {sig}: sysctls put back, stopping");
+            std::process::exit(128 + sig);
+        })?;
+    Ok(())
+}
+
+/// A command whose process starts with the signals the bench blocks
+/// unblocked again (a mask is inherited across exec: ctrace would never
+/// see the SIGINT that stops it).
+fn child(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: sigprocmask is async-signal-safe; the set is built before
+    // the fork.
+    unsafe {
+        let set = ending_signals();
+        cmd.pre_exec(move || {
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// A ctrace process watching one namespace; SIGINT on drop.
 struct Running {
     child: Child,
@@ -88,7 +140,18 @@ impl Running {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> anyhow::Result<Running> {
-        let mut cmd = Command::new(ctrace_bin());
+        let mut cmd = child(ctrace_bin());
+        // SAFETY: prctl is async-signal-safe. SIGINT, ctrace's clean stop,
+        // if the bench dies first (this runs on the main thread, whose
+        // end is the process's).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.envs(env.iter().copied());
         cmd.args(["watch", "--json", "--netns", &netns.to_string()])
             .args(extra);
@@ -288,9 +351,7 @@ fn fill(topo: &Topology, n: u64) -> anyhow::Result<()> {
 }
 
 fn probe() -> anyhow::Result<Value> {
-    let out = Command::new(ctrace_bin())
-        .args(["probe", "--json"])
-        .output()?;
+    let out = child(ctrace_bin()).args(["probe", "--json"]).output()?;
     serde_json::from_slice(&out.stdout).context("ctrace probe --json")
 }
 
@@ -758,7 +819,7 @@ fn snapshot_child(how: &str, ns: &NetNs) -> anyhow::Result<(f64, u64, u64)> {
     let ns_path = format!("/proc/{}/fd/{}", std::process::id(), ns.fd().as_raw_fd());
     let mut cmd = match how {
         "conntrack" => {
-            let mut c = Command::new("nsenter");
+            let mut c = child("nsenter");
             c.arg(format!("--net={ns_path}")).args([
                 "sh",
                 "-c",
@@ -770,7 +831,7 @@ fn snapshot_child(how: &str, ns: &NetNs) -> anyhow::Result<(f64, u64, u64)> {
             c
         }
         _ => {
-            let mut c = Command::new(std::env::current_exe()?);
+            let mut c = child(std::env::current_exe()?);
             c.args(["--snapshot", how, &ns_path]);
             c
         }
@@ -795,7 +856,7 @@ fn snapshot() -> anyhow::Result<Value> {
     let _max = SysctlGuard::set(MAX, "262144")?;
     let topo = Topology::build()?;
     fill(&topo, 262_144)?;
-    let have_conntrack = Command::new("conntrack").arg("--version").output().is_ok();
+    let have_conntrack = child("conntrack").arg("--version").output().is_ok();
     let mut out = serde_json::Map::new();
     let mut ways = vec!["ctnetlink", "procfs"];
     if have_conntrack {
@@ -910,6 +971,7 @@ fn footprint() -> anyhow::Result<Value> {
 }
 
 fn main() -> anyhow::Result<()> {
+    restore_sysctls_on_signal()?;
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--snapshot") {
         return snapshot_main(&args[2], &args[3]);
@@ -929,21 +991,8 @@ fn main() -> anyhow::Result<()> {
     // router's namespace inode (ctrace --netns takes it).
     if args.get(1).map(String::as_str) == Some("--hold") {
         let n: u64 = args.get(2).context("--hold needs a count")?.parse()?;
-        // SIGTERM, SIGHUP and Ctrl-C are taken by sigwait below, so that the guard
-        // restores nf_conntrack_max on the way out. Blocked first: threads
-        // made later (the topology's) inherit the mask, and none of them
-        // may take the signal's default action.
-        // SAFETY: a signal set on the stack, filled by the libc calls that
-        // own its layout.
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGHUP);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        };
+        // Kept until a signal, which puts nf_conntrack_max back (see
+        // restore_sysctls_on_signal).
         let _max = SysctlGuard::set(MAX, "1048576")?;
         let topo = Topology::build()?;
         let made = traffic::fill_table(
@@ -959,10 +1008,9 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("{}", topo.router.inode());
-        let mut sig = 0;
-        // SAFETY: the set built above, blocked in every thread.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        return Ok(());
+        loop {
+            std::thread::park();
+        }
     }
     // The per-packet path of the tc tier alone, both routers holding
     // ENTRIES of their own: `bench --paths [--entries N] [CTRACE ARGS]`.
