@@ -774,6 +774,7 @@ mod tests {
     /// The restore writes through the handle opened where the sysctl was
     /// set: dropped on a thread inside another namespace, where the path
     /// names that namespace's read-only copy, the value still comes back.
+    /// And `restore_all` puts back a live guard's value.
     #[test]
     fn a_sysctl_is_restored_from_inside_another_namespace() {
         // SAFETY: geteuid has no preconditions.
@@ -817,5 +818,13 @@ mod tests {
             before,
             "not restored from inside a child namespace (its own copy writable: {writable_inside})"
         );
+        // A process that takes its own ending signal puts back what its
+        // live guards changed, before their drops could.
+        let guard = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 2).to_string()).unwrap();
+        assert_eq!(read(), before + 2);
+        restore_all();
+        assert_eq!(read(), before, "restore_all left a live guard's value");
+        drop(guard);
+        assert_eq!(read(), before);
     }
 }

@@ -16,7 +16,8 @@
 //! [FILTER]` measures only the rates (FILTER as in `200k/tc`, or several,
 //! comma-separated; `tc$` is the rows whose names end so);
 //! CTRACE_BENCH_ROUNDS sets their rounds, CTRACE_BENCH_ECHO=1 echoes
-//! ctrace's stderr (with RUST_LOG, its logs).
+//! ctrace's stderr (with RUST_LOG, its logs). Ctrl-C, SIGTERM or SIGHUP
+//! stop it with the sysctls it changed put back and its ctrace stopped.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
     net::{Ipv4Addr, SocketAddr, TcpListener},
