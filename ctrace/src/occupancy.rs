@@ -1029,10 +1029,17 @@ mod tests {
             [3, 0, 1, 1, 1]
         );
         // A bucket's bound belongs to the bucket above: a minute left is
-        // "1m-10m", a second later it is "<1m".
-        t.insert(1, &with_timeout(7, 60));
-        assert_eq!(counts(t.breakdown_at(1, now).unwrap()), [1, 3, 1, 1, 1]);
-        assert_eq!(counts(t.breakdown_at(1, now + 1).unwrap()), [2, 2, 1, 1, 1]);
+        // "1m-10m", a second later it is "<1m". Read against the second the
+        // insert took (the others are far from their bounds).
+        let at = loop {
+            let at = t.now_secs();
+            t.insert(1, &with_timeout(7, 60));
+            if t.now_secs() == at {
+                break at;
+            }
+        };
+        assert_eq!(counts(t.breakdown_at(1, at).unwrap()), [1, 3, 1, 1, 1]);
+        assert_eq!(counts(t.breakdown_at(1, at + 1).unwrap()), [2, 2, 1, 1, 1]);
     }
 
     #[test]

@@ -59,16 +59,35 @@ fn restore(path: &'static str, file: &fs::File, old: &str) {
     }
 }
 
-/// Puts back every sysctl a live [`SysctlGuard`] changed, newest first:
-/// for a process that took a signal itself and is about to end, where no
-/// guard's drop will run.
-pub fn restore_all() {
-    if let Ok(list) = TO_RESTORE.lock() {
-        for (path, file, old) in list.iter().rev() {
-            restore(path, file, old);
-        }
+/// The live guards' list. Every write to a guarded sysctl happens while it
+/// is held, so a restore of them all never interleaves with a guard's own.
+/// A panic elsewhere does not make it useless.
+fn restore_list() -> std::sync::MutexGuard<'static, Vec<Restore>> {
+    TO_RESTORE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes the old values back, newest guard first, so that of two guards
+/// of one sysctl the older's value is the one left.
+fn restore_each(list: &[Restore]) {
+    for (path, file, old) in list.iter().rev() {
+        restore(path, file, old);
     }
 }
+
+/// Puts back every sysctl a live [`SysctlGuard`] changed: for a process
+/// that took an ending signal itself, where no guard's drop will run.
+/// While the returned value is held no guard is set or dropped, so a
+/// process about to exit keeps it.
+pub fn restore_all() -> SysctlsRestored {
+    let list = restore_list();
+    restore_each(&list);
+    SysctlsRestored(list)
+}
+
+/// See [`restore_all`].
+pub struct SysctlsRestored(#[allow(dead_code)] std::sync::MutexGuard<'static, Vec<Restore>>);
 
 /// Sets a sysctl and puts the old value back when dropped, on Ctrl-C and
 /// SIGTERM (which end the run normally), and on a panic. Must be made on a
@@ -85,11 +104,7 @@ impl SysctlGuard {
         HOOK.call_once(|| {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
-                if let Ok(list) = TO_RESTORE.lock() {
-                    for (path, file, old) in list.iter() {
-                        restore(path, file, old);
-                    }
-                }
+                restore_each(&restore_list());
                 previous(info);
             }));
         });
@@ -101,23 +116,22 @@ impl SysctlGuard {
                 .open(path)
                 .with_context(|| format!("opening {path} for writing"))?,
         );
-        TO_RESTORE
-            .lock()
-            .map_err(|_| anyhow::anyhow!("restore list poisoned"))?
-            .push((path, file.clone(), old.clone()));
+        let mut list = restore_list();
         use std::os::unix::fs::FileExt as _;
         file.write_at(value.as_bytes(), 0)
             .with_context(|| format!("writing {value} to {path}"))?;
+        list.push((path, file.clone(), old.clone()));
         Ok(SysctlGuard { path, file, old })
     }
 }
 
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
+        let mut list = restore_list();
         restore(self.path, &self.file, &self.old);
-        if let Ok(mut list) = TO_RESTORE.lock() {
-            list.retain(|(p, _, _)| *p != self.path);
-        }
+        // This guard's entry only: an older guard of the same sysctl (the
+        // bench's, around a stage's own) still needs its value put back.
+        list.retain(|(_, file, _)| !std::sync::Arc::ptr_eq(file, &self.file));
     }
 }
 
@@ -819,12 +833,21 @@ mod tests {
             "not restored from inside a child namespace (its own copy writable: {writable_inside})"
         );
         // A process that takes its own ending signal puts back what its
-        // live guards changed, before their drops could.
-        let guard = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 2).to_string()).unwrap();
+        // live guards changed, before their drops could; a guard inside
+        // another of the same sysctl leaves the outer one's entry when it
+        // goes.
+        let outer = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 2).to_string()).unwrap();
+        let inner = SysctlGuard::set(NF_CONNTRACK_MAX, &(before + 3).to_string()).unwrap();
+        assert_eq!(read(), before + 3);
+        drop(inner);
         assert_eq!(read(), before + 2);
-        restore_all();
-        assert_eq!(read(), before, "restore_all left a live guard's value");
-        drop(guard);
+        drop(restore_all());
+        assert_eq!(
+            read(),
+            before,
+            "restore_all did not put back the outer guard's value"
+        );
+        drop(outer);
         assert_eq!(read(), before);
     }
 }

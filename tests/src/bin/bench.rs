@@ -99,7 +99,8 @@ fn restore_sysctls_on_signal() -> anyhow::Result<()> {
             let mut sig = 0;
             // SAFETY: the set built above, blocked in every thread.
             unsafe { libc::sigwait(&set, &mut sig) };
-            ctrace::lab::restore_all();
+            // Held until the exit: no stage sets a sysctl after this.
+            let _restored = ctrace::lab::restore_all();
             eprintln!("bench: signal {sig}: sysctls put back, stopping");
             std::process::exit(128 + sig);
         })?;
@@ -142,13 +143,19 @@ impl Running {
         env: &[(&str, &Path)],
     ) -> anyhow::Result<Running> {
         let mut cmd = child(ctrace_bin());
-        // SAFETY: prctl is async-signal-safe. SIGINT, ctrace's clean stop,
-        // if the bench dies first (this runs on the main thread, whose
-        // end is the process's).
+        // SAFETY: prctl and getppid are async-signal-safe. SIGINT, ctrace's
+        // clean stop, if the bench dies first (this runs on the main
+        // thread, whose end is the process's); a bench already gone before
+        // the prctl fails the spawn instead (an errno: nothing may
+        // allocate after the fork).
+        let bench = std::process::id() as libc::pid_t;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != bench {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -972,11 +979,13 @@ fn footprint() -> anyhow::Result<Value> {
 }
 
 fn main() -> anyhow::Result<()> {
-    restore_sysctls_on_signal()?;
     let args: Vec<String> = std::env::args().collect();
+    // A child of the snapshot rows: its peak RSS is the measure, and it
+    // changes no sysctl, so it gets no signal thread.
     if args.get(1).map(String::as_str) == Some("--snapshot") {
         return snapshot_main(&args[2], &args[3]);
     }
+    restore_sysctls_on_signal()?;
     if args.get(1).map(String::as_str) == Some("--footprint") {
         println!("{}", serde_json::to_string_pretty(&footprint()?)?);
         return Ok(());
@@ -1101,8 +1110,15 @@ fn print_table(r: &Value) {
                         .collect()
                 })
                 .unwrap_or_default();
+            // The control and the unhooked process are yardsticks, not
+            // ctrace as it runs.
+            let goal = if k.ends_with("/control") || k.ends_with("_unhooked") {
+                ""
+            } else {
+                " (goal >= 0.97)"
+            };
             println!(
-                "| overhead_ratio {k} (goal >= 0.97) | {:.3} (quartiles {:.3}..{:.3}, range {:.3}..{:.3}, {} rounds; baseline {:.0} conn/s); per CPU second {:.3} (quartiles {:.3}..{:.3}); per run: {} |",
+                "| overhead_ratio {k}{goal} | {:.3} (quartiles {:.3}..{:.3}, range {:.3}..{:.3}, {} rounds; baseline {:.0} conn/s); per CPU second {:.3} (quartiles {:.3}..{:.3}); per run: {} |",
                 f("overhead_ratio"),
                 f("q1"),
                 f("q3"),
