@@ -71,6 +71,45 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The bench's own directory for what its ctrace runs keep (a recording,
+/// kernel facts): made by mkdtemp, so its name is fresh and its mode 0700,
+/// and removed when the bench ends. Fixed names under /tmp were guessable.
+static SCRATCH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn scratch() -> anyhow::Result<&'static Path> {
+    if let Some(d) = SCRATCH.get() {
+        return Ok(d);
+    }
+    use std::os::unix::ffi::OsStringExt as _;
+    let mut template = std::env::temp_dir()
+        .join("ctrace-bench-XXXXXX")
+        .into_os_string()
+        .into_vec();
+    template.push(0);
+    // SAFETY: a NUL-terminated buffer, which mkdtemp rewrites in place.
+    if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
+        return Err(std::io::Error::last_os_error()).context("making the bench's directory");
+    }
+    template.pop();
+    Ok(SCRATCH.get_or_init(|| PathBuf::from(std::ffi::OsString::from_vec(template))))
+}
+
+/// Removes the bench's directory, if it made one.
+fn remove_scratch() {
+    if let Some(d) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Removes the bench's directory when `main` returns, whichever way.
+struct ScratchRemoved;
+
+impl Drop for ScratchRemoved {
+    fn drop(&mut self) {
+        remove_scratch();
+    }
+}
+
 /// The signals [`restore_sysctls_on_signal`] takes.
 fn ending_signals() -> libc::sigset_t {
     // SAFETY: a signal set on the stack, filled by the libc calls that own
@@ -101,6 +140,7 @@ fn restore_sysctls_on_signal() -> anyhow::Result<()> {
             unsafe { libc::sigwait(&set, &mut sig) };
             // Held until the exit: no stage sets a sysctl after this.
             let _restored = ctrace::lab::restore_all();
+            remove_scratch();
             eprintln!("bench: signal {sig}: sysctls put back, stopping");
             std::process::exit(128 + sig);
         })?;
@@ -760,9 +800,8 @@ fn storm(count: u64) -> anyhow::Result<Value> {
     fill(&topo, 262_144 + 16)?;
     let router = topo.router.inode();
     // As a router runs it: serving metrics and recording besides.
-    // A directory of its own (ctrace makes it 0700): it refuses fixed
-    // names in a directory others can write, as /tmp is.
-    let rec_dir = std::env::temp_dir().join(format!("ctrace-bench-{}", std::process::id()));
+    // A directory of its own (ctrace makes it 0700), in the bench's.
+    let rec_dir = scratch()?.join("storm");
     let rec = rec_dir.join("recording.ndjson");
     let rec_arg = rec.display().to_string();
     let t = Running::start(
@@ -933,7 +972,8 @@ fn footprint() -> anyhow::Result<Value> {
     let mut maps = 0;
     // The first start of a boot runs the drop-site experiment; later ones
     // reuse what it found (ctrace::kernel::found).
-    let facts = |tag: &str| std::env::temp_dir().join(format!("ctrace-bench-facts-{tag}"));
+    let scratch = scratch()?;
+    let facts = |tag: &str| scratch.join(format!("facts-{tag}"));
     let kept = facts("kept");
     let _ = std::fs::remove_dir_all(&kept);
     Running::start_env(None, router, &[], &[(FACTS_ENV, &kept)])?.stop()?;
@@ -986,6 +1026,7 @@ fn main() -> anyhow::Result<()> {
         return snapshot_main(&args[2], &args[3]);
     }
     restore_sysctls_on_signal()?;
+    let _scratch = ScratchRemoved;
     if args.get(1).map(String::as_str) == Some("--footprint") {
         println!("{}", serde_json::to_string_pretty(&footprint()?)?);
         return Ok(());
