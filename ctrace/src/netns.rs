@@ -187,6 +187,16 @@ impl NetNs {
             )
         })
     }
+
+    /// IPv6 duplicate address detection off for the links this namespace
+    /// will get: a new link's link-local address stays tentative for a
+    /// second or so, and neighbour discovery cannot start from it, so the
+    /// first IPv6 packet a fresh router forwards waits (seen: a first
+    /// connect of 2 s, and now and then a failed one).
+    pub fn no_dad(&self) -> Result<()> {
+        self.set_sysctl("net/ipv6/conf/default/accept_dad", "0")?;
+        self.set_sysctl("net/ipv6/conf/all/accept_dad", "0")
+    }
 }
 
 /// setns() the calling thread into `fd`'s network namespace.

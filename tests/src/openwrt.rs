@@ -79,7 +79,7 @@ impl OpenWrtLab {
         let router = ctrace::netlink::rtnetlink::new_netns()?;
         let servers = ctrace::netlink::rtnetlink::new_netns()?;
         for ns in lans.iter().chain([&router, &servers]) {
-            ctrace::lab::topology::no_dad(ns)?;
+            ns.no_dad()?;
         }
 
         let mut rt = RtSocket::open(Some(&router))?;

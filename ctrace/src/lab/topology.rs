@@ -56,7 +56,7 @@ impl Topology {
         let servers =
             crate::netlink::rtnetlink::new_netns().context("creating the servers namespace")?;
         for ns in [&clients, &router, &servers] {
-            no_dad(ns)?;
+            ns.no_dad()?;
         }
 
         let mut rt = RtSocket::open(Some(&router))?;
@@ -128,15 +128,6 @@ impl Topology {
             anchors,
         })
     }
-}
-
-/// IPv6 duplicate address detection off for the links a namespace will
-/// get: a new link's link-local address stays tentative for a second or
-/// so, and neighbour discovery cannot start from it, so the first IPv6
-/// packet a fresh router forwards waits (seen: a first connect of 2 s).
-pub fn no_dad(ns: &NetNs) -> anyhow::Result<()> {
-    ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0")?;
-    ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0")
 }
 
 impl Drop for Topology {

@@ -1247,14 +1247,8 @@ mod tests {
             router: crate::netlink::rtnetlink::new_netns().unwrap(),
             server: crate::netlink::rtnetlink::new_netns().unwrap(),
         };
-        // A tentative link-local address held the first IPv6 connect back
-        // by seconds, which failed these tests now and then (as the lab's
-        // topology::no_dad does; that module is not in every build).
         for ns in [&lab.client, &lab.router, &lab.server] {
-            for scope in ["default", "all"] {
-                ns.set_sysctl(&format!("net/ipv6/conf/{scope}/accept_dad"), "0")
-                    .unwrap();
-            }
+            ns.no_dad().unwrap();
         }
         let mut rt = RtSocket::open(Some(&lab.router)).unwrap();
         rt.add_veth("to-client", "eth0", &lab.client).unwrap();
