@@ -71,6 +71,10 @@ fn from_source(host: &Host, arch: Arch, cache: &Path, bin: &Path) -> anyhow::Res
     let (prefix, compiler) = openwrt::cross(host, arch)
         .with_context(|| format!("no cross compiler known for {}", arch.name()))?;
     host.ensure_installed(compiler)?;
+    // The compiler only recommends the target's C library headers, and
+    // packages go in without recommends: without them gcc's limits.h falls
+    // through to the host's /usr/include and the build stops there.
+    host.ensure_installed(&format!("libc6-dev-{}-cross", arch.deb()))?;
     let karch = openwrt::kernel_arch(arch);
     let work = cache.join("build").join(format!("busybox-{}", arch.deb()));
     let started = Instant::now();
