@@ -152,43 +152,37 @@ fn attempt(p: Planned, timeout: Duration) -> Attempt {
         Proto::Udp => udp_attempt(&p, timeout),
         _ => tcp_attempt(&p, timeout),
     };
-    let o = result.unwrap_or_else(|e| Outcome::failed(None, format!("{e:#}"), None));
-    Attempt {
-        planned: p,
-        local: o.local,
-        ok: o.ok,
-        error: o.error,
-        errno: o.errno,
-        elapsed: started.elapsed(),
-        retried: o.retried,
-    }
+    let mut a = result.unwrap_or_else(|e| Attempt::failed(&p, None, format!("{e:#}"), None));
+    a.elapsed = started.elapsed();
+    a
 }
 
-struct Outcome {
-    local: Option<SocketAddr>,
-    ok: bool,
-    error: Option<String>,
-    errno: Option<i32>,
-    retried: bool,
-}
-
-impl Outcome {
-    fn connected(local: Option<SocketAddr>, retried: bool) -> Outcome {
-        Outcome {
+impl Attempt {
+    fn connected(p: &Planned, local: Option<SocketAddr>, retried: bool) -> Attempt {
+        Attempt {
+            planned: p.clone(),
             local,
             ok: true,
             error: None,
             errno: None,
+            elapsed: Duration::ZERO,
             retried,
         }
     }
 
-    fn failed(local: Option<SocketAddr>, error: String, errno: Option<i32>) -> Outcome {
-        Outcome {
+    fn failed(
+        p: &Planned,
+        local: Option<SocketAddr>,
+        error: String,
+        errno: Option<i32>,
+    ) -> Attempt {
+        Attempt {
+            planned: p.clone(),
             local,
             ok: false,
             error: Some(error),
             errno,
+            elapsed: Duration::ZERO,
             retried: false,
         }
     }
@@ -198,7 +192,7 @@ impl Outcome {
 /// handshake through a quiet veth lab that took this long needed that.
 const SYN_RETRANSMITTED_BY: Duration = Duration::from_millis(900);
 
-fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
+fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Attempt> {
     let domain = if p.dst.is_ipv4() {
         Domain::IPV4
     } else {
@@ -217,10 +211,10 @@ fn tcp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
             let mut buf = [0u8; 3];
             let _ = stream.set_read_timeout(Some(timeout));
             let _ = stream.read(&mut buf);
-            Ok(Outcome::connected(local, retried))
+            Ok(Attempt::connected(p, local, retried))
         }
         // socket2 reports its own deadline without an errno.
-        Err(e) => Ok(Outcome::failed(local, e.to_string(), e.raw_os_error())),
+        Err(e) => Ok(Attempt::failed(p, local, e.to_string(), e.raw_os_error())),
     }
 }
 
@@ -244,7 +238,7 @@ fn set_syn_retries(s: &Socket, n: u32) -> std::io::Result<()> {
     }
 }
 
-fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
+fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Attempt> {
     let u = UdpSocket::bind(SocketAddr::new(p.src, 0)).context("binding the source")?;
     u.connect(p.dst)?;
     let local = u.local_addr().ok();
@@ -257,10 +251,10 @@ fn udp_attempt(p: &Planned, timeout: Duration) -> anyhow::Result<Outcome> {
     for query in 0..2 {
         u.send(QUERY)?;
         if u.recv(&mut buf).is_ok() {
-            return Ok(Outcome::connected(local, query > 0));
+            return Ok(Attempt::connected(p, local, query > 0));
         }
     }
-    Ok(Outcome::failed(local, "no reply".into(), None))
+    Ok(Attempt::failed(p, local, "no reply".into(), None))
 }
 
 /// Fills the table of the router between `clients` and `servers` with real
