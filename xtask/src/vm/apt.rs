@@ -97,7 +97,7 @@ impl Host {
     fn update(&self) -> anyhow::Result<()> {
         if !self.updated.replace(true) {
             step("apt-get update");
-            run(Command::new("apt-get").arg("update"))?;
+            update_host_lists(&["update"])?;
         }
         Ok(())
     }
@@ -172,7 +172,15 @@ impl Apt {
                 "apt-get update (private lists in {})",
                 self.lists.display()
             ));
-            run(self.cmd("apt-get").args(["-q", "update"]))?;
+            update_lists(
+                || {
+                    let mut c = self.cmd("apt-get");
+                    c.args(["-q", "update"]);
+                    c
+                },
+                &self.lists,
+                "_Packages",
+            )?;
         }
         Ok(())
     }
@@ -248,6 +256,58 @@ impl Apt {
 const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Whether an apt lists directory holds any package index.
+/// `apt-get ARGS` (an update) for the system's own lists, as
+/// `update_lists` runs it.
+pub fn update_host_lists(args: &[&str]) -> anyhow::Result<()> {
+    update_lists(
+        || {
+            let mut c = Command::new("apt-get");
+            c.args(args);
+            c
+        },
+        Path::new("/var/lib/apt/lists"),
+        "_Packages",
+    )
+}
+
+/// Runs `apt-get update`, retried once, and goes on with what it fetched
+/// when it still fails but left indexes (file names containing `kind`) in
+/// `lists`. A mirror caught mid-sync serves an index whose size its signed
+/// Release does not list (seen here for bookworm-security's armhf
+/// Packages, while every other index fetched): apt keeps the others and
+/// exits 100, and a lookup that needs the missing one fails by name later.
+pub fn update_lists(update: impl Fn() -> Command, lists: &Path, kind: &str) -> anyhow::Result<()> {
+    let Err(first) = run(&mut update()) else {
+        return Ok(());
+    };
+    step(&format!(
+        "apt-get update failed ({first:#}); retrying in {}s",
+        UPDATE_RETRY_AFTER.as_secs()
+    ));
+    std::thread::sleep(UPDATE_RETRY_AFTER);
+    match run(&mut update()) {
+        Ok(()) => Ok(()),
+        Err(e) if has_index(lists, kind) => {
+            step(&format!(
+                "warning: apt-get update failed again ({e:#}); going on with the indexes it \
+                 fetched into {} (the failed ones are named above)",
+                lists.display()
+            ));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+const UPDATE_RETRY_AFTER: Duration = Duration::from_secs(15);
+
+fn has_index(lists: &Path, kind: &str) -> bool {
+    fs::read_dir(lists).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().contains(kind))
+    })
+}
+
 fn lists_present(lists: &Path) -> bool {
     lists_age(lists).is_some()
 }
@@ -337,7 +397,15 @@ pub fn source(host: &Host, cache: &Path, pkg: &str, dir: &Path) -> anyhow::Resul
         c
     };
     step(&format!("{pkg}: fetching its Debian source"));
-    run(apt().args(["-q", "update"]))?;
+    update_lists(
+        || {
+            let mut c = apt();
+            c.args(["-q", "update"]);
+            c
+        },
+        &lists,
+        "_Sources",
+    )?;
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir)?;
     run(apt()
