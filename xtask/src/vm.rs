@@ -21,9 +21,10 @@
 //!    busybox, the test executable and the package's unpacked data
 //!    archive into an initramfs whose /init runs the suite once per pass
 //!    and prints markers on the serial console;
-//! 5. qemu (TCG: KVM does not work here), `--jobs` VMs at a time, console
-//!    streamed and logged, a timeout per VM, then a table kernel x arch x
-//!    strategy.
+//! 5. qemu (TCG: KVM does not work here), `--jobs` VMs at a time, each
+//!    booted as soon as it is prepared while the next ones are prepared
+//!    beside it at the lowest CPU priority, console streamed and logged, a
+//!    timeout per VM, then a table kernel x arch x strategy.
 //!
 //! Everything downloaded or built is cached under `$CTRACE_CACHE` (default
 //! `~/.cache/ctrace/vm`): kernels per arch and version (the OpenWrt ones
@@ -379,85 +380,115 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // Everything is built and prepared first, one thing at a time (builds
-    // use every core); then the VMs boot, `--jobs` at a time.
-    let mut outcomes = vec![];
-    let mut ready = vec![];
-    for &arch in &arches {
-        let kernels: Vec<_> = matrix.iter().filter(|k| k.arch == arch).collect();
-        if kernels.is_empty() {
-            continue;
+    // The VMs boot as soon as each is ready, `--jobs` at a time, while the
+    // rest is prepared beside them at the lowest CPU priority: two TCG
+    // guests leave about a third of the machine idle (their suites wait on
+    // real time), which the builds (router kernels, the 32-bit binaries)
+    // now fill instead of running before the first boot. The Debian rows
+    // come first: they run longest and need only the x86_64 and aarch64
+    // binaries.
+    let mut order: Vec<&kernel::Kernel> = matrix.iter().collect();
+    order.sort_by_key(|k| {
+        (
+            matches!(k.origin, kernel::Origin::OpenWrt { .. }),
+            std::cmp::Reverse(strategies_for(k).len()),
+        )
+    });
+    let queue = BootQueue::default();
+    let done = std::sync::Mutex::new(vec![]);
+    let prepared = std::thread::scope(|scope| {
+        // The preparing thread owns `host`; the rest it borrows.
+        let (queue, done, cache) = (&queue, &done, &cache);
+        for _ in 0..args.jobs.max(1) {
+            scope.spawn(|| boot_from(queue, done));
         }
-        let apt = apt::Apt::for_arch(&host, arch, &cache)?;
-        let bins = (|| {
-            Ok::<_, anyhow::Error>(Binaries {
-                package: crate::package::openwrt_package(
-                    arch.openwrt_label(),
-                    &crate::workspace_root().join("target/package-vm"),
-                )?,
-                e2e: build_e2e(arch.musl_target())?,
-                busybox: busybox::busybox(&host, &apt, arch, &cache)?,
-            })
-        })();
-        let bins = match bins {
-            Ok(b) => b,
-            // Report it with the other architecture's results, not instead.
-            Err(e) => {
-                step(&format!("{}: {e:#}", arch.name()));
-                for k in kernels {
-                    outcomes.push(report::VmReport {
-                        kernel: k.clone(),
-                        strategies: strategies_for(k),
-                        wall: Duration::ZERO,
-                        outcome: report::Outcome::failed_to_start(format!(
-                            "building the {} binaries failed: {e:#}",
-                            arch.name()
-                        )),
+        let finished = |r: report::VmReport| done.lock().expect("results").push(r);
+        let preparing = scope.spawn(move || {
+            let mut lowered = false;
+            let mut per_arch: std::collections::BTreeMap<
+                Arch,
+                (apt::Apt, Result<Binaries, String>),
+            > = Default::default();
+            for k in order {
+                let arch = k.arch;
+                if let std::collections::btree_map::Entry::Vacant(slot) = per_arch.entry(arch) {
+                    let apt = apt::Apt::for_arch(&host, arch, cache)?;
+                    let bins = binaries(&host, &apt, arch, cache).map_err(|e| {
+                        step(&format!("{}: {e:#}", arch.name()));
+                        format!("building the {} binaries failed: {e:#}", arch.name())
                     });
+                    slot.insert((apt, bins));
                 }
-                continue;
-            }
-        };
-        for k in kernels {
-            let prep_started = Instant::now();
-            let strategies = strategies_for(k);
-            let prepared = match k.origin {
-                kernel::Origin::Debian => kernel::prepare(&host, &apt, k, &cache),
-                kernel::Origin::OpenWrt { .. } => openwrt::prepare(&host, k, &cache),
-            };
-            let boot = prepared.and_then(|prepared| {
-                let image = initramfs::build(&cache, arch, &prepared, &bins)?;
-                Ok(qemu::Boot {
-                    arch,
-                    kernel: prepared.vmlinuz,
-                    initrd: image,
-                    append: cmdline(arch, &strategies, filter, args),
-                    memory_mib: memory_mib(arch, args.memory),
-                    smp: smp(arch, &k.origin),
-                    single_thread: args.jobs > 1,
-                    timeout: Duration::from_secs(args.vm_timeout),
-                    log: cache
-                        .join("logs")
-                        .join(format!("{}-{}.log", arch.name(), k.version)),
-                    label: format!("{} {}", k.version, arch.name()),
-                })
-            });
-            let report = report::VmReport {
-                kernel: (*k).clone(),
-                strategies,
-                wall: prep_started.elapsed(),
-                outcome: report::Outcome::default(),
-            };
-            match boot {
-                Ok(boot) => ready.push((report, boot)),
-                Err(e) => outcomes.push(report::VmReport {
-                    outcome: report::Outcome::failed_to_start(format!("{e:#}")),
+                let (apt, bins) = &per_arch[&arch];
+                let strategies = strategies_for(k);
+                let prep_started = Instant::now();
+                let report = report::VmReport {
+                    kernel: k.clone(),
+                    strategies: strategies.clone(),
+                    wall: Duration::ZERO,
+                    outcome: report::Outcome::default(),
+                };
+                let bins = match bins {
+                    Ok(b) => b,
+                    // Reported with the other rows' results, not instead.
+                    Err(e) => {
+                        finished(report::VmReport {
+                            outcome: report::Outcome::failed_to_start(e.clone()),
+                            ..report
+                        });
+                        continue;
+                    }
+                };
+                let prepared = match k.origin {
+                    kernel::Origin::Debian => kernel::prepare(&host, apt, k, cache),
+                    kernel::Origin::OpenWrt { .. } => openwrt::prepare(&host, k, cache),
+                };
+                let boot = prepared.and_then(|prepared| {
+                    let image = initramfs::build(cache, arch, &prepared, bins)?;
+                    Ok(qemu::Boot {
+                        arch,
+                        kernel: prepared.vmlinuz,
+                        initrd: image,
+                        append: cmdline(arch, &strategies, filter, args),
+                        memory_mib: memory_mib(arch, args.memory),
+                        smp: smp(arch, &k.origin),
+                        single_thread: args.jobs > 1,
+                        timeout: Duration::from_secs(args.vm_timeout),
+                        log: cache
+                            .join("logs")
+                            .join(format!("{}-{}.log", arch.name(), k.version)),
+                        label: format!("{} {}", k.version, arch.name()),
+                    })
+                });
+                let report = report::VmReport {
+                    wall: prep_started.elapsed(),
                     ..report
-                }),
+                };
+                match boot {
+                    Ok(boot) => {
+                        queue.push(report, boot);
+                        if !lowered {
+                            lowered = true;
+                            yield_to_vms();
+                        }
+                    }
+                    Err(e) => finished(report::VmReport {
+                        outcome: report::Outcome::failed_to_start(format!("{e:#}")),
+                        ..report
+                    }),
+                }
             }
-        }
-    }
-    outcomes.extend(boot_all(ready, args.jobs));
+            Ok::<_, anyhow::Error>(())
+        });
+        let prepared = preparing
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("preparing the VMs panicked")));
+        // Whatever happened, the jobs stop once the queue is empty.
+        queue.close();
+        prepared
+    });
+    prepared?;
+    let mut outcomes = done.into_inner().expect("results");
     // The table in matrix order, whatever order the VMs ran in.
     outcomes.sort_by_key(|r| {
         matrix
@@ -474,45 +505,100 @@ pub fn run(args: &VmArgs, filter: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the prepared VMs, `jobs` at a time, longest first (the Debian
-/// rows run more passes on heavier kernels), and reports each.
-fn boot_all(mut ready: Vec<(report::VmReport, qemu::Boot)>, jobs: usize) -> Vec<report::VmReport> {
-    ready.sort_by_key(|(r, _)| {
-        (
-            matches!(r.kernel.origin, kernel::Origin::OpenWrt { .. }),
-            std::cmp::Reverse(r.strategies.len()),
-        )
-    });
-    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(ready));
-    let done = std::sync::Mutex::new(vec![]);
-    std::thread::scope(|scope| {
-        for _ in 0..jobs.max(1) {
-            scope.spawn(|| {
-                loop {
-                    let next = queue.lock().expect("queue").pop_front();
-                    let Some((report, boot)) = next else { break };
-                    let outcome = qemu::run(&boot)
-                        .map(|console| {
-                            let mut o = report::parse(
-                                &console.lines,
-                                console.timed_out,
-                                console.status_note,
-                            );
-                            o.qemu = Some(console.wall);
-                            o
-                        })
-                        .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
-                    let wall = report.wall + outcome.qemu.unwrap_or_default();
-                    done.lock().expect("results").push(report::VmReport {
-                        wall,
-                        outcome,
-                        ..report
-                    });
-                }
-            });
+/// Prepared VMs waiting for a free job, in the order they were prepared;
+/// closed once no more will come.
+#[derive(Default)]
+struct BootQueue {
+    state: std::sync::Mutex<(
+        std::collections::VecDeque<(report::VmReport, qemu::Boot)>,
+        bool,
+    )>,
+    pushed: std::sync::Condvar,
+}
+
+impl BootQueue {
+    fn push(&self, report: report::VmReport, boot: qemu::Boot) {
+        self.state
+            .lock()
+            .expect("queue")
+            .0
+            .push_back((report, boot));
+        self.pushed.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("queue").1 = true;
+        self.pushed.notify_all();
+    }
+
+    /// The next VM to boot; None once the queue is closed and empty.
+    fn pop(&self) -> Option<(report::VmReport, qemu::Boot)> {
+        let mut state = self.state.lock().expect("queue");
+        loop {
+            if let Some(next) = state.0.pop_front() {
+                return Some(next);
+            }
+            if state.1 {
+                return None;
+            }
+            state = self.pushed.wait(state).expect("queue");
         }
-    });
-    done.into_inner().expect("results")
+    }
+}
+
+/// One job: boots VMs from `queue` until it is closed and empty, and
+/// reports each into `done`.
+fn boot_from(queue: &BootQueue, done: &std::sync::Mutex<Vec<report::VmReport>>) {
+    while let Some((report, boot)) = queue.pop() {
+        let outcome = qemu::run(&boot)
+            .map(|console| {
+                let mut o = report::parse(&console.lines, console.timed_out, console.status_note);
+                o.qemu = Some(console.wall);
+                o
+            })
+            .unwrap_or_else(|e| report::Outcome::failed_to_start(format!("{e:#}")));
+        let wall = report.wall + outcome.qemu.unwrap_or_default();
+        done.lock().expect("results").push(report::VmReport {
+            wall,
+            outcome,
+            ..report
+        });
+    }
+}
+
+/// The package, the e2e executable and busybox for `arch`.
+fn binaries(
+    host: &apt::Host,
+    apt: &apt::Apt,
+    arch: Arch,
+    cache: &Path,
+) -> anyhow::Result<Binaries> {
+    Ok(Binaries {
+        package: crate::package::openwrt_package(
+            arch.openwrt_label(),
+            &crate::workspace_root().join("target/package-vm"),
+        )?,
+        e2e: build_e2e(arch.musl_target())?,
+        busybox: busybox::busybox(host, apt, arch, cache)?,
+    })
+}
+
+/// Lowers the calling thread to the lowest CPU priority (nice 19), and
+/// with it every process it starts from now on: the builds that run beside
+/// the VMs take only what the guests leave idle. Linux keeps the nice
+/// value per thread, so the boot jobs' threads and their qemus keep theirs.
+fn yield_to_vms() {
+    unsafe extern "C" {
+        fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+    }
+    const PRIO_PROCESS: i32 = 0;
+    // SAFETY: `who` 0 names the calling thread; no memory is passed.
+    if unsafe { setpriority(PRIO_PROCESS, 0, 19) } != 0 {
+        step(&format!(
+            "could not lower the builds' CPU priority ({}); they share the CPU with the VMs evenly",
+            std::io::Error::last_os_error()
+        ));
+    }
 }
 
 /// qemu's `-smp`: two CPUs. SeaBIOS's MP table lists one CPU per socket,
