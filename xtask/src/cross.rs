@@ -159,7 +159,7 @@ pub fn prepare(toolchain: &str, target: &str) -> anyhow::Result<()> {
             run(Command::new("dpkg").args(["--add-architecture", rt.deb_arch]))?;
         }
         step("apt-get update");
-        crate::vm::apt::update_host_lists(&["-q", "update"])?;
+        crate::vm::apt::update_host_lists()?;
         for p in rt.packages {
             step(&format!("{p}: installing"));
             run(Command::new("apt-get")

@@ -72,7 +72,7 @@ impl Host {
             return Ok(());
         }
         step(&format!("{pkg}: installing"));
-        if !lists_present(Path::new("/var/lib/apt/lists")) {
+        if !has_index(Path::new("/var/lib/apt/lists"), "_Packages") {
             self.update()?;
         }
         let install = || {
@@ -97,7 +97,7 @@ impl Host {
     fn update(&self) -> anyhow::Result<()> {
         if !self.updated.replace(true) {
             step("apt-get update");
-            update_host_lists(&["update"])?;
+            update_host_lists()?;
         }
         Ok(())
     }
@@ -255,14 +255,12 @@ impl Apt {
 
 const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// Whether an apt lists directory holds any package index.
-/// `apt-get ARGS` (an update) for the system's own lists, as
-/// `update_lists` runs it.
-pub fn update_host_lists(args: &[&str]) -> anyhow::Result<()> {
+/// `apt-get update` for the system's own lists, as `update_lists` runs it.
+pub fn update_host_lists() -> anyhow::Result<()> {
     update_lists(
         || {
             let mut c = Command::new("apt-get");
-            c.args(args);
+            c.args(["-q", "update"]);
             c
         },
         Path::new("/var/lib/apt/lists"),
@@ -301,15 +299,13 @@ pub fn update_lists(update: impl Fn() -> Command, lists: &Path, kind: &str) -> a
 
 const UPDATE_RETRY_AFTER: Duration = Duration::from_secs(15);
 
+/// Whether an apt lists directory holds any index whose file name
+/// contains `kind` (`_Packages`, `_Sources`).
 fn has_index(lists: &Path, kind: &str) -> bool {
     fs::read_dir(lists).is_ok_and(|d| {
         d.filter_map(Result::ok)
             .any(|e| e.file_name().to_string_lossy().contains(kind))
     })
-}
-
-fn lists_present(lists: &Path) -> bool {
-    lists_age(lists).is_some()
 }
 
 /// How long ago the newest package index in `lists` was written; None
